@@ -1,0 +1,19 @@
+"""fastgrad: fast gradient estimation through discrete random variables.
+
+Storchastic-compatible: ``import fastgrad as storch`` runs Storchastic code (plates, ``denote_independent``,
+``add_cost``, ``backward``, methods). The estimators are also plain functions in :mod:`fastgrad.functional`,
+backed by fused ops (:mod:`fastgrad.ops`) with C++, CUDA and Triton kernels.
+"""
+from . import functional, method, ops
+from ._graph import (NoCostError, add_cost, backward, costs, denote_independent, gather_samples, reduce_plates,
+                     reset, variance)
+from ._tensor import CostTensor, IndependentTensor, Plate, StochasticTensor, Tensor
+from .ops._backend import backend, get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
+    "denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
+    "reduce_plates", "NoCostError", "functional", "method", "ops", "set_backend", "get_backend", "backend",
+]

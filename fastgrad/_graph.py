@@ -1,0 +1,201 @@
+"""The stochastic computation graph API (Storchastic's names, arguments and semantics)."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from . import _state
+from ._tensor import CostTensor, IndependentTensor, Plate, StochasticTensor, Tensor, align, apply
+
+__all__ = ["denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
+           "reduce_plates", "NoCostError"]
+
+PlatesArg = Union[None, str, Plate, Sequence[Union[str, Plate]]]
+
+
+class NoCostError(ValueError, RuntimeError):
+    """``backward()`` was called with no cost registered (a ValueError, and a RuntimeError as in Storchastic)."""
+
+
+def _fail(exc: Exception) -> Exception:
+    _state.reset()
+    return exc
+
+
+def denote_independent(tensor: Union[torch.Tensor, Tensor], dim: int, plate_name: str,
+                       weight: Optional[Tensor] = None) -> IndependentTensor:
+    """Mark dimension ``dim`` of ``tensor`` as independent (a plate named ``plate_name``); it moves to the left."""
+    if not isinstance(plate_name, str) or not plate_name:
+        raise _fail(TypeError(f"plate_name must be a non-empty str, got {plate_name!r}"))
+    if isinstance(tensor, Tensor):
+        raw, plates = tensor._tensor, tensor.plates
+    elif isinstance(tensor, torch.Tensor):
+        raw, plates = tensor, ()
+    else:
+        raise _fail(TypeError(f"tensor must be a torch.Tensor or fastgrad.Tensor, got {type(tensor).__name__}"))
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise _fail(TypeError(f"dim must be an int, got {type(dim).__name__}"))
+    nd = raw.dim()
+    d = dim + nd if dim < 0 else dim
+    if not len(plates) <= d < nd:
+        raise _fail(ValueError(f"dim must index an event dimension of the tensor (shape {tuple(raw.shape)}, "
+                               f"{len(plates)} plate dims), got {dim}"))
+    if any(p.name == plate_name for p in plates):
+        raise _fail(ValueError(f"plate_name {plate_name!r} is already a plate of this tensor"))
+    if d != 0:
+        raw = raw.movedim(d, 0)
+    return IndependentTensor(raw, (Plate(plate_name, raw.shape[0], weight),) + plates, plate_name)
+
+
+def add_cost(cost: Union[torch.Tensor, Tensor], name: str) -> CostTensor:
+    """Register ``cost`` (one value per element of its plates; event shape ``()`` or ``(1,)``)."""
+    if not isinstance(name, str) or not name:
+        raise _fail(ValueError("No name provided to register cost node. Make sure to register an unique name "
+                               "with the cost (name must be a non-empty str)."))
+    if isinstance(cost, Tensor):
+        raw, plates = cost._tensor, cost.plates
+    elif isinstance(cost, torch.Tensor):
+        raw, plates = cost, ()
+    else:
+        raise _fail(TypeError(f"cost must be a torch.Tensor or fastgrad.Tensor, got {type(cost).__name__}"))
+    if not raw.is_floating_point():
+        raise _fail(TypeError(f"cost must be a floating tensor, got {raw.dtype}"))
+    ev = raw.shape[len(plates):]
+    if tuple(ev) == (1,):
+        raw = raw.squeeze(-1)
+    elif len(ev):
+        raise _fail(ValueError(
+            f"Can only register cost functions with empty event shapes: cost {name!r} has plates "
+            f"{list(plates)} and event shape {tuple(ev)}. A cost that lost a plate dimension, or that still has "
+            "event dimensions, must be reduced explicitly (sum over event dims, reduce_plates over plates)."))
+    c = CostTensor(raw, plates, name)
+    if torch.is_grad_enabled():
+        _state.costs.append(c)
+    return c
+
+
+def costs() -> List[CostTensor]:
+    """The costs registered since the last :func:`backward` / :func:`reset`."""
+    return list(_state.costs)
+
+
+def reset() -> None:
+    """Forget registered costs and samples (``backward`` does this itself)."""
+    _state.reset()
+
+
+def _as_plates(t: Tensor, plates: PlatesArg) -> List[Plate]:
+    if plates is None:
+        return list(t.plates)
+    if isinstance(plates, (str, Plate)):
+        plates = [plates]
+    out = []
+    for p in plates:
+        if isinstance(p, Plate):
+            p = p.name
+        if not isinstance(p, str):
+            raise TypeError(f"plates must be plate names or Plates, got {type(p).__name__}")
+        out.append(t.get_plate(p))
+    return out
+
+
+def reduce_plates(tensor: Union[Tensor, torch.Tensor], plates: PlatesArg = None,
+                  detach_weights: bool = True) -> Tensor:
+    """Reduce ``tensor`` over ``plates`` (default: all), weighting elements by the plates' weights
+    (the mean for sampled and data plates, ``q(z)`` for enumerated ones)."""
+    if not isinstance(tensor, Tensor):
+        if isinstance(tensor, torch.Tensor):
+            tensor = Tensor(tensor, ())
+        else:
+            raise TypeError(f"tensor must be a fastgrad.Tensor, got {type(tensor).__name__}")
+    todo = _as_plates(tensor, plates)
+    todo.sort(key=lambda p: -p.order)
+    t = tensor
+    for p in todo:
+        t = _reduce_one(t, p, detach_weights)
+    return t
+
+
+def _reduce_one(t: Tensor, p: Plate, detach_weights: bool) -> Tensor:
+    i = t.get_plate_dim_index(p.name)
+    rest = t.plates[:i] + t.plates[i + 1:]
+    if p._weight is None:
+        return Tensor(t._tensor.mean(i), rest)
+    w = p._weight.detach() if detach_weights else p._weight
+    prod = apply(torch.mul, (t, w), {})  # aligns plates
+    j = prod.get_plate_dim_index(p.name)
+    return Tensor(prod._tensor.sum(j), prod.plates[:j] + prod.plates[j + 1:])
+
+
+def gather_samples(samples: Sequence[Union[Tensor, torch.Tensor]], plate_name: str,
+                   weight: Optional[Tensor] = None) -> IndependentTensor:
+    """Stack ``samples`` (e.g. gradient estimates of repeated steps) along a new plate ``plate_name``."""
+    if not isinstance(samples, (list, tuple)) or not samples:
+        raise TypeError("samples must be a non-empty list of tensors")
+    first = samples[0]
+    plates = first.plates if isinstance(first, Tensor) else ()
+    raws = []
+    for s in samples:
+        if isinstance(s, Tensor):
+            raws.append(align(s, plates, s._tensor.dim() - len(s.plates)) if s.plates != plates else s._tensor)
+        elif isinstance(s, torch.Tensor):
+            raws.append(s)
+        else:
+            raise TypeError(f"samples must hold tensors, got {type(s).__name__}")
+    if any(p.name == plate_name for p in plates):
+        raise ValueError(f"plate_name {plate_name!r} is already a plate of the samples")
+    raw = torch.stack(torch.broadcast_tensors(*raws), 0)
+    return IndependentTensor(raw, (Plate(plate_name, len(raws), weight),) + plates, plate_name)
+
+
+def variance(tensor: Tensor, variance_plate: Union[str, Plate], plates: PlatesArg = None,
+             detach_weights: bool = True) -> Tensor:
+    """Variance along ``variance_plate``, summed over event dims, then reduced over the remaining plates."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"tensor must be a fastgrad.Tensor, got {type(tensor).__name__}")
+    name = variance_plate.name if isinstance(variance_plate, Plate) else variance_plate
+    if not any(p.name == name for p in _as_plates(tensor, plates)):
+        raise ValueError("Should pass a variance_plate that is included in the passed plates.")
+    mean = reduce_plates(tensor, name, detach_weights)
+    sq = (tensor - mean) ** 2
+    if sq.event_dims:
+        sq = Tensor(sq._tensor.sum(tuple(sq.event_dim_indices)), sq.plates)
+    return reduce_plates(sq, plates, detach_weights)
+
+
+def backward(debug: bool = False, create_graph: bool = False, update_estimator_params: bool = True) -> torch.Tensor:
+    """Build the surrogate loss of all registered costs, run autograd, reset the graph.
+
+    Returns the estimated total cost (sum over costs of the plate-reduced cost) as a 0-dim tensor.
+    """
+    try:
+        if not _state.costs:
+            raise NoCostError("No cost nodes registered for backward call: register costs with add_cost(cost, name).")
+        value = None
+        loss = None
+        for c in _state.costs:
+            red = reduce_plates(c, detach_weights=False)._tensor
+            value = red.detach() if value is None else value + red.detach()
+            loss = red if loss is None else loss + red
+            for s in _state.samples:
+                m = s.method
+                if m is None or not m.uses_score:
+                    continue
+                if not any(p is s.plates[0] for p in c.plates):
+                    continue  # c does not depend on s: every descendant of s carries s's plate
+                term = m._surrogate(s, c)
+                loss = loss + term
+            if debug:
+                print(f"cost {c.name}: {float(red):.6g}")
+        if loss.requires_grad:
+            loss.backward(create_graph=create_graph)
+        if update_estimator_params:
+            seen = set()
+            for s in _state.samples:
+                if s.method is not None and id(s.method) not in seen:
+                    seen.add(id(s.method))
+                    s.method._update_parameters()
+        return value
+    finally:
+        _state.reset()

@@ -1,0 +1,432 @@
+"""Plates and plate-aware tensors: the Storchastic-compatible data model.
+
+A :class:`Tensor` wraps a ``torch.Tensor`` whose leading dimensions are *plate* dimensions (independent
+copies: data points, samples). Every plate owns exactly one dimension, in the order of ``plates``; a plate
+dimension has either the plate's size ``n`` or size 1 (the value does not vary along that plate, e.g. an
+enumerated latent that is the same for every data point). Torch functions reach :meth:`Tensor.__torch_function__`
+through torch's own override protocol, so nothing in torch is patched.
+
+The per-op cost is kept small: when all plate-aware arguments share one plate tuple (the common case), the
+arguments are unwrapped and the result re-wrapped without any alignment work.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _state
+
+__all__ = ["Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor"]
+
+
+class Plate:
+    """An independent dimension: ``name``, size ``n`` and the ``weight`` of each of its elements.
+
+    ``weight`` is ``None`` for uniform weighting (each element weighs ``1/n``), or a :class:`Tensor` whose plates
+    include this plate (e.g. the probabilities of enumerated configurations for :class:`~fastgrad.method.Expect`).
+    """
+
+    __slots__ = ("name", "n", "_weight", "order")
+    _counter = itertools.count()
+
+    def __init__(self, name: str, n: int, weight: Optional["Tensor"] = None):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"plate_name must be a non-empty str, got {name!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"plate size n must be a positive int, got {n!r}")
+        self.name = name
+        self.n = n
+        self._weight = weight
+        # creation order: newer plates are reduced first (their weights may vary along older plates)
+        self.order = next(Plate._counter)
+
+    @property
+    def weight(self):
+        """Per-element weight: a tensor, or ``torch.tensor(1/n)`` for uniform plates (as Storchastic)."""
+        if self._weight is None:
+            return torch.tensor(1.0 / self.n)
+        return self._weight
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, Plate) and self.name == other.name and self.n == other.n and (
+            self._weight is other._weight
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.n))
+
+    def __repr__(self) -> str:
+        return f"({self.name!r}, {self.n})"
+
+    __str__ = __repr__
+
+
+def _plates_error(msg: str) -> ValueError:
+    # Fail-quick errors leave no half-built step behind: the next step starts clean.
+    _state.reset()
+    return ValueError(msg)
+
+
+def check_plates(t: torch.Tensor, plates: Tuple[Plate, ...]) -> None:
+    """Raise the fail-quick ValueError when ``t`` does not carry one dimension per plate."""
+    nd = t.dim()
+    if nd < len(plates):
+        raise _plates_error(
+            "Got an input tensor with too few dimensions. We expected "
+            f"{len(plates)} plate dimensions. Instead, we found only {nd} dimensions. "
+            f"Violated at dimension {nd}"
+        )
+    shape = t.shape
+    for i, p in enumerate(plates):
+        s = shape[i]
+        if s != p.n and s != 1:
+            raise _plates_error(
+                "Storch Tensors should take into account their surrounding plates. Violated at dimension "
+                f"{i} and plate {p.name} with size {p.n}. Instead, it was {s}. Batch links: {list(plates)} "
+                f"Tensor shape: {tuple(shape)}"
+            )
+
+
+def union_plates(plate_lists: Iterable[Tuple[Plate, ...]]) -> Tuple[Plate, ...]:
+    """Plates of several tensors, in order of first appearance; same name with another size is an error."""
+    out: List[Plate] = []
+    for plates in plate_lists:
+        for p in plates:
+            for q in out:
+                if q is p:
+                    break
+                if q.name == p.name:
+                    if q.n != p.n:
+                        raise _plates_error(
+                            f"plate_name {p.name!r} is used with two sizes ({q.n} and {p.n}); "
+                            "a plate name may only be reused with the same size"
+                        )
+                    break
+            else:
+                out.append(p)
+    return tuple(out)
+
+
+def _index_of(plates: Sequence[Plate], p: Plate) -> int:
+    for i, q in enumerate(plates):
+        if q is p or (q.name == p.name and q.n == p.n):
+            return i
+    return -1
+
+
+def align(t: "Tensor", plates: Tuple[Plate, ...], event_dims: int) -> torch.Tensor:
+    """View of ``t._tensor`` with one dimension per plate of ``plates`` (in that order), then ``event_dims``
+    event dimensions (missing leading event dims inserted as size 1)."""
+    x = t._tensor
+    own = t.plates
+    if own != plates:
+        idx = [_index_of(own, p) for p in plates]
+        present = [i for i in idx if i >= 0]
+        if present != list(range(len(own))):
+            x = x.permute(*present, *range(len(own), x.dim()))
+        for pos, i in enumerate(idx):
+            if i < 0:  # a plate t does not vary along
+                x = x.unsqueeze(pos)
+    for _ in range(event_dims - (x.dim() - len(plates))):
+        x = x.unsqueeze(len(plates))
+    return x
+
+
+# Functions whose result legitimately drops plate dimensions: argument checks (torch.distributions'
+# validation calls these), never costs. Their results are returned as plain tensors.
+_CHECK_FUNCS = frozenset({"all", "any", "_is_all_true", "_is_any_true", "equal", "allclose", "is_nonzero"})
+# Functions that need all plate dimensions expanded to equal sizes.
+_EXPAND_FUNCS = frozenset(
+    {"binary_cross_entropy", "binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "smooth_l1_loss",
+     "huber_loss", "kl_div", "cross_entropy", "nll_loss", "cat", "stack", "concat", "concatenate", "gather"}
+)
+
+
+def _wrap_out(out: Any, plates: Tuple[Plate, ...]) -> Any:
+    if isinstance(out, torch.Tensor):
+        check_plates(out, plates)
+        return Tensor(out, plates)
+    if isinstance(out, (tuple, list)) and out and any(isinstance(o, torch.Tensor) for o in out):
+        items = [_wrap_out(o, plates) for o in out]
+        if isinstance(out, list):
+            return items
+        try:
+            return type(out)(items)  # structseq return types (max, sort, ...)
+        except TypeError:
+            return tuple(items)
+    return out
+
+
+def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
+    """Run a torch function on plate-aware arguments and wrap the result (the one dispatch routine)."""
+    found: List[Tensor] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(x for x in a if isinstance(x, Tensor))
+    if kwargs:
+        for a in kwargs.values():
+            if isinstance(a, Tensor):
+                found.append(a)
+    name = getattr(func, "__name__", "")
+    first = found[0].plates
+    # Fast path: one plate tuple, same rank.
+    fast = True
+    nd = found[0]._tensor.dim()
+    for t in found:
+        if t.plates is not first and t.plates != first:
+            fast = False
+            break
+        if t._tensor.dim() != nd:
+            fast = False
+            break
+    if fast and name not in _EXPAND_FUNCS:
+        plates = first
+        conv = lambda x: x._tensor  # noqa: E731
+    else:
+        plates = union_plates(t.plates for t in found)
+        ev = max(t._tensor.dim() - len(t.plates) for t in found)
+        aligned = {id(t): align(t, plates, ev) for t in found}
+        if name in _EXPAND_FUNCS and len(aligned) > 1:
+            # functions such as binary_cross_entropy want equal shapes: expand plate dims (views, no copies)
+            npl = len(plates)
+            sizes = [max(a.shape[i] for a in aligned.values()) for i in range(npl)]
+            aligned = {k: a.expand(*sizes, *a.shape[npl:]) for k, a in aligned.items()}
+
+        def conv(x: "Tensor") -> torch.Tensor:
+            return aligned[id(x)]
+
+    def unwrap(a: Any) -> Any:
+        if isinstance(a, Tensor):
+            return conv(a)
+        if isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a):
+            return type(a)(conv(x) if isinstance(x, Tensor) else x for x in a)
+        return a
+
+    raw_args = tuple(unwrap(a) for a in args)
+    raw_kwargs = {k: unwrap(v) for k, v in kwargs.items()} if kwargs else {}
+    out = func(*raw_args, **raw_kwargs)
+    if name in _CHECK_FUNCS:
+        return out
+    if name == "__setitem__" or (name.endswith("_") and not name.startswith("__")):
+        # in-place: the first argument was modified through its raw view
+        return found[0] if out is raw_args[0] else _wrap_out(out, plates)
+    return _wrap_out(out, plates)
+
+
+def _method(name: str) -> Callable:
+    torch_fn = getattr(torch.Tensor, name)
+
+    def op(self, *args, **kwargs):
+        return apply(torch_fn, (self,) + args, kwargs)
+
+    op.__name__ = name
+    return op
+
+
+class Tensor:
+    """A ``torch.Tensor`` with plates. ``._tensor`` is the torch value; its first ``len(plates)`` dims are plates.
+
+    Behaves like a ``torch.Tensor`` under torch functions, methods and operators. Removing a plate dimension
+    (e.g. ``.sum()`` without ``dim``) raises a ValueError: reduce plates with :func:`fastgrad.reduce_plates`.
+    """
+
+    __slots__ = ("_tensor", "plates", "name", "__weakref__")
+    _kind = "Deterministic"
+
+    def __init__(self, tensor: torch.Tensor, plates: Sequence[Plate] = (), name: Optional[str] = None):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+        self._tensor = tensor
+        self.plates = tuple(plates)
+        self.name = name
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return apply(func, args, kwargs or {})
+
+    # -- torch.Tensor-like attributes -------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return self._tensor.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._tensor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensor.device
+
+    @property
+    def ndim(self) -> int:
+        return self._tensor.dim()
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._tensor.requires_grad
+
+    @property
+    def is_cuda(self) -> bool:
+        return self._tensor.is_cuda
+
+    @property
+    def plate_dims(self) -> int:
+        return len(self.plates)
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return self._tensor.shape[len(self.plates):]
+
+    @property
+    def event_dims(self) -> int:
+        return self._tensor.dim() - len(self.plates)
+
+    @property
+    def event_dim_indices(self) -> List[int]:
+        return list(range(len(self.plates), self._tensor.dim()))
+
+    @property
+    def is_cost(self) -> bool:
+        return False
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def size(self, *args):
+        return self._tensor.size(*args)
+
+    def dim(self) -> int:
+        return self._tensor.dim()
+
+    ndimension = dim
+
+    def numel(self) -> int:
+        return self._tensor.numel()
+
+    def get_plate(self, plate_name: str) -> Plate:
+        for p in self.plates:
+            if p.name == plate_name:
+                return p
+        raise ValueError(f"plate {plate_name!r} is not among this tensor's plates {list(self.plates)}")
+
+    def get_plate_dim_index(self, plate_name: str) -> int:
+        for i, p in enumerate(self.plates):
+            if p.name == plate_name:
+                return i
+        raise ValueError(f"plate {plate_name!r} is not among this tensor's plates {list(self.plates)}")
+
+    def detach(self) -> "Tensor":
+        return Tensor(self._tensor.detach(), self.plates, self.name)
+
+    def __getattr__(self, item: str) -> Any:
+        attr = getattr(torch.Tensor, item)  # AttributeError for unknown names, as torch
+        if callable(attr):
+            fn = _method(item)
+            return functools.partial(fn, self)
+        if hasattr(attr, "__get__"):  # properties such as .T, .mT
+            return apply(attr.__get__, (self,), {})
+        return attr
+
+    # -- Python protocol ------------------------------------------------------------------------------------
+    def __bool__(self) -> bool:
+        if self.plates:
+            raise ValueError(
+                "cannot use a tensor with plates in Python control flow (bool); reduce its plates first "
+                "with fastgrad.reduce_plates"
+            )
+        return bool(self._tensor)
+
+    def __float__(self) -> float:
+        return float(self._tensor)
+
+    def __int__(self) -> int:
+        return int(self._tensor)
+
+    def __len__(self) -> int:
+        return len(self._tensor)
+
+    def __hash__(self) -> int:
+        return object.__hash__(self)
+
+    def __iter__(self):
+        raise TypeError("cannot iterate over a fastgrad.Tensor; index it or use its ._tensor explicitly")
+
+    def __str__(self) -> str:
+        prefix = f"{self.name}: " if self.name and self._kind != "Deterministic" else ""
+        return f"{prefix}{self._kind} {str(self._tensor)} Batch links: {list(self.plates)}"
+
+    def __repr__(self) -> str:
+        return f"fastgrad.{type(self).__name__}({self._tensor!r}, plates={list(self.plates)})"
+
+    def __format__(self, spec: str) -> str:
+        return str(self) if not spec else format(self._tensor, spec)
+
+
+_OPERATORS = (
+    "__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __matmul__ __rmatmul__ __pow__ __rpow__ "
+    "__truediv__ __rtruediv__ __floordiv__ __rfloordiv__ __mod__ __rmod__ __neg__ __pos__ __abs__ "
+    "__invert__ __and__ __rand__ __or__ __ror__ __xor__ __rxor__ __lt__ __le__ __gt__ __ge__ __eq__ __ne__ "
+    "__getitem__ __setitem__ __iadd__ __isub__ __imul__ __itruediv__"
+).split()
+for _name in _OPERATORS:
+    if hasattr(torch.Tensor, _name):
+        setattr(Tensor, _name, _method(_name))
+del _name
+
+
+class IndependentTensor(Tensor):
+    """Result of :func:`fastgrad.denote_independent` and :func:`fastgrad.gather_samples`."""
+
+    __slots__ = ()
+
+
+class CostTensor(Tensor):
+    """A registered cost node (:func:`fastgrad.add_cost`)."""
+
+    __slots__ = ()
+    _kind = "Cost"
+
+    @property
+    def is_cost(self) -> bool:
+        return True
+
+
+class StochasticTensor(Tensor):
+    """A sample drawn by a :class:`fastgrad.method.Method`; its first plate is the sample plate.
+
+    ``param_grads[name]`` holds, after :func:`fastgrad.backward`, the estimated gradient of the total cost
+    with respect to the distribution parameter ``name`` (e.g. ``"probs"``), as a :class:`Tensor`.
+    """
+
+    __slots__ = ("distribution", "method", "n", "param_grads", "_info")
+    _kind = "Stochastic"
+
+    def __init__(self, tensor: torch.Tensor, plates: Sequence[Plate], name: str, n: int, distribution, method,
+                 info: Any = None):
+        super().__init__(tensor, plates, name)
+        self.distribution = distribution
+        self.method = method
+        self.n = n
+        self.param_grads: Dict[str, Tensor] = {}
+        self._info = info
+
+    @property
+    def stochastic(self) -> bool:
+        return True
+
+    @property
+    def grad(self) -> Dict[str, Tensor]:
+        """Alias of :attr:`param_grads`."""
+        return self.param_grads
+
+    @property
+    def plate(self) -> Plate:
+        return self.plates[0]

@@ -1,0 +1,291 @@
+"""Gradient estimators as plain differentiable torch functions (drop-in, no graph API needed).
+
+Every function validates its arguments, flattens them to the contiguous layouts of :mod:`fastgrad.ops` and
+calls the fused op. The graph API (:mod:`fastgrad.method`) calls these same functions, so each estimator's
+math lives here once.
+
+Randomness: stochastic functions take ``generator=None`` and optional ``seed``/``offset``. Without ``seed``,
+a seed is drawn from ``generator`` (or torch's default generator), so ``torch.manual_seed`` makes results
+reproducible; with the same ``seed``/``offset`` every backend returns the same samples.
+
+Example::
+
+    >>> import torch, fastgrad.functional as F
+    >>> logits = torch.randn(64, 2, 10, requires_grad=True)
+    >>> idx = F.sample_categorical(logits, n=10)              # int64 [10, 64, 2]
+    >>> cost = torch.randn(10, 64, 2)
+    >>> F.score_function_surrogate(logits, idx, cost, baseline="batch_average").mean(0).sum().backward()
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .ops import _philox
+from .ops import categorical_sample as _cs
+from .ops import enumerate_log_probs as _enum
+from .ops import gumbel_softmax as _gs
+from .ops import score_surrogate as _ss
+
+__all__ = [
+    "sample_categorical",
+    "gumbel_softmax",
+    "categorical_log_prob",
+    "batch_average_baseline",
+    "score_function_surrogate",
+    "score_function_surrogate_from_log_prob",
+    "enumerate_configurations",
+    "enumerate_log_probs",
+    "expectation",
+]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+Baseline = Union[None, str, torch.Tensor]
+
+
+# -- validation (once, at the boundary) ---------------------------------------------------------------------
+def _check_n(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return int(n)
+
+
+def _check_logits(logits: object, name: str = "logits", min_dim: int = 1) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {logits.dtype}")
+    if logits.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s) [..., K], got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one category (K >= 1), got shape {tuple(logits.shape)}")
+    if logits.numel() and not torch.jit.is_scripting() and not _is_compiling():
+        row_max = logits.detach().amax(-1)
+        if not bool(torch.isfinite(row_max).all()):
+            raise ValueError(f"{name} must not contain NaN or +inf, and each row needs a finite entry "
+                             "(-inf marks a zero-probability category)")
+    return logits
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def _logits_from(logits: Optional[torch.Tensor], probs: Optional[torch.Tensor]) -> torch.Tensor:
+    if (logits is None) == (probs is None):
+        raise ValueError("pass exactly one of logits or probs")
+    if probs is not None:
+        if not isinstance(probs, torch.Tensor):
+            raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
+        if probs.dtype not in _FLOATS:
+            raise TypeError(f"probs must be a floating tensor, got {probs.dtype}")
+        if probs.numel() and not _is_compiling():
+            if not bool(torch.isfinite(probs).all()):
+                raise ValueError("probs must be finite")
+            if bool((probs < 0).any()):
+                raise ValueError("probs must be non-negative")
+        return torch.log(probs)
+    return logits
+
+
+def _check_tau(tau: object) -> float:
+    if isinstance(tau, torch.Tensor):
+        tau = float(tau)
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a positive float, got {type(tau).__name__}")
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a positive finite float, got {tau}")
+    return float(tau)
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(-1, logits.shape[-1]).contiguous()
+
+
+# -- sampling ---------------------------------------------------------------------------------------------------
+def sample_categorical(
+    logits: Optional[torch.Tensor] = None,
+    n: int = 1,
+    *,
+    probs: Optional[torch.Tensor] = None,
+    one_hot: bool = False,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: Optional[int] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Draw ``n`` samples from ``Categorical(logits)`` for every row.
+
+    Args:
+        logits: ``[..., K]`` float tensor (unnormalized; ``-inf`` = zero probability). Or pass ``probs``.
+        n: number of samples (int >= 1).
+        one_hot: also return the one-hot encoding ``[n, ..., K]`` in the logits' dtype (fused, one write).
+
+    Returns:
+        int64 indices ``[n, ...]``; with ``one_hot=True`` the tuple ``(indices, one_hot)``.
+    """
+    logits = _check_logits(_logits_from(logits, probs))
+    n = _check_n(n)
+    batch = logits.shape[:-1]
+    K = logits.shape[-1]
+    rows = _rows(logits.detach())
+    seed, offset = _philox.draw_seed_offset(n * rows.shape[0], generator, seed, offset)
+    idx, oh = _cs.categorical_sample(rows, n, seed, offset, bool(one_hot))
+    idx = idx.view((n,) + batch)
+    if one_hot:
+        return idx, oh.view((n,) + batch + (K,))
+    return idx
+
+
+def gumbel_softmax(
+    logits: torch.Tensor,
+    tau: float = 1.0,
+    n: int = 1,
+    hard: bool = False,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: Optional[int] = None,
+) -> torch.Tensor:
+    """Gumbel-softmax (Concrete) relaxation: ``n`` samples ``softmax((logits + G) / tau)``, ``[n, ..., K]``.
+
+    ``hard=True`` returns one-hot samples (``argmax(logits + G)``, exact categorical draws) whose gradient is
+    the soft one (straight-through). Differentiable w.r.t. ``logits``; dtype follows ``logits``.
+    """
+    logits = _check_logits(logits)
+    tau = _check_tau(tau)
+    n = _check_n(n)
+    shape = logits.shape
+    rows = _rows(logits)
+    seed, offset = _philox.draw_seed_offset(n * rows.numel(), generator, seed, offset)
+    y = _gs.gumbel_softmax(rows, n, tau, bool(hard), seed, offset)
+    return y.view((n,) + tuple(shape))
+
+
+# -- score function -------------------------------------------------------------------------------------------
+def categorical_log_prob(logits: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[samples]``: logits ``[..., K]``, samples int64 ``[n, ...]`` -> ``[n, ...]``."""
+    weight = torch.ones(samples.shape, dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64,
+                        device=logits.device)
+    return _score(logits, samples, weight)
+
+
+def batch_average_baseline(cost: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Leave-one-out baseline: for each sample, the mean cost of the *other* samples along ``dim`` (n >= 2)."""
+    n = cost.shape[dim]
+    if n < 2:
+        raise ValueError(f"the batch_average baseline needs at least 2 samples along dim {dim}, got {n}")
+    return (cost.sum(dim, keepdim=True) - cost) / (n - 1)
+
+
+def _baseline(cost: torch.Tensor, baseline: Baseline) -> torch.Tensor:
+    cost = cost.detach()
+    if baseline is None or (isinstance(baseline, str) and baseline.lower() == "none"):
+        return cost
+    if isinstance(baseline, str):
+        if baseline in ("batch_average", "loo", "rloo"):
+            return cost - batch_average_baseline(cost, 0)
+        raise ValueError(f"baseline must be None, 'none', 'batch_average' or a tensor, got {baseline!r}")
+    if isinstance(baseline, torch.Tensor):
+        return cost - baseline.detach()
+    raise TypeError(f"baseline must be None, a str or a torch.Tensor, got {type(baseline).__name__}")
+
+
+def _score(logits: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not isinstance(samples, torch.Tensor) or samples.dtype != torch.int64:
+        raise TypeError(f"samples must be an int64 tensor of category indices, got "
+                        f"{getattr(samples, 'dtype', type(samples).__name__)}")
+    if tuple(samples.shape[1:]) != tuple(logits.shape[:-1]):
+        raise ValueError(f"samples must have shape [n, {', '.join(map(str, logits.shape[:-1]))}] to match "
+                         f"logits {tuple(logits.shape)}, got {tuple(samples.shape)}")
+    K = logits.shape[-1]
+    n = samples.shape[0]
+    rows = _rows(logits)
+    idx = samples.reshape(n, -1).contiguous()
+    if idx.numel() and not _is_compiling() and bool(((idx < 0) | (idx >= K)).any()):
+        raise ValueError(f"samples must lie in [0, {K})")
+    out, _ = _ss.score_surrogate(rows, idx, weight.reshape(n, -1).contiguous())
+    return out.view(samples.shape)
+
+
+def score_function_surrogate(
+    logits: torch.Tensor,
+    samples: torch.Tensor,
+    cost: torch.Tensor,
+    baseline: Baseline = None,
+) -> torch.Tensor:
+    """REINFORCE / RLOO surrogate per sample: ``(cost - baseline) * log p(samples)``, ``[n, ...]``.
+
+    Its value is the baseline-corrected cost times the log-probability; its gradient w.r.t. ``logits`` is the
+    score-function estimate ``(cost - b) * (onehot(samples) - softmax(logits))``. Average over the samples
+    (``.mean(0)``) and add the cost itself for the total loss.
+
+    Args:
+        logits: ``[..., K]`` float16/bfloat16/float32/float64 (up to vocabulary-size K).
+        samples: int64 ``[n, ...]`` drawn from ``Categorical(logits)``.
+        cost: ``[n, ...]`` (or broadcastable to it), treated as a constant.
+        baseline: ``None``/"none", ``"batch_average"`` (leave-one-out mean of the other samples, n >= 2),
+            or a tensor broadcastable to ``cost``.
+    """
+    logits = _check_logits(logits)
+    if not isinstance(cost, torch.Tensor):
+        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"samples must be an int64 tensor, got {type(samples).__name__}")
+    wdtype = torch.float64 if torch.float64 in (logits.dtype, cost.dtype) else torch.float32
+    weight = _baseline(cost.to(wdtype).expand(samples.shape), baseline)
+    return _score(logits, samples, weight)
+
+
+def score_function_surrogate_from_log_prob(log_prob: torch.Tensor, cost: torch.Tensor,
+                                           baseline: Baseline = None) -> torch.Tensor:
+    """The same surrogate for any distribution, given ``log_prob`` ``[n, ...]`` of the samples."""
+    if not isinstance(log_prob, torch.Tensor) or not isinstance(cost, torch.Tensor):
+        raise TypeError("log_prob and cost must be torch.Tensors")
+    return _baseline(cost.expand(log_prob.shape), baseline) * log_prob
+
+
+# -- exhaustive enumeration -----------------------------------------------------------------------------------
+def _check_budget(k: int, K: int, budget: int) -> int:
+    size = K**k
+    if size > budget:
+        raise ValueError(f"enumerating {K}**{k} = {size} configurations exceeds the budget of {budget}; "
+                         "raise budget= or use a sampling estimator")
+    return size
+
+
+def enumerate_configurations(k: int, K: int, budget: int = _enum.DEFAULT_BUDGET, device=None) -> torch.Tensor:
+    """All ``K**k`` joint configurations of ``k`` categoricals with ``K`` choices: int64 ``[K**k, k]``,
+    in ``itertools.product`` order (latent 0 varies slowest)."""
+    for name, v in (("k", k), ("K", K)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    _check_budget(k, K, budget)
+    return _enum.digits(k, K, device)
+
+
+def enumerate_log_probs(logits: torch.Tensor, budget: int = _enum.DEFAULT_BUDGET) -> torch.Tensor:
+    """``log q(c)`` of every joint configuration: logits ``[B, k, K]`` -> ``[K**k, B]`` (differentiable)."""
+    logits = _check_logits(logits, min_dim=3)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, k, K], got {tuple(logits.shape)}")
+    _check_budget(logits.shape[1], logits.shape[2], budget)
+    return _enum.enumerate_log_probs(logits.contiguous())
+
+
+def expectation(logits: torch.Tensor, cost: torch.Tensor, budget: int = _enum.DEFAULT_BUDGET) -> torch.Tensor:
+    """Exact ``E_q[f] = sum_c q(c) f(c)`` per batch element: logits ``[B, k, K]``, cost ``[K**k, B]`` -> ``[B]``.
+
+    Differentiable w.r.t. ``logits`` (through q) and ``cost`` (through f)."""
+    logq = enumerate_log_probs(logits, budget)
+    if not isinstance(cost, torch.Tensor) or cost.shape != logq.shape:
+        raise ValueError(f"cost must be a tensor of shape {tuple(logq.shape)} ([K**k, B]), got "
+                         f"{tuple(getattr(cost, 'shape', ()))}")
+    return (logq.exp() * cost).sum(0)

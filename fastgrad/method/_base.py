@@ -1,0 +1,172 @@
+"""Base class of gradient estimation methods, and the raw view of a distribution's parameters."""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import distributions as D
+
+from .. import _state
+from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
+
+_CATEGORICALS = (D.OneHotCategorical, D.Categorical, D.RelaxedOneHotCategorical)
+
+
+def _fail(exc: Exception) -> Exception:
+    _state.reset()
+    return exc
+
+
+def check_n_samples(n_samples: object) -> int:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral):
+        raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    return int(n_samples)
+
+
+def check_plate_name(plate_name: object) -> str:
+    if not isinstance(plate_name, str) or not plate_name:
+        raise TypeError(f"plate_name must be a non-empty str, got {plate_name!r}")
+    return plate_name
+
+
+class Params:
+    """A distribution's parameters as plain tensors aligned to the distribution's plates.
+
+    ``plates``: plates of the parameters (the sample gets its own plate in front of them).
+    ``given``: ``{name: (wrapper_or_tensor, raw)}`` for the parameters the user passed (``probs``/``logits``
+    for categoricals and Bernoulli, all tensor parameters otherwise).
+    """
+
+    def __init__(self, distr: D.Distribution):
+        if not isinstance(distr, D.Distribution):
+            raise _fail(TypeError(f"a method must be called on a torch.distributions.Distribution, got "
+                                  f"{type(distr).__name__}"))
+        self.distr = distr
+        self.cat = None  # the inner Categorical for categorical families
+        if isinstance(distr, D.OneHotCategorical):
+            self.cat = distr._categorical
+        elif isinstance(distr, D.Categorical):
+            self.cat = distr
+        elif isinstance(distr, D.RelaxedOneHotCategorical):
+            self.cat = distr.base_dist._categorical
+        src = self.cat if self.cat is not None else distr
+        if self.cat is not None or isinstance(distr, D.Bernoulli):
+            name = "probs" if src._param is src.__dict__.get("probs") else "logits"
+            tensors = {name: src._param}
+        else:
+            tensors = {k: v for k, v in ((k, distr.__dict__.get(k)) for k in distr.arg_constraints)
+                       if isinstance(v, (torch.Tensor, Tensor))}
+        self.plates: Tuple[Plate, ...] = union_plates(
+            v.plates for v in tensors.values() if isinstance(v, Tensor))
+        self.given: Dict[str, Tuple[Any, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            raw = align(v, self.plates, v.event_dims) if isinstance(v, Tensor) else v
+            self.given[k] = (v, raw)
+        self.param_name = next(iter(self.given)) if self.given else None
+
+    # -- categorical helpers -----------------------------------------------------------------------------
+    def logits(self) -> torch.Tensor:
+        """Normalized logits ``[plates..., extra..., K]`` (differentiable) of a categorical family."""
+        name, (_, raw) = next(iter(self.given.items()))
+        if name == "probs":
+            return torch.log(raw.clamp_min(torch.finfo(raw.dtype).tiny))
+        return raw
+
+    def bernoulli_logits(self) -> torch.Tensor:
+        name, (_, raw) = next(iter(self.given.items()))
+        if name == "probs":
+            eps = torch.finfo(raw.dtype).eps
+            p = raw.clamp(eps, 1 - eps)
+            return torch.log(p) - torch.log1p(-p)
+        return raw
+
+    def raw_distribution(self) -> D.Distribution:
+        """The same distribution over plain tensors (for sampling and log_prob outside the graph API)."""
+        d = self.distr
+        kw = {k: raw for k, (_, raw) in self.given.items()}
+        if isinstance(d, D.RelaxedOneHotCategorical):
+            return D.RelaxedOneHotCategorical(d.temperature, validate_args=False, **kw)
+        if isinstance(d, D.RelaxedBernoulli):
+            return D.RelaxedBernoulli(d.temperature, validate_args=False, **kw)
+        return type(d)(validate_args=False, **kw)
+
+    @property
+    def plate_shape(self) -> torch.Size:
+        raw = next(iter(self.given.values()))[1]
+        return raw.shape[: len(self.plates)]
+
+    # -- param_grads hooks ---------------------------------------------------------------------------------
+    def hook_param_grads(self, sample: StochasticTensor) -> None:
+        """Fill ``sample.param_grads[name]`` with the gradient w.r.t. each user-given parameter during backward."""
+        store = sample.param_grads
+        for name, (user, raw) in self.given.items():
+            if not raw.requires_grad:
+                continue
+            plates = user.plates if isinstance(user, Tensor) else ()
+            target = user._tensor if isinstance(user, Tensor) else user
+
+            def record(grad: torch.Tensor, name: str = name, plates: Tuple[Plate, ...] = plates) -> None:
+                old = store.get(name)
+                store[name] = Tensor(grad if old is None else old._tensor + grad, plates, name + "_grad")
+
+            if self.cat is not None or isinstance(self.distr, D.Bernoulli):
+                # torch.distributions normalizes probs/logits; the gradient wanted is the one w.r.t. the
+                # tensor the user passed, which is the first input of the normalizing op.
+                fn = target.grad_fn
+                if fn is not None and fn.next_functions and fn.next_functions[0][0] is not None \
+                        and type(fn).__name__ in ("DivBackward0", "SubBackward0"):
+                    node, out_nr = fn.next_functions[0]
+                    h = node.register_prehook(lambda gos, record=record, out_nr=out_nr: record(gos[out_nr]))
+                    _state.hooks.append(h)
+                    continue
+            _state.hooks.append(target.register_hook(record))
+
+
+class Method(torch.nn.Module):
+    """A gradient estimator: ``method(distribution)`` samples and returns a :class:`StochasticTensor`."""
+
+    uses_score = False  # whether backward adds a score-function term for costs depending on the sample
+
+    def __init__(self, plate_name: str, n_samples: int = 1):
+        super().__init__()
+        self.plate_name = check_plate_name(plate_name)
+        self.n_samples = check_n_samples(n_samples)
+
+    def forward(self, distr: D.Distribution) -> StochasticTensor:
+        params = Params(distr)
+        for p in params.plates:
+            if p.name == self.plate_name:
+                raise _fail(ValueError(
+                    f"plate_name {self.plate_name!r} is already a plate of the distribution's parameters; "
+                    "give each sampled variable its own plate name"))
+        value, n, weight, info = self._sample(params)
+        plate = Plate(self.plate_name, n)
+        plates = (plate,) + params.plates
+        if weight is not None:
+            plate._weight = Tensor(weight, plates)
+        s = StochasticTensor(value, plates, self.plate_name, n, distr, self, info=(params, info))
+        params.hook_param_grads(s)
+        _state.samples.append(s)
+        return s
+
+    # subclasses implement:
+    def _sample(self, params: Params) -> Tuple[torch.Tensor, int, Optional[torch.Tensor], Any]:
+        """-> (value ``[n, plates..., batch..., event...]``, n, per-element plate weight or None, info)."""
+        raise NotImplementedError
+
+    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update_parameters(self) -> None:
+        """Called once after each backward in which this method sampled."""
+
+    def extra_repr(self) -> str:
+        return f"plate_name={self.plate_name!r}, n_samples={self.n_samples}"
+
+
+def extra_dims(params: Params, raw: torch.Tensor, event_dims: int) -> List[int]:
+    """Sizes of the batch dims that are not plates (independent latents inside one draw)."""
+    return list(raw.shape[len(params.plates): raw.dim() - event_dims])

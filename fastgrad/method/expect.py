@@ -1,0 +1,62 @@
+"""Exact expectation by enumerating the joint support; math in :func:`fastgrad.functional.enumerate_log_probs`."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import distributions as D
+
+from .. import functional as F
+from ._base import Method, Params, _fail, extra_dims
+
+
+class Expect(Method):
+    """Sums over all joint configurations of the independent latents of a categorical or Bernoulli.
+
+    The enumerated values do not depend on the data, so they broadcast over the parameters' plates (shape
+    ``(K**k, 1, ..., event)``): a decoder runs once per configuration. The plate's weight is ``q(c | x)``, per
+    data point, differentiable, so :func:`fastgrad.backward` gives the exact gradient.
+    """
+
+    def __init__(self, plate_name: str, budget: int = 10000):
+        super().__init__(plate_name, 1)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be a positive int, got {budget!r}")
+        self.budget = budget
+
+    def _sample(self, params: Params):
+        d = params.distr
+        npl = len(params.plates)
+        if isinstance(d, (D.OneHotCategorical, D.Categorical)):
+            logits = params.logits()
+            extra = extra_dims(params, logits, 1)
+            K = logits.shape[-1]
+        elif isinstance(d, D.Bernoulli):
+            bl = params.bernoulli_logits()
+            logits = torch.stack([torch.zeros_like(bl), bl], -1)
+            extra = extra_dims(params, bl, 0)
+            K = 2
+        else:
+            raise _fail(ValueError(f"Expect can enumerate OneHotCategorical, Categorical and Bernoulli "
+                                   f"distributions, got {type(d).__name__}"))
+        k = math.prod(extra)
+        pshape = logits.shape[:npl]
+        B = math.prod(pshape)
+        try:
+            logq = F.enumerate_log_probs(logits.reshape(B, k, K), budget=self.budget)  # [C, B]
+        except ValueError as e:
+            raise _fail(ValueError(f"Expect({self.plate_name!r}): {e}")) from None
+        C = logq.shape[0]
+        digits = F.enumerate_configurations(k, K, budget=self.budget, device=logits.device)  # [C, k]
+        vshape = (C,) + (1,) * npl + tuple(extra)
+        if isinstance(d, D.OneHotCategorical):
+            value = torch.nn.functional.one_hot(digits, K).to(logits.dtype).view(vshape + (K,))
+        elif isinstance(d, D.Categorical):
+            value = digits.view(vshape)
+        else:
+            value = digits.to(logits.dtype).view(vshape)
+        weight = logq.exp().view((C,) + tuple(pshape))
+        return value, C, weight, None
+
+    def extra_repr(self) -> str:
+        return f"plate_name={self.plate_name!r}, budget={self.budget}"

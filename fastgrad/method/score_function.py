@@ -1,0 +1,107 @@
+"""Score function (REINFORCE) with optional baselines; the math is :func:`fastgrad.functional.score_function_surrogate`."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+from torch import distributions as D
+
+from .. import functional as F
+from .._graph import reduce_plates
+from .._tensor import Tensor, align
+from ._base import Method, Params, _fail, extra_dims
+
+_BASELINES = ("none", "batch_average", "moving_average")
+
+
+class ScoreFunction(Method):
+    """Score-function estimator ``(cost - b) * grad log p(z)``.
+
+    Args:
+        plate_name: name of the sample plate.
+        sampling_method: accepted for Storchastic compatibility; only ``None`` (Monte Carlo) is supported.
+        n_samples: samples per draw (int >= 1).
+        baseline_factory: ``None``/``"None"``, ``"batch_average"`` (leave-one-out mean of the other samples,
+            needs n_samples > 1) or ``"moving_average"`` (EMA, decay 0.95, of the plate-reduced cost), or a
+            callable ``(sample, cost) -> baseline tensor``.
+    """
+
+    uses_score = True
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
+                 baseline_factory: Union[None, str, Callable] = None, exponential_decay: float = 0.95):
+        super().__init__(plate_name, n_samples)
+        if sampling_method is not None:
+            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        self._baseline_fn: Optional[Callable] = None
+        self.baseline = "none"
+        if isinstance(baseline_factory, str):
+            key = baseline_factory.lower()
+            if key not in _BASELINES:
+                raise ValueError(f"baseline_factory must be one of {_BASELINES} (or None), got {baseline_factory!r}")
+            if key == "batch_average" and self.n_samples <= 1:
+                raise ValueError("baseline_factory 'batch_average' can only be used for n_samples > 1.")
+            self.baseline = key
+        elif callable(baseline_factory):
+            self.baseline = "custom"
+            self._baseline_fn = baseline_factory
+        elif baseline_factory is not None:
+            raise TypeError(f"baseline_factory must be None, a str or a callable, got {type(baseline_factory).__name__}")
+        self.register_buffer("exponential_decay", torch.tensor(float(exponential_decay)))
+        self.register_buffer("moving_average", torch.tensor(0.0))
+
+    def _sample(self, params: Params):
+        n = self.n_samples
+        if params.cat is not None and not isinstance(params.distr, D.RelaxedOneHotCategorical):
+            logits = params.logits().detach()
+            one_hot = isinstance(params.distr, D.OneHotCategorical)
+            out = F.sample_categorical(logits, n, one_hot=one_hot)
+            idx, value = out if one_hot else (out, out)
+            return value, n, None, idx
+        with torch.no_grad():
+            value = params.raw_distribution().sample((n,))
+        return value, n, None, None
+
+    def _baseline(self, sample, cost: Tensor, weight: torch.Tensor):
+        if self.baseline == "batch_average":
+            return "batch_average"
+        if self.baseline == "moving_average":
+            avg = reduce_plates(cost)._tensor.detach()
+            self.moving_average = (self.exponential_decay * self.moving_average
+                                   + (1 - self.exponential_decay) * avg.to(self.moving_average))
+            return self.moving_average.to(weight)
+        if self.baseline == "custom":
+            b = self._baseline_fn(sample, cost)
+            return b._tensor if isinstance(b, Tensor) else b
+        return None
+
+    def _surrogate(self, sample, cost) -> torch.Tensor:
+        params, idx = sample._info
+        # reduce plates of the cost that the sample does not have, then align to the sample's plates
+        others = [p for p in cost.plates if not any(p is q for q in sample.plates)]
+        c = reduce_plates(cost, others) if others else cost
+        npl = len(sample.plates)
+        w = align(c, sample.plates, 0).detach()
+        w = w.expand(sample._tensor.shape[:npl])  # [n, plate dims...]
+        baseline = self._baseline(sample, c, w)
+        if idx is not None:
+            logits = params.logits()
+            extra = extra_dims(params, logits, 1)
+            w = w.reshape(w.shape + (1,) * len(extra)).expand(idx.shape)
+            if isinstance(baseline, torch.Tensor) and baseline.dim():
+                baseline = baseline.reshape(baseline.shape + (1,) * len(extra))
+            term = F.score_function_surrogate(logits.expand(idx.shape[1:] + logits.shape[-1:]), idx, w, baseline)
+            if extra:  # independent latents inside one draw: their log-probs add up
+                term = term.sum(tuple(range(npl, term.dim())))
+        else:
+            d = params.raw_distribution()
+            lp = d.log_prob(sample._tensor)
+            ev = lp.dim() - npl
+            if ev > 0:
+                lp = lp.sum(tuple(range(npl, lp.dim())))
+            term = F.score_function_surrogate_from_log_prob(lp, w, baseline)
+        term = term - term.detach()  # zero value: backward() reports the cost, not the surrogate
+        return reduce_plates(Tensor(term, sample.plates), detach_weights=False)._tensor
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", baseline_factory={self.baseline!r}"

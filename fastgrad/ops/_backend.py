@@ -1,0 +1,116 @@
+"""Where each op runs: the dispatch rules, in one place.
+
+* ``"reference"``: the pure-torch implementations in ``fastgrad/ops/*.py`` (CPU fallback and test oracle).
+* ``"cpp"``: the C++ CPU kernels of ``fastgrad._C`` (``csrc/cpu``), for CPU tensors.
+* ``"cuda"``: the CUDA kernels of ``fastgrad._C`` (``csrc/cuda``), for CUDA tensors.
+* ``"triton"``: the Triton kernels of ``fastgrad.kernels`` (CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1``).
+
+``"auto"`` (default) picks Triton for CUDA tensors (else CUDA kernels), the C++ kernels for CPU tensors when the
+extension is built, else the reference. ``fastgrad.set_backend(name)`` or ``FASTGRAD_BACKEND=name`` forces one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+_forced: Optional[str] = None
+_C = None
+_C_error: Optional[str] = None
+_triton_ok: Optional[bool] = None
+
+
+def _load_extension() -> None:
+    global _C, _C_error
+    if _C is not None or _C_error is not None:
+        return
+    try:
+        from .. import _C as ext  # noqa: F401  (registers torch.ops.fastgrad_C.*)
+
+        _C = ext
+    except ImportError as e:  # not built: the reference serves
+        _C_error = str(e)
+        return
+    built = getattr(torch.ops.fastgrad_C, "cuda_version", None)
+    if built is not None and torch.version.cuda is not None:
+        v = int(built())
+        if v > 0:
+            want = f"{v // 1000}.{(v % 1000) // 10}"
+            have = ".".join(torch.version.cuda.split(".")[:2])
+            if want != have:
+                _C = None
+                _C_error = (f"fastgrad._C was compiled with CUDA {want} but torch uses CUDA {have}; "
+                            "rebuild with `pip install --no-build-isolation -e .`")
+                raise RuntimeError(_C_error)
+
+
+def has_cpp() -> bool:
+    """True when the compiled extension (C++ CPU kernels) is importable."""
+    _load_extension()
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    return has_cpp() and bool(torch.ops.fastgrad_C.has_cuda())
+
+
+def has_triton() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_ok = True
+        except Exception:
+            _triton_ok = False
+    return _triton_ok
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for all ops (``None`` or ``"auto"`` restores automatic choice)."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "cpp" and not has_cpp():
+        raise ValueError(f"backend 'cpp' is not available: the extension is not built ({_C_error})")
+    if name == "triton" and not has_triton():
+        raise ValueError("backend 'triton' is not available: triton is not installed")
+    _forced = None if name in (None, "auto") else name
+
+
+def get_backend() -> str:
+    return _forced or os.environ.get("FASTGRAD_BACKEND", "auto") or "auto"
+
+
+@contextlib.contextmanager
+def backend(name: Optional[str]) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous choice even on error."""
+    global _forced
+    old = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def choose(device: torch.device) -> str:
+    """The backend that runs an op on tensors of ``device``."""
+    name = get_backend()
+    if name not in BACKENDS:
+        raise ValueError(f"FASTGRAD_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            if has_triton():
+                return "triton"
+            return "cuda" if has_cuda_kernels() else "reference"
+        return "cpp" if has_cpp() else "reference"
+    if name == "cpp" and device.type != "cpu":
+        return "cuda" if has_cuda_kernels() else "reference"
+    if name == "cuda" and device.type != "cuda":
+        return "cpp" if has_cpp() else "reference"
+    return name

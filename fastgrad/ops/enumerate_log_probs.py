@@ -1,0 +1,92 @@
+"""``fastgrad::enumerate_log_probs``: log-probabilities of all K**k joint configurations of k categoricals.
+
+Configuration ``c`` assigns category ``digit_i(c) = (c // K**(k-1-i)) % K`` to latent ``i`` (the order of
+``itertools.product``). ``out[c, b] = sum_i log_softmax(l[b, i])[digit_i(c)]``. Backward:
+``dl[b, i, j] = sum_{c: digit_i(c) = j} g[c, b] - softmax(l[b, i])_j * sum_c g[c, b]``. Neither direction
+materializes the ``[K**k, B, k, K]`` one-hot tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+DEFAULT_BUDGET = 1 << 24
+
+
+def digits(k: int, K: int, device=None) -> torch.Tensor:
+    """int64 ``[K**k, k]``: category of each latent in each configuration (itertools.product order)."""
+    c = torch.arange(K**k, device=device)
+    powers = K ** torch.arange(k - 1, -1, -1, device=device)
+    return (c.unsqueeze(-1) // powers) % K
+
+
+def reference(logits: torch.Tensor) -> torch.Tensor:
+    B, k, K = logits.shape
+    lp = torch.log_softmax(logits.float(), -1)  # [B, k, K]
+    d = digits(k, K, logits.device)  # [C, k]
+    out = lp.new_zeros((K**k, B))
+    for i in range(k):
+        out += lp[:, i, :].t()[d[:, i]]  # [C, B]
+    return out.to(logits.dtype)
+
+
+def reference_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    B, k, K = logits.shape
+    g = grad.float()  # [C, B]
+    d = digits(k, K, logits.device)
+    p = torch.softmax(logits.float(), -1)
+    gl = torch.zeros(B, k, K, dtype=torch.float32, device=logits.device)
+    for i in range(k):
+        gl[:, i, :].t().index_add_(0, d[:, i], g)
+    gl -= p * g.sum(0).view(B, 1, 1)
+    return gl.to(logits.dtype)
+
+
+@torch.library.custom_op("fastgrad::enumerate_log_probs", mutates_args=())
+def enumerate_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """logits ``[B, k, K]`` -> log q(c) ``[K**k, B]`` in the logits' dtype."""
+    b = _backend.choose(logits.device)
+    if b in ("cpp", "cuda"):
+        return torch.ops.fastgrad_C.enumerate_log_probs(logits)
+    if b == "triton":
+        from ..kernels import enumerate_log_probs as tk
+
+        return tk.enumerate_log_probs(logits)
+    return reference(logits)
+
+
+@enumerate_log_probs.register_fake
+def _(logits):
+    torch._check(logits.dim() == 3, lambda: "logits must be 3-D [B, k, K]")
+    B, k, K = logits.shape
+    return logits.new_empty((K**k, B))
+
+
+@torch.library.custom_op("fastgrad::enumerate_log_probs_backward", mutates_args=())
+def enumerate_log_probs_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    b = _backend.choose(logits.device)
+    if b in ("cpp", "cuda"):
+        return torch.ops.fastgrad_C.enumerate_log_probs_backward(grad, logits)
+    if b == "triton":
+        from ..kernels import enumerate_log_probs as tk
+
+        return tk.enumerate_log_probs_backward(grad, logits)
+    return reference_backward(grad, logits)
+
+
+@enumerate_log_probs_backward.register_fake
+def _(grad, logits):
+    return torch.empty_like(logits)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    return enumerate_log_probs_backward(grad.contiguous(), logits)
+
+
+enumerate_log_probs.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,88 @@
+"""``fastgrad::gumbel_softmax``: n relaxed one-hot samples per row, forward and backward fused.
+
+Sample ``s`` of row ``r`` uses the Gumbel noise ``g = -log(-log u)`` of elements ``(s * R + r) * K + k`` of the
+Philox stream; ``y = softmax((l + g) / tau)`` in float32. ``hard`` returns ``one_hot(argmax(l + g))`` (a
+Gumbel-max sample) while its gradient is the soft one (straight-through). The backward regenerates the noise
+from (seed, offset) instead of storing it: memory stays at the size of the output.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _philox
+
+
+def _soft(logits: torch.Tensor, n: int, tau: float, seed: int, offset: int):
+    R, K = logits.shape
+    u = _philox.uniform(seed, offset, n * R * K, logits.device).view(n, R, K)
+    z = logits.float().unsqueeze(0) - torch.log(-torch.log(u))
+    return z, torch.softmax(z / tau, dim=-1)
+
+
+def reference(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, offset: int) -> torch.Tensor:
+    z, y = _soft(logits, n, tau, seed, offset)
+    if hard:
+        y = torch.zeros_like(y).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+    return y.to(logits.dtype)
+
+
+def reference_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int, offset: int) -> torch.Tensor:
+    n = grad.shape[0]
+    _, y = _soft(logits, n, tau, seed, offset)
+    g = grad.float()
+    gl = y * (g - (g * y).sum(-1, keepdim=True)) / tau
+    return gl.sum(0).to(logits.dtype)
+
+
+@torch.library.custom_op("fastgrad::gumbel_softmax", mutates_args=())
+def gumbel_softmax(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, offset: int) -> torch.Tensor:
+    """logits ``[R, K]`` -> samples ``[n, R, K]`` in the logits' dtype."""
+    b = _backend.choose(logits.device)
+    if b in ("cpp", "cuda"):
+        return torch.ops.fastgrad_C.gumbel_softmax(logits, n, tau, hard, seed, offset)
+    if b == "triton":
+        from ..kernels import gumbel_softmax as tk
+
+        return tk.gumbel_softmax(logits, n, tau, hard, seed, offset)
+    return reference(logits, n, tau, hard, seed, offset)
+
+
+@gumbel_softmax.register_fake
+def _(logits, n, tau, hard, seed, offset):
+    torch._check(logits.dim() == 2, lambda: "logits must be 2-D [R, K]")
+    return logits.new_empty((n,) + tuple(logits.shape))
+
+
+@torch.library.custom_op("fastgrad::gumbel_softmax_backward", mutates_args=())
+def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int, offset: int) -> torch.Tensor:
+    """grad ``[n, R, K]``, logits ``[R, K]`` -> grad of logits ``[R, K]`` (soft gradient, noise regenerated)."""
+    b = _backend.choose(logits.device)
+    if b in ("cpp", "cuda"):
+        return torch.ops.fastgrad_C.gumbel_softmax_backward(grad, logits, tau, seed, offset)
+    if b == "triton":
+        from ..kernels import gumbel_softmax as tk
+
+        return tk.gumbel_softmax_backward(grad, logits, tau, seed, offset)
+    return reference_backward(grad, logits, tau, seed, offset)
+
+
+@gumbel_softmax_backward.register_fake
+def _(grad, logits, tau, seed, offset):
+    return torch.empty_like(logits)
+
+
+def _setup(ctx, inputs, output):
+    logits, n, tau, hard, seed, offset = inputs
+    ctx.save_for_backward(logits)
+    ctx.tau, ctx.seed, ctx.offset = tau, seed, offset
+
+
+def _backward(ctx, grad):
+    (logits,) = ctx.saved_tensors
+    gl = None
+    if ctx.needs_input_grad[0]:
+        gl = gumbel_softmax_backward(grad.contiguous(), logits, ctx.tau, ctx.seed, ctx.offset)
+    return gl, None, None, None, None, None
+
+
+gumbel_softmax.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,89 @@
+"""``fastgrad::score_surrogate``: the REINFORCE surrogate ``w * log_softmax(l)[index]`` at vocabulary scale.
+
+Forward: one pass over each row of logits (online max/sum-exp) gives ``lse``; the output is
+``w[s, r] * (l[r, index[s, r]] - lse[r])``. Backward writes the gradient once:
+``dl[r, :] = sum_s g[s, r] w[s, r] (onehot(index[s, r]) - softmax(l[r]))``. The full log_softmax is never
+materialized; only ``lse`` (one float per row) is saved.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from . import _backend
+
+
+def reference(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    lf = logits.float()
+    lse = torch.logsumexp(lf, -1)  # [R]
+    picked = lf.gather(-1, index.t()).t()  # [n, R]
+    out = weight.float() * (picked - lse)
+    return out.to(weight.dtype), lse
+
+
+def reference_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                       lse: torch.Tensor) -> torch.Tensor:
+    a = grad.float() * weight.float()  # [n, R]
+    p = torch.exp(logits.float() - lse.unsqueeze(-1))
+    gl = -a.sum(0).unsqueeze(-1) * p
+    gl.scatter_add_(-1, index.t(), a.t())
+    return gl.to(logits.dtype)
+
+
+@torch.library.custom_op("fastgrad::score_surrogate", mutates_args=())
+def score_surrogate(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """logits ``[R, K]``, index int64 ``[n, R]``, weight ``[n, R]`` (float32/float64) -> (surrogate ``[n, R]``
+    in the weight's dtype, lse float32 ``[R]``)."""
+    b = _backend.choose(logits.device)
+    if b in ("cpp", "cuda"):
+        return tuple(torch.ops.fastgrad_C.score_surrogate(logits, index, weight))
+    if b == "triton":
+        from ..kernels import score_surrogate as tk
+
+        return tk.score_surrogate(logits, index, weight)
+    return reference(logits, index, weight)
+
+
+@score_surrogate.register_fake
+def _(logits, index, weight):
+    torch._check(logits.dim() == 2, lambda: "logits must be 2-D [R, K]")
+    return torch.empty_like(weight), logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgrad::score_surrogate_backward", mutates_args=())
+def score_surrogate_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                             lse: torch.Tensor) -> torch.Tensor:
+    b = _backend.choose(logits.device)
+    if b in ("cpp", "cuda"):
+        return torch.ops.fastgrad_C.score_surrogate_backward(grad, logits, index, weight, lse)
+    if b == "triton":
+        from ..kernels import score_surrogate as tk
+
+        return tk.score_surrogate_backward(grad, logits, index, weight, lse)
+    return reference_backward(grad, logits, index, weight, lse)
+
+
+@score_surrogate_backward.register_fake
+def _(grad, logits, index, weight, lse):
+    return torch.empty_like(logits)
+
+
+def _setup(ctx, inputs, output):
+    logits, index, weight = inputs
+    ctx.save_for_backward(logits, index, weight, output[1])
+
+
+def _backward(ctx, grad, _grad_lse):
+    logits, index, weight, lse = ctx.saved_tensors
+    gl = gw = None
+    if ctx.needs_input_grad[0]:
+        gl = score_surrogate_backward(grad.contiguous(), logits, index, weight, lse)
+    if ctx.needs_input_grad[2]:
+        # out = w * logp  =>  d out / d w = logp
+        logp = logits.float().gather(-1, index.t()).t() - lse
+        gw = (grad.float() * logp).to(weight.dtype)
+    return gl, None, gw
+
+
+score_surrogate.register_autograd(_backward, setup_context=_setup)
