@@ -23,7 +23,8 @@ def digits(k: int, K: int, device=None) -> torch.Tensor:
 
 def reference(logits: torch.Tensor) -> torch.Tensor:
     B, k, K = logits.shape
-    lp = torch.log_softmax(logits.float(), -1)  # [B, k, K]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lp = torch.log_softmax(logits.to(acc), -1)  # [B, k, K]
     d = digits(k, K, logits.device)  # [C, k]
     out = lp.new_zeros((K**k, B))
     for i in range(k):
@@ -33,10 +34,11 @@ def reference(logits: torch.Tensor) -> torch.Tensor:
 
 def reference_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     B, k, K = logits.shape
-    g = grad.float()  # [C, B]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)  # [C, B]
     d = digits(k, K, logits.device)
-    p = torch.softmax(logits.float(), -1)
-    gl = torch.zeros(B, k, K, dtype=torch.float32, device=logits.device)
+    p = torch.softmax(logits.to(acc), -1)
+    gl = torch.zeros(B, k, K, dtype=acc, device=logits.device)
     for i in range(k):
         gl[:, i, :].t().index_add_(0, d[:, i], g)
     gl -= p * g.sum(0).view(B, 1, 1)

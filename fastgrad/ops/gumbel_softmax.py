@@ -1,7 +1,7 @@
 """``fastgrad::gumbel_softmax``: n relaxed one-hot samples per row, forward and backward fused.
 
 Sample ``s`` of row ``r`` uses the Gumbel noise ``g = -log(-log u)`` of elements ``(s * R + r) * K + k`` of the
-Philox stream; ``y = softmax((l + g) / tau)`` in float32. ``hard`` returns ``one_hot(argmax(l + g))`` (a
+Philox stream; ``y = softmax((l + g) / tau)`` in float32 (float64 for float64 logits). ``hard`` returns ``one_hot(argmax(l + g))`` (a
 Gumbel-max sample) while its gradient is the soft one (straight-through). The backward regenerates the noise
 from (seed, offset) instead of storing it: memory stays at the size of the output.
 """
@@ -14,8 +14,9 @@ from . import _backend, _philox
 
 def _soft(logits: torch.Tensor, n: int, tau: float, seed: int, offset: int):
     R, K = logits.shape
-    u = _philox.uniform(seed, offset, n * R * K, logits.device).view(n, R, K)
-    z = logits.float().unsqueeze(0) - torch.log(-torch.log(u))
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    u = _philox.uniform(seed, offset, n * R * K, logits.device).view(n, R, K).to(acc)
+    z = logits.to(acc).unsqueeze(0) - torch.log(-torch.log(u))
     return z, torch.softmax(z / tau, dim=-1)
 
 
@@ -29,7 +30,7 @@ def reference(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, o
 def reference_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int, offset: int) -> torch.Tensor:
     n = grad.shape[0]
     _, y = _soft(logits, n, tau, seed, offset)
-    g = grad.float()
+    g = grad.to(y.dtype)
     gl = y * (g - (g * y).sum(-1, keepdim=True)) / tau
     return gl.sum(0).to(logits.dtype)
 

@@ -14,18 +14,23 @@ import torch
 from . import _backend
 
 
+def _acc(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def reference(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    lf = logits.float()
+    lf = logits.to(_acc(logits))
     lse = torch.logsumexp(lf, -1)  # [R]
     picked = lf.gather(-1, index.t()).t()  # [n, R]
-    out = weight.float() * (picked - lse)
+    out = weight.to(lf.dtype) * (picked - lse)
     return out.to(weight.dtype), lse
 
 
 def reference_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                        lse: torch.Tensor) -> torch.Tensor:
-    a = grad.float() * weight.float()  # [n, R]
-    p = torch.exp(logits.float() - lse.unsqueeze(-1))
+    acc = _acc(logits)
+    a = grad.to(acc) * weight.to(acc)  # [n, R]
+    p = torch.exp(logits.to(acc) - lse.to(acc).unsqueeze(-1))
     gl = -a.sum(0).unsqueeze(-1) * p
     gl.scatter_add_(-1, index.t(), a.t())
     return gl.to(logits.dtype)
@@ -34,7 +39,7 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Te
 @torch.library.custom_op("fastgrad::score_surrogate", mutates_args=())
 def score_surrogate(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[R, K]``, index int64 ``[n, R]``, weight ``[n, R]`` (float32/float64) -> (surrogate ``[n, R]``
-    in the weight's dtype, lse float32 ``[R]``)."""
+    in the weight's dtype, lse ``[R]``: float64 for float64 logits, else float32)."""
     b = _backend.choose(logits.device)
     if b in ("cpp", "cuda"):
         return tuple(torch.ops.fastgrad_C.score_surrogate(logits, index, weight))
@@ -48,7 +53,7 @@ def score_surrogate(logits: torch.Tensor, index: torch.Tensor, weight: torch.Ten
 @score_surrogate.register_fake
 def _(logits, index, weight):
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D [R, K]")
-    return torch.empty_like(weight), logits.new_empty(logits.shape[:1], dtype=torch.float32)
+    return torch.empty_like(weight), logits.new_empty(logits.shape[:1], dtype=_acc(logits))
 
 
 @torch.library.custom_op("fastgrad::score_surrogate_backward", mutates_args=())
@@ -81,8 +86,8 @@ def _backward(ctx, grad, _grad_lse):
         gl = score_surrogate_backward(grad.contiguous(), logits, index, weight, lse)
     if ctx.needs_input_grad[2]:
         # out = w * logp  =>  d out / d w = logp
-        logp = logits.float().gather(-1, index.t()).t() - lse
-        gw = (grad.float() * logp).to(weight.dtype)
+        logp = logits.to(lse.dtype).gather(-1, index.t()).t() - lse
+        gw = (grad.to(lse.dtype) * logp).to(weight.dtype)
     return gl, None, gw
 
 

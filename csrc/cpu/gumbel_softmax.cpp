@@ -1,0 +1,115 @@
+// Gumbel-softmax on the CPU, forward and backward; the backward regenerates the noise from (seed, offset).
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "philox.h"
+
+namespace fastgrad {
+
+namespace {
+// z[k] = l[k] - log(-log(u_k)) for the row starting at stream element e0
+template <typename scalar_t, typename acc>
+inline void perturbed_row(const scalar_t* l, int64_t K, uint64_t seed, uint64_t offset, uint64_t e0, acc* u,
+                          acc* z) {
+  PhiloxStream st(seed, offset, e0);
+  for (int64_t k = 0; k < K; ++k) u[k] = static_cast<acc>(st.next());
+_Pragma("omp simd")
+  for (int64_t k = 0; k < K; ++k) z[k] = static_cast<acc>(l[k]) - std::log(-std::log(u[k]));
+}
+
+// y = softmax(z / tau) in place; returns argmax of z
+template <typename acc>
+inline int64_t softmax_inplace(acc* z, int64_t K, acc inv_tau) {
+  acc m = -INFINITY;
+  int64_t am = 0;
+  for (int64_t k = 0; k < K; ++k)
+    if (z[k] > m) { m = z[k]; am = k; }
+  acc s = 0;
+_Pragma("omp simd reduction(+ : s)")
+  for (int64_t k = 0; k < K; ++k) { z[k] = std::exp((z[k] - m) * inv_tau); s += z[k]; }
+  const acc is = acc(1) / s;
+_Pragma("omp simd")
+  for (int64_t k = 0; k < K; ++k) z[k] *= is;
+  return am;
+}
+}  // namespace
+
+at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, bool hard, int64_t seed,
+                              int64_t offset) {
+  FG_CHECK_2D(logits, "logits");
+  TORCH_CHECK(tau > 0, "tau must be > 0");
+  const int64_t R = logits.size(0), K = logits.size(1);
+  auto out = at::empty({n, R, K}, logits.options());
+  if (R == 0 || K == 0) return out;
+  
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gumbel_softmax_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc inv_tau = static_cast<acc>(1.0 / tau);
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n * R, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<acc> u(K), z(K);
+      for (int64_t b = b0; b < b1; ++b) {  // b = s * R + r
+        const int64_t r = b % R;
+        perturbed_row(lp + r * K, K, seed, offset, static_cast<uint64_t>(b) * K, u.data(), z.data());
+        scalar_t* o = op + b * K;
+        if (hard) {
+          acc m = -INFINITY;
+          int64_t am = 0;
+          for (int64_t k = 0; k < K; ++k)
+            if (z[k] > m) { m = z[k]; am = k; }
+          std::fill_n(o, K, scalar_t(0));
+          o[am] = scalar_t(1);
+        } else {
+          softmax_inplace(z.data(), K, inv_tau);
+          for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(z[k]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, double tau, int64_t seed,
+                                       int64_t offset) {
+  FG_CHECK_2D(logits, "logits");
+  TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous() && grad.size(1) == logits.size(0) &&
+                  grad.size(2) == logits.size(1) && grad.scalar_type() == logits.scalar_type(),
+              "grad must be a contiguous [n, R, K] tensor matching logits");
+  const int64_t n = grad.size(0), R = logits.size(0), K = logits.size(1);
+  auto gl = at::empty_like(logits);
+  if (R == 0 || K == 0) return gl;
+  
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gumbel_softmax_bwd_cpu", [&] {
+    using acc_type = acc_t<scalar_t>;
+    const acc_type inv_tau = static_cast<acc_type>(1.0 / tau);
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* out = gl.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_type> u(K), y(K), acc(K);
+      for (int64_t r = r0; r < r1; ++r) {
+        std::fill(acc.begin(), acc.end(), acc_type(0));
+        for (int64_t s = 0; s < n; ++s) {
+          const int64_t b = s * R + r;
+          perturbed_row(lp + r * K, K, seed, offset, static_cast<uint64_t>(b) * K, u.data(), y.data());
+          softmax_inplace(y.data(), K, inv_tau);
+          const scalar_t* g = gp + b * K;
+          acc_type dot = 0;
+          for (int64_t k = 0; k < K; ++k) dot += static_cast<acc_type>(g[k]) * y[k];
+          for (int64_t k = 0; k < K; ++k) acc[k] += y[k] * (static_cast<acc_type>(g[k]) - dot) * inv_tau;
+        }
+        for (int64_t k = 0; k < K; ++k) out[r * K + k] = static_cast<scalar_t>(acc[k]);
+      }
+    });
+  });
+  return gl;
+}
+
+TORCH_LIBRARY_IMPL(fastgrad_C, CPU, m) {
+  m.impl("gumbel_softmax", &gumbel_softmax_cpu);
+  m.impl("gumbel_softmax_backward", &gumbel_softmax_backward_cpu);
+}
+
+}  // namespace fastgrad

@@ -1,0 +1,102 @@
+// REINFORCE surrogate at vocabulary scale on the CPU: one read of each logits row forward (max, sum-exp),
+// one write of the gradient backward; the log_softmax is never materialized.
+#include <cmath>
+
+#include "common.h"
+
+namespace fastgrad {
+
+std::tuple<at::Tensor, at::Tensor> score_surrogate_cpu(const at::Tensor& logits, const at::Tensor& index,
+                                                       const at::Tensor& weight) {
+  FG_CHECK_2D(logits, "logits");
+  FG_CHECK_2D(index, "index");
+  FG_CHECK_2D(weight, "weight");
+  TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64");
+  const int64_t R = logits.size(0), K = logits.size(1), n = index.size(0);
+  TORCH_CHECK(index.size(1) == R && weight.size(0) == n && weight.size(1) == R, "index/weight must be [n, R]");
+  const bool dbl = logits.scalar_type() == at::kDouble;
+  auto lse = at::empty({R}, logits.options().dtype(dbl ? at::kDouble : at::kFloat));
+  auto out = at::empty_like(weight);
+  if (R == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "score_surrogate_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    acc* lsep = lse.data_ptr<acc>();
+    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "score_surrogate_cpu_w", [&] {
+      using wt = scalar_t;
+      const wt* wp = weight.data_ptr<wt>();
+      wt* op = out.data_ptr<wt>();
+      at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const auto* row = lp + r * K;
+          acc m = -INFINITY;
+          for (int64_t k = 0; k < K; ++k) m = std::max(m, static_cast<acc>(row[k]));
+          acc s = 0;
+_Pragma("omp simd reduction(+ : s)")
+          for (int64_t k = 0; k < K; ++k) s += std::exp(static_cast<acc>(row[k]) - m);
+          const acc l = m + std::log(s);
+          lsep[r] = l;
+          for (int64_t j = 0; j < n; ++j)
+            op[j * R + r] = static_cast<wt>(static_cast<acc>(wp[j * R + r]) * (static_cast<acc>(row[ip[j * R + r]]) - l));
+        }
+      });
+    });
+  });
+  return {out, lse};
+}
+
+at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& index,
+                                        const at::Tensor& weight, const at::Tensor& lse) {
+  FG_CHECK_2D(logits, "logits");
+  FG_CHECK_2D(grad, "grad");
+  const int64_t R = logits.size(0), K = logits.size(1), n = index.size(0);
+  auto gl = at::empty_like(logits);
+  if (R == 0) return gl;
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto a = (grad.to(acc_dtype) * weight.to(acc_dtype)).contiguous();  // [n, R], tiny next to logits
+  auto lse_acc = lse.to(acc_dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "score_surrogate_bwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    const acc* ap = a.data_ptr<acc>();
+    const acc* lsep = lse_acc.data_ptr<acc>();
+    scalar_t* out = gl.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        acc asum = 0;
+        for (int64_t j = 0; j < n; ++j) asum += ap[j * R + r];
+        const auto* row = lp + r * K;
+        auto* o = out + r * K;
+        const acc l = lsep[r];
+        if constexpr (std::is_same_v<scalar_t, float>) {
+_Pragma("omp simd")
+          for (int64_t k = 0; k < K; ++k) o[k] = -asum * std::exp(row[k] - l);
+        } else {
+          for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(-asum * std::exp(static_cast<acc>(row[k]) - l));
+        }
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          for (int64_t j = 0; j < n; ++j) o[ip[j * R + r]] += ap[j * R + r];
+        } else {
+          // accumulate the one-hot part in float before rounding to the output dtype
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t k = ip[j * R + r];
+            acc v = -asum * std::exp(static_cast<acc>(row[k]) - l);
+            for (int64_t t = 0; t < n; ++t)
+              if (ip[t * R + r] == k) v += ap[t * R + r];
+            o[k] = static_cast<scalar_t>(v);
+          }
+        }
+      }
+    });
+  });
+  return gl;
+}
+
+TORCH_LIBRARY_IMPL(fastgrad_C, CPU, m) {
+  m.impl("score_surrogate", &score_surrogate_cpu);
+  m.impl("score_surrogate_backward", &score_surrogate_backward_cpu);
+}
+
+}  // namespace fastgrad

@@ -1,0 +1,234 @@
+"""Every backend of every op against the pure-torch reference, plus gradcheck, opcheck and torch.compile."""
+import math
+
+import pytest
+import torch
+
+import fastgrad
+import fastgrad.functional as F
+from fastgrad.ops import _philox
+from fastgrad.ops import categorical_sample as cs
+from fastgrad.ops import enumerate_log_probs as el
+from fastgrad.ops import gumbel_softmax as gs
+from fastgrad.ops import score_surrogate as ss
+
+from .conftest import available_backends
+
+BACKENDS = available_backends("cpu")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+SHAPES = [
+    (1, 1),  # K=1: the only category
+    (3, 2),  # K=2
+    (37, 11),  # odd sizes
+    (0, 5),  # empty batch
+    (2, 2**17 + 3),  # vocabulary-scale row, not a multiple of any block size
+]
+
+
+def _logits(R, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(R, K, generator=g) * 2).to(dtype)
+
+
+def test_philox_known_answer():
+    # Random123 known-answer test: key 0, counter 0
+    w = _philox.philox4x32(0, torch.tensor([0]))[0].tolist()
+    assert w == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    u = _philox.uniform(1, 0, 10_000)
+    assert (u > 0).all() and (u < 1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,K", SHAPES)
+@pytest.mark.parametrize("n", [1, 5])
+def test_categorical_sample_matches_reference(backend, dtype, R, K, n):
+    l = _logits(R, K, dtype)
+    ref_i, ref_oh = cs.reference(l, n, 1234, 5, True)
+    with fastgrad.backend(backend):
+        i, oh = cs.categorical_sample(l, n, 1234, 5, True)
+    mism = (i != ref_i).sum().item()
+    # only near-ties of the CDF (float rounding) may differ
+    assert mism <= max(1e-5 * i.numel(), 0), mism
+    assert oh.dtype == dtype and oh.shape == (n, R, K)
+    assert torch.equal(oh, torch.nn.functional.one_hot(i, K).to(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,K", SHAPES[:4] + [(2, 4099)])
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_softmax_matches_reference(backend, dtype, R, K, hard):
+    l = _logits(R, K, dtype, 1)
+    ref = gs.reference(l, 3, 0.6, hard, 99, 2)
+    with fastgrad.backend(backend):
+        out = gs.gumbel_softmax(l, 3, 0.6, hard, 99, 2)
+    tol = max(TOL[dtype], 2e-6) * 10  # noise and softmax are computed in float32 for every dtype
+    if hard:
+        assert (out != ref).any(-1).sum().item() <= 1e-5 * max(1, out.shape[0] * R)
+    else:
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    g = torch.randn(3, R, K, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with fastgrad.backend(backend):
+        gl = gs.gumbel_softmax_backward(g, l, 0.6, 99, 2)
+    torch.testing.assert_close(gl, gs.reference_backward(g, l, 0.6, 99, 2), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,K", SHAPES)
+def test_score_surrogate_matches_reference(backend, dtype, R, K):
+    l = _logits(R, K, dtype, 2)
+    g = torch.Generator().manual_seed(4)
+    n = 4
+    idx = torch.randint(0, K, (n, R), generator=g)
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.randn(n, R, generator=g, dtype=wdt)
+    ref_out, ref_lse = ss.reference(l, idx, w)
+    with fastgrad.backend(backend):
+        out, lse = ss.score_surrogate(l, idx, w)
+    tol = max(TOL[dtype], 1e-5) * math.log(K + 1) * 4
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref_lse, atol=tol, rtol=tol)
+    go = torch.randn(n, R, generator=g, dtype=wdt)
+    with fastgrad.backend(backend):
+        gl = ss.score_surrogate_backward(go, l, idx, w, lse)
+    torch.testing.assert_close(gl, ss.reference_backward(go, l, idx, w, ref_lse), atol=TOL[dtype] * 4,
+                               rtol=TOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,k,K", [(1, 1, 1), (5, 2, 10), (0, 2, 3), (3, 3, 4), (7, 1, 2)])
+def test_enumerate_matches_reference(backend, dtype, B, k, K):
+    l = torch.randn(B, k, K, generator=torch.Generator().manual_seed(5)).to(dtype)
+    ref = el.reference(l)
+    with fastgrad.backend(backend):
+        out = el.enumerate_log_probs(l)
+    torch.testing.assert_close(out, ref, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+    g = torch.randn(K**k, B, generator=torch.Generator().manual_seed(6)).to(dtype)
+    with fastgrad.backend(backend):
+        gl = el.enumerate_log_probs_backward(g, l)
+    torch.testing.assert_close(gl, el.reference_backward(g, l), atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    with fastgrad.backend(backend):
+        l = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+        torch.autograd.gradcheck(lambda x: gs.gumbel_softmax(x, 2, 0.8, False, 7, 1), (l,))
+        idx = torch.randint(0, 6, (3, 4))
+        w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        torch.autograd.gradcheck(lambda x, ww: ss.score_surrogate(x, idx, ww)[0], (l, w))
+        l3 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+        torch.autograd.gradcheck(el.enumerate_log_probs, (l3,))
+
+
+def _samples():
+    l = torch.randn(5, 7)
+    yield torch.ops.fastgrad.categorical_sample.default, (l, 3, 11, 0, True)
+    yield torch.ops.fastgrad.gumbel_softmax.default, (l.clone().requires_grad_(), 3, 0.5, False, 11, 0)
+    yield torch.ops.fastgrad.gumbel_softmax.default, (l.clone().requires_grad_(), 3, 0.5, True, 11, 4)
+    yield torch.ops.fastgrad.score_surrogate.default, (l.clone().requires_grad_(), torch.randint(0, 7, (3, 5)),
+                                                       torch.randn(3, 5))
+    yield torch.ops.fastgrad.enumerate_log_probs.default, (torch.randn(4, 2, 3, requires_grad=True),)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    with fastgrad.backend(backend):
+        for op, args in _samples():
+            torch.library.opcheck(op, args)
+
+
+def test_same_seed_same_samples_across_calls_and_backends():
+    l = torch.randn(50, 9)
+    outs = []
+    for b in BACKENDS:
+        with fastgrad.backend(b):
+            outs.append(F.sample_categorical(l, 8, seed=42, offset=3))
+            outs.append(F.sample_categorical(l, 8, seed=42, offset=3))
+    for o in outs[1:]:
+        assert (o != outs[0]).float().mean() <= 1e-5
+    assert not torch.equal(F.sample_categorical(l, 8, seed=43, offset=3), outs[0])
+    assert not torch.equal(F.sample_categorical(l, 8, seed=42, offset=4), outs[0])
+    torch.manual_seed(0)
+    a = F.sample_categorical(l, 8)
+    torch.manual_seed(0)
+    assert torch.equal(F.sample_categorical(l, 8), a)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampler_goodness_of_fit(backend):
+    """10^6 draws: chi-square against the probabilities, zero-probability categories never drawn."""
+    scipy = pytest.importorskip("scipy.stats")
+    logits = torch.tensor([[0.0, 1.0, -float("inf"), -2.0, 0.5, -float("inf"), 2.0, -0.3, 1.2, -1.0, 0.1]])
+    p = torch.softmax(logits, -1)[0].double()
+    with fastgrad.backend(backend):
+        idx = F.sample_categorical(logits.expand(1000, -1), 1000, seed=7)
+    counts = torch.bincount(idx.reshape(-1), minlength=11).double()
+    assert counts[2] == 0 and counts[5] == 0
+    nz = p > 0
+    expected = p[nz] * idx.numel()
+    chi2 = (((counts[nz] - expected) ** 2) / expected).sum().item()
+    pval = scipy.chi2.sf(chi2, int(nz.sum()) - 1)
+    assert pval > 1e-3, (chi2, pval)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gumbel_max_hard_is_exact_sampler(backend):
+    """hard Gumbel-softmax forward = Gumbel-max: distribution equals softmax(logits)."""
+    logits = torch.tensor([0.3, -1.0, 2.0, 0.0])
+    with fastgrad.backend(backend):
+        y = F.gumbel_softmax(logits.expand(2000, -1), tau=0.5, n=100, hard=True, seed=3)
+    freq = y.reshape(-1, 4).mean(0).double()
+    p = torch.softmax(logits, -1).double()
+    se = (p * (1 - p) / 200_000).sqrt()
+    assert ((freq - p).abs() < 4 * se).all()
+
+
+def test_compile_fullgraph():
+    l = torch.randn(6, 5, requires_grad=True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss(l, idx, cost):
+        y = torch.ops.fastgrad.gumbel_softmax(l, 2, 0.5, False, 3, 0)
+        s, _ = torch.ops.fastgrad.score_surrogate(l, idx, cost)
+        e = torch.ops.fastgrad.enumerate_log_probs(l.view(6, 1, 5))
+        return y.sum() + s.sum() + e.exp().sum()
+
+    idx = torch.randint(0, 5, (2, 6))
+    out = loss(l, idx, torch.randn(2, 6))
+    out.backward()
+    assert l.grad is not None and torch.isfinite(l.grad).all()
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="NaN"):
+        F.sample_categorical(torch.tensor([[0.0, float("nan")]]), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        F.gumbel_softmax(torch.tensor([[0.0, float("inf")]]), 1.0)
+    with pytest.raises(ValueError, match="finite entry"):
+        F.sample_categorical(torch.full((2, 3), -float("inf")), 2)
+    with pytest.raises(ValueError, match="tau"):
+        F.gumbel_softmax(torch.zeros(2, 3), 0.0)
+    with pytest.raises(ValueError, match="tau"):
+        F.gumbel_softmax(torch.zeros(2, 3), -1.0)
+    with pytest.raises(TypeError, match="logits must be a floating"):
+        F.sample_categorical(torch.zeros(2, 3, dtype=torch.int64), 2)
+    with pytest.raises(TypeError, match="n must be an int"):
+        F.sample_categorical(torch.zeros(2, 3), 2.5)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        F.gumbel_softmax(torch.zeros(2, 3), 1.0, n=0)
+    with pytest.raises(ValueError, match="samples must have shape"):
+        F.score_function_surrogate(torch.zeros(2, 3), torch.zeros(4, 5, dtype=torch.int64), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match=r"samples must lie in \[0, 3\)"):
+        F.score_function_surrogate(torch.zeros(2, 3), torch.full((4, 2), 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="budget"):
+        F.enumerate_log_probs(torch.zeros(1, 8, 10), budget=1000)
+    with pytest.raises(ValueError, match="baseline"):
+        F.score_function_surrogate(torch.zeros(2, 3), torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 2),
+                                   baseline="avg")
+    with pytest.raises(ValueError, match="backend"):
+        fastgrad.set_backend("fortran")
+    assert fastgrad.get_backend() == "auto"
