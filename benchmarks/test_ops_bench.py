@@ -4,6 +4,8 @@ Smoke sizes by default (CI runs them with --benchmark-disable); FASTGRAD_BENCH_F
 (B=4096, k=32, K=128, n=16) for sampling and Gumbel-softmax, [8192, 128000] rows for the surrogate.
 """
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -18,6 +20,52 @@ SAMPLE_SHAPE = (4096, 32, 128) if FULL else (64, 2, 10)
 N = 16 if FULL else 10
 VOCAB = (8192, 128000) if FULL else (64, 1000)
 BACKENDS = available_backends("cpu")
+if not FULL:
+    BACKENDS = [b for b in BACKENDS if b != "triton"]  # smoke mode: the Triton interpreter is tested in tests/
+
+
+def peak_rss_delta(fn) -> int:
+    """Peak resident-memory growth (bytes) during one call of ``fn``, sampled every 0.5 ms."""
+    try:
+        import psutil
+    except ImportError:
+        return -1
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return peak[0] - base
+
+
+def record(benchmark, fn, bytes_moved):
+    """Time ``fn`` and record the bytes it must move at least and its peak memory growth."""
+    benchmark.extra_info["bytes"] = int(bytes_moved)
+    benchmark.extra_info["shape"] = list(SAMPLE_SHAPE) + [N]
+    if not benchmark.disabled:
+        benchmark.extra_info["peak_rss_delta"] = peak_rss_delta(fn)
+    return benchmark(fn)
+
+
+def test_bandwidth_copy(benchmark):
+    """The roofline: a large copy into an existing buffer, measured in the same run."""
+    benchmark.group = "roofline"
+    n = (1 << 28) if FULL else (1 << 20)
+    src = torch.ones(n)
+    dst = torch.empty(n)
+    record(benchmark, lambda: dst.copy_(src), 2 * 4 * n)
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +76,17 @@ def logits():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sample_onehot_fastgrad(benchmark, logits, backend):
     benchmark.group = "sample_onehot"
+    nbytes = logits.numel() * 4 + N * logits.numel() * 4 + N * logits[..., 0].numel() * 8
     with fastgrad.backend(backend):
-        idx, oh = benchmark(lambda: F.sample_categorical(logits, N, one_hot=True))
+        idx, oh = record(benchmark, lambda: F.sample_categorical(logits, N, one_hot=True), nbytes)
     assert oh.shape == (N,) + SAMPLE_SHAPE
 
 
 def test_sample_onehot_torch_distributions(benchmark, logits):
     benchmark.group = "sample_onehot"
     d = torch.distributions.OneHotCategorical(logits=logits)
-    assert benchmark(lambda: d.sample((N,))).shape == (N,) + SAMPLE_SHAPE
+    nbytes = logits.numel() * 4 * (1 + N)
+    assert record(benchmark, lambda: d.sample((N,)), nbytes).shape == (N,) + SAMPLE_SHAPE
 
 
 def test_sample_onehot_multinomial_scatter(benchmark, logits):
@@ -47,19 +97,22 @@ def test_sample_onehot_multinomial_scatter(benchmark, logits):
         idx = torch.multinomial(p, N, replacement=True).t()
         return torch.zeros(N, p.shape[0], p.shape[1]).scatter_(-1, idx.unsqueeze(-1), 1.0)
 
-    assert benchmark(run).shape[0] == N
+    assert record(benchmark, run, logits.numel() * 4 * (1 + N)).shape[0] == N
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gumbel_softmax_fastgrad(benchmark, logits, backend):
     benchmark.group = "gumbel_softmax"
     with fastgrad.backend(backend):
-        assert benchmark(lambda: F.gumbel_softmax(logits, 0.5, N)).shape == (N,) + SAMPLE_SHAPE
+        out = record(benchmark, lambda: F.gumbel_softmax(logits, 0.5, N), logits.numel() * 4 * (1 + N))
+    assert out.shape == (N,) + SAMPLE_SHAPE
 
 
 def test_gumbel_softmax_torch(benchmark, logits):
     benchmark.group = "gumbel_softmax"
-    assert benchmark(lambda: TF.gumbel_softmax(logits.expand(N, *logits.shape), tau=0.5)).shape[0] == N
+    out = record(benchmark, lambda: TF.gumbel_softmax(logits.expand(N, *logits.shape), tau=0.5),
+                 logits.numel() * 4 * (1 + N))
+    assert out.shape[0] == N
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +134,7 @@ def test_surrogate_fwd_bwd_fastgrad(benchmark, vocab, backend):
         return x.grad
 
     with fastgrad.backend(backend):
-        assert benchmark(run).shape == l.shape
+        assert record(benchmark, run, 3 * l.numel() * 4).shape == l.shape  # read fwd, read + write bwd
 
 
 def test_surrogate_fwd_bwd_torch(benchmark, vocab):
@@ -93,7 +146,23 @@ def test_surrogate_fwd_bwd_torch(benchmark, vocab):
         (cost * torch.log_softmax(x, -1).gather(-1, idx.t()).t()).sum().backward()
         return x.grad
 
-    assert benchmark(run).shape == l.shape
+    assert record(benchmark, run, 3 * l.numel() * 4).shape == l.shape
+
+
+def test_surrogate_fwd_bwd_torch_compile(benchmark, vocab):
+    benchmark.group = "surrogate_fwd_bwd"
+    l, idx, cost = vocab
+
+    @torch.compile
+    def loss(x):
+        return (cost * torch.log_softmax(x, -1).gather(-1, idx.t()).t()).sum()
+
+    def run():
+        x = l.detach().requires_grad_()
+        loss(x).backward()
+        return x.grad
+
+    assert record(benchmark, run, 3 * l.numel() * 4).shape == l.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +175,7 @@ def test_enumerate_fastgrad(benchmark, backend):
         F.expectation(l, cost).sum().backward()
 
     with fastgrad.backend(backend):
-        benchmark(run)
+        record(benchmark, run, 2 * cost.numel() * 4)
 
 
 def test_enumerate_torch_expanded(benchmark):
@@ -121,4 +190,4 @@ def test_enumerate_torch_expanded(benchmark):
         logq = (oh[:, None] * lp[None]).sum((-1, -2))  # materializes [100, B, 2, 10]
         (logq.exp() * cost).sum().backward()
 
-    benchmark(run)
+    record(benchmark, run, 2 * cost.numel() * 4)

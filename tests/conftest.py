@@ -1,7 +1,14 @@
-import pytest
+import os
+
 import torch
 
-import fastgrad
+# Triton kernels run on CPU tensors through the interpreter (set before fastgrad.kernels is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastgrad  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +28,6 @@ def available_backends(device="cpu"):
         out.append("cpp")
     if device == "cuda" and fastgrad.ops._backend.has_cuda_kernels():
         out.append("cuda")
-    import os
-
     if fastgrad.ops._backend.has_triton() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         out.append("triton")
     return out

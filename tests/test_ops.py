@@ -15,6 +15,9 @@ from fastgrad.ops import score_surrogate as ss
 from .conftest import available_backends
 
 BACKENDS = available_backends("cpu")
+# Statistical tests need millions of draws: too many programs for the Triton interpreter. There, the Triton
+# kernels are held to the reference sample for sample (tests above), which carries these properties over.
+STAT_BACKENDS = [b for b in BACKENDS if not (b == "triton" and not torch.cuda.is_available())]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 SHAPES = [
     (1, 1),  # K=1: the only category
@@ -23,6 +26,21 @@ SHAPES = [
     (0, 5),  # empty batch
     (2, 2**17 + 3),  # vocabulary-scale row, not a multiple of any block size
 ]
+
+
+# The Triton interpreter (CPU) runs one program at a time in numpy: there, the vocabulary-scale row is replaced
+# by a smaller one that still spans several blocks. On a GPU every backend gets every shape.
+INTERPRETED = not torch.cuda.is_available()
+
+
+def _cases(shapes, big=(2, 2**17 + 3), small=(2, 4099)):
+    out = []
+    for b in BACKENDS:
+        for s in shapes:
+            s = small if (b == "triton" and INTERPRETED and s == big) else s
+            if (b,) + s not in out:
+                out.append((b,) + s)
+    return out
 
 
 def _logits(R, K, dtype, seed=0):
@@ -38,9 +56,8 @@ def test_philox_known_answer():
     assert (u > 0).all() and (u < 1).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,R,K", _cases(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("R,K", SHAPES)
 @pytest.mark.parametrize("n", [1, 5])
 def test_categorical_sample_matches_reference(backend, dtype, R, K, n):
     l = _logits(R, K, dtype)
@@ -54,9 +71,8 @@ def test_categorical_sample_matches_reference(backend, dtype, R, K, n):
     assert torch.equal(oh, torch.nn.functional.one_hot(i, K).to(dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,R,K", _cases(SHAPES[:4] + [(2, 4099)]))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("R,K", SHAPES[:4] + [(2, 4099)])
 @pytest.mark.parametrize("hard", [False, True])
 def test_gumbel_softmax_matches_reference(backend, dtype, R, K, hard):
     l = _logits(R, K, dtype, 1)
@@ -74,9 +90,8 @@ def test_gumbel_softmax_matches_reference(backend, dtype, R, K, hard):
     torch.testing.assert_close(gl, gs.reference_backward(g, l, 0.6, 99, 2), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,R,K", _cases(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("R,K", SHAPES)
 def test_score_surrogate_matches_reference(backend, dtype, R, K):
     l = _logits(R, K, dtype, 2)
     g = torch.Generator().manual_seed(4)
@@ -114,14 +129,15 @@ def test_enumerate_matches_reference(backend, dtype, B, k, K):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
+    fast = backend == "triton" and INTERPRETED  # random-projection gradcheck: fewer interpreted launches
     with fastgrad.backend(backend):
         l = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-        torch.autograd.gradcheck(lambda x: gs.gumbel_softmax(x, 2, 0.8, False, 7, 1), (l,))
+        torch.autograd.gradcheck(lambda x: gs.gumbel_softmax(x, 2, 0.8, False, 7, 1), (l,), fast_mode=fast)
         idx = torch.randint(0, 6, (3, 4))
         w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-        torch.autograd.gradcheck(lambda x, ww: ss.score_surrogate(x, idx, ww)[0], (l, w))
+        torch.autograd.gradcheck(lambda x, ww: ss.score_surrogate(x, idx, ww)[0], (l, w), fast_mode=fast)
         l3 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
-        torch.autograd.gradcheck(el.enumerate_log_probs, (l3,))
+        torch.autograd.gradcheck(el.enumerate_log_probs, (l3,), fast_mode=fast)
 
 
 def _samples():
@@ -158,7 +174,7 @@ def test_same_seed_same_samples_across_calls_and_backends():
     assert torch.equal(F.sample_categorical(l, 8), a)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STAT_BACKENDS)
 def test_sampler_goodness_of_fit(backend):
     """10^6 draws: chi-square against the probabilities, zero-probability categories never drawn."""
     scipy = pytest.importorskip("scipy.stats")
@@ -175,15 +191,16 @@ def test_sampler_goodness_of_fit(backend):
     assert pval > 1e-3, (chi2, pval)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STAT_BACKENDS)
 def test_gumbel_max_hard_is_exact_sampler(backend):
     """hard Gumbel-softmax forward = Gumbel-max: distribution equals softmax(logits)."""
     logits = torch.tensor([0.3, -1.0, 2.0, 0.0])
+    rows, n = 2000, 100
     with fastgrad.backend(backend):
-        y = F.gumbel_softmax(logits.expand(2000, -1), tau=0.5, n=100, hard=True, seed=3)
+        y = F.gumbel_softmax(logits.expand(rows, -1), tau=0.5, n=n, hard=True, seed=3)
     freq = y.reshape(-1, 4).mean(0).double()
     p = torch.softmax(logits, -1).double()
-    se = (p * (1 - p) / 200_000).sqrt()
+    se = (p * (1 - p) / (rows * n)).sqrt()
     assert ((freq - p).abs() < 4 * se).all()
 
 

@@ -4,6 +4,7 @@
 
 #include "common.h"
 #include "philox.h"
+#include "vec_math.h"
 
 namespace fastgrad {
 
@@ -11,11 +12,19 @@ namespace {
 // z[k] = l[k] - log(-log(u_k)) for the row starting at stream element e0
 template <typename scalar_t, typename acc>
 inline void perturbed_row(const scalar_t* l, int64_t K, uint64_t seed, uint64_t offset, uint64_t e0, acc* u,
-                          acc* z) {
-  PhiloxStream st(seed, offset, e0);
-  for (int64_t k = 0; k < K; ++k) u[k] = static_cast<acc>(st.next());
-_Pragma("omp simd")
-  for (int64_t k = 0; k < K; ++k) z[k] = static_cast<acc>(l[k]) - std::log(-std::log(u[k]));
+                          acc* z, uint32_t* scratch) {
+  if constexpr (std::is_same_v<acc, float>) {
+    // float path: Philox 8 counters at a time, vector log twice
+    fill_uniform(seed, offset, e0, K, u, scratch);
+    log_inplace(u, K);
+    for (int64_t k = 0; k < K; ++k) u[k] = -u[k];
+    log_inplace(u, K);
+    for (int64_t k = 0; k < K; ++k) z[k] = static_cast<float>(l[k]) - u[k];
+  } else {
+    PhiloxStream st(seed, offset, e0);
+    for (int64_t k = 0; k < K; ++k) u[k] = static_cast<acc>(st.next());
+    for (int64_t k = 0; k < K; ++k) z[k] = static_cast<acc>(l[k]) - std::log(-std::log(u[k]));
+  }
 }
 
 // y = softmax(z / tau) in place; returns argmax of z
@@ -25,9 +34,14 @@ inline int64_t softmax_inplace(acc* z, int64_t K, acc inv_tau) {
   int64_t am = 0;
   for (int64_t k = 0; k < K; ++k)
     if (z[k] > m) { m = z[k]; am = k; }
+  for (int64_t k = 0; k < K; ++k) z[k] = (z[k] - m) * inv_tau;
+  if constexpr (std::is_same_v<acc, float>) {
+    exp_inplace(z, K);
+  } else {
+    for (int64_t k = 0; k < K; ++k) z[k] = std::exp(z[k]);
+  }
   acc s = 0;
-_Pragma("omp simd reduction(+ : s)")
-  for (int64_t k = 0; k < K; ++k) { z[k] = std::exp((z[k] - m) * inv_tau); s += z[k]; }
+  for (int64_t k = 0; k < K; ++k) s += z[k];
   const acc is = acc(1) / s;
 _Pragma("omp simd")
   for (int64_t k = 0; k < K; ++k) z[k] *= is;
@@ -50,9 +64,10 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, n * R, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc> u(K), z(K);
+      std::vector<uint32_t> scratch(uniform_scratch(K));
       for (int64_t b = b0; b < b1; ++b) {  // b = s * R + r
         const int64_t r = b % R;
-        perturbed_row(lp + r * K, K, seed, offset, static_cast<uint64_t>(b) * K, u.data(), z.data());
+        perturbed_row(lp + r * K, K, seed, offset, static_cast<uint64_t>(b) * K, u.data(), z.data(), scratch.data());
         scalar_t* o = op + b * K;
         if (hard) {
           acc m = -INFINITY;
@@ -89,11 +104,12 @@ at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor&
     scalar_t* out = gl.data_ptr<scalar_t>();
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_type> u(K), y(K), acc(K);
+      std::vector<uint32_t> scratch(uniform_scratch(K));
       for (int64_t r = r0; r < r1; ++r) {
         std::fill(acc.begin(), acc.end(), acc_type(0));
         for (int64_t s = 0; s < n; ++s) {
           const int64_t b = s * R + r;
-          perturbed_row(lp + r * K, K, seed, offset, static_cast<uint64_t>(b) * K, u.data(), y.data());
+          perturbed_row(lp + r * K, K, seed, offset, static_cast<uint64_t>(b) * K, u.data(), y.data(), scratch.data());
           softmax_inplace(y.data(), K, inv_tau);
           const scalar_t* g = gp + b * K;
           acc_type dot = 0;

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "vec_math.h"
 
 namespace fastgrad {
 
@@ -33,8 +34,17 @@ std::tuple<at::Tensor, at::Tensor> score_surrogate_cpu(const at::Tensor& logits,
           acc m = -INFINITY;
           for (int64_t k = 0; k < K; ++k) m = std::max(m, static_cast<acc>(row[k]));
           acc s = 0;
-_Pragma("omp simd reduction(+ : s)")
-          for (int64_t k = 0; k < K; ++k) s += std::exp(static_cast<acc>(row[k]) - m);
+          if constexpr (std::is_same_v<acc, float>) {
+            float buf[1024];  // exp in vector chunks
+            for (int64_t k0 = 0; k0 < K; k0 += 1024) {
+              const int64_t len = std::min<int64_t>(1024, K - k0);
+              for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<float>(row[k0 + k]) - m;
+              exp_inplace(buf, len);
+              for (int64_t k = 0; k < len; ++k) s += buf[k];
+            }
+          } else {
+            for (int64_t k = 0; k < K; ++k) s += std::exp(static_cast<acc>(row[k]) - m);
+          }
           const acc l = m + std::log(s);
           lsep[r] = l;
           for (int64_t j = 0; j < n; ++j)
@@ -71,8 +81,11 @@ at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor
         auto* o = out + r * K;
         const acc l = lsep[r];
         if constexpr (std::is_same_v<scalar_t, float>) {
-_Pragma("omp simd")
-          for (int64_t k = 0; k < K; ++k) o[k] = -asum * std::exp(row[k] - l);
+          float* of = reinterpret_cast<float*>(o);  // scalar_t is float here (the lambda is no template)
+          const float* rf = reinterpret_cast<const float*>(row);
+          for (int64_t k = 0; k < K; ++k) of[k] = rf[k] - static_cast<float>(l);
+          exp_inplace(of, K);
+          for (int64_t k = 0; k < K; ++k) of[k] *= -static_cast<float>(asum);
         } else {
           for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(-asum * std::exp(static_cast<acc>(row[k]) - l));
         }

@@ -1,0 +1,138 @@
+"""Render committed benchmark results into ``benchmarks/results/README.md`` and PNG plots.
+
+    python benchmarks/render.py
+
+Reads ``results/ops_*.json`` (pytest-benchmark JSON of ``test_ops_bench.py``), ``results/vae_step_*.json``
+(``vae_step.py``) and ``results/quality_*.json`` (``quality.py``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RES = Path(__file__).resolve().parent / "results"
+
+
+def _ops_table(path: Path) -> list:
+    data = json.loads(path.read_text())
+    benches = data["benchmarks"]
+    bw = None
+    for b in benches:
+        if b["group"] == "roofline":
+            bw = b["extra_info"]["bytes"] / b["stats"]["median"]
+    lines = [f"### {path.name}", "", f"Machine: {data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '?')}, "
+             f"{data.get('machine_info', {}).get('cpu', {}).get('count', '?')} cores; copy bandwidth "
+             f"{bw / 1e9:.2f} GB/s" if bw else "", "",
+             "| group | implementation | median | ratio to fastest torch | GB/s | of roofline | peak RSS delta |",
+             "|---|---|---|---|---|---|---|"]
+    groups = {}
+    for b in benches:
+        groups.setdefault(b["group"], []).append(b)
+    for g, items in groups.items():
+        torch_times = [b["stats"]["median"] for b in items if "fastgrad" not in b["name"]]
+        ref = min(torch_times) if torch_times else None
+        for b in sorted(items, key=lambda b: b["stats"]["median"]):
+            med = b["stats"]["median"]
+            nbytes = b["extra_info"].get("bytes", 0)
+            gbs = nbytes / med / 1e9 if nbytes else float("nan")
+            frac = f"{nbytes / med / bw:.0%}" if (bw and nbytes) else ""
+            rss = b["extra_info"].get("peak_rss_delta")
+            rss_s = f"{rss / 2**20:.0f} MiB" if isinstance(rss, int) and rss >= 0 else ""
+            ratio = f"{ref / med:.2f}x" if ref else ""
+            lines.append(f"| {g} | {b['name'].replace('test_', '')} | {med * 1e3:.3f} ms | {ratio} | {gbs:.2f} | "
+                         f"{frac} | {rss_s} |")
+    return lines + [""]
+
+
+def _vae_table(path: Path) -> list:
+    data = json.loads(path.read_text())
+    impls = sorted({i for row in data["table"].values() for i in row}, key=lambda i: (
+        ["plain", "graph", "functional", "storchastic", "pyro"] + [i]).index(i))
+    m = data["machine"]
+    lines = [f"### {path.name}", "",
+             f"Machine: {m.get('cpu', m.get('processor'))}, {m['cores']} cores, torch {m['torch']}, "
+             f"{data['rounds']} rounds x {data['steps']} steps, each implementation in its own process. "
+             "Cells: median step time, and the median (min-max) over rounds of the ratio to plain torch.", "",
+             "| method | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
+    for method, row in data["table"].items():
+        cells = []
+        for i in impls:
+            c = row.get(i)
+            cells.append(f"{c['median_ms']:.1f} ms, x{c['ratio_to_plain']:.2f} ({c['ratio_min']:.2f}-{c['ratio_max']:.2f})"
+                         if c else "")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if data.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in data["skipped"].items())]
+    return lines + [""]
+
+
+def _quality_table(path: Path) -> list:
+    data = json.loads(path.read_text())
+    lines = [f"### {path.name}", "", data.get("note", ""), "",
+             "| implementation | method | seeds | test -ELBO (mean +- sd) | last-100-step train -ELBO |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['impl']} | {r['method']} | {r['seeds']} | {r['test_mean']:.2f} +- {r['test_sd']:.2f} | "
+                     f"{r['train_mean']:.2f} |")
+    return lines + [""]
+
+
+def _plots() -> list:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    for path in sorted(RES.glob("vae_step_*.json")):
+        data = json.loads(path.read_text())
+        methods = list(data["table"])
+        impls = [i for i in ["graph", "functional", "storchastic", "pyro"] if any(i in r for r in data["table"].values())]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        w = 0.8 / max(1, len(impls))
+        for j, i in enumerate(impls):
+            ax.bar([k + j * w for k in range(len(methods))],
+                   [data["table"][m].get(i, {}).get("ratio_to_plain", 0) for m in methods], w, label=i)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([k + 0.4 - w / 2 for k in range(len(methods))], methods, rotation=15)
+        ax.set_ylabel("step time / plain torch")
+        ax.legend()
+        fig.tight_layout()
+        out = path.with_suffix(".png")
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        made.append(out.name)
+    for path in sorted(RES.glob("quality_*.json")):
+        data = json.loads(path.read_text())
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for c in data.get("curves", []):
+            ax.plot(c["steps"], c["elbo"], lw=0.8, label=f"{c['impl']} {c['method']} seed {c['seed']}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training -ELBO (smoothed)")
+        ax.set_ylim(top=300)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        out = path.with_suffix(".png")
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        made.append(out.name)
+    return made
+
+
+def main() -> None:
+    lines = ["# Benchmark results", "", "Generated by `benchmarks/render.py` from the JSON files in this folder.", ""]
+    for p in sorted(RES.glob("vae_step_*.json")):
+        lines += _vae_table(p)
+    for p in sorted(RES.glob("quality_*.json")):
+        lines += _quality_table(p)
+    for p in sorted(RES.glob("ops_*.json")):
+        lines += _ops_table(p)
+    for name in _plots():
+        lines += [f"![{name}]({name})", ""]
+    (RES / "README.md").write_text("\n".join(lines))
+    print((RES / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

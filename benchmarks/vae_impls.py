@@ -1,0 +1,201 @@
+"""One training step of the seed VAE (batch 64, Adam 1e-3) per implementation and method.
+
+Every implementation gets the same model initialization and data; each returns ``step() -> float`` (the
+estimated -ELBO). Implementations: ``plain`` (hand-written torch), ``graph`` (fastgrad's Storchastic API,
+the tutorial's code), ``functional`` (fastgrad.functional), ``storchastic`` and ``pyro`` (optional extras,
+run in their own processes by ``vae_step.py`` because Storchastic patches torch globally).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as TF
+
+METHODS = ("sf1", "sf10_batch_average", "gumbel", "straight_through", "expect")
+
+
+def make_model(seed: int = 0):
+    from fastgrad.examples.discrete_vae import DiscreteVAE
+
+    torch.manual_seed(seed)
+    return DiscreteVAE()
+
+
+def _kl(probs: torch.Tensor) -> torch.Tensor:
+    """KL(q || uniform) summed over the 2 latents: [B]."""
+    return (probs * (torch.log(probs.clamp_min(1e-30)) + math.log(10.0))).sum((-1, -2))
+
+
+def plain(method: str, model, data: torch.Tensor) -> Callable[[], float]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).float()  # [100, 2, 10]
+
+    def step(batch: torch.Tensor = data) -> float:
+        x = batch.view(-1, 784)
+        B = x.shape[0]
+        opt.zero_grad()
+        logits = model.encode(x).view(B, 2, 10)
+        logp = torch.log_softmax(logits, -1)
+        probs = logp.exp()
+        kl = _kl(probs)
+        if method in ("sf1", "sf10_batch_average"):
+            n = 1 if method == "sf1" else 10
+            idx = torch.multinomial(probs.detach().view(-1, 10), n, replacement=True).t().reshape(n, B, 2)
+            z = TF.one_hot(idx, 10).float()
+            bce = TF.binary_cross_entropy(model.decode(z.view(n, B, 20)), x.expand(n, B, 784),
+                                          reduction="none").sum(-1)
+            lp = logp.unsqueeze(0).expand(n, B, 2, 10).gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1)
+            c = bce.detach()
+            if n > 1:
+                c = c - (c.sum(0, keepdim=True) - c) / (n - 1)
+            loss = kl.mean() + bce.mean() + (lp * c).mean()
+            value = kl.mean() + bce.mean()
+        elif method in ("gumbel", "straight_through"):
+            z = TF.gumbel_softmax(logp.unsqueeze(0), tau=1.0, hard=method == "straight_through")
+            bce = TF.binary_cross_entropy(model.decode(z.view(1, B, 20)), x.expand(1, B, 784),
+                                          reduction="none").sum(-1)
+            loss = value = kl.mean() + bce.mean()
+        elif method == "expect":
+            rec = model.decode(configs.view(100, 1, 20))  # each configuration decoded once
+            bce = TF.binary_cross_entropy(rec.expand(100, B, 784), x.expand(100, B, 784), reduction="none").sum(-1)
+            logq = logp[:, 0, :].t()[:, None, :] + logp[:, 1, :].t()[None, :, :]  # [10, 10, B]
+            loss = value = kl.mean() + (logq.reshape(100, B).exp() * bce).sum(0).mean()
+        else:
+            raise ValueError(method)
+        loss.backward()
+        opt.step()
+        return float(value.detach())
+
+    return step
+
+
+def _storch_method(storch, method: str):
+    if method == "sf1":
+        return storch.method.ScoreFunction("z", n_samples=1, baseline_factory="None")
+    if method == "sf10_batch_average":
+        return storch.method.ScoreFunction("z", n_samples=10, baseline_factory="batch_average")
+    if method == "gumbel":
+        return storch.method.GumbelSoftmax("z", n_samples=1)
+    if method == "straight_through":
+        return storch.method.GumbelSoftmax("z", n_samples=1, straight_through=True)
+    return storch.method.Expect("z")
+
+
+def storch_like(storch, method: str, model, data: torch.Tensor) -> Callable[[], float]:
+    """The tutorial's training step for any Storchastic-compatible module (fastgrad or storchastic)."""
+    from torch.distributions import OneHotCategorical
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    m = _storch_method(storch, method)
+
+    def step(batch: torch.Tensor = data) -> float:
+        opt.zero_grad()
+        x = storch.denote_independent(batch.view(-1, 784), 0, "data")
+        q_logits = model.encode(x).reshape(-1, 2, 10)
+        q = OneHotCategorical(probs=q_logits.softmax(dim=-1))
+        z = m(q)
+        prior = OneHotCategorical(probs=torch.ones_like(q.probs) / 10.0)
+        storch.add_cost(torch.distributions.kl_divergence(q, prior).sum(-1), "kl-div")
+        rec = model.decode(z.reshape(z.shape[:-2] + (2 * 10,)))
+        storch.add_cost(torch.nn.BCELoss(reduction="none")(rec, x).sum(-1), "reconstruction")
+        elbo = storch.backward()
+        opt.step()
+        return float(elbo)
+
+    return step
+
+
+def graph(method: str, model, data: torch.Tensor) -> Callable[[], float]:
+    import fastgrad
+
+    return storch_like(fastgrad, method, model, data)
+
+
+def functional(method: str, model, data: torch.Tensor) -> Callable[[], float]:
+    import fastgrad.functional as F
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    configs = TF.one_hot(F.enumerate_configurations(2, 10), 10).float()
+
+    def step(batch: torch.Tensor = data) -> float:
+        x = batch.view(-1, 784)
+        B = x.shape[0]
+        opt.zero_grad()
+        logits = model.encode(x).view(B, 2, 10)
+        probs = logits.softmax(-1)
+        kl = _kl(probs)
+        if method in ("sf1", "sf10_batch_average"):
+            n = 1 if method == "sf1" else 10
+            idx, z = F.sample_categorical(logits.detach(), n, one_hot=True)
+            bce = TF.binary_cross_entropy(model.decode(z.view(n, B, 20)), x.expand(n, B, 784),
+                                          reduction="none").sum(-1)
+            sur = F.score_function_surrogate(logits, idx, bce.unsqueeze(-1),
+                                             baseline="batch_average" if n > 1 else None)
+            loss = kl.mean() + bce.mean() + sur.sum(-1).mean()
+            value = kl.mean() + bce.mean()
+        elif method in ("gumbel", "straight_through"):
+            z = F.gumbel_softmax(logits, 1.0, 1, hard=method == "straight_through")
+            bce = TF.binary_cross_entropy(model.decode(z.view(1, B, 20)), x.expand(1, B, 784),
+                                          reduction="none").sum(-1)
+            loss = value = kl.mean() + bce.mean()
+        else:
+            rec = model.decode(configs.view(100, 1, 20))
+            bce = TF.binary_cross_entropy(rec.expand(100, B, 784), x.expand(100, B, 784), reduction="none").sum(-1)
+            loss = value = kl.mean() + F.expectation(logits, bce).mean()
+        loss.backward()
+        opt.step()
+        return float(value.detach())
+
+    return step
+
+
+def storchastic(method: str, model, data: torch.Tensor) -> Callable[[], float]:
+    import storch  # storchastic 0.3.7 (optional extra)
+
+    return storch_like(storch, method, model, data)
+
+
+def pyro(method: str, model, data: torch.Tensor) -> Callable[[], float]:
+    """Pyro 1.9 (optional extra): TraceGraph_ELBO for the score function, TraceEnum_ELBO for Expect,
+    RelaxedOneHotCategorical(StraightThrough) reparameterized guides for Gumbel-softmax."""
+    import pyro as p
+    import pyro.distributions as dist
+    from pyro.infer import SVI, TraceEnum_ELBO, TraceGraph_ELBO, Trace_ELBO, config_enumerate
+
+    p.clear_param_store()
+    n = 10 if method == "sf10_batch_average" else 1
+
+    def pmodel(x):
+        B = x.shape[0]
+        p.module("decoder", model)
+        with p.plate("data", B):
+            z = p.sample("z", dist.OneHotCategorical(probs=torch.full((B, 2, 10), 0.1)).to_event(1))
+            rec = model.decode(z.reshape(z.shape[:-2] + (20,)))
+            p.sample("x", dist.Bernoulli(rec).to_event(1), obs=x)
+
+    def guide(x):
+        B = x.shape[0]
+        p.module("encoder", model)
+        with p.plate("data", B):
+            probs = model.encode(x).view(B, 2, 10).softmax(-1)
+            if method in ("gumbel", "straight_through"):
+                d = (dist.RelaxedOneHotCategoricalStraightThrough if method == "straight_through"
+                     else dist.RelaxedOneHotCategorical)(torch.tensor(1.0), probs=probs)
+            else:
+                d = dist.OneHotCategorical(probs=probs)
+            p.sample("z", d.to_event(1))
+
+    if method == "expect":
+        elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        g = config_enumerate(guide, "parallel")
+    elif method in ("gumbel", "straight_through"):
+        elbo, g = Trace_ELBO(), guide
+    else:
+        elbo, g = TraceGraph_ELBO(num_particles=n, vectorize_particles=True), guide
+    svi = SVI(pmodel, g, p.optim.Adam({"lr": 1e-3}), loss=elbo)
+    return lambda batch=data: svi.step(batch.view(-1, 784)) / batch.shape[0]
+
+
+IMPLS = {"plain": plain, "graph": graph, "functional": functional, "storchastic": storchastic, "pyro": pyro}

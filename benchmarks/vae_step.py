@@ -1,0 +1,134 @@
+"""Seed VAE step time per method and implementation, each implementation in its own process, in rounds.
+
+    python benchmarks/vae_step.py [--rounds 3] [--steps 60] [--impls plain,graph,functional,storchastic,pyro]
+
+Each (round, method, implementation) runs in a fresh process: same seed, model initialization and batch, a few
+warm-up steps, then the median of ``--steps`` step times. The report gives, per method and implementation, the
+median over rounds of the per-round ratio to plain torch, with min and max. Writes
+``benchmarks/results/vae_step_<machine>.json``. Implementations whose package is missing are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from benchmarks import vae_impls
+    from fastgrad.examples.mnist import load_mnist
+
+    images, _ = load_mnist("train")
+    data = images[:64].clone()
+    model = vae_impls.make_model(0)
+    step = vae_impls.IMPLS[impl](method, model, data)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"impl": impl, "method": method, "median_s": statistics.median(times), "times_s": times}
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    info = {"machine": platform.node(), "processor": platform.processor(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impls", default="plain,graph,functional,storchastic,pyro")
+    ap.add_argument("--methods", default="sf1,sf10_batch_average,gumbel,straight_through,expect")
+    ap.add_argument("--out", default=str(HERE / "results" / "vae_step_cpu.json"))
+    ap.add_argument("--worker", nargs=2, metavar=("IMPL", "METHOD"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.threads)))
+        return
+    impls = args.impls.split(",")
+    methods = args.methods.split(",")
+    runs = []
+    skipped = {}
+    for r in range(args.rounds):
+        for method in methods:
+            for impl in impls:
+                if impl in skipped:
+                    continue
+                cmd = [sys.executable, __file__, "--worker", impl, method, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode != 0:
+                    last = (p.stderr.strip().splitlines() or ["?"])[-1]
+                    if "ModuleNotFoundError" in p.stderr or "ImportError" in p.stderr:
+                        skipped[impl] = last
+                        print(f"skip {impl}: {last}", file=sys.stderr)
+                        continue
+                    print(f"{impl}/{method} failed: {last}", file=sys.stderr)
+                    continue
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+                res["round"] = r
+                runs.append(res)
+                print(f"round {r} {method:20s} {impl:12s} {res['median_s'] * 1e3:8.2f} ms", file=sys.stderr)
+    table = {}
+    for method in methods:
+        for impl in impls:
+            ratios, meds = [], []
+            for r in range(args.rounds):
+                a = [x for x in runs if x["round"] == r and x["method"] == method and x["impl"] == impl]
+                b = [x for x in runs if x["round"] == r and x["method"] == method and x["impl"] == "plain"]
+                if a and b:
+                    ratios.append(a[0]["median_s"] / b[0]["median_s"])
+                    meds.append(a[0]["median_s"])
+            if ratios:
+                table.setdefault(method, {})[impl] = {
+                    "ratio_to_plain": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                    "median_ms": statistics.median(meds) * 1e3}
+    out = {"machine": machine(), "rounds": args.rounds, "steps": args.steps, "table": table, "skipped": skipped,
+           "runs": [{k: v for k, v in x.items() if k != "times_s"} for x in runs]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"{'method':20s} " + " ".join(f"{i:>22s}" for i in impls))
+    for method, row in table.items():
+        cells = []
+        for i in impls:
+            c = row.get(i)
+            cells.append(f"{c['median_ms']:7.2f}ms x{c['ratio_to_plain']:.2f}".rjust(22) if c else " " * 22)
+        print(f"{method:20s} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

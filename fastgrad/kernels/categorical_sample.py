@@ -1,0 +1,65 @@
+"""Triton kernel of ``fastgrad::categorical_sample`` (inverse CDF; see fastgrad/ops/categorical_sample.py).
+
+One program per row: pass 1 computes the row max and the float64 total of ``exp(l - max)``; pass 2 counts, for
+all n targets at once, the categories whose running CDF is still ``<= u * total``: that count is the first
+category whose CDF exceeds the target.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._philox import philox_uniform
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, idx_ptr, oh_ptr, R, K, n, seed, offset, ONE_HOT: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = logits_ptr + r * K
+    ks = tl.arange(0, BLOCK_K)
+    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(tl.float32)
+        m = tl.maximum(m, x)
+    mx = tl.max(m, 0)
+    total = tl.zeros([BLOCK_K], tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(tl.float32)
+        total += tl.exp(x - mx).to(tl.float64)
+    tot = tl.sum(total, 0)
+    ss = tl.arange(0, BLOCK_N)
+    smask = ss < n
+    u = philox_uniform(seed, offset, ss.to(tl.int64) * R + r)
+    target = u.to(tl.float64) * tot
+    count = tl.zeros([BLOCK_N], tl.int64)
+    run = tl.zeros([1], tl.float64)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - mx).to(tl.float64)
+        cdf = tl.cumsum(p, 0) + run
+        valid = (k0 + ks) < K
+        le = (cdf[None, :] <= target[:, None]) & valid[None, :]
+        count += tl.sum(le.to(tl.int64), 1)
+        run += tl.sum(p, 0)
+    idx = tl.minimum(count, K - 1)
+    tl.store(idx_ptr + ss.to(tl.int64) * R + r, idx, mask=smask)
+    if ONE_HOT:
+        for s in range(0, n):
+            i_s = tl.sum(tl.where(ss == s, idx, 0), 0)
+            out = oh_ptr + (s * R + r) * K
+            for k0 in range(0, K, BLOCK_K):
+                val = (k0 + ks == i_s).to(tl.float32).to(oh_ptr.dtype.element_ty)
+                tl.store(out + k0 + ks, val, mask=k0 + ks < K)
+
+
+def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int, one_hot: bool):
+    R, K = logits.shape
+    idx = torch.empty((n, R), dtype=torch.int64, device=logits.device)
+    oh = torch.empty((n, R, K) if one_hot else (0,), dtype=logits.dtype, device=logits.device)
+    if R == 0:
+        return idx, oh
+    BLOCK_K = min(triton.next_power_of_2(K), 1024)
+    BLOCK_N = triton.next_power_of_2(n)
+    _sample_kernel[(R,)](logits, idx, oh, R, K, n, seed, offset, ONE_HOT=one_hot, BLOCK_K=BLOCK_K,
+                         BLOCK_N=BLOCK_N)
+    return idx, oh
