@@ -171,9 +171,16 @@ def pyro(method: str, model, data: torch.Tensor) -> Callable[[], float]:
         B = x.shape[0]
         p.module("decoder", model)
         with p.plate("data", B):
-            z = p.sample("z", dist.OneHotCategorical(probs=torch.full((B, 2, 10), 0.1)).to_event(1))
+            prior = torch.full((B, 2, 10), 0.1)
+            if method in ("gumbel", "straight_through"):
+                d = (dist.RelaxedOneHotCategoricalStraightThrough if method == "straight_through"
+                     else dist.RelaxedOneHotCategorical)(torch.tensor(1.0), probs=prior)
+            else:
+                d = dist.OneHotCategorical(probs=prior)
+            z = p.sample("z", d.to_event(1))
             rec = model.decode(z.reshape(z.shape[:-2] + (20,)))
-            p.sample("x", dist.Bernoulli(rec).to_event(1), obs=x)
+            # the seed's reconstruction cost (BCE against grey-level MNIST) as the log-likelihood
+            p.factor("x", -TF.binary_cross_entropy(rec, x.expand_as(rec), reduction="none").sum(-1))
 
     def guide(x):
         B = x.shape[0]

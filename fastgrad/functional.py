@@ -47,11 +47,11 @@ Baseline = Union[None, str, torch.Tensor]
 
 
 # -- validation (once, at the boundary) ---------------------------------------------------------------------
-def _check_n(n: object) -> int:
+def _check_n(n: object, name: str = "n") -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ValueError(f"{name} must be >= 1, got {n}")
     return int(n)
 
 

@@ -1,13 +1,13 @@
 """Base class of gradient estimation methods, and the raw view of a distribution's parameters."""
 from __future__ import annotations
 
-import numbers
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import distributions as D
 
 from .. import _state
+from ..functional import _check_n as check_count
 from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
 
 _CATEGORICALS = (D.OneHotCategorical, D.Categorical, D.RelaxedOneHotCategorical)
@@ -19,11 +19,7 @@ def _fail(exc: Exception) -> Exception:
 
 
 def check_n_samples(n_samples: object) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral):
-        raise TypeError(f"n_samples must be an int, got {type(n_samples).__name__}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    return int(n_samples)
+    return check_count(n_samples, "n_samples")
 
 
 def check_plate_name(plate_name: object) -> str:

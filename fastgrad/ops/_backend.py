@@ -12,8 +12,9 @@ extension is built, else the reference. ``fastgrad.set_backend(name)`` or ``FAST
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -114,3 +115,14 @@ def choose(device: torch.device) -> str:
     if name == "cuda" and device.type != "cuda":
         return "cpp" if has_cpp() else "reference"
     return name
+
+
+def run(name: str, kernel_module: str, reference: Callable[..., Any], *args: Any) -> Any:
+    """Run op ``name`` on the backend chosen for ``args[0]``'s device: ``torch.ops.fastgrad_C.<name>`` (C++/CUDA),
+    ``fastgrad.kernels.<kernel_module>.<name>`` (Triton) or ``reference``."""
+    b = choose(args[0].device)
+    if b in ("cpp", "cuda"):
+        return getattr(torch.ops.fastgrad_C, name)(*args)
+    if b == "triton":
+        return getattr(importlib.import_module(f"fastgrad.kernels.{kernel_module}"), name)(*args)
+    return reference(*args)

@@ -35,14 +35,7 @@ def reference(logits: torch.Tensor, n: int, seed: int, offset: int, one_hot: boo
 def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int, one_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[R, K]`` (float16/bfloat16/float32/float64, contiguous) -> (indices int64 ``[n, R]``, one-hot
     ``[n, R, K]`` in the logits' dtype, or an empty tensor when ``one_hot`` is False)."""
-    b = _backend.choose(logits.device)
-    if b in ("cpp", "cuda"):
-        return tuple(torch.ops.fastgrad_C.categorical_sample(logits, n, seed, offset, one_hot))
-    if b == "triton":
-        from ..kernels import categorical_sample as tk
-
-        return tk.categorical_sample(logits, n, seed, offset, one_hot)
-    return reference(logits, n, seed, offset, one_hot)
+    return _backend.run("categorical_sample", "categorical_sample", reference, logits, n, seed, offset, one_hot)
 
 
 @categorical_sample.register_fake

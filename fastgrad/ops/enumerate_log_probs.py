@@ -48,14 +48,7 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 @torch.library.custom_op("fastgrad::enumerate_log_probs", mutates_args=())
 def enumerate_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """logits ``[B, k, K]`` -> log q(c) ``[K**k, B]`` in the logits' dtype."""
-    b = _backend.choose(logits.device)
-    if b in ("cpp", "cuda"):
-        return torch.ops.fastgrad_C.enumerate_log_probs(logits)
-    if b == "triton":
-        from ..kernels import enumerate_log_probs as tk
-
-        return tk.enumerate_log_probs(logits)
-    return reference(logits)
+    return _backend.run("enumerate_log_probs", "enumerate_log_probs", reference, logits)
 
 
 @enumerate_log_probs.register_fake
@@ -67,14 +60,7 @@ def _(logits):
 
 @torch.library.custom_op("fastgrad::enumerate_log_probs_backward", mutates_args=())
 def enumerate_log_probs_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    b = _backend.choose(logits.device)
-    if b in ("cpp", "cuda"):
-        return torch.ops.fastgrad_C.enumerate_log_probs_backward(grad, logits)
-    if b == "triton":
-        from ..kernels import enumerate_log_probs as tk
-
-        return tk.enumerate_log_probs_backward(grad, logits)
-    return reference_backward(grad, logits)
+    return _backend.run("enumerate_log_probs_backward", "enumerate_log_probs", reference_backward, grad, logits)
 
 
 @enumerate_log_probs_backward.register_fake

@@ -38,14 +38,7 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, see
 @torch.library.custom_op("fastgrad::gumbel_softmax", mutates_args=())
 def gumbel_softmax(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, offset: int) -> torch.Tensor:
     """logits ``[R, K]`` -> samples ``[n, R, K]`` in the logits' dtype."""
-    b = _backend.choose(logits.device)
-    if b in ("cpp", "cuda"):
-        return torch.ops.fastgrad_C.gumbel_softmax(logits, n, tau, hard, seed, offset)
-    if b == "triton":
-        from ..kernels import gumbel_softmax as tk
-
-        return tk.gumbel_softmax(logits, n, tau, hard, seed, offset)
-    return reference(logits, n, tau, hard, seed, offset)
+    return _backend.run("gumbel_softmax", "gumbel_softmax", reference, logits, n, tau, hard, seed, offset)
 
 
 @gumbel_softmax.register_fake
@@ -57,14 +50,7 @@ def _(logits, n, tau, hard, seed, offset):
 @torch.library.custom_op("fastgrad::gumbel_softmax_backward", mutates_args=())
 def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int, offset: int) -> torch.Tensor:
     """grad ``[n, R, K]``, logits ``[R, K]`` -> grad of logits ``[R, K]`` (soft gradient, noise regenerated)."""
-    b = _backend.choose(logits.device)
-    if b in ("cpp", "cuda"):
-        return torch.ops.fastgrad_C.gumbel_softmax_backward(grad, logits, tau, seed, offset)
-    if b == "triton":
-        from ..kernels import gumbel_softmax as tk
-
-        return tk.gumbel_softmax_backward(grad, logits, tau, seed, offset)
-    return reference_backward(grad, logits, tau, seed, offset)
+    return _backend.run("gumbel_softmax_backward", "gumbel_softmax", reference_backward, grad, logits, tau, seed, offset)
 
 
 @gumbel_softmax_backward.register_fake

@@ -40,14 +40,7 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Te
 def score_surrogate(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[R, K]``, index int64 ``[n, R]``, weight ``[n, R]`` (float32/float64) -> (surrogate ``[n, R]``
     in the weight's dtype, lse ``[R]``: float64 for float64 logits, else float32)."""
-    b = _backend.choose(logits.device)
-    if b in ("cpp", "cuda"):
-        return tuple(torch.ops.fastgrad_C.score_surrogate(logits, index, weight))
-    if b == "triton":
-        from ..kernels import score_surrogate as tk
-
-        return tk.score_surrogate(logits, index, weight)
-    return reference(logits, index, weight)
+    return _backend.run("score_surrogate", "score_surrogate", reference, logits, index, weight)
 
 
 @score_surrogate.register_fake
@@ -59,14 +52,7 @@ def _(logits, index, weight):
 @torch.library.custom_op("fastgrad::score_surrogate_backward", mutates_args=())
 def score_surrogate_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                              lse: torch.Tensor) -> torch.Tensor:
-    b = _backend.choose(logits.device)
-    if b in ("cpp", "cuda"):
-        return torch.ops.fastgrad_C.score_surrogate_backward(grad, logits, index, weight, lse)
-    if b == "triton":
-        from ..kernels import score_surrogate as tk
-
-        return tk.score_surrogate_backward(grad, logits, index, weight, lse)
-    return reference_backward(grad, logits, index, weight, lse)
+    return _backend.run("score_surrogate_backward", "score_surrogate", reference_backward, grad, logits, index, weight, lse)
 
 
 @score_surrogate_backward.register_fake
