@@ -46,6 +46,34 @@ def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int) -> di
             "test_neg_elbo": exact_neg_elbo(model, test), "train_elbo": elbos}
 
 
+def write(runs: list, args) -> dict:
+    """Summarize the runs so far and write the JSON (after every run: a cut-off sweep keeps what it has)."""
+    rows, curves = [], []
+    for method in args.methods.split(","):
+        for impl in args.impls.split(","):
+            rs = [r for r in runs if r["impl"] == impl and r["method"] == method]
+            if not rs:
+                continue
+            tests = [r["test_neg_elbo"] for r in rs]
+            rows.append({"impl": impl, "method": method, "seeds": len(rs), "test_mean": statistics.mean(tests),
+                         "test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                         "train_mean": statistics.mean(statistics.mean(r["train_elbo"][-100:]) for r in rs),
+                         "per_seed": tests})
+            for r in rs:
+                e = r["train_elbo"]
+                k = 50  # moving average for the plot
+                sm = [statistics.mean(e[max(0, i - k): i + 1]) for i in range(0, len(e), 10)]
+                curves.append({"impl": impl, "method": method, "seed": r["seed"],
+                               "steps": list(range(0, len(e), 10)), "elbo": sm})
+    from benchmarks.vae_step import machine
+
+    out = {"machine": machine(), "epochs": args.epochs, "rows": rows, "curves": curves,
+           "note": f"{args.epochs} epoch(s), batch 64, Adam 1e-3, same seeds, initialization and data order for "
+                   "every implementation; test -ELBO exact over the 100 latent configurations."}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--impls", default="graph,storchastic")
@@ -72,32 +100,11 @@ def main() -> None:
                     continue
                 r = json.loads(p.stdout.strip().splitlines()[-1])
                 runs.append(r)
+                write(runs, args)
                 print(f"{impl:12s} {method:20s} seed {seed}: test -ELBO {r['test_neg_elbo']:.2f} "
                       f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr)
-    rows, curves = [], []
-    for method in args.methods.split(","):
-        for impl in args.impls.split(","):
-            rs = [r for r in runs if r["impl"] == impl and r["method"] == method]
-            if not rs:
-                continue
-            tests = [r["test_neg_elbo"] for r in rs]
-            rows.append({"impl": impl, "method": method, "seeds": len(rs), "test_mean": statistics.mean(tests),
-                         "test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
-                         "train_mean": statistics.mean(statistics.mean(r["train_elbo"][-100:]) for r in rs),
-                         "per_seed": tests})
-            for r in rs:
-                e = r["train_elbo"]
-                k = 50  # moving average for the plot
-                sm = [statistics.mean(e[max(0, i - k): i + 1]) for i in range(0, len(e), 10)]
-                curves.append({"impl": impl, "method": method, "seed": r["seed"],
-                               "steps": list(range(0, len(e), 10)), "elbo": sm})
-    from benchmarks.vae_step import machine
-
-    out = {"machine": machine(), "epochs": args.epochs, "rows": rows, "curves": curves,
-           "note": f"{args.epochs} epoch(s), batch 64, Adam 1e-3, same seeds, initialization and data order for "
-                   "every implementation; test -ELBO exact over the 100 latent configurations."}
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    for r in rows:
+    out = write(runs, args)
+    for r in out["rows"]:
         print(f"{r['impl']:12s} {r['method']:20s} test -ELBO {r['test_mean']:.2f} +- {r['test_sd']:.2f}")
 
 
