@@ -45,7 +45,3 @@ def _(logits, n, seed, offset, one_hot):
     idx = logits.new_empty((n, R), dtype=torch.int64)
     oh = logits.new_empty((n, R, K)) if one_hot else logits.new_empty(0)
     return idx, oh
-
-
-def numel_random(logits_rows: int, n: int) -> int:
-    return n * logits_rows
