@@ -18,31 +18,26 @@ class NoCostError(ValueError, RuntimeError):
     """``backward()`` was called with no cost registered (a ValueError, and a RuntimeError as in Storchastic)."""
 
 
-def _fail(exc: Exception) -> Exception:
-    _state.reset()
-    return exc
-
-
 def denote_independent(tensor: Union[torch.Tensor, Tensor], dim: int, plate_name: str,
                        weight: Optional[Tensor] = None) -> IndependentTensor:
     """Mark dimension ``dim`` of ``tensor`` as independent (a plate named ``plate_name``); it moves to the left."""
     if not isinstance(plate_name, str) or not plate_name:
-        raise _fail(TypeError(f"plate_name must be a non-empty str, got {plate_name!r}"))
+        raise _state.fail(TypeError(f"plate_name must be a non-empty str, got {plate_name!r}"))
     if isinstance(tensor, Tensor):
         raw, plates = tensor._tensor, tensor.plates
     elif isinstance(tensor, torch.Tensor):
         raw, plates = tensor, ()
     else:
-        raise _fail(TypeError(f"tensor must be a torch.Tensor or fastgrad.Tensor, got {type(tensor).__name__}"))
+        raise _state.fail(TypeError(f"tensor must be a torch.Tensor or fastgrad.Tensor, got {type(tensor).__name__}"))
     if isinstance(dim, bool) or not isinstance(dim, int):
-        raise _fail(TypeError(f"dim must be an int, got {type(dim).__name__}"))
+        raise _state.fail(TypeError(f"dim must be an int, got {type(dim).__name__}"))
     nd = raw.dim()
     d = dim + nd if dim < 0 else dim
     if not len(plates) <= d < nd:
-        raise _fail(ValueError(f"dim must index an event dimension of the tensor (shape {tuple(raw.shape)}, "
+        raise _state.fail(ValueError(f"dim must index an event dimension of the tensor (shape {tuple(raw.shape)}, "
                                f"{len(plates)} plate dims), got {dim}"))
     if any(p.name == plate_name for p in plates):
-        raise _fail(ValueError(f"plate_name {plate_name!r} is already a plate of this tensor"))
+        raise _state.fail(ValueError(f"plate_name {plate_name!r} is already a plate of this tensor"))
     if d != 0:
         raw = raw.movedim(d, 0)
     return IndependentTensor(raw, (Plate(plate_name, raw.shape[0], weight),) + plates, plate_name)
@@ -51,21 +46,21 @@ def denote_independent(tensor: Union[torch.Tensor, Tensor], dim: int, plate_name
 def add_cost(cost: Union[torch.Tensor, Tensor], name: str) -> CostTensor:
     """Register ``cost`` (one value per element of its plates; event shape ``()`` or ``(1,)``)."""
     if not isinstance(name, str) or not name:
-        raise _fail(ValueError("No name provided to register cost node. Make sure to register an unique name "
+        raise _state.fail(ValueError("No name provided to register cost node. Make sure to register an unique name "
                                "with the cost (name must be a non-empty str)."))
     if isinstance(cost, Tensor):
         raw, plates = cost._tensor, cost.plates
     elif isinstance(cost, torch.Tensor):
         raw, plates = cost, ()
     else:
-        raise _fail(TypeError(f"cost must be a torch.Tensor or fastgrad.Tensor, got {type(cost).__name__}"))
+        raise _state.fail(TypeError(f"cost must be a torch.Tensor or fastgrad.Tensor, got {type(cost).__name__}"))
     if not raw.is_floating_point():
-        raise _fail(TypeError(f"cost must be a floating tensor, got {raw.dtype}"))
+        raise _state.fail(TypeError(f"cost must be a floating tensor, got {raw.dtype}"))
     ev = raw.shape[len(plates):]
     if tuple(ev) == (1,):
         raw = raw.squeeze(-1)
     elif len(ev):
-        raise _fail(ValueError(
+        raise _state.fail(ValueError(
             f"Can only register cost functions with empty event shapes: cost {name!r} has plates "
             f"{list(plates)} and event shape {tuple(ev)}. A cost that lost a plate dimension, or that still has "
             "event dimensions, must be reduced explicitly (sum over event dims, reduce_plates over plates)."))

@@ -16,3 +16,9 @@ def reset() -> None:
     hooks.clear()
     costs.clear()
     samples.clear()
+
+
+def fail(exc: Exception) -> Exception:
+    """Reset, then return ``exc`` for the caller to raise: no fastgrad error leaves a half-built step behind."""
+    reset()
+    return exc

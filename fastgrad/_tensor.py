@@ -66,10 +66,8 @@ class Plate:
     __str__ = __repr__
 
 
-def _plates_error(msg: str) -> ValueError:
-    # Fail-quick errors leave no half-built step behind: the next step starts clean.
-    _state.reset()
-    return ValueError(msg)
+def _plates_error(msg: str) -> Exception:
+    return _state.fail(ValueError(msg))
 
 
 def check_plates(t: torch.Tensor, plates: Tuple[Plate, ...]) -> None:

@@ -13,9 +13,7 @@ from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
 _CATEGORICALS = (D.OneHotCategorical, D.Categorical, D.RelaxedOneHotCategorical)
 
 
-def _fail(exc: Exception) -> Exception:
-    _state.reset()
-    return exc
+_fail = _state.fail
 
 
 def check_n_samples(n_samples: object) -> int:
