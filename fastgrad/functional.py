@@ -55,7 +55,13 @@ def _check_n(n: object, name: str = "n") -> int:
     return int(n)
 
 
-def _check_logits(logits: object, name: str = "logits", min_dim: int = 1) -> torch.Tensor:
+_NONFINITE = ("must not contain NaN or +inf, and each row needs a finite entry "
+              "(-inf marks a zero-probability category)")
+
+
+def _check_logits(logits: object, name: str = "logits", min_dim: int = 1, values: bool = True) -> torch.Tensor:
+    """Type, dtype and shape checks; with ``values``, also the finiteness of every row (one pass over the data:
+    ops that return a per-row logsumexp check that instead, see :func:`_check_lse`)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOATS:
@@ -64,12 +70,15 @@ def _check_logits(logits: object, name: str = "logits", min_dim: int = 1) -> tor
         raise ValueError(f"{name} must have at least {min_dim} dimension(s) [..., K], got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"{name} must have at least one category (K >= 1), got shape {tuple(logits.shape)}")
-    if logits.numel() and not torch.jit.is_scripting() and not _is_compiling():
-        row_max = logits.detach().amax(-1)
-        if not bool(torch.isfinite(row_max).all()):
-            raise ValueError(f"{name} must not contain NaN or +inf, and each row needs a finite entry "
-                             "(-inf marks a zero-probability category)")
+    if values and logits.numel() and not _is_compiling():
+        _check_lse(logits.detach().amax(-1), name)
     return logits
+
+
+def _check_lse(row_stat: torch.Tensor, name: str = "logits") -> None:
+    """``row_stat`` (row max or logsumexp) is finite exactly when the row has no NaN/+inf and a finite entry."""
+    if row_stat.numel() and not _is_compiling() and not bool(torch.isfinite(row_stat).all()):
+        raise ValueError(f"{name} {_NONFINITE}")
 
 
 def _is_compiling() -> bool:
@@ -172,6 +181,7 @@ def gumbel_softmax(
 # -- score function -------------------------------------------------------------------------------------------
 def categorical_log_prob(logits: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
     """``log_softmax(logits)[samples]``: logits ``[..., K]``, samples int64 ``[n, ...]`` -> ``[n, ...]``."""
+    logits = _check_logits(logits, values=False)
     weight = torch.ones(samples.shape, dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64,
                         device=logits.device)
     return _score(logits, samples, weight)
@@ -211,7 +221,8 @@ def _score(logits: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) ->
     idx = samples.reshape(n, -1).contiguous()
     if idx.numel() and not _is_compiling() and bool(((idx < 0) | (idx >= K)).any()):
         raise ValueError(f"samples must lie in [0, {K})")
-    out, _ = _ss.score_surrogate(rows, idx, weight.reshape(n, -1).contiguous())
+    out, lse = _ss.score_surrogate(rows, idx, weight.reshape(n, -1).contiguous())
+    _check_lse(lse)  # the op's per-row logsumexp doubles as the NaN/inf check: no extra pass over logits
     return out.view(samples.shape)
 
 
@@ -234,7 +245,7 @@ def score_function_surrogate(
         baseline: ``None``/"none", ``"batch_average"`` (leave-one-out mean of the other samples, n >= 2),
             or a tensor broadcastable to ``cost``.
     """
-    logits = _check_logits(logits)
+    logits = _check_logits(logits, values=False)  # values: checked by _score from the op's logsumexp
     if not isinstance(cost, torch.Tensor):
         raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
     if not isinstance(samples, torch.Tensor):

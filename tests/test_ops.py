@@ -249,3 +249,29 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="backend"):
         fastgrad.set_backend("fortran")
     assert fastgrad.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_surrogate_rejects_nonfinite_rows_from_its_logsumexp(backend):
+    """The surrogate checks finiteness from the op's per-row logsumexp (no extra pass over the logits):
+    NaN, +inf and a row without a finite entry are errors; -inf entries (masked categories) are fine, also
+    when a whole leading chunk of the row is masked (the online logsumexp skips it)."""
+    K = 3000
+    idx = torch.zeros(1, 2, dtype=torch.int64)
+    cost = torch.ones(1, 2)
+    with fastgrad.backend(backend):
+        for bad in (float("nan"), float("inf")):
+            l = torch.randn(2, K)
+            l[1, 2500] = bad
+            with pytest.raises(ValueError, match="NaN or \\+inf"):
+                F.score_function_surrogate(l, idx, cost)
+        with pytest.raises(ValueError, match="finite entry"):
+            F.score_function_surrogate(torch.full((2, K), -float("inf")), idx, cost)
+        l = torch.randn(2, K)
+        l[:, :2048] = -float("inf")
+        ok_idx = torch.full((1, 2), 2900)
+        out = F.score_function_surrogate(l, ok_idx, cost)
+        expect = torch.log_softmax(l, -1)[:, 2900]
+        torch.testing.assert_close(out[0], expect, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            F.categorical_log_prob(torch.tensor([[0.0, float("nan")]]), torch.zeros(1, 1, dtype=torch.int64))

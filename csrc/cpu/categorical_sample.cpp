@@ -1,11 +1,16 @@
-// Inverse-CDF categorical sampling on the CPU: one softmax pass per row serves all n draws.
+// Inverse-CDF categorical sampling on the CPU: one softmax pass and one CDF per row serve all n draws.
+//
+// Pass 1 writes the n*R uniforms (8-wide Philox) as doubles into the index buffer; pass 2 reads row r's n
+// uniforms from there and overwrites them with the drawn indices (same slots, so in place is safe). The
+// one-hot output lives in fresh zero pages when large, so only its ones are written.
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
 #include "philox.h"
+#include "vec_math.h"
 
 namespace fastgrad {
 
@@ -14,39 +19,51 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
   FG_CHECK_2D(logits, "logits");
   TORCH_CHECK(n >= 1, "n must be >= 1");
   const int64_t R = logits.size(0), K = logits.size(1);
-  auto idx = at::empty({n, R}, logits.options().dtype(at::kLong));
-  auto oh = one_hot ? at::empty({n, R, K}, logits.options()) : at::empty({0}, logits.options());
+  auto idx = new_output({n, R}, logits.options().dtype(at::kLong));
+  bool zeroed = false;
+  auto oh = one_hot ? new_output({n, R, K}, logits.options(), &zeroed) : at::empty({0}, logits.options());
   if (R == 0) return {idx, oh};
   int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t E = n * R;
+  // pass 1: uniform of stream element e -> slot e (as a double)
+  at::parallel_for(0, (E + 31) / 32, 256, [&](int64_t c0, int64_t c1) {
+    float u[32];
+    for (int64_t c = c0; c < c1; ++c) {
+      uniform32(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset) + 8 * c, u);
+      const int64_t e0 = 32 * c, m = std::min<int64_t>(32, E - e0);
+      for (int64_t j = 0; j < m; ++j) {
+        const double d = u[j];
+        std::memcpy(ip + e0 + j, &d, sizeof d);
+      }
+    }
+  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "categorical_sample_cpu", [&] {
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     scalar_t* op = one_hot ? oh.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       std::vector<float> p(K);
-      std::vector<std::pair<double, int64_t>> targets(n);
+      std::vector<double> cdf(K);
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = lp + r * K;
-        float m = -INFINITY;
-        for (int64_t k = 0; k < K; ++k) m = std::max(m, static_cast<float>(row[k]));
-_Pragma("omp simd")
-        for (int64_t k = 0; k < K; ++k) p[k] = std::exp(static_cast<float>(row[k]) - m);
-        double total = 0;
-        for (int64_t k = 0; k < K; ++k) total += p[k];
-        for (int64_t s = 0; s < n; ++s)
-          targets[s] = {static_cast<double>(uniform_at(seed, offset, static_cast<uint64_t>(s * R + r))) * total, s};
-        std::sort(targets.begin(), targets.end());
-        // one merge pass: first k with cdf_k > target (zero-probability steps can never satisfy it)
-        double cdf = 0;
-        int64_t k = 0;
-        for (int64_t t = 0; t < n; ++t) {
-          const double target = targets[t].first;
-          while (k < K - 1 && !(cdf + p[k] > target)) cdf += p[k++];
-          ip[targets[t].second * R + r] = k;
+        for (int64_t k = 0; k < K; ++k) p[k] = static_cast<float>(row[k]);
+        const float m = max_of(p.data(), K);
+        for (int64_t k = 0; k < K; ++k) p[k] -= m;
+        exp_inplace(p.data(), K);
+        double run = 0;
+        for (int64_t k = 0; k < K; ++k) cdf[k] = run += p[k];
+        // first k with cdf_k > u * total (a zero-probability step can never satisfy it); binary search per
+        // draw: O(n log K) per row, no sorting of the targets
+        const double* c = cdf.data();
+        for (int64_t s = 0; s < n; ++s) {
+          double u;
+          std::memcpy(&u, ip + s * R + r, sizeof u);
+          const int64_t k = upper_bound_branchless(c, K - 1, u * run);
+          ip[s * R + r] = k;
         }
         if (op) {
           for (int64_t s = 0; s < n; ++s) {
             scalar_t* o = op + (s * R + r) * K;
-            std::fill_n(o, K, scalar_t(0));
+            if (!zeroed) std::fill_n(o, K, scalar_t(0));
             o[ip[s * R + r]] = scalar_t(1);
           }
         }

@@ -12,7 +12,7 @@ namespace {
 // z[k] = l[k] - log(-log(u_k)) for the row starting at stream element e0
 template <typename scalar_t, typename acc>
 inline void perturbed_row(const scalar_t* l, int64_t K, uint64_t seed, uint64_t offset, uint64_t e0, acc* u,
-                          acc* z, uint32_t* scratch) {
+                          acc* z, float* scratch) {
   if constexpr (std::is_same_v<acc, float>) {
     // float path: Philox 8 counters at a time, vector log twice
     fill_uniform(seed, offset, e0, K, u, scratch);
@@ -27,25 +27,23 @@ inline void perturbed_row(const scalar_t* l, int64_t K, uint64_t seed, uint64_t 
   }
 }
 
-// y = softmax(z / tau) in place; returns argmax of z
+// y = softmax(z / tau) in place
 template <typename acc>
-inline int64_t softmax_inplace(acc* z, int64_t K, acc inv_tau) {
-  acc m = -INFINITY;
-  int64_t am = 0;
-  for (int64_t k = 0; k < K; ++k)
-    if (z[k] > m) { m = z[k]; am = k; }
-  for (int64_t k = 0; k < K; ++k) z[k] = (z[k] - m) * inv_tau;
+inline void softmax_inplace(acc* z, int64_t K, acc inv_tau) {
   if constexpr (std::is_same_v<acc, float>) {
+    const float m = max_of(z, K);
+    for (int64_t k = 0; k < K; ++k) z[k] = (z[k] - m) * inv_tau;
     exp_inplace(z, K);
+    const float is = 1.0f / sum_of(z, K);
+    for (int64_t k = 0; k < K; ++k) z[k] *= is;
   } else {
-    for (int64_t k = 0; k < K; ++k) z[k] = std::exp(z[k]);
+    acc m = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) m = std::max(m, z[k]);
+    acc s = 0;
+    for (int64_t k = 0; k < K; ++k) s += (z[k] = std::exp((z[k] - m) * inv_tau));
+    const acc is = acc(1) / s;
+    for (int64_t k = 0; k < K; ++k) z[k] *= is;
   }
-  acc s = 0;
-  for (int64_t k = 0; k < K; ++k) s += z[k];
-  const acc is = acc(1) / s;
-_Pragma("omp simd")
-  for (int64_t k = 0; k < K; ++k) z[k] *= is;
-  return am;
 }
 }  // namespace
 
@@ -54,9 +52,10 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
   FG_CHECK_2D(logits, "logits");
   TORCH_CHECK(tau > 0, "tau must be > 0");
   const int64_t R = logits.size(0), K = logits.size(1);
-  auto out = at::empty({n, R, K}, logits.options());
+  bool zeroed = false;
+  auto out = new_output({n, R, K}, logits.options(), &zeroed);
   if (R == 0 || K == 0) return out;
-  
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gumbel_softmax_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const acc inv_tau = static_cast<acc>(1.0 / tau);
@@ -64,7 +63,7 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, n * R, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc> u(K), z(K);
-      std::vector<uint32_t> scratch(uniform_scratch(K));
+      std::vector<float> scratch(uniform_scratch(K));
       for (int64_t b = b0; b < b1; ++b) {  // b = s * R + r
         const int64_t r = b % R;
         perturbed_row(lp + r * K, K, seed, offset, static_cast<uint64_t>(b) * K, u.data(), z.data(), scratch.data());
@@ -74,7 +73,7 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
           int64_t am = 0;
           for (int64_t k = 0; k < K; ++k)
             if (z[k] > m) { m = z[k]; am = k; }
-          std::fill_n(o, K, scalar_t(0));
+          if (!zeroed) std::fill_n(o, K, scalar_t(0));
           o[am] = scalar_t(1);
         } else {
           softmax_inplace(z.data(), K, inv_tau);
@@ -104,7 +103,7 @@ at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor&
     scalar_t* out = gl.data_ptr<scalar_t>();
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_type> u(K), y(K), acc(K);
-      std::vector<uint32_t> scratch(uniform_scratch(K));
+      std::vector<float> scratch(uniform_scratch(K));
       for (int64_t r = r0; r < r1; ++r) {
         std::fill(acc.begin(), acc.end(), acc_type(0));
         for (int64_t s = 0; s < n; ++s) {

@@ -1,5 +1,6 @@
 // REINFORCE surrogate at vocabulary scale on the CPU: one read of each logits row forward (max, sum-exp),
-// one write of the gradient backward; the log_softmax is never materialized.
+// one write of the gradient backward; the log_softmax is never materialized. A row whose lse is not finite
+// (NaN, +inf, or no finite entry) is reported by the caller from the returned lse.
 #include <cmath>
 
 #include "common.h"
@@ -31,18 +32,26 @@ std::tuple<at::Tensor, at::Tensor> score_surrogate_cpu(const at::Tensor& logits,
       at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const auto* row = lp + r * K;
-          acc m = -INFINITY;
-          for (int64_t k = 0; k < K; ++k) m = std::max(m, static_cast<acc>(row[k]));
-          acc s = 0;
+          acc m = -INFINITY, s = 0;
           if constexpr (std::is_same_v<acc, float>) {
-            float buf[1024];  // exp in vector chunks
+            // online logsumexp over 4 KB chunks: one read of the row
+            alignas(32) float buf[1024];
             for (int64_t k0 = 0; k0 < K; k0 += 1024) {
               const int64_t len = std::min<int64_t>(1024, K - k0);
-              for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<float>(row[k0 + k]) - m;
+              for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<float>(row[k0 + k]);
+              const float cm = max_of(buf, len);
+              if (cm == -INFINITY) continue;  // a fully masked chunk adds nothing
+              if (cm > m) {
+                s *= std::exp(m - cm);
+                m = cm;
+              }
+              for (int64_t k = 0; k < len; ++k) buf[k] -= m;
               exp_inplace(buf, len);
-              for (int64_t k = 0; k < len; ++k) s += buf[k];
+              s += sum_of(buf, len);
             }
+            if (m == -INFINITY) s = NAN;  // every category masked: lse is undefined
           } else {
+            for (int64_t k = 0; k < K; ++k) m = std::max(m, static_cast<acc>(row[k]));
             for (int64_t k = 0; k < K; ++k) s += std::exp(static_cast<acc>(row[k]) - m);
           }
           const acc l = m + std::log(s);
@@ -61,7 +70,7 @@ at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor
   FG_CHECK_2D(logits, "logits");
   FG_CHECK_2D(grad, "grad");
   const int64_t R = logits.size(0), K = logits.size(1), n = index.size(0);
-  auto gl = at::empty_like(logits);
+  auto gl = new_output(logits.sizes(), logits.options());
   if (R == 0) return gl;
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto a = (grad.to(acc_dtype) * weight.to(acc_dtype)).contiguous();  // [n, R], tiny next to logits
@@ -83,9 +92,14 @@ at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor
         if constexpr (std::is_same_v<scalar_t, float>) {
           float* of = reinterpret_cast<float*>(o);  // scalar_t is float here (the lambda is no template)
           const float* rf = reinterpret_cast<const float*>(row);
-          for (int64_t k = 0; k < K; ++k) of[k] = rf[k] - static_cast<float>(l);
-          exp_inplace(of, K);
-          for (int64_t k = 0; k < K; ++k) of[k] *= -static_cast<float>(asum);
+          const float lf = static_cast<float>(l), na = -static_cast<float>(asum);
+          alignas(32) float buf[1024];  // one write of the output per 4 KB chunk
+          for (int64_t k0 = 0; k0 < K; k0 += 1024) {
+            const int64_t len = std::min<int64_t>(1024, K - k0);
+            for (int64_t k = 0; k < len; ++k) buf[k] = rf[k0 + k] - lf;
+            exp_inplace(buf, len);
+            for (int64_t k = 0; k < len; ++k) of[k0 + k] = buf[k] * na;
+          }
         } else {
           for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(-asum * std::exp(static_cast<acc>(row[k]) - l));
         }

@@ -1,6 +1,7 @@
 // Array helpers for the CPU kernels: Philox for 8 counters at a time (auto-vectorized) and float log/exp over
 // arrays through glibc's libmvec AVX2 variants when available (scalar libm otherwise).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -17,48 +18,133 @@ __m256 _ZGVdN8v_expf(__m256);
 
 namespace fastgrad {
 
-// words[4 * l + w] = word w of philox(seed, ctr + l), l < 8
-inline void philox8(uint64_t seed, uint64_t ctr, uint32_t* words) {
-  uint32_t c0[8], c1[8], c2[8], c3[8];
-  for (int l = 0; l < 8; ++l) {
-    c0[l] = static_cast<uint32_t>(ctr + l);
-    c1[l] = static_cast<uint32_t>((ctr + l) >> 32);
-    c2[l] = 0;
-    c3[l] = 0;
-  }
+#ifdef FG_MVEC
+namespace detail {
+// 32x32 -> 64-bit products of the 8 lanes of a with m: (hi, lo) 32-bit halves per lane
+inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                          // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);    // lanes 1, 3, 5, 7
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+}  // namespace detail
+
+// u[4 * l + w] = uniform of word w of philox(seed, ctr + l), l < 8: 32 stream elements, AVX2 throughout
+inline void uniform32(uint64_t seed, uint64_t ctr, float* u) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const uint64_t base_hi = ctr >> 32;
+  const uint32_t base_lo = static_cast<uint32_t>(ctr);
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base_lo)), lane);
+  // carry into the high word where the low word wrapped
+  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(base_lo)),
+                                                              _mm256_set1_epi32(INT32_MIN)),
+                                             _mm256_xor_si256(c0, _mm256_set1_epi32(INT32_MIN)));
+  __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base_hi))), wrapped);
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int i = 0; i < 10; ++i) {
-    for (int l = 0; l < 8; ++l) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[l];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[l];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
-      c1[l] = static_cast<uint32_t>(p1);
-      c3[l] = static_cast<uint32_t>(p0);
-      c0[l] = n0;
-      c2[l] = n2;
-    }
+    __m256i hi0, lo0, hi1, lo1;
+    detail::mulhilo8(c0, m0, hi0, lo0);
+    detail::mulhilo8(c2, m1, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
+  // uint -> float in (0, 1): ((x >> 9) * 2 + 1) * 2^-24, exact in float
+  const __m256 scale = _mm256_set1_ps(5.9604644775390625e-08f);
+  const __m256i one = _mm256_set1_epi32(1);
+  auto to_f = [&](__m256i x) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(x, 9), 1), one)),
+                         scale);
+  };
+  const __m256 a = to_f(c0), b = to_f(c1), c = to_f(c2), d = to_f(c3);
+  // transpose (word, counter) -> stream order a0 b0 c0 d0 a1 b1 c1 d1 ...
+  const __m256 ab_lo = _mm256_unpacklo_ps(a, b), ab_hi = _mm256_unpackhi_ps(a, b);
+  const __m256 cd_lo = _mm256_unpacklo_ps(c, d), cd_hi = _mm256_unpackhi_ps(c, d);
+  const __m256 t0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab_lo), _mm256_castps_pd(cd_lo)));
+  const __m256 t1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab_lo), _mm256_castps_pd(cd_lo)));
+  const __m256 t2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab_hi), _mm256_castps_pd(cd_hi)));
+  const __m256 t3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab_hi), _mm256_castps_pd(cd_hi)));
+  _mm256_storeu_ps(u, _mm256_permute2f128_ps(t0, t1, 0x20));
+  _mm256_storeu_ps(u + 8, _mm256_permute2f128_ps(t2, t3, 0x20));
+  _mm256_storeu_ps(u + 16, _mm256_permute2f128_ps(t0, t1, 0x31));
+  _mm256_storeu_ps(u + 24, _mm256_permute2f128_ps(t2, t3, 0x31));
+}
+#else
+inline void uniform32(uint64_t seed, uint64_t ctr, float* u) {
+  uint32_t w[4];
   for (int l = 0; l < 8; ++l) {
-    words[4 * l] = c0[l];
-    words[4 * l + 1] = c1[l];
-    words[4 * l + 2] = c2[l];
-    words[4 * l + 3] = c3[l];
+    philox4x32_10(seed, ctr + l, w);
+    for (int j = 0; j < 4; ++j) u[4 * l + j] = uint_to_uniform(w[j]);
   }
 }
+#endif
 
-// Scratch words needed by fill_uniform for K elements.
+// Scratch floats needed by fill_uniform for K elements.
 inline int64_t uniform_scratch(int64_t K) { return 4 * (((K + 3) / 4 + 1 + 7) / 8 * 8); }
 
-// u[k] = uniform of stream element e0 + k, k < K
-inline void fill_uniform(uint64_t seed, uint64_t offset, uint64_t e0, int64_t K, float* u, uint32_t* scratch) {
+// u[k] = uniform of stream element e0 + k, k < K (scratch: uniform_scratch(K) floats)
+inline void fill_uniform(uint64_t seed, uint64_t offset, uint64_t e0, int64_t K, float* u, float* scratch) {
+  if (K <= 0) return;
   const uint64_t first = e0 >> 2, last = (e0 + K - 1) >> 2;
   const int64_t nctr = static_cast<int64_t>(last - first + 1);
-  for (int64_t c = 0; c < nctr; c += 8) philox8(seed, offset + first + c, scratch + 4 * c);
-  const uint32_t* w = scratch + (e0 & 3);
-  for (int64_t k = 0; k < K; ++k) u[k] = uint_to_uniform(w[k]);
+  if ((e0 & 3) == 0 && (K & 31) == 0) {  // aligned: write straight into u
+    for (int64_t c = 0; c < nctr; c += 8) uniform32(seed, offset + first + c, u + 4 * c);
+    return;
+  }
+  for (int64_t c = 0; c < nctr; c += 8) uniform32(seed, offset + first + c, scratch + 4 * c);
+  const float* w = scratch + (e0 & 3);
+  for (int64_t k = 0; k < K; ++k) u[k] = w[k];
+}
+
+// max of x[0..n) (n >= 1, no NaN)
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -INFINITY;
+#ifdef FG_MVEC
+  if (n >= 8) {
+    __m256 v = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i));
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    for (int j = 0; j < 8; ++j) m = std::max(m, t[j]);
+  }
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// sum of x[0..n) with 8 partial sums
+inline float sum_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float s = 0;
+#ifdef FG_MVEC
+  if (n >= 8) {
+    __m256 v = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) v = _mm256_add_ps(v, _mm256_loadu_ps(x + i));
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    for (int j = 0; j < 8; ++j) s += t[j];
+  }
+#endif
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// first index k in [0, n) with c[k] > t, or n (std::upper_bound), without data-dependent branches
+inline int64_t upper_bound_branchless(const double* c, int64_t n, double t) {
+  if (n <= 0) return 0;
+  const double* b = c;
+  while (n > 1) {
+    const int64_t half = n / 2;
+    b = (b[half] <= t) ? b + half : b;
+    n -= half;
+  }
+  return (b - c) + (*b <= t);
 }
 
 inline void log_inplace(float* x, int64_t n) {
