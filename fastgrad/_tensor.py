@@ -11,7 +11,6 @@ arguments are unwrapped and the result re-wrapped without any alignment work.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -160,61 +159,106 @@ def _wrap_out(out: Any, plates: Tuple[Plate, ...]) -> Any:
     return out
 
 
+_PLAIN, _CHECK, _INPLACE, _EXPAND = 0, 1, 2, 3
+_KINDS: Dict[Any, int] = {}
+
+
+def _kind(func: Callable) -> int:
+    """What ``func`` needs from :func:`apply` (cached per function object)."""
+    k = _KINDS.get(func)
+    if k is None:
+        name = getattr(func, "__name__", "")
+        if name in _CHECK_FUNCS:
+            k = _CHECK
+        elif name == "__setitem__" or (name.endswith("_") and not name.startswith("__")):
+            k = _INPLACE
+        elif name in _EXPAND_FUNCS:
+            k = _EXPAND
+        else:
+            k = _PLAIN
+        try:
+            _KINDS[func] = k
+        except TypeError:  # unhashable callables are simply not cached
+            pass
+    return k
+
+
+def _new(cls: type, t: torch.Tensor, plates: Tuple[Plate, ...]) -> "Tensor":
+    obj = object.__new__(cls)
+    obj._tensor = t
+    obj.plates = plates
+    obj.name = None
+    return obj
+
+
 def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
     """Run a torch function on plate-aware arguments and wrap the result (the one dispatch routine)."""
+    kind = _kind(func)
+    # Fast path (the common case, a few microseconds): plate-aware tensors only among the positional arguments,
+    # all sharing one plate tuple and one rank, none inside lists, no expansion needed.
+    if not kwargs or not any(isinstance(v, Tensor) for v in kwargs.values()):
+        plates = None
+        nd = -1
+        count = 0
+        raw_args = []
+        for a in args:
+            if isinstance(a, Tensor):
+                t = a._tensor
+                if plates is None:
+                    plates, nd = a.plates, t.dim()
+                elif (a.plates is not plates and a.plates != plates) or t.dim() != nd:
+                    break
+                count += 1
+                raw_args.append(t)
+            elif isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a):
+                break
+            else:
+                raw_args.append(a)
+        else:
+            if plates is not None and not (kind == _EXPAND and count > 1):
+                out = func(*raw_args, **kwargs)
+                if kind == _CHECK:
+                    return out
+                if kind == _INPLACE and out is raw_args[0]:
+                    return args[0]
+                if type(out) is torch.Tensor:
+                    check_plates(out, plates)
+                    return _new(Tensor, out, plates)
+                return _wrap_out(out, plates)
+    return _apply_general(func, args, kwargs, kind)
+
+
+def _apply_general(func: Callable, args: tuple, kwargs: Dict[str, Any], kind: int) -> Any:
     found: List[Tensor] = []
-    for a in args:
+    for a in itertools.chain(args, kwargs.values()):
         if isinstance(a, Tensor):
             found.append(a)
         elif isinstance(a, (list, tuple)):
             found.extend(x for x in a if isinstance(x, Tensor))
-    if kwargs:
-        for a in kwargs.values():
-            if isinstance(a, Tensor):
-                found.append(a)
-    name = getattr(func, "__name__", "")
-    first = found[0].plates
-    # Fast path: one plate tuple, same rank.
-    fast = True
-    nd = found[0]._tensor.dim()
-    for t in found:
-        if t.plates is not first and t.plates != first:
-            fast = False
-            break
-        if t._tensor.dim() != nd:
-            fast = False
-            break
-    if fast and name not in _EXPAND_FUNCS:
-        plates = first
-        conv = lambda x: x._tensor  # noqa: E731
-    else:
-        plates = union_plates(t.plates for t in found)
-        ev = max(t._tensor.dim() - len(t.plates) for t in found)
-        aligned = {id(t): align(t, plates, ev) for t in found}
-        if name in _EXPAND_FUNCS and len(aligned) > 1:
-            # functions such as binary_cross_entropy want equal shapes: expand plate dims (views, no copies)
-            npl = len(plates)
-            sizes = [max(a.shape[i] for a in aligned.values()) for i in range(npl)]
-            aligned = {k: a.expand(*sizes, *a.shape[npl:]) for k, a in aligned.items()}
-
-        def conv(x: "Tensor") -> torch.Tensor:
-            return aligned[id(x)]
+    plates = union_plates(t.plates for t in found)
+    ev = max(t._tensor.dim() - len(t.plates) for t in found)
+    aligned = {id(t): align(t, plates, ev) for t in found}
+    if kind == _EXPAND and len(aligned) > 1:
+        # functions such as binary_cross_entropy want equal shapes: expand plate dims (views, no copies)
+        npl = len(plates)
+        sizes = [max(a.shape[i] for a in aligned.values()) for i in range(npl)]
+        aligned = {k: a.expand(*sizes, *a.shape[npl:]) for k, a in aligned.items()}
 
     def unwrap(a: Any) -> Any:
         if isinstance(a, Tensor):
-            return conv(a)
+            return aligned[id(a)]
         if isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a):
-            return type(a)(conv(x) if isinstance(x, Tensor) else x for x in a)
+            return type(a)(aligned[id(x)] if isinstance(x, Tensor) else x for x in a)
         return a
 
     raw_args = tuple(unwrap(a) for a in args)
-    raw_kwargs = {k: unwrap(v) for k, v in kwargs.items()} if kwargs else {}
+    raw_kwargs = {k: unwrap(v) for k, v in kwargs.items()}
     out = func(*raw_args, **raw_kwargs)
-    if name in _CHECK_FUNCS:
+    if kind == _CHECK:
         return out
-    if name == "__setitem__" or (name.endswith("_") and not name.startswith("__")):
+    if kind == _INPLACE and out is raw_args[0]:
         # in-place: the first argument was modified through its raw view
-        return found[0] if out is raw_args[0] else _wrap_out(out, plates)
+        return args[0] if isinstance(args[0], Tensor) else found[0]
     return _wrap_out(out, plates)
 
 
@@ -327,8 +371,10 @@ class Tensor:
     def __getattr__(self, item: str) -> Any:
         attr = getattr(torch.Tensor, item)  # AttributeError for unknown names, as torch
         if callable(attr):
+            # install the wrapper on the class once: later lookups are plain method lookups
             fn = _method(item)
-            return functools.partial(fn, self)
+            setattr(Tensor, item, fn)
+            return fn.__get__(self)
         if hasattr(attr, "__get__"):  # properties such as .T, .mT
             return apply(attr.__get__, (self,), {})
         return attr

@@ -126,3 +126,49 @@ def run(name: str, kernel_module: str, reference: Callable[..., Any], *args: Any
     if b == "triton":
         return getattr(importlib.import_module(f"fastgrad.kernels.{kernel_module}"), name)(*args)
     return reference(*args)
+
+
+
+def entry(op: Callable[..., Any], name: str, kernel_module: str, reference: Callable[..., Any],
+          setup_context: Optional[Callable[..., None]] = None,
+          make_backward: Optional[Callable[[Callable[..., Any]], Callable[..., Any]]] = None,
+          reference_backward: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
+    """The callable :mod:`fastgrad.functional` uses for ``op``.
+
+    Under ``torch.compile`` it is the registered ``torch.library`` op (schema, fake and autograd as registered).
+    In eager mode it calls the backend directly, through a ``torch.autograd.Function`` built from the op's own
+    ``setup_context`` and backward formula: torch.library's Python dispatch costs 30-70 us per call, which is
+    most of an op's time at the seed VAE's sizes. ``make_backward(backward_op)`` returns the op's backward
+    formula calling ``backward_op`` (the registered ``<name>_backward`` op, or here its direct call).
+    """
+
+    def direct(*args: Any) -> Any:
+        return run(name, kernel_module, reference, *args)
+
+    if make_backward is None:
+        eager = direct
+    else:
+        bwd_name = name + "_backward"
+
+        def backward_direct(*args: Any) -> Any:
+            return run(bwd_name, kernel_module, reference_backward, *args)
+
+        def forward(ctx: Any, *args: Any) -> Any:
+            # ctx-style forward: a separate setup_context would make every apply() call inspect.signature
+            out = direct(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        eager = type(f"{name}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(torch.autograd.function.once_differentiable(make_backward(backward_direct))),
+        }).apply
+
+    def call(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return eager(*args)
+
+    call.__name__ = name
+    call.__doc__ = op.__doc__
+    return call

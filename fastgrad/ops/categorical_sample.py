@@ -45,3 +45,6 @@ def _(logits, n, seed, offset, one_hot):
     idx = logits.new_empty((n, R), dtype=torch.int64)
     oh = logits.new_empty((n, R, K)) if one_hot else logits.new_empty(0)
     return idx, oh
+
+
+sample = _backend.entry(categorical_sample, "categorical_sample", "categorical_sample", reference)

@@ -72,9 +72,14 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-def _backward(ctx, grad):
-    (logits,) = ctx.saved_tensors
-    return enumerate_log_probs_backward(grad.contiguous(), logits)
+def _make_backward(backward_op):
+    def _backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return backward_op(grad.contiguous(), logits)
+
+    return _backward
 
 
-enumerate_log_probs.register_autograd(_backward, setup_context=_setup)
+enumerate_log_probs.register_autograd(_make_backward(enumerate_log_probs_backward), setup_context=_setup)
+log_probs = _backend.entry(enumerate_log_probs, "enumerate_log_probs", "enumerate_log_probs", reference, _setup,
+                           _make_backward, reference_backward)

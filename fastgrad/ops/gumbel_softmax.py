@@ -64,12 +64,17 @@ def _setup(ctx, inputs, output):
     ctx.tau, ctx.seed, ctx.offset = tau, seed, offset
 
 
-def _backward(ctx, grad):
-    (logits,) = ctx.saved_tensors
-    gl = None
-    if ctx.needs_input_grad[0]:
-        gl = gumbel_softmax_backward(grad.contiguous(), logits, ctx.tau, ctx.seed, ctx.offset)
-    return gl, None, None, None, None, None
+def _make_backward(backward_op):
+    def _backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        gl = None
+        if ctx.needs_input_grad[0]:
+            gl = backward_op(grad.contiguous(), logits, ctx.tau, ctx.seed, ctx.offset)
+        return gl, None, None, None, None, None
+
+    return _backward
 
 
-gumbel_softmax.register_autograd(_backward, setup_context=_setup)
+gumbel_softmax.register_autograd(_make_backward(gumbel_softmax_backward), setup_context=_setup)
+sample = _backend.entry(gumbel_softmax, "gumbel_softmax", "gumbel_softmax", reference, _setup, _make_backward,
+                        reference_backward)

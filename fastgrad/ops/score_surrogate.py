@@ -65,16 +65,23 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(logits, index, weight, output[1])
 
 
-def _backward(ctx, grad, _grad_lse):
-    logits, index, weight, lse = ctx.saved_tensors
-    gl = gw = None
-    if ctx.needs_input_grad[0]:
-        gl = score_surrogate_backward(grad.contiguous(), logits, index, weight, lse)
-    if ctx.needs_input_grad[2]:
-        # out = w * logp  =>  d out / d w = logp
-        logp = logits.to(lse.dtype).gather(-1, index.t()).t() - lse
-        gw = (grad.to(lse.dtype) * logp).to(weight.dtype)
-    return gl, None, gw
+def _make_backward(backward_op):
+    def _backward(ctx, grad, _grad_lse):
+        logits, index, weight, lse = ctx.saved_tensors
+        gl = gw = None
+        if grad is None:  # only lse was used
+            return None, None, None
+        if ctx.needs_input_grad[0]:
+            gl = backward_op(grad.contiguous(), logits, index, weight, lse)
+        if ctx.needs_input_grad[2]:
+            # out = w * logp  =>  d out / d w = logp
+            logp = logits.to(lse.dtype).gather(-1, index.t()).t() - lse
+            gw = (grad.to(lse.dtype) * logp).to(weight.dtype)
+        return gl, None, gw
+
+    return _backward
 
 
-score_surrogate.register_autograd(_backward, setup_context=_setup)
+score_surrogate.register_autograd(_make_backward(score_surrogate_backward), setup_context=_setup)
+surrogate = _backend.entry(score_surrogate, "score_surrogate", "score_surrogate", reference, _setup, _make_backward,
+                           reference_backward)
