@@ -63,6 +63,25 @@ def _vae_table(path: Path) -> list:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in data["skipped"].items())]
+    inter = data.get("interleaved") or {}
+    if inter:
+        ii = [i for i in ["graph", "functional"] if any(i in r for r in inter.values())]
+        goal = {"sf1": 1.05, "sf10_batch_average": 1.05, "gumbel": 1.05, "expect": 1.10}
+        lines += ["", "Interleaved in one process (fastgrad and plain torch step by step in turn; Storchastic cannot "
+                  "join: it patches torch). Cells: median (quartiles) of the per-step ratio to the paired plain step; "
+                  "goal from the benchmarks issue, met or missed.", "",
+                  "| method | " + " | ".join(ii) + " | goal |", "|---|" + "---|" * (len(ii) + 1)]
+        for method, row in inter.items():
+            g = goal.get(method)
+            cells = []
+            for i in ii:
+                c = row.get(i)
+                if not c:
+                    cells.append("")
+                    continue
+                verdict = "" if g is None else (" met" if c["ratio_to_plain"] <= g else " **missed**")
+                cells.append(f"x{c['ratio_to_plain']:.3f} ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f}){verdict}")
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {'<= %.2f' % g if g else '-'} |")
     return lines + [""]
 
 

@@ -29,3 +29,11 @@ def test_render_tables():
         assert any("|" in line for line in render._ops_table(p))
     for p in render.RES.glob("vae_step_*.json"):
         assert any("sf1" in line for line in render._vae_table(p))
+
+
+def test_interleaved_worker_pairs_every_step():
+    from benchmarks import vae_step
+
+    res = vae_step.worker_interleaved("sf1", ["plain", "graph"], steps=2, warmup=1, threads=1)
+    assert set(res["times_s"]) == {"plain", "graph"}
+    assert all(len(t) == 2 and min(t) > 0 for t in res["times_s"].values())

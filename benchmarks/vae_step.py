@@ -4,7 +4,9 @@
 
 Each (round, method, implementation) runs in a fresh process: same seed, model initialization and batch, a few
 warm-up steps, then the median of ``--steps`` step times. The report gives, per method and implementation, the
-median over rounds of the per-round ratio to plain torch, with min and max. Writes
+median over rounds of the per-round ratio to plain torch, with min and max. Implementations that do not patch
+torch (plain, graph, functional) are also timed interleaved step by step in one process; their per-step ratios
+to the paired plain step (median and quartiles) are the low-noise comparison. Writes
 ``benchmarks/results/vae_step_<machine>.json``. Implementations whose package is missing are skipped.
 """
 from __future__ import annotations
@@ -43,6 +45,28 @@ def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dic
     return {"impl": impl, "method": method, "median_s": statistics.median(times), "times_s": times}
 
 
+def worker_interleaved(method: str, impls: list, steps: int, warmup: int, threads: int) -> dict:
+    """fastgrad and plain torch in one process (neither patches torch), step by step in turn: paired step
+    times, far less exposed to the machine's drift than separate processes."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from benchmarks import vae_impls
+    from fastgrad.examples.mnist import load_mnist
+
+    images, _ = load_mnist("train")
+    data = images[:64].clone()
+    fns = {i: vae_impls.IMPLS[i](method, vae_impls.make_model(0), data) for i in impls}
+    times = {i: [] for i in impls}
+    for k in range(warmup + steps):
+        for i in impls:
+            t = time.perf_counter()
+            fns[i]()
+            if k >= warmup:
+                times[i].append(time.perf_counter() - t)
+    return {"method": method, "times_s": times}
+
+
 def machine() -> dict:
     import platform
 
@@ -73,10 +97,17 @@ def main() -> None:
     ap.add_argument("--impls", default="plain,graph,functional,storchastic,pyro")
     ap.add_argument("--methods", default="sf1,sf10_batch_average,gumbel,straight_through,expect")
     ap.add_argument("--out", default=str(HERE / "results" / "vae_step_cpu.json"))
+    ap.add_argument("--interleaved", default="plain,graph,functional",
+                    help="implementations also timed step by step in one process (paired ratios); '' to skip")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "METHOD"))
+    ap.add_argument("--worker-interleaved", nargs=2, metavar=("IMPLS", "METHOD"))
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.threads)))
+        return
+    if args.worker_interleaved:
+        impls, method = args.worker_interleaved
+        print(json.dumps(worker_interleaved(method, impls.split(","), args.steps, args.warmup, args.threads)))
         return
     impls = args.impls.split(",")
     methods = args.methods.split(",")
@@ -116,7 +147,32 @@ def main() -> None:
                 table.setdefault(method, {})[impl] = {
                     "ratio_to_plain": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                     "median_ms": statistics.median(meds) * 1e3}
+    interleaved = {}
+    inter_impls = [i for i in args.interleaved.split(",") if i]
+    if inter_impls:
+        for method in methods:
+            pairs = {i: [] for i in inter_impls}
+            for r in range(args.rounds):
+                cmd = [sys.executable, __file__, "--worker-interleaved", ",".join(inter_impls), method,
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode != 0:
+                    print(f"interleaved {method} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+                    continue
+                ts = json.loads(p.stdout.strip().splitlines()[-1])["times_s"]
+                for i in inter_impls:
+                    pairs[i] += [a / b for a, b in zip(ts[i], ts["plain"])]
+            row = {}
+            for i, rs in pairs.items():
+                if rs:
+                    q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
+                    row[i] = {"ratio_to_plain": statistics.median(rs), "ratio_q1": q[0], "ratio_q3": q[2],
+                              "pairs": len(rs)}
+            interleaved[method] = row
+            print(f"interleaved {method:20s} " + " ".join(f"{i} x{c['ratio_to_plain']:.3f}" for i, c in row.items()),
+                  file=sys.stderr)
     out = {"machine": machine(), "rounds": args.rounds, "steps": args.steps, "table": table, "skipped": skipped,
+           "interleaved": interleaved,
            "runs": [{k: v for k, v in x.items() if k != "times_s"} for x in runs]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
