@@ -20,7 +20,37 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int) -> dict:
+def grad_stats(lib, method: str, model, batch, n_grads: int) -> dict:
+    """The seed tutorial's checkpoint numbers for a Storchastic-compatible ``lib`` (fastgrad or storchastic):
+    variance over ``n_grads`` estimates of ``z.param_grads["probs"]`` and the squared bias of their mean against
+    the exact gradient from Expect. Parameters are not updated."""
+    import torch
+    from torch.distributions import OneHotCategorical
+
+    from benchmarks.vae_impls import _storch_method
+
+    def story(m):
+        x = lib.denote_independent(batch.view(-1, 784), 0, "data")
+        q = OneHotCategorical(probs=model.encode(x).reshape(-1, 2, 10).softmax(dim=-1))
+        z = m(q)
+        prior = OneHotCategorical(probs=torch.ones_like(q.probs) / 10.0)
+        lib.add_cost(torch.distributions.kl_divergence(q, prior).sum(-1), "kl-div")
+        rec = model.decode(z.reshape(z.shape[:-2] + (2 * 10,)))
+        lib.add_cost(torch.nn.BCELoss(reduction="none")(rec, x).sum(-1), "reconstruction")
+        lib.backward()
+        return z.param_grads["probs"]
+
+    exact = story(lib.method.Expect("z"))
+    m = _storch_method(lib, method)
+    grads = lib.gather_samples([story(m) for _ in range(n_grads)], "gradients")
+    mean = lib.reduce_plates(grads, "gradients")
+    bias = lib.reduce_plates((mean - exact) ** 2).sum()
+    model.zero_grad()
+    return {"grad_variance": float(lib.variance(grads, "gradients")._tensor), "grad_bias": float(bias._tensor)}
+
+
+def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int, eval_every: int = 300,
+           n_grads: int = 20) -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -34,7 +64,14 @@ def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int) -> di
     step = vae_impls.IMPLS[impl](method, model, images[:64])
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    elbos, n = [], 0
+    lib = None
+    if impl in ("graph", "storchastic") and method != "expect":
+        import importlib
+
+        lib = importlib.import_module("fastgrad" if impl == "graph" else "storch")
+    checkpoints = []
+    eval_batch = test[:64]
+    elbos, n, by_epoch = [], 0, []
     t0 = time.perf_counter()
     for _ in range(epochs):
         for batch in batches(images, 64, gen):
@@ -42,8 +79,18 @@ def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int) -> di
                 break
             elbos.append(step(batch))
             n += 1
+            if lib is not None and n % eval_every == 0:
+                checkpoints.append({"step": n, **grad_stats(lib, method, model, eval_batch, n_grads)})
+        by_epoch.append(exact_neg_elbo(model, test))  # exact test -ELBO after every epoch
     return {"impl": impl, "method": method, "seed": seed, "steps": n, "seconds": time.perf_counter() - t0,
-            "test_neg_elbo": exact_neg_elbo(model, test), "train_elbo": elbos}
+            "test_neg_elbo": by_epoch[-1], "test_neg_elbo_by_epoch": by_epoch, "train_elbo": elbos,
+            "checkpoints": checkpoints}
+
+
+def _mean_checkpoint(rs: list, key: str):
+    """Mean over seeds and checkpoints of a gradient statistic (None when no run has checkpoints)."""
+    vals = [k[key] for r in rs for k in r.get("checkpoints", [])]
+    return statistics.mean(vals) if vals else None
 
 
 def write(runs: list, args) -> dict:
@@ -55,8 +102,14 @@ def write(runs: list, args) -> dict:
             if not rs:
                 continue
             tests = [r["test_neg_elbo"] for r in rs]
+            first = [r.get("test_neg_elbo_by_epoch", [r["test_neg_elbo"]])[0] for r in rs]
             rows.append({"impl": impl, "method": method, "seeds": len(rs), "test_mean": statistics.mean(tests),
                          "test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                         "epoch1_mean": statistics.mean(first),
+                         "epoch1_sd": statistics.stdev(first) if len(first) > 1 else 0.0,
+                         "seed_list": [r["seed"] for r in rs],
+                         "grad_variance_mean": _mean_checkpoint(rs, "grad_variance"),
+                         "grad_bias_mean": _mean_checkpoint(rs, "grad_bias"),
                          "train_mean": statistics.mean(statistics.mean(r["train_elbo"][-100:]) for r in rs),
                          "per_seed": tests})
             for r in rs:
@@ -64,12 +117,14 @@ def write(runs: list, args) -> dict:
                 k = 50  # moving average for the plot
                 sm = [statistics.mean(e[max(0, i - k): i + 1]) for i in range(0, len(e), 10)]
                 curves.append({"impl": impl, "method": method, "seed": r["seed"],
-                               "steps": list(range(0, len(e), 10)), "elbo": sm})
+                               "steps": list(range(0, len(e), 10)), "elbo": sm,
+                               "checkpoints": r.get("checkpoints", [])})
     from benchmarks.vae_step import machine
 
     out = {"machine": machine(), "epochs": args.epochs, "rows": rows, "curves": curves,
            "note": f"{args.epochs} epoch(s), batch 64, Adam 1e-3, same seeds, initialization and data order for "
-                   "every implementation; test -ELBO exact over the 100 latent configurations."}
+                   "every implementation; test -ELBO exact over the 100 latent configurations, after epoch 1 and "
+                   "after the last epoch."}
     Path(args.out).write_text(json.dumps(out, indent=1))
     return out
 

@@ -88,10 +88,16 @@ def _vae_table(path: Path) -> list:
 def _quality_table(path: Path) -> list:
     data = json.loads(path.read_text())
     lines = [f"### {path.name}", "", data.get("note", ""), "",
-             "| implementation | method | seeds | test -ELBO (mean +- sd) | last-100-step train -ELBO |", "|---|---|---|---|---|"]
+             "| implementation | method | seeds | test -ELBO after epoch 1 | test -ELBO after the last epoch "
+             "(mean +- sd) | last-100-step train -ELBO | gradient variance / bias (mean over checkpoints) |",
+             "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['impl']} | {r['method']} | {r['seeds']} | {r['test_mean']:.2f} +- {r['test_sd']:.2f} | "
-                     f"{r['train_mean']:.2f} |")
+        e1 = f"{r['epoch1_mean']:.2f} +- {r['epoch1_sd']:.2f}" if "epoch1_mean" in r else ""
+        seeds = r.get("seed_list", r["seeds"])
+        vb = (f"{r['grad_variance_mean']:.3g} / {r['grad_bias_mean']:.3g}"
+              if r.get("grad_variance_mean") is not None else "")
+        lines.append(f"| {r['impl']} | {r['method']} | {seeds} | {e1} | {r['test_mean']:.2f} +- {r['test_sd']:.2f} | "
+                     f"{r['train_mean']:.2f} | {vb} |")
     return lines + [""]
 
 
@@ -126,13 +132,25 @@ def _plots() -> list:
         data = json.loads(path.read_text())
         if not data.get("curves"):
             continue
-        fig, ax = plt.subplots(figsize=(8, 4))
+        has_var = any(c.get("checkpoints") for c in data["curves"])
+        fig, axes = plt.subplots(1, 2 if has_var else 1, figsize=(12 if has_var else 8, 4), squeeze=False)
+        ax = axes[0][0]
         for c in data["curves"]:
             ax.plot(c["steps"], c["elbo"], lw=0.8, label=f"{c['impl']} {c['method']} seed {c['seed']}")
         ax.set_xlabel("step")
         ax.set_ylabel("training -ELBO (smoothed)")
         ax.set_ylim(top=300)
         ax.legend(fontsize=6)
+        if has_var:
+            ax = axes[0][1]
+            for c in data["curves"]:
+                if c.get("checkpoints"):
+                    ax.semilogy([k["step"] for k in c["checkpoints"]],
+                                [max(k["grad_variance"], 1e-30) for k in c["checkpoints"]], "o-", lw=0.8,
+                                label=f"{c['impl']} {c['method']} seed {c['seed']}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("gradient variance of probs (checkpoints)")
+            ax.legend(fontsize=6)
         fig.tight_layout()
         out = path.with_suffix(".png")
         fig.savefig(out, dpi=90)
