@@ -136,19 +136,22 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=10**9)
+    ap.add_argument("--eval-every", type=int, default=300, help="steps between gradient variance/bias checkpoints")
+    ap.add_argument("--n-grads", type=int, default=20, help="gradient estimates per checkpoint")
     ap.add_argument("--out", default=str(HERE / "results" / "quality_cpu.json"))
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "METHOD", "SEED"))
     args = ap.parse_args()
     if args.worker:
         impl, method, seed = args.worker
-        print(json.dumps(worker(impl, method, int(seed), args.epochs, args.max_steps)))
+        print(json.dumps(worker(impl, method, int(seed), args.epochs, args.max_steps, args.eval_every, args.n_grads)))
         return
     runs = []
     for seed in map(int, args.seeds.split(",")):
         for method in args.methods.split(","):
             for impl in args.impls.split(","):
                 cmd = [sys.executable, __file__, "--worker", impl, method, str(seed), "--epochs", str(args.epochs),
-                       "--max-steps", str(args.max_steps)]
+                       "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
+                       "--n-grads", str(args.n_grads)]
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 if p.returncode != 0:
                     print(f"{impl}/{method}/{seed} failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

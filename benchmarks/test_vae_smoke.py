@@ -37,3 +37,17 @@ def test_interleaved_worker_pairs_every_step():
     res = vae_step.worker_interleaved("sf1", ["plain", "graph"], steps=2, warmup=1, threads=1)
     assert set(res["times_s"]) == {"plain", "graph"}
     assert all(len(t) == 2 and min(t) > 0 for t in res["times_s"].values())
+
+
+def test_quality_grad_stats_are_finite_and_exact_gradient_has_no_bias():
+    import fastgrad
+    from benchmarks import quality
+
+    model = vae_impls.make_model(0)
+    batch = torch.rand(8, 28, 28, generator=torch.Generator().manual_seed(1))
+    sf = quality.grad_stats(fastgrad, "sf10_batch_average", model, batch, n_grads=3)
+    assert sf["grad_variance"] > 0 and sf["grad_bias"] >= 0
+    # Expect against Expect: identical gradients, zero variance and zero bias
+    ex = quality.grad_stats(fastgrad, "expect", model, batch, n_grads=2)
+    assert ex["grad_variance"] == pytest.approx(0.0, abs=1e-12) and ex["grad_bias"] == pytest.approx(0.0, abs=1e-12)
+    assert all(p.grad is None or not p.grad.abs().sum() for p in model.parameters())

@@ -101,39 +101,44 @@ inline void fill_uniform(uint64_t seed, uint64_t offset, uint64_t e0, int64_t K,
   for (int64_t k = 0; k < K; ++k) u[k] = w[k];
 }
 
-// max of x[0..n) (n >= 1, no NaN)
-inline float max_of(const float* x, int64_t n) {
+// Horizontal reduction of x[0..n) with an op that has a float and (with AVX2) an __m256 overload:
+// 8 lanes accumulate, then the lanes fold left to right, then the tail.
+template <typename Op>
+inline float reduce_f32(const float* x, int64_t n, float init, Op op) {
   int64_t i = 0;
-  float m = -INFINITY;
+  float r = init;
 #ifdef FG_MVEC
   if (n >= 8) {
     __m256 v = _mm256_loadu_ps(x);
-    for (i = 8; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + i));
+    for (i = 8; i + 8 <= n; i += 8) v = op(v, _mm256_loadu_ps(x + i));
     alignas(32) float t[8];
     _mm256_store_ps(t, v);
-    for (int j = 0; j < 8; ++j) m = std::max(m, t[j]);
+    for (int j = 0; j < 8; ++j) r = op(r, t[j]);
   }
 #endif
-  for (; i < n; ++i) m = std::max(m, x[i]);
-  return m;
+  for (; i < n; ++i) r = op(r, x[i]);
+  return r;
 }
 
-// sum of x[0..n) with 8 partial sums
-inline float sum_of(const float* x, int64_t n) {
-  int64_t i = 0;
-  float s = 0;
+struct MaxOp {
+  float operator()(float a, float b) const { return std::max(a, b); }
 #ifdef FG_MVEC
-  if (n >= 8) {
-    __m256 v = _mm256_loadu_ps(x);
-    for (i = 8; i + 8 <= n; i += 8) v = _mm256_add_ps(v, _mm256_loadu_ps(x + i));
-    alignas(32) float t[8];
-    _mm256_store_ps(t, v);
-    for (int j = 0; j < 8; ++j) s += t[j];
-  }
+  __m256 operator()(__m256 a, __m256 b) const { return _mm256_max_ps(a, b); }
 #endif
-  for (; i < n; ++i) s += x[i];
-  return s;
-}
+};
+
+struct AddOp {
+  float operator()(float a, float b) const { return a + b; }
+#ifdef FG_MVEC
+  __m256 operator()(__m256 a, __m256 b) const { return _mm256_add_ps(a, b); }
+#endif
+};
+
+// max of x[0..n) (no NaN; -inf for n = 0)
+inline float max_of(const float* x, int64_t n) { return reduce_f32(x, n, -INFINITY, MaxOp{}); }
+
+// sum of x[0..n) with 8 partial sums
+inline float sum_of(const float* x, int64_t n) { return reduce_f32(x, n, 0.0f, AddOp{}); }
 
 // first index k in [0, n) with c[k] > t, or n (std::upper_bound), without data-dependent branches
 inline int64_t upper_bound_branchless(const double* c, int64_t n, double t) {
