@@ -131,13 +131,16 @@ def test_enumerate_matches_reference(backend, dtype, B, k, K):
 def test_gradcheck_float64(backend):
     fast = backend == "triton" and INTERPRETED  # random-projection gradcheck: fewer interpreted launches
     with fastgrad.backend(backend):
-        l = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-        torch.autograd.gradcheck(lambda x: gs.gumbel_softmax(x, 2, 0.8, False, 7, 1), (l,), fast_mode=fast)
-        idx = torch.randint(0, 6, (3, 4))
-        w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-        torch.autograd.gradcheck(lambda x, ww: ss.score_surrogate(x, idx, ww)[0], (l, w), fast_mode=fast)
-        l3 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
-        torch.autograd.gradcheck(el.enumerate_log_probs, (l3,), fast_mode=fast)
+        # the registered ops and the eager entries fastgrad.functional calls
+        for gumbel, surrogate, enumerate_ in ((gs.gumbel_softmax, ss.score_surrogate, el.enumerate_log_probs),
+                                              (gs.sample, ss.surrogate, el.log_probs)):
+            l = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+            torch.autograd.gradcheck(lambda x: gumbel(x, 2, 0.8, False, 7, 1), (l,), fast_mode=fast)
+            idx = torch.randint(0, 6, (3, 4))
+            w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+            torch.autograd.gradcheck(lambda x, ww: surrogate(x, idx, ww)[0], (l, w), fast_mode=fast)
+            l3 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+            torch.autograd.gradcheck(enumerate_, (l3,), fast_mode=fast)
 
 
 def _samples():
@@ -275,3 +278,33 @@ def test_surrogate_rejects_nonfinite_rows_from_its_logsumexp(backend):
         torch.testing.assert_close(out[0], expect, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="NaN or \\+inf"):
             F.categorical_log_prob(torch.tensor([[0.0, float("nan")]]), torch.zeros(1, 1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_entries_match_the_registered_ops(backend):
+    """fastgrad.functional's eager path (direct backend call in an autograd.Function) and the torch.library op
+    (what torch.compile sees) give the same values and the same gradients."""
+    g = torch.Generator().manual_seed(3)
+    l0 = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 7, (3, 12), generator=g)
+    w = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    cases = [
+        (lambda f, l: f(l, idx, w)[0], ss.surrogate, ss.score_surrogate),
+        (lambda f, l: f(l, 2, 0.7, False, 5, 11), gs.sample, gs.gumbel_softmax),
+        (lambda f, l: f(l, 2, 0.7, True, 5, 11), gs.sample, gs.gumbel_softmax),
+        (lambda f, l: f(l.view(4, 3, 7)), el.log_probs, el.enumerate_log_probs),
+    ]
+    with fastgrad.backend(backend):
+        for call, eager, registered in cases:
+            outs, grads = [], []
+            for fn in (eager, registered):
+                l = l0.clone().requires_grad_()
+                out = call(fn, l)
+                (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+                outs.append(out.detach())
+                grads.append(l.grad)
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+            torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+        a = cs.sample(l0.float(), 4, 9, 2, True)
+        b = cs.categorical_sample(l0.float(), 4, 9, 2, True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -128,7 +128,6 @@ def run(name: str, kernel_module: str, reference: Callable[..., Any], *args: Any
     return reference(*args)
 
 
-
 def entry(op: Callable[..., Any], name: str, kernel_module: str, reference: Callable[..., Any],
           setup_context: Optional[Callable[..., None]] = None,
           make_backward: Optional[Callable[[Callable[..., Any]], Callable[..., Any]]] = None,
