@@ -89,13 +89,13 @@ def _quality_table(path: Path) -> list:
     data = json.loads(path.read_text())
     lines = [f"### {path.name}", "", data.get("note", ""), "",
              "| implementation | method | seeds | test -ELBO after epoch 1 | test -ELBO after the last epoch "
-             "(mean +- sd) | last-100-step train -ELBO | gradient variance / bias (mean over checkpoints) |",
+             "(mean +- sd) | last-100-step train -ELBO | gradient variance / bias of probs (median over checkpoints) |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         e1 = f"{r['epoch1_mean']:.2f} +- {r['epoch1_sd']:.2f}" if "epoch1_mean" in r else ""
         seeds = r.get("seed_list", r["seeds"])
-        vb = (f"{r['grad_variance_mean']:.3g} / {r['grad_bias_mean']:.3g}"
-              if r.get("grad_variance_mean") is not None else "")
+        vb = (f"{r['grad_variance_median']:.3g} / {r['grad_bias_median']:.3g}"
+              if r.get("grad_variance_median") is not None else "")
         lines.append(f"| {r['impl']} | {r['method']} | {seeds} | {e1} | {r['test_mean']:.2f} +- {r['test_sd']:.2f} | "
                      f"{r['train_mean']:.2f} | {vb} |")
     return lines + [""]

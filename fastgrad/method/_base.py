@@ -66,7 +66,9 @@ class Params:
         """Normalized logits ``[plates..., extra..., K]`` (differentiable) of a categorical family."""
         name, (_, raw) = next(iter(self.given.items()))
         if name == "probs":
-            return torch.log(raw.clamp_min(torch.finfo(raw.dtype).tiny))
+            # torch.distributions' own conversion (probs clamped to [eps, 1 - eps]): samples, log-probs and
+            # enumeration weights see the distribution exactly as its log_prob (and Storchastic) does
+            return D.utils.probs_to_logits(raw)
         return raw
 
     def bernoulli_logits(self) -> torch.Tensor:
