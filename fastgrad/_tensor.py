@@ -191,12 +191,16 @@ def _new(cls: type, t: torch.Tensor, plates: Tuple[Plate, ...]) -> "Tensor":
     return obj
 
 
+def _holds_tensor(v: Any) -> bool:
+    return isinstance(v, Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, Tensor) for x in v))
+
+
 def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
     """Run a torch function on plate-aware arguments and wrap the result (the one dispatch routine)."""
     kind = _kind(func)
     # Fast path (the common case, a few microseconds): plate-aware tensors only among the positional arguments,
     # all sharing one plate tuple and one rank, none inside lists, no expansion needed.
-    if not kwargs or not any(isinstance(v, Tensor) for v in kwargs.values()):
+    if not kwargs or not any(_holds_tensor(v) for v in kwargs.values()):
         plates = None
         nd = -1
         count = 0

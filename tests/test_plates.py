@@ -170,3 +170,13 @@ def test_distribution_validation_still_on():
     with pytest.raises(ValueError):
         Normal(x, -torch.ones(3), validate_args=True)
     assert torch.distributions.Distribution._validate_args is True or __debug__
+
+
+def test_plate_tensors_inside_lists_and_keyword_lists():
+    a = storch.denote_independent(torch.randn(4, 3), 0, "data")
+    b = storch.denote_independent(torch.randn(4, 3), 0, "data")
+    for out in (torch.cat(tensors=[a, b], dim=-1), torch.cat([a, b], -1)):
+        assert out.plates == a.plates and tuple(out.shape) == (4, 6)
+        torch.testing.assert_close(out._tensor, torch.cat([a._tensor, b._tensor], -1))
+    s = torch.stack([a, b], dim=-1)
+    assert s.plates == a.plates and tuple(s.shape) == (4, 3, 2)
