@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dict:
+def _setup(threads: int):
+    """Thread count, the harness module and the benchmark batch (the first 64 training images)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -32,7 +33,11 @@ def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dic
     from fastgrad.examples.mnist import load_mnist
 
     images, _ = load_mnist("train")
-    data = images[:64].clone()
+    return vae_impls, images[:64].clone()
+
+
+def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dict:
+    vae_impls, data = _setup(threads)
     model = vae_impls.make_model(0)
     step = vae_impls.IMPLS[impl](method, model, data)
     for _ in range(warmup):
@@ -48,14 +53,7 @@ def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dic
 def worker_interleaved(method: str, impls: list, steps: int, warmup: int, threads: int) -> dict:
     """fastgrad and plain torch in one process (neither patches torch), step by step in turn: paired step
     times, far less exposed to the machine's drift than separate processes."""
-    import torch
-
-    torch.set_num_threads(threads)
-    from benchmarks import vae_impls
-    from fastgrad.examples.mnist import load_mnist
-
-    images, _ = load_mnist("train")
-    data = images[:64].clone()
+    vae_impls, data = _setup(threads)
     fns = {i: vae_impls.IMPLS[i](method, vae_impls.make_model(0), data) for i in impls}
     times = {i: [] for i in impls}
     for k in range(warmup + steps):

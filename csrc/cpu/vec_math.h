@@ -152,20 +152,32 @@ inline int64_t upper_bound_branchless(const double* c, int64_t n, double t) {
   return (b - c) + (*b <= t);
 }
 
-inline void log_inplace(float* x, int64_t n) {
+// x[i] = op(x[i]) for i < n, 8 lanes at a time through the op's __m256 overload (libmvec) where available
+template <typename Op>
+inline void map_inplace(float* x, int64_t n, Op op) {
   int64_t i = 0;
 #ifdef FG_MVEC
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _ZGVdN8v_logf(_mm256_loadu_ps(x + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, op(_mm256_loadu_ps(x + i)));
 #endif
-  for (; i < n; ++i) x[i] = std::log(x[i]);
+  for (; i < n; ++i) x[i] = op(x[i]);
 }
 
-inline void exp_inplace(float* x, int64_t n) {
-  int64_t i = 0;
+struct LogOp {
+  float operator()(float v) const { return std::log(v); }
 #ifdef FG_MVEC
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _ZGVdN8v_expf(_mm256_loadu_ps(x + i)));
+  __m256 operator()(__m256 v) const { return _ZGVdN8v_logf(v); }
 #endif
-  for (; i < n; ++i) x[i] = std::exp(x[i]);
-}
+};
+
+struct ExpOp {
+  float operator()(float v) const { return std::exp(v); }
+#ifdef FG_MVEC
+  __m256 operator()(__m256 v) const { return _ZGVdN8v_expf(v); }
+#endif
+};
+
+inline void log_inplace(float* x, int64_t n) { map_inplace(x, n, LogOp{}); }
+
+inline void exp_inplace(float* x, int64_t n) { map_inplace(x, n, ExpOp{}); }
 
 }  // namespace fastgrad
