@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import render, vae_impls
 
-IMPLS = ["plain", "graph", "functional"] + [
+IMPLS = ["plain", "plain_distributions", "graph", "functional"] + [
     name for name, mod in (("storchastic", "storch"), ("pyro", "pyro")) if importlib.util.find_spec(mod)]
 
 
@@ -35,8 +35,18 @@ def test_interleaved_worker_pairs_every_step():
     from benchmarks import vae_step
 
     res = vae_step.worker_interleaved("sf1", ["plain", "graph"], steps=2, warmup=1, threads=1)
-    assert set(res["times_s"]) == {"plain", "graph"}
+    assert set(res["times_s"]) == {"plain", "graph"} == set(res["faults_per_step"])
     assert all(len(t) == 2 and min(t) > 0 for t in res["times_s"].values())
+    assert all(f >= 0 for f in res["faults_per_step"].values())
+
+
+def test_malloc_modes_set_only_their_variables(monkeypatch):
+    from benchmarks import vae_step
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    assert "MALLOC_TRIM_THRESHOLD_" not in vae_step._env("default")  # the user's default, not a leftover
+    steady = vae_step._env("steady")
+    assert steady["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30) and steady["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
 
 
 def test_quality_grad_stats_are_finite_and_exact_gradient_has_no_bias():

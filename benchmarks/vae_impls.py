@@ -1,7 +1,8 @@
 """One training step of the seed VAE (batch 64, Adam 1e-3) per implementation and method.
 
 Every implementation gets the same model initialization and data; each returns ``step() -> float`` (the
-estimated -ELBO). Implementations: ``plain`` (hand-written torch), ``graph`` (fastgrad's Storchastic API,
+estimated -ELBO). Implementations: ``plain`` (hand-written torch), ``plain_distributions`` (hand-written torch
+through torch.distributions, as the tutorial's code uses them), ``graph`` (fastgrad's Storchastic API,
 the tutorial's code), ``functional`` (fastgrad.functional), ``storchastic`` and ``pyro`` (optional extras,
 run in their own processes by ``vae_step.py`` because Storchastic patches torch globally).
 """
@@ -62,6 +63,52 @@ def plain(method: str, model, data: torch.Tensor) -> Callable[[], float]:
             bce = TF.binary_cross_entropy(rec.expand(100, B, 784), x.expand(100, B, 784), reduction="none").sum(-1)
             logq = logp[:, 0, :].t()[:, None, :] + logp[:, 1, :].t()[None, :, :]  # [10, 10, B]
             loss = value = kl.mean() + (logq.reshape(100, B).exp() * bce).sum(0).mean()
+        else:
+            raise ValueError(method)
+        loss.backward()
+        opt.step()
+        return float(value.detach())
+
+    return step
+
+
+def plain_distributions(method: str, model, data: torch.Tensor) -> Callable[[], float]:
+    """Hand-written torch that uses ``torch.distributions`` as the tutorial does (argument validation on, as
+    torch's default): the cost of the distribution objects themselves, without any plate bookkeeping."""
+    from torch.distributions import OneHotCategorical, RelaxedOneHotCategorical, kl_divergence
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).float()  # [100, 2, 10]
+
+    def step(batch: torch.Tensor = data) -> float:
+        x = batch.view(-1, 784)
+        B = x.shape[0]
+        opt.zero_grad()
+        q = OneHotCategorical(probs=model.encode(x).view(B, 2, 10).softmax(-1))
+        prior = OneHotCategorical(probs=torch.ones_like(q.probs) / 10.0)
+        kl = kl_divergence(q, prior).sum(-1)
+        if method in ("sf1", "sf10_batch_average"):
+            n = 1 if method == "sf1" else 10
+            z = q.sample((n,))
+            bce = TF.binary_cross_entropy(model.decode(z.view(n, B, 20)), x.expand(n, B, 784),
+                                          reduction="none").sum(-1)
+            c = bce.detach()
+            if n > 1:
+                c = c - (c.sum(0, keepdim=True) - c) / (n - 1)
+            loss = kl.mean() + bce.mean() + (q.log_prob(z).sum(-1) * c).mean()
+            value = kl.mean() + bce.mean()
+        elif method in ("gumbel", "straight_through"):
+            z = RelaxedOneHotCategorical(torch.tensor(1.0), probs=q.probs).rsample((1,))
+            if method == "straight_through":
+                z = TF.one_hot(z.argmax(-1), 10).to(z) - z.detach() + z
+            bce = TF.binary_cross_entropy(model.decode(z.view(1, B, 20)), x.expand(1, B, 784),
+                                          reduction="none").sum(-1)
+            loss = value = kl.mean() + bce.mean()
+        elif method == "expect":
+            rec = model.decode(configs.view(100, 1, 20))
+            bce = TF.binary_cross_entropy(rec.expand(100, B, 784), x.expand(100, B, 784), reduction="none").sum(-1)
+            logq = q.log_prob(configs.view(100, 1, 2, 10)).sum(-1)  # [100, B]
+            loss = value = kl.mean() + (logq.exp() * bce).sum(0).mean()
         else:
             raise ValueError(method)
         loss.backward()
@@ -205,4 +252,4 @@ def pyro(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     return lambda batch=data: svi.step(batch.view(-1, 784)) / batch.shape[0]
 
 
-IMPLS = {"plain": plain, "graph": graph, "functional": functional, "storchastic": storchastic, "pyro": pyro}
+IMPLS = {"plain": plain, "plain_distributions": plain_distributions, "graph": graph, "functional": functional, "storchastic": storchastic, "pyro": pyro}

@@ -5,8 +5,9 @@
 Each (round, method, implementation) runs in a fresh process: same seed, model initialization and batch, a few
 warm-up steps, then the median of ``--steps`` step times. The report gives, per method and implementation, the
 median over rounds of the per-round ratio to plain torch, with min and max. Implementations that do not patch
-torch (plain, graph, functional) are also timed interleaved step by step in one process; their per-step ratios
-to the paired plain step (median and quartiles) are the low-noise comparison. Writes
+torch (plain, plain_distributions, graph, functional) are also timed interleaved step by step in one process;
+their per-step ratios to the paired plain step (median and quartiles) are the low-noise comparison, run under
+each glibc malloc mode of ``--malloc`` (see MALLOC). Minor page faults per step are recorded everywhere. Writes
 ``benchmarks/results/vae_step_<machine>.json``. Implementations whose package is missing are skipped.
 """
 from __future__ import annotations
@@ -36,6 +37,26 @@ def _setup(threads: int):
     return vae_impls, images[:64].clone()
 
 
+# glibc malloc settings per mode, the same for every implementation. "default" is what a user gets; its
+# heuristics (a dynamic mmap threshold, trimming the heap top) return freed blocks of a few MB to the kernel
+# and fault them back in on the next step, and whether that happens depends on each implementation's heap
+# layout (measured: 0 to 900 page faults per step, flipping with the order steps run in). "steady" fixes the
+# thresholds so that no implementation faults in steady state: the remaining difference is the work done.
+MALLOC = {"default": {}, "steady": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}
+
+
+def _env(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(MALLOC[mode])
+    return env
+
+
+def _faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dict:
     vae_impls, data = _setup(threads)
     model = vae_impls.make_model(0)
@@ -43,11 +64,13 @@ def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dic
     for _ in range(warmup):
         step()
     times = []
+    f0 = _faults()
     for _ in range(steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"impl": impl, "method": method, "median_s": statistics.median(times), "times_s": times}
+    return {"impl": impl, "method": method, "median_s": statistics.median(times), "times_s": times,
+            "faults_per_step": (_faults() - f0) / steps}
 
 
 def worker_interleaved(method: str, impls: list, steps: int, warmup: int, threads: int) -> dict:
@@ -56,13 +79,16 @@ def worker_interleaved(method: str, impls: list, steps: int, warmup: int, thread
     vae_impls, data = _setup(threads)
     fns = {i: vae_impls.IMPLS[i](method, vae_impls.make_model(0), data) for i in impls}
     times = {i: [] for i in impls}
+    faults = {i: 0 for i in impls}
     for k in range(warmup + steps):
         for i in impls:
+            f0 = _faults()
             t = time.perf_counter()
             fns[i]()
             if k >= warmup:
                 times[i].append(time.perf_counter() - t)
-    return {"method": method, "times_s": times}
+                faults[i] += _faults() - f0
+    return {"method": method, "times_s": times, "faults_per_step": {i: f / steps for i, f in faults.items()}}
 
 
 def machine() -> dict:
@@ -95,8 +121,11 @@ def main() -> None:
     ap.add_argument("--impls", default="plain,graph,functional,storchastic,pyro")
     ap.add_argument("--methods", default="sf1,sf10_batch_average,gumbel,straight_through,expect")
     ap.add_argument("--out", default=str(HERE / "results" / "vae_step_cpu.json"))
-    ap.add_argument("--interleaved", default="plain,graph,functional",
+    ap.add_argument("--interleaved", default="plain,plain_distributions,graph,functional",
                     help="implementations also timed step by step in one process (paired ratios); '' to skip")
+    ap.add_argument("--malloc", default="default,steady",
+                    help=f"glibc malloc modes for the interleaved runs, from {sorted(MALLOC)} (per-process rounds: "
+                         "the first)")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "METHOD"))
     ap.add_argument("--worker-interleaved", nargs=2, metavar=("IMPLS", "METHOD"))
     args = ap.parse_args()
@@ -109,6 +138,10 @@ def main() -> None:
         return
     impls = args.impls.split(",")
     methods = args.methods.split(",")
+    modes = args.malloc.split(",")
+    for m in modes:
+        if m not in MALLOC:
+            ap.error(f"--malloc: unknown mode {m!r}, expected one of {sorted(MALLOC)}")
     runs = []
     skipped = {}
     for r in range(args.rounds):
@@ -118,7 +151,7 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--worker", impl, method, "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--threads", str(args.threads)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
+                p = subprocess.run(cmd, capture_output=True, text=True, env=_env(modes[0]))
                 if p.returncode != 0:
                     last = (p.stderr.strip().splitlines() or ["?"])[-1]
                     if "ModuleNotFoundError" in p.stderr or "ImportError" in p.stderr:
@@ -142,35 +175,45 @@ def main() -> None:
                     ratios.append(a[0]["median_s"] / b[0]["median_s"])
                     meds.append(a[0]["median_s"])
             if ratios:
+                fl = [x["faults_per_step"] for x in runs if x["method"] == method and x["impl"] == impl]
                 table.setdefault(method, {})[impl] = {
                     "ratio_to_plain": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                    "median_ms": statistics.median(meds) * 1e3}
+                    "median_ms": statistics.median(meds) * 1e3, "faults_per_step": statistics.mean(fl)}
     interleaved = {}
     inter_impls = [i for i in args.interleaved.split(",") if i]
-    if inter_impls:
+    if inter_impls and "plain" not in inter_impls:
+        inter_impls.insert(0, "plain")
+    for mode in modes if inter_impls else ():
         for method in methods:
             pairs = {i: [] for i in inter_impls}
+            ms = {i: [] for i in inter_impls}
+            faults = {i: [] for i in inter_impls}
             for r in range(args.rounds):
                 cmd = [sys.executable, __file__, "--worker-interleaved", ",".join(inter_impls), method,
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
+                p = subprocess.run(cmd, capture_output=True, text=True, env=_env(mode))
                 if p.returncode != 0:
                     print(f"interleaved {method} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
                     continue
-                ts = json.loads(p.stdout.strip().splitlines()[-1])["times_s"]
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+                ts = res["times_s"]
                 for i in inter_impls:
                     pairs[i] += [a / b for a, b in zip(ts[i], ts["plain"])]
+                    ms[i] += ts[i]
+                    faults[i].append(res["faults_per_step"][i])
             row = {}
             for i, rs in pairs.items():
                 if rs:
                     q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
                     row[i] = {"ratio_to_plain": statistics.median(rs), "ratio_q1": q[0], "ratio_q3": q[2],
-                              "pairs": len(rs)}
-            interleaved[method] = row
-            print(f"interleaved {method:20s} " + " ".join(f"{i} x{c['ratio_to_plain']:.3f}" for i, c in row.items()),
+                              "pairs": len(rs), "median_ms": statistics.median(ms[i]) * 1e3,
+                              "faults_per_step": statistics.mean(faults[i])}
+            interleaved.setdefault(mode, {})[method] = row
+            print(f"interleaved[{mode}] {method:20s} "
+                  + " ".join(f"{i} x{c['ratio_to_plain']:.3f} ({c['faults_per_step']:.0f} flt)" for i, c in row.items()),
                   file=sys.stderr)
     out = {"machine": machine(), "rounds": args.rounds, "steps": args.steps, "table": table, "skipped": skipped,
-           "interleaved": interleaved,
+           "malloc": {m: MALLOC[m] for m in modes}, "interleaved": interleaved,
            "runs": [{k: v for k, v in x.items() if k != "times_s"} for x in runs]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:

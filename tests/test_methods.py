@@ -192,3 +192,36 @@ def test_non_finite_or_negative_probs():
 def test_method_needs_distribution():
     with pytest.raises(TypeError, match="Distribution"):
         storch.method.ScoreFunction("z")(torch.zeros(3))
+
+
+def _graph_nodes(t):
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("method", [lambda: storch.method.ScoreFunction("z", n_samples=2),
+                                    lambda: storch.method.GumbelSoftmax("z"), lambda: storch.method.Expect("z")])
+def test_probs_to_logits_computed_once_and_shared_with_kl(method, validate):
+    # the method reads the distribution's own (lazily cached) logits: one clamp/log in the step's graph, the
+    # one torch.distributions' kl_divergence and log_prob use, whether or not validation computed it first
+    leaf = LOGITS.clone().requires_grad_()
+    x = storch.denote_independent(leaf, 0, "data")
+    q = OneHotCategorical(probs=x.softmax(-1), validate_args=validate)
+    z = method()(q)
+    prior = OneHotCategorical(probs=torch.ones_like(q.probs) / K, validate_args=validate)
+    kl = torch.distributions.kl_divergence(q, prior).sum(-1)
+    zz = z.reshape(z.shape[:-2] + (k * K,))
+    surrogate_parts = [storch.reduce_plates(kl, detach_weights=False)._tensor,
+                       z.method._surrogate(z, storch.add_cost(((zz - TARGET) ** 2).sum(-1), "c"))
+                       if z.method.uses_score else storch.reduce_plates(zz.sum(-1), detach_weights=False)._tensor]
+    storch.reset()
+    nodes = _graph_nodes(sum(surrogate_parts))
+    assert nodes.count("ClampBackward1") == 1 and nodes.count("LogBackward0") == 1, nodes

@@ -64,12 +64,23 @@ class Params:
     # -- categorical helpers -----------------------------------------------------------------------------
     def logits(self) -> torch.Tensor:
         """Normalized logits ``[plates..., extra..., K]`` (differentiable) of a categorical family."""
-        name, (_, raw) = next(iter(self.given.items()))
-        if name == "probs":
-            # torch.distributions' own conversion (probs clamped to [eps, 1 - eps]): samples, log-probs and
-            # enumeration weights see the distribution exactly as its log_prob (and Storchastic) does
-            return D.utils.probs_to_logits(raw)
-        return raw
+        name, (user, raw) = next(iter(self.given.items()))
+        if name != "probs":
+            return raw
+        # torch.distributions' own conversion (probs clamped to [eps, 1 - eps]): samples, log-probs and
+        # enumeration weights see the distribution exactly as its log_prob (and Storchastic) does. The
+        # distribution caches it (lazy ``logits``; argument validation already computed it): share that one
+        # value, so the step's graph holds one clamp/log instead of two (kl_divergence reads it too).
+        cache = self.cat.__dict__ if self.cat is not None else {}
+        cached = cache.get("logits")
+        if isinstance(cached, Tensor) and isinstance(user, Tensor) and cached.plates == user.plates:
+            return align(cached, self.plates, cached.event_dims)
+        if isinstance(cached, torch.Tensor) and not isinstance(user, Tensor):
+            return cached
+        logits = D.utils.probs_to_logits(raw)
+        if self.cat is not None and cached is None:
+            cache["logits"] = Tensor(logits, user.plates) if isinstance(user, Tensor) else logits
+        return logits
 
     def bernoulli_logits(self) -> torch.Tensor:
         name, (_, raw) = next(iter(self.given.items()))
