@@ -17,10 +17,20 @@ template <typename T> struct acc { using type = float; };
 template <> struct acc<double> { using type = double; };
 template <typename T> using acc_t = typename acc<T>::type;
 
-// A new CPU tensor for a large output. Above 4 MB it is backed by fresh anonymous pages, which the kernel
-// hands out zero-filled, advised to use transparent huge pages (one page fault per 2 MB instead of per 4 KB:
-// page faults, not arithmetic, bound a fresh 1 GB output on the CPU). ``zeroed`` tells whether the memory is
-// known to be zero, so that sparse outputs (one-hot) write only their non-zeros.
+// Large CPU outputs. A fresh anonymous mapping costs a page fault and a kernel zero-fill per page (~80 ms per
+// GB here even with 2 MB pages): for a 1 GB one-hot that is more than the sampling itself. So mappings of freed
+// outputs are kept (up to a cap, FASTGRAD_CPU_CACHE_MB, default 1/8 of RAM) and handed to the next output of
+// the same mapping size, as a caching allocator does on a GPU: a training loop that draws the same shapes every
+// step stops faulting after its first step. fastgrad.empty_cache() returns them to the system.
+void* output_cache_take(size_t len);          // a cached mapping of exactly len bytes, or nullptr
+void output_cache_give(void* base, size_t len);  // keep (within the cap) or unmap
+int64_t output_cache_bytes();
+int64_t output_cache_release();
+
+// A new CPU tensor for a large output. Above 4 MB it is backed by its own anonymous mapping, advised to use
+// transparent huge pages (one fault per 2 MB instead of per 4 KB), reused from the cache when one of the same
+// size was freed. ``zeroed`` tells whether the memory is known to be zero (a fresh mapping), so that sparse
+// outputs (one-hot) write only their non-zeros; reused memory must be written whole (see stream_row).
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool* zeroed = nullptr) {
   if (zeroed) *zeroed = false;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -29,15 +39,18 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
   constexpr size_t kHuge = size_t(2) << 20;
   if (nbytes >= (size_t(4) << 20)) {
-    const size_t len = nbytes + kHuge;  // room to start on a 2 MB boundary
-    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      const uintptr_t a = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
-      void* data = reinterpret_cast<void*>(a);
-      madvise(data, nbytes, MADV_HUGEPAGE);
-      if (zeroed) *zeroed = true;
-      return at::from_blob(data, sizes, [base, len](void*) { munmap(base, len); }, opts.device(at::kCPU));
+    const size_t len = (nbytes + 2 * kHuge - 1) / kHuge * kHuge;  // room to start on a 2 MB boundary
+    void* base = output_cache_take(len);
+    const bool fresh = base == nullptr;
+    if (fresh) {
+      base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base == MAP_FAILED) return at::empty(sizes, opts);
     }
+    const uintptr_t a = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
+    void* data = reinterpret_cast<void*>(a);
+    if (fresh) madvise(data, nbytes, MADV_HUGEPAGE);
+    if (zeroed) *zeroed = fresh;
+    return at::from_blob(data, sizes, [base, len](void*) { output_cache_give(base, len); }, opts.device(at::kCPU));
   }
 #endif
   return at::empty(sizes, opts);

@@ -8,7 +8,7 @@ from . import functional, method, ops
 from ._graph import (NoCostError, add_cost, backward, costs, denote_independent, gather_samples, reduce_plates,
                      reset, variance)
 from ._tensor import CostTensor, IndependentTensor, Plate, StochasticTensor, Tensor
-from .ops._backend import backend, get_backend, set_backend
+from .ops._backend import backend, cpu_cache_bytes, empty_cache, get_backend, set_backend
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,5 @@ __all__ = [
     "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
     "denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
     "reduce_plates", "NoCostError", "functional", "method", "ops", "set_backend", "get_backend", "backend",
+    "empty_cache", "cpu_cache_bytes",
 ]

@@ -1,5 +1,6 @@
 """Every backend of every op against the pure-torch reference, plus gradcheck, opcheck and torch.compile."""
 import math
+import os
 
 import pytest
 import torch
@@ -308,3 +309,35 @@ def test_eager_entries_match_the_registered_ops(backend):
         a = cs.sample(l0.float(), 4, 9, 2, True)
         b = cs.categorical_sample(l0.float(), 4, 9, 2, True)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the C++ extension (the cache is the C++ kernels')")
+def test_cpp_outputs_reused_from_the_cache_are_written_whole():
+    # Outputs of >= 4 MB come from their own mappings; a freed one is reused, dirty, for the next output of the
+    # same size. Poison each freed output: the second call must still match the reference exactly.
+    fastgrad.empty_cache()
+    l = _logits(1200, 1000, torch.float32, 5)  # 4.8 MB
+    idx = torch.randint(0, 1000, (3, 1200), generator=torch.Generator().manual_seed(7))
+    w = torch.randn(3, 1200, generator=torch.Generator().manual_seed(8))
+    _, lse = ss.reference(l, idx, w)
+    cases = [
+        (lambda: cs.categorical_sample(l, 3, 11, 0, True)[1], lambda: cs.reference(l, 3, 11, 0, True)[1], 0),
+        (lambda: gs.gumbel_softmax(l, 2, 0.7, True, 12, 0), lambda: gs.reference(l, 2, 0.7, True, 12, 0), 0),
+        (lambda: gs.gumbel_softmax(l, 2, 0.7, False, 12, 0), lambda: gs.reference(l, 2, 0.7, False, 12, 0), 2e-5),
+        (lambda: ss.score_surrogate_backward(w, l, idx, w, lse),
+         lambda: ss.reference_backward(w, l, idx, w, lse), 2e-5),
+    ]
+    with fastgrad.backend("cpp"):
+        for run, reference, tol in cases:
+            ref = reference()
+            for _ in range(3):  # fresh, then reused twice
+                out = run()
+                torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+                assert out.nbytes >= 4 << 20
+                out.fill_(7.0)
+                del out
+                if "FASTGRAD_CPU_CACHE_MB" not in os.environ:
+                    assert fastgrad.cpu_cache_bytes() >= 4 << 20
+    released = fastgrad.empty_cache()
+    assert fastgrad.cpu_cache_bytes() == 0
+    assert released >= (4 << 20 if "FASTGRAD_CPU_CACHE_MB" not in os.environ else 0)

@@ -1,8 +1,8 @@
 // Inverse-CDF categorical sampling on the CPU: one softmax pass and one CDF per row serve all n draws.
 //
 // Pass 1 writes the n*R uniforms (8-wide Philox) as doubles into the index buffer; pass 2 reads row r's n
-// uniforms from there and overwrites them with the drawn indices (same slots, so in place is safe). The
-// one-hot output lives in fresh zero pages when large, so only its ones are written.
+// uniforms from there and overwrites them with the drawn indices (same slots, so in place is safe). A one-hot
+// output in fresh (zero) pages gets only its ones written; in reused memory each row is streamed out whole.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -23,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
   bool zeroed = false;
   auto oh = one_hot ? new_output({n, R, K}, logits.options(), &zeroed) : at::empty({0}, logits.options());
   if (R == 0) return {idx, oh};
+  const bool stream = one_hot && oh.nbytes() >= kStreamBytes;
   int64_t* ip = idx.data_ptr<int64_t>();
   const int64_t E = n * R;
   // pass 1: uniform of stream element e -> slot e (as a double)
@@ -43,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       std::vector<float> p(K);
       std::vector<double> cdf(K);
+      std::vector<scalar_t> zrow(op && !zeroed ? K : 0, scalar_t(0));
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = lp + r * K;
         for (int64_t k = 0; k < K; ++k) p[k] = static_cast<float>(row[k]);
@@ -63,11 +65,18 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
         if (op) {
           for (int64_t s = 0; s < n; ++s) {
             scalar_t* o = op + (s * R + r) * K;
-            if (!zeroed) std::fill_n(o, K, scalar_t(0));
-            o[ip[s * R + r]] = scalar_t(1);
+            const int64_t k = ip[s * R + r];
+            if (zeroed) {
+              o[k] = scalar_t(1);
+            } else {
+              zrow[k] = scalar_t(1);
+              write_row(o, zrow.data(), K * sizeof(scalar_t), stream);
+              zrow[k] = scalar_t(0);
+            }
           }
         }
       }
+      stream_fence();
     });
   });
   return {idx, oh};

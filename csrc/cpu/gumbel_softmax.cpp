@@ -55,6 +55,7 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
   bool zeroed = false;
   auto out = new_output({n, R, K}, logits.options(), &zeroed);
   if (R == 0 || K == 0) return out;
+  const bool stream = out.nbytes() >= kStreamBytes;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gumbel_softmax_cpu", [&] {
     using acc = acc_t<scalar_t>;
@@ -63,6 +64,7 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, n * R, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc> u(K), z(K);
+      std::vector<scalar_t> row(K, scalar_t(0));
       std::vector<float> scratch(uniform_scratch(K));
       for (int64_t b = b0; b < b1; ++b) {  // b = s * R + r
         const int64_t r = b % R;
@@ -73,13 +75,20 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
           int64_t am = 0;
           for (int64_t k = 0; k < K; ++k)
             if (z[k] > m) { m = z[k]; am = k; }
-          if (!zeroed) std::fill_n(o, K, scalar_t(0));
-          o[am] = scalar_t(1);
+          if (zeroed) {
+            o[am] = scalar_t(1);
+          } else {
+            row[am] = scalar_t(1);
+            write_row(o, row.data(), K * sizeof(scalar_t), stream);
+            row[am] = scalar_t(0);
+          }
         } else {
           softmax_inplace(z.data(), K, inv_tau);
-          for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(z[k]);
+          for (int64_t k = 0; k < K; ++k) row[k] = static_cast<scalar_t>(z[k]);
+          write_row(o, row.data(), K * sizeof(scalar_t), stream);
         }
       }
+      stream_fence();
     });
   });
   return out;

@@ -72,6 +72,7 @@ at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor
   const int64_t R = logits.size(0), K = logits.size(1), n = index.size(0);
   auto gl = new_output(logits.sizes(), logits.options());
   if (R == 0) return gl;
+  const bool stream = gl.nbytes() >= kStreamBytes;
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto a = (grad.to(acc_dtype) * weight.to(acc_dtype)).contiguous();  // [n, R], tiny next to logits
   auto lse_acc = lse.to(acc_dtype).contiguous();
@@ -93,13 +94,19 @@ at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor
           float* of = reinterpret_cast<float*>(o);  // scalar_t is float here (the lambda is no template)
           const float* rf = reinterpret_cast<const float*>(row);
           const float lf = static_cast<float>(l), na = -static_cast<float>(asum);
-          alignas(32) float buf[1024];  // one write of the output per 4 KB chunk
+          alignas(32) float buf[1024];  // one write of the output per 4 KB chunk, one-hot part included
           for (int64_t k0 = 0; k0 < K; k0 += 1024) {
             const int64_t len = std::min<int64_t>(1024, K - k0);
             for (int64_t k = 0; k < len; ++k) buf[k] = rf[k0 + k] - lf;
             exp_inplace(buf, len);
-            for (int64_t k = 0; k < len; ++k) of[k0 + k] = buf[k] * na;
+            for (int64_t k = 0; k < len; ++k) buf[k] *= na;
+            for (int64_t j = 0; j < n; ++j) {
+              const int64_t k = ip[j * R + r] - k0;
+              if (k >= 0 && k < len) buf[k] += static_cast<float>(ap[j * R + r]);
+            }
+            write_row(of + k0, buf, static_cast<size_t>(len) * sizeof(float), stream);
           }
+          continue;
         } else {
           for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(-asum * std::exp(static_cast<acc>(row[k]) - l));
         }
@@ -116,6 +123,7 @@ at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor
           }
         }
       }
+      stream_fence();
     });
   });
   return gl;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "philox.h"
 
@@ -179,5 +180,39 @@ struct ExpOp {
 inline void log_inplace(float* x, int64_t n) { map_inplace(x, n, LogOp{}); }
 
 inline void exp_inplace(float* x, int64_t n) { map_inplace(x, n, ExpOp{}); }
+
+// Copy a row built in cache to output memory. With ``stream`` (outputs far larger than the caches, written
+// whole), 32-byte-aligned chunks go out as streaming (non-temporal) stores, so the destination's old contents
+// are never read in first (a normal store to a line not in cache reads it from memory: twice the traffic of
+// the write). Small outputs take normal stores: the next op reads them from cache. Call stream_fence() before
+// the written memory is read by another thread (end of a parallel_for chunk).
+inline void write_row(void* dst, const void* src, size_t nbytes, bool stream) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+#ifdef FG_MVEC
+  if (!stream) {
+    std::memcpy(d, s, nbytes);
+    return;
+  }
+  const size_t head = std::min(nbytes, (32 - reinterpret_cast<uintptr_t>(d) % 32) % 32);
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 32 <= nbytes; i += 32)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+  std::memcpy(d + i, s + i, nbytes - i);
+#else
+  (void)stream;
+  std::memcpy(d, s, nbytes);
+#endif
+}
+
+// outputs at least this large are written with streaming stores
+constexpr size_t kStreamBytes = size_t(4) << 20;
+
+inline void stream_fence() {
+#ifdef FG_MVEC
+  _mm_sfence();
+#endif
+}
 
 }  // namespace fastgrad

@@ -71,6 +71,21 @@ def has_triton() -> bool:
     return _triton_ok
 
 
+def cpu_cache_bytes() -> int:
+    """Bytes of freed large CPU outputs the C++ kernels keep for reuse (0 without the extension)."""
+    return int(torch.ops.fastgrad_C.cpu_cache_bytes()) if has_cpp() else 0
+
+
+def empty_cache() -> int:
+    """Return the kept CPU output memory to the system; the number of bytes released.
+
+    The C++ kernels keep the mappings of freed outputs of 4 MB and more (up to ``FASTGRAD_CPU_CACHE_MB``,
+    default 1/8 of RAM; ``0`` turns it off) and reuse them for outputs of the same size: fresh memory costs a
+    page fault and a zero-fill per page, more than sampling a 1 GB one-hot itself.
+    """
+    return int(torch.ops.fastgrad_C.cpu_cache_release()) if has_cpp() else 0
+
+
 def set_backend(name: Optional[str]) -> None:
     """Force a backend for all ops (``None`` or ``"auto"`` restores automatic choice)."""
     global _forced
