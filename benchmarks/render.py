@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 
 RES = Path(__file__).resolve().parent / "results"
+# one colour per implementation across plots
+COLORS = {"plain_distributions": "tab:gray", "graph": "tab:blue", "functional": "tab:green",
+          "storchastic": "tab:orange", "pyro": "tab:red"}
 
 
 def _ops_table(path: Path) -> list:
@@ -19,10 +22,15 @@ def _ops_table(path: Path) -> list:
     bw = None
     for b in benches:
         if b["group"] == "roofline":
-            bw = b["extra_info"]["bytes"] / b["stats"]["median"]
+            # the best copy round: the bandwidth this machine can reach (this VM shares its memory bus, so the
+            # median copy drifts by up to 1.5x between runs); conservative for every "of roofline" figure
+            bw = b["extra_info"]["bytes"] / b["stats"]["min"]
     lines = [f"### {path.name}", "", f"Machine: {data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '?')}, "
              f"{data.get('machine_info', {}).get('cpu', {}).get('count', '?')} cores; copy bandwidth "
-             f"{bw / 1e9:.2f} GB/s" if bw else "", "",
+             f"{bw / 1e9:.2f} GB/s (best copy round)" if bw else "", "",
+             "Medians. `_cold` rows: every output in fresh memory (fastgrad.empty_cache() before each call); the "
+             "other fastgrad C++ rows reuse the memory of the previous call's freed output, as a loop does. Peak "
+             "RSS delta: one call from an empty cache.", "",
              "| group | implementation | median | ratio to fastest torch | GB/s | of roofline | peak RSS delta |",
              "|---|---|---|---|---|---|---|"]
     groups = {}
@@ -52,14 +60,17 @@ def _vae_table(path: Path) -> list:
     lines = [f"### {path.name}", "",
              f"Machine: {m.get('cpu', m.get('processor'))}, {m['cores']} cores, torch {m['torch']}, "
              f"{data['rounds']} rounds x {data['steps']} steps, each implementation in its own process. "
-             "Cells: median step time, and the median (min-max) over rounds of the ratio to plain torch.", "",
+             "Cells: median step time, and the median (min-max) over rounds of the ratio to plain torch; minor page "
+             "faults per step (glibc malloc returning freed blocks to the kernel and faulting them back: a few hundred "
+             "faults cost milliseconds here, and which implementation gets them depends on its heap layout).", "",
              "| method | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
     for method, row in data["table"].items():
         cells = []
         for i in impls:
             c = row.get(i)
+            flt = f", {c['faults_per_step']:.0f} flt" if c and "faults_per_step" in c else ""
             cells.append(f"{c['median_ms']:.1f} ms, x{c['ratio_to_plain']:.2f} ({c['ratio_min']:.2f}-{c['ratio_max']:.2f})"
-                         if c else "")
+                         f"{flt}" if c else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in data["skipped"].items())]
@@ -123,16 +134,28 @@ def _plots() -> list:
     for path in sorted(RES.glob("vae_step_*.json")):
         data = json.loads(path.read_text())
         methods = list(data["table"])
-        impls = [i for i in ["graph", "functional", "storchastic", "pyro"] if any(i in r for r in data["table"].values())]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        w = 0.8 / max(1, len(impls))
-        for j, i in enumerate(impls):
-            ax.bar([k + j * w for k in range(len(methods))],
-                   [data["table"][m].get(i, {}).get("ratio_to_plain", 0) for m in methods], w, label=i)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([k + 0.4 - w / 2 for k in range(len(methods))], methods, rotation=15)
-        ax.set_ylabel("step time / plain torch")
-        ax.legend()
+        inter = data.get("interleaved") or {}
+        inter = inter.get("steady") or inter.get("default") or {}
+        panels = []
+        if inter and all(isinstance(v, dict) for v in inter.values()):
+            panels.append(("interleaved pairs in one process (steady malloc)", inter,
+                           ["plain_distributions", "graph", "functional"]))
+        panels.append(("each implementation in its own process (default malloc)", data["table"],
+                       ["graph", "functional", "storchastic", "pyro"]))
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+        for ax, (title, table, order) in zip(axes[0], panels):
+            impls = [i for i in order if any(i in r for r in table.values())]
+            w = 0.8 / max(1, len(impls))
+            for j, i in enumerate(impls):
+                ax.bar([k + j * w for k in range(len(methods))],
+                       [table.get(m, {}).get(i, {}).get("ratio_to_plain", 0) for m in methods], w, label=i,
+                       color=COLORS.get(i))
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.axhline(1.05, color="r", lw=0.6, ls="--")
+            ax.set_xticks([k + 0.4 - w / 2 for k in range(len(methods))], methods, rotation=15)
+            ax.set_ylabel("step time / plain torch")
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         out = path.with_suffix(".png")
         fig.savefig(out, dpi=90)
