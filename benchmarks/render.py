@@ -57,6 +57,10 @@ def _vae_table(path: Path) -> list:
     impls = sorted({i for row in data["table"].values() for i in row}, key=lambda i: (
         ["plain", "plain_distributions", "graph", "functional", "storchastic", "pyro"] + [i]).index(i))
     m = data["machine"]
+    if not data["table"]:  # interleaved runs only
+        return _interleaved_tables(data, [f"### {path.name}", "", f"Machine: {m.get('cpu', m.get('processor'))}, "
+                                          f"{m['cores']} cores, torch {m['torch']}, {data['rounds']} rounds x "
+                                          f"{data['steps']} steps."])
     lines = [f"### {path.name}", "",
              f"Machine: {m.get('cpu', m.get('processor'))}, {m['cores']} cores, torch {m['torch']}, "
              f"{data['rounds']} rounds x {data['steps']} steps, each implementation in its own process. "
@@ -74,19 +78,26 @@ def _vae_table(path: Path) -> list:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in data["skipped"].items())]
+    return _interleaved_tables(data, lines)
+
+
+def _interleaved_tables(data: dict, lines: list) -> list:
+    """The interleaved (paired, one-process) tables of a vae_step result, appended to ``lines``."""
     inter = data.get("interleaved") or {}
     if inter and not set(inter) <= {"default", "steady"}:
         inter = {"default": inter}  # results written before the malloc modes
     goal = {"sf1": 1.05, "sf10_batch_average": 1.05, "gumbel": 1.05, "expect": 1.10}
     for mode, table in inter.items():
-        ii = [i for i in ["plain_distributions", "graph", "functional"] if any(i in r for r in table.values())]
+        ii = [i for i in ["plain_distributions", "graph", "graph_reference", "functional", "functional_reference"]
+              if any(i in r for r in table.values())]
         env = (data.get("malloc") or {}).get(mode)
         lines += ["", f"Interleaved in one process, glibc malloc `{mode}`"
                   + (f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else "")
                   + ": fastgrad and plain torch step by step in turn (Storchastic cannot join: it patches torch). "
                   "Cells: median (quartiles) of the per-step ratio to the paired plain step, minor page faults per "
                   "step; goal from the benchmarks issue (fastgrad rows), met or missed. plain_distributions is "
-                  "hand-written torch through torch.distributions as the tutorial uses them (validation on).", "",
+                  "hand-written torch through torch.distributions as the tutorial uses them (validation on); *_reference: "
+                  "fastgrad with its kernels off (every op on its pure-torch reference).", "",
                   "| method | " + " | ".join(ii) + " | goal |", "|---|" + "---|" * (len(ii) + 1)]
         for method, row in table.items():
             g = goal.get(method)
@@ -96,7 +107,7 @@ def _vae_table(path: Path) -> list:
                 if not c:
                     cells.append("")
                     continue
-                verdict = "" if g is None or i == "plain_distributions" else (
+                verdict = "" if g is None or i not in ("graph", "functional") else (
                     " met" if c["ratio_to_plain"] <= g else " **missed**")
                 flt = f", {c['faults_per_step']:.0f} flt" if "faults_per_step" in c else ""
                 cells.append(f"x{c['ratio_to_plain']:.3f} ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f}){flt}{verdict}")

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import render, vae_impls
 
-IMPLS = ["plain", "plain_distributions", "graph", "functional"] + [
+IMPLS = ["plain", "plain_distributions", "graph", "functional", "graph_reference", "functional_reference"] + [
     name for name, mod in (("storchastic", "storch"), ("pyro", "pyro")) if importlib.util.find_spec(mod)]
 
 

@@ -3,8 +3,9 @@
 Every implementation gets the same model initialization and data; each returns ``step() -> float`` (the
 estimated -ELBO). Implementations: ``plain`` (hand-written torch), ``plain_distributions`` (hand-written torch
 through torch.distributions, as the tutorial's code uses them), ``graph`` (fastgrad's Storchastic API,
-the tutorial's code), ``functional`` (fastgrad.functional), ``storchastic`` and ``pyro`` (optional extras,
-run in their own processes by ``vae_step.py`` because Storchastic patches torch globally).
+the tutorial's code), ``functional`` (fastgrad.functional), ``graph_reference`` and ``functional_reference`` (the
+same with the kernels off), ``storchastic`` and ``pyro`` (optional extras, run in their own processes by
+``vae_step.py`` because Storchastic patches torch globally).
 """
 from __future__ import annotations
 
@@ -198,6 +199,23 @@ def functional(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     return step
 
 
+def _on_reference(make: Callable) -> Callable:
+    """The same implementation with fastgrad's kernels off (every op on its pure-torch reference)."""
+
+    def build(method: str, model, data: torch.Tensor) -> Callable[[], float]:
+        import fastgrad
+
+        step = make(method, model, data)
+
+        def run(batch: torch.Tensor = data) -> float:
+            with fastgrad.backend("reference"):
+                return step(batch)
+
+        return run
+
+    return build
+
+
 def storchastic(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     import storch  # storchastic 0.3.7 (optional extra)
 
@@ -252,4 +270,6 @@ def pyro(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     return lambda batch=data: svi.step(batch.view(-1, 784)) / batch.shape[0]
 
 
-IMPLS = {"plain": plain, "plain_distributions": plain_distributions, "graph": graph, "functional": functional, "storchastic": storchastic, "pyro": pyro}
+IMPLS = {"plain": plain, "plain_distributions": plain_distributions, "graph": graph, "functional": functional,
+         "graph_reference": _on_reference(graph), "functional_reference": _on_reference(functional),
+         "storchastic": storchastic, "pyro": pyro}

@@ -136,7 +136,7 @@ def main() -> None:
         impls, method = args.worker_interleaved
         print(json.dumps(worker_interleaved(method, impls.split(","), args.steps, args.warmup, args.threads)))
         return
-    impls = args.impls.split(",")
+    impls = [i for i in args.impls.split(",") if i]  # '' skips the per-process rounds
     methods = args.methods.split(",")
     modes = args.malloc.split(",")
     for m in modes:
