@@ -30,7 +30,7 @@ int64_t output_cache_release();
 // A new CPU tensor for a large output. Above 4 MB it is backed by its own anonymous mapping, advised to use
 // transparent huge pages (one fault per 2 MB instead of per 4 KB), reused from the cache when one of the same
 // size was freed. ``zeroed`` tells whether the memory is known to be zero (a fresh mapping), so that sparse
-// outputs (one-hot) write only their non-zeros; reused memory must be written whole (see stream_row).
+// outputs (one-hot) write only their non-zeros; reused memory must be written whole (see write_row).
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool* zeroed = nullptr) {
   if (zeroed) *zeroed = false;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

@@ -341,3 +341,25 @@ def test_cpp_outputs_reused_from_the_cache_are_written_whole():
     released = fastgrad.empty_cache()
     assert fastgrad.cpu_cache_bytes() == 0
     assert released >= (4 << 20 if "FASTGRAD_CPU_CACHE_MB" not in os.environ else 0)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the C++ extension (the cache is the C++ kernels')")
+@pytest.mark.parametrize("value,kept,warns", [("0", False, False), ("64", True, False), ("lots", True, True)])
+def test_cpu_cache_cap_from_the_environment(value, kept, warns):
+    # the cap is read once per process: each setting runs in its own interpreter
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, fastgrad\n"
+            "from fastgrad.ops import categorical_sample as cs\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    with fastgrad.backend('cpp'):\n"
+            "        out = cs.categorical_sample(torch.zeros(1200, 1000), 2, 1, 0, True)\n"
+            "    del out\n"
+            "print(fastgrad.cpu_cache_bytes(), any('FASTGRAD_CPU_CACHE_MB' in str(x.message) for x in w))\n")
+    env = dict(os.environ, FASTGRAD_CPU_CACHE_MB=value)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    cached, warned = p.stdout.split()
+    assert (int(cached) > 0) == kept and warned == str(warns)

@@ -22,12 +22,18 @@ struct OutputCache {
   size_t cap = 0;
 
   OutputCache() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    cap = pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) / 8 : 0;
     const char* env = std::getenv("FASTGRAD_CPU_CACHE_MB");
     if (env && *env) {
-      cap = static_cast<size_t>(std::strtoull(env, nullptr, 10)) << 20;
-    } else {
-      const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-      cap = pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) / 8 : 0;
+      char* end = nullptr;
+      const unsigned long long mb = std::strtoull(env, &end, 10);
+      if (*env == '-' || end == env || *end != '\0') {
+        TORCH_WARN("FASTGRAD_CPU_CACHE_MB must be a non-negative integer (MB), got '", env,
+                   "'; using the default of 1/8 of RAM");
+      } else {
+        cap = static_cast<size_t>(mb) << 20;
+      }
     }
   }
 };
