@@ -12,8 +12,8 @@ from pathlib import Path
 
 RES = Path(__file__).resolve().parent / "results"
 # one colour per implementation across plots
-COLORS = {"plain_distributions": "tab:gray", "graph": "tab:blue", "functional": "tab:green",
-          "storchastic": "tab:orange", "pyro": "tab:red"}
+COLORS = {"plain_distributions": "tab:gray", "graph": "tab:blue", "graph_reference": "lightsteelblue",
+          "functional": "tab:green", "functional_reference": "lightgreen", "storchastic": "tab:orange", "pyro": "tab:red"}
 
 
 def _ops_table(path: Path) -> list:
@@ -144,15 +144,16 @@ def _plots() -> list:
     made = []
     for path in sorted(RES.glob("vae_step_*.json")):
         data = json.loads(path.read_text())
-        methods = list(data["table"])
         inter = data.get("interleaved") or {}
         inter = inter.get("steady") or inter.get("default") or {}
+        methods = list(data["table"]) or list(inter)
         panels = []
         if inter and all(isinstance(v, dict) for v in inter.values()):
             panels.append(("interleaved pairs in one process (steady malloc)", inter,
-                           ["plain_distributions", "graph", "functional"]))
-        panels.append(("each implementation in its own process (default malloc)", data["table"],
-                       ["graph", "functional", "storchastic", "pyro"]))
+                           ["plain_distributions", "graph", "graph_reference", "functional", "functional_reference"]))
+        if data["table"]:
+            panels.append(("each implementation in its own process (default malloc)", data["table"],
+                           ["graph", "functional", "storchastic", "pyro"]))
         fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
         for ax, (title, table, order) in zip(axes[0], panels):
             impls = [i for i in order if any(i in r for r in table.values())]
