@@ -13,7 +13,8 @@ from pathlib import Path
 RES = Path(__file__).resolve().parent / "results"
 # one colour per implementation across plots
 COLORS = {"plain_distributions": "tab:gray", "graph": "tab:blue", "graph_reference": "lightsteelblue",
-          "functional": "tab:green", "functional_reference": "lightgreen", "storchastic": "tab:orange", "pyro": "tab:red"}
+          "functional": "tab:green", "functional_reference": "lightgreen", "storchastic": "tab:orange",
+          "pyro": "tab:red"}
 
 
 def _ops_table(path: Path) -> list:
@@ -73,8 +74,8 @@ def _vae_table(path: Path) -> list:
         for i in impls:
             c = row.get(i)
             flt = f", {c['faults_per_step']:.0f} flt" if c and "faults_per_step" in c else ""
-            cells.append(f"{c['median_ms']:.1f} ms, x{c['ratio_to_plain']:.2f} ({c['ratio_min']:.2f}-{c['ratio_max']:.2f})"
-                         f"{flt}" if c else "")
+            cells.append(f"{c['median_ms']:.1f} ms, x{c['ratio_to_plain']:.2f} "
+                         f"({c['ratio_min']:.2f}-{c['ratio_max']:.2f}){flt}" if c else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if data.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in data["skipped"].items())]
@@ -96,8 +97,8 @@ def _interleaved_tables(data: dict, lines: list) -> list:
                   + ": fastgrad and plain torch step by step in turn (Storchastic cannot join: it patches torch). "
                   "Cells: median (quartiles) of the per-step ratio to the paired plain step, minor page faults per "
                   "step; goal from the benchmarks issue (fastgrad rows), met or missed. plain_distributions is "
-                  "hand-written torch through torch.distributions as the tutorial uses them (validation on); *_reference: "
-                  "fastgrad with its kernels off (every op on its pure-torch reference).", "",
+                  "hand-written torch through torch.distributions as the tutorial uses them (validation on); "
+                  "*_reference: fastgrad with its kernels off (every op on its pure-torch reference).", "",
                   "| method | " + " | ".join(ii) + " | goal |", "|---|" + "---|" * (len(ii) + 1)]
         for method, row in table.items():
             g = goal.get(method)

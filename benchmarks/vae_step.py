@@ -40,8 +40,8 @@ def _setup(threads: int):
 # glibc malloc settings per mode, the same for every implementation. "default" is what a user gets; its
 # heuristics (a dynamic mmap threshold, trimming the heap top) return freed blocks of a few MB to the kernel
 # and fault them back in on the next step, and whether that happens depends on each implementation's heap
-# layout (measured: 0 to 900 page faults per step, flipping with the order steps run in). "steady" fixes the
-# thresholds so that no implementation faults in steady state: the remaining difference is the work done.
+# layout (measured: 0 to over 1000 page faults per step, flipping with the order steps run in). "steady"
+# fixes the thresholds so that no implementation faults in steady state: the remaining difference is the work.
 MALLOC = {"default": {}, "steady": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}
 
 
@@ -193,7 +193,8 @@ def main() -> None:
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
                 p = subprocess.run(cmd, capture_output=True, text=True, env=_env(mode))
                 if p.returncode != 0:
-                    print(f"interleaved {method} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+                    last = (p.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"interleaved {method} failed: {last}", file=sys.stderr)
                     continue
                 res = json.loads(p.stdout.strip().splitlines()[-1])
                 ts = res["times_s"]
@@ -210,7 +211,8 @@ def main() -> None:
                               "faults_per_step": statistics.mean(faults[i])}
             interleaved.setdefault(mode, {})[method] = row
             print(f"interleaved[{mode}] {method:20s} "
-                  + " ".join(f"{i} x{c['ratio_to_plain']:.3f} ({c['faults_per_step']:.0f} flt)" for i, c in row.items()),
+                  + " ".join(f"{i} x{c['ratio_to_plain']:.3f} ({c['faults_per_step']:.0f} flt)"
+                             for i, c in row.items()),
                   file=sys.stderr)
     out = {"machine": machine(), "rounds": args.rounds, "steps": args.steps, "table": table, "skipped": skipped,
            "malloc": {m: MALLOC[m] for m in modes}, "interleaved": interleaved,
