@@ -30,6 +30,22 @@ def _kl(probs: torch.Tensor) -> torch.Tensor:
     return (probs * (torch.log(probs.clamp_min(1e-30)) + math.log(10.0))).sum((-1, -2))
 
 
+def _bce(model, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reconstruction cost of latents ``z`` [n, B or 1, 2, 10] (or [n, B or 1, 20]) against ``x`` [B, 784]:
+    [n, B]. With size 1 in dim 1 (enumerated configurations) each latent is decoded once, broadcast over x."""
+    n, b = z.shape[:2]
+    B = x.shape[0]
+    rec = model.decode(z.reshape(n, b, 20))
+    return TF.binary_cross_entropy(rec.expand(n, B, 784), x.expand(n, B, 784), reduction="none").sum(-1)
+
+
+def _centred(cost: torch.Tensor) -> torch.Tensor:
+    """Detached cost minus the leave-one-out mean of the other samples along dim 0 (none for one sample)."""
+    c = cost.detach()
+    n = c.shape[0]
+    return c - (c.sum(0, keepdim=True) - c) / (n - 1) if n > 1 else c
+
+
 def plain(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).float()  # [100, 2, 10]
@@ -46,22 +62,16 @@ def plain(method: str, model, data: torch.Tensor) -> Callable[[], float]:
             n = 1 if method == "sf1" else 10
             idx = torch.multinomial(probs.detach().view(-1, 10), n, replacement=True).t().reshape(n, B, 2)
             z = TF.one_hot(idx, 10).float()
-            bce = TF.binary_cross_entropy(model.decode(z.view(n, B, 20)), x.expand(n, B, 784),
-                                          reduction="none").sum(-1)
+            bce = _bce(model, z, x)
             lp = logp.unsqueeze(0).expand(n, B, 2, 10).gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1)
-            c = bce.detach()
-            if n > 1:
-                c = c - (c.sum(0, keepdim=True) - c) / (n - 1)
-            loss = kl.mean() + bce.mean() + (lp * c).mean()
+            loss = kl.mean() + bce.mean() + (lp * _centred(bce)).mean()
             value = kl.mean() + bce.mean()
         elif method in ("gumbel", "straight_through"):
             z = TF.gumbel_softmax(logp.unsqueeze(0), tau=1.0, hard=method == "straight_through")
-            bce = TF.binary_cross_entropy(model.decode(z.view(1, B, 20)), x.expand(1, B, 784),
-                                          reduction="none").sum(-1)
+            bce = _bce(model, z, x)
             loss = value = kl.mean() + bce.mean()
         elif method == "expect":
-            rec = model.decode(configs.view(100, 1, 20))  # each configuration decoded once
-            bce = TF.binary_cross_entropy(rec.expand(100, B, 784), x.expand(100, B, 784), reduction="none").sum(-1)
+            bce = _bce(model, configs.view(100, 1, 20), x)  # each configuration decoded once
             logq = logp[:, 0, :].t()[:, None, :] + logp[:, 1, :].t()[None, :, :]  # [10, 10, B]
             loss = value = kl.mean() + (logq.reshape(100, B).exp() * bce).sum(0).mean()
         else:
@@ -91,23 +101,17 @@ def plain_distributions(method: str, model, data: torch.Tensor) -> Callable[[], 
         if method in ("sf1", "sf10_batch_average"):
             n = 1 if method == "sf1" else 10
             z = q.sample((n,))
-            bce = TF.binary_cross_entropy(model.decode(z.view(n, B, 20)), x.expand(n, B, 784),
-                                          reduction="none").sum(-1)
-            c = bce.detach()
-            if n > 1:
-                c = c - (c.sum(0, keepdim=True) - c) / (n - 1)
-            loss = kl.mean() + bce.mean() + (q.log_prob(z).sum(-1) * c).mean()
+            bce = _bce(model, z, x)
+            loss = kl.mean() + bce.mean() + (q.log_prob(z).sum(-1) * _centred(bce)).mean()
             value = kl.mean() + bce.mean()
         elif method in ("gumbel", "straight_through"):
             z = RelaxedOneHotCategorical(torch.tensor(1.0), probs=q.probs).rsample((1,))
             if method == "straight_through":
                 z = TF.one_hot(z.argmax(-1), 10).to(z) - z.detach() + z
-            bce = TF.binary_cross_entropy(model.decode(z.view(1, B, 20)), x.expand(1, B, 784),
-                                          reduction="none").sum(-1)
+            bce = _bce(model, z, x)
             loss = value = kl.mean() + bce.mean()
         elif method == "expect":
-            rec = model.decode(configs.view(100, 1, 20))
-            bce = TF.binary_cross_entropy(rec.expand(100, B, 784), x.expand(100, B, 784), reduction="none").sum(-1)
+            bce = _bce(model, configs.view(100, 1, 20), x)  # each configuration decoded once
             logq = q.log_prob(configs.view(100, 1, 2, 10)).sum(-1)  # [100, B]
             loss = value = kl.mean() + (logq.exp() * bce).sum(0).mean()
         else:
@@ -177,20 +181,17 @@ def functional(method: str, model, data: torch.Tensor) -> Callable[[], float]:
         if method in ("sf1", "sf10_batch_average"):
             n = 1 if method == "sf1" else 10
             idx, z = F.sample_categorical(logits.detach(), n, one_hot=True)
-            bce = TF.binary_cross_entropy(model.decode(z.view(n, B, 20)), x.expand(n, B, 784),
-                                          reduction="none").sum(-1)
+            bce = _bce(model, z, x)
             sur = F.score_function_surrogate(logits, idx, bce.unsqueeze(-1),
                                              baseline="batch_average" if n > 1 else None)
             loss = kl.mean() + bce.mean() + sur.sum(-1).mean()
             value = kl.mean() + bce.mean()
         elif method in ("gumbel", "straight_through"):
             z = F.gumbel_softmax(logits, 1.0, 1, hard=method == "straight_through")
-            bce = TF.binary_cross_entropy(model.decode(z.view(1, B, 20)), x.expand(1, B, 784),
-                                          reduction="none").sum(-1)
+            bce = _bce(model, z, x)
             loss = value = kl.mean() + bce.mean()
         else:
-            rec = model.decode(configs.view(100, 1, 20))
-            bce = TF.binary_cross_entropy(rec.expand(100, B, 784), x.expand(100, B, 784), reduction="none").sum(-1)
+            bce = _bce(model, configs.view(100, 1, 20), x)  # each configuration decoded once
             loss = value = kl.mean() + F.expectation(logits, bce).mean()
         loss.backward()
         opt.step()

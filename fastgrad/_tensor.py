@@ -214,7 +214,7 @@ def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
                     break
                 count += 1
                 raw_args.append(t)
-            elif isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a):
+            elif _holds_tensor(a):  # a list holding plate tensors: the aligning path
                 break
             else:
                 raw_args.append(a)
@@ -251,7 +251,7 @@ def _apply_general(func: Callable, args: tuple, kwargs: Dict[str, Any], kind: in
     def unwrap(a: Any) -> Any:
         if isinstance(a, Tensor):
             return aligned[id(a)]
-        if isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a):
+        if _holds_tensor(a):
             return type(a)(aligned[id(x)] if isinstance(x, Tensor) else x for x in a)
         return a
 

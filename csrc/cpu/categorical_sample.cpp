@@ -63,17 +63,8 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
           ip[s * R + r] = k;
         }
         if (op) {
-          for (int64_t s = 0; s < n; ++s) {
-            scalar_t* o = op + (s * R + r) * K;
-            const int64_t k = ip[s * R + r];
-            if (zeroed) {
-              o[k] = scalar_t(1);
-            } else {
-              zrow[k] = scalar_t(1);
-              write_row(o, zrow.data(), K * sizeof(scalar_t), stream);
-              zrow[k] = scalar_t(0);
-            }
-          }
+          for (int64_t s = 0; s < n; ++s)
+            write_one_hot(op + (s * R + r) * K, K, ip[s * R + r], zeroed, zrow.data(), stream);
         }
       }
       stream_fence();

@@ -75,13 +75,7 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
           int64_t am = 0;
           for (int64_t k = 0; k < K; ++k)
             if (z[k] > m) { m = z[k]; am = k; }
-          if (zeroed) {
-            o[am] = scalar_t(1);
-          } else {
-            row[am] = scalar_t(1);
-            write_row(o, row.data(), K * sizeof(scalar_t), stream);
-            row[am] = scalar_t(0);
-          }
+          write_one_hot(o, K, am, zeroed, row.data(), stream);
         } else {
           softmax_inplace(z.data(), K, inv_tau);
           for (int64_t k = 0; k < K; ++k) row[k] = static_cast<scalar_t>(z[k]);

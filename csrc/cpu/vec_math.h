@@ -209,6 +209,19 @@ inline void write_row(void* dst, const void* src, size_t nbytes, bool stream) {
 // outputs at least this large are written with streaming stores
 constexpr size_t kStreamBytes = size_t(4) << 20;
 
+// Row o[0..K) = one_hot(k). Memory known to be zero gets only its one; otherwise the row is written whole from
+// ``zero_row`` (K zeros, borrowed and restored), with streaming stores when ``stream``.
+template <typename T>
+inline void write_one_hot(T* o, int64_t K, int64_t k, bool zeroed, T* zero_row, bool stream) {
+  if (zeroed) {
+    o[k] = T(1);
+    return;
+  }
+  zero_row[k] = T(1);
+  write_row(o, zero_row, static_cast<size_t>(K) * sizeof(T), stream);
+  zero_row[k] = T(0);
+}
+
 inline void stream_fence() {
 #ifdef FG_MVEC
   _mm_sfence();
