@@ -89,12 +89,14 @@ def _interleaved_tables(data: dict, lines: list) -> list:
         inter = {"default": inter}  # results written before the malloc modes
     goal = {"sf1": 1.05, "sf10_batch_average": 1.05, "gumbel": 1.05, "expect": 1.10}
     for mode, table in inter.items():
-        ii = [i for i in ["plain_distributions", "graph", "graph_reference", "functional", "functional_reference"]
-              if any(i in r for r in table.values())]
+        ii = [i for i in ["plain_distributions", "graph", "graph_reference", "functional", "functional_reference",
+                          "storchastic", "pyro"] if any(i in r for r in table.values())]
         env = (data.get("malloc") or {}).get(mode)
         lines += ["", f"Interleaved in one process, glibc malloc `{mode}`"
                   + (f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else "")
-                  + ": fastgrad and plain torch step by step in turn (Storchastic cannot join: it patches torch). "
+                  + ": fastgrad and plain torch step by step in turn; storchastic and pyro each step by step with "
+                  "a plain torch step of their own, in a process of their own (Storchastic patches torch at import: "
+                  "Tensor.to/le/gt, is_tensor, argument validation off). "
                   "Cells: median (quartiles) of the per-step ratio to the paired plain step, minor page faults per "
                   "step; goal from the benchmarks issue (fastgrad rows), met or missed. plain_distributions is "
                   "hand-written torch through torch.distributions as the tutorial uses them (validation on); "
@@ -151,7 +153,8 @@ def _plots() -> list:
         panels = []
         if inter and all(isinstance(v, dict) for v in inter.values()):
             panels.append(("interleaved pairs in one process (steady malloc)", inter,
-                           ["plain_distributions", "graph", "graph_reference", "functional", "functional_reference"]))
+                           ["plain_distributions", "graph", "graph_reference", "functional", "functional_reference",
+                            "storchastic", "pyro"]))
         if data["table"]:
             panels.append(("each implementation in its own process (default malloc)", data["table"],
                            ["graph", "functional", "storchastic", "pyro"]))

@@ -7,7 +7,8 @@ warm-up steps, then the median of ``--steps`` step times. The report gives, per 
 median over rounds of the per-round ratio to plain torch, with min and max. Implementations that do not patch
 torch (plain, plain_distributions, graph, functional) are also timed interleaved step by step in one process;
 their per-step ratios to the paired plain step (median and quartiles) are the low-noise comparison, run under
-each glibc malloc mode of ``--malloc`` (see MALLOC). Minor page faults per step are recorded everywhere. Writes
+each glibc malloc mode of ``--malloc`` (see MALLOC). Each ``--paired`` library (Storchastic, Pyro) is timed the same
+way against a plain torch step of its own, in a process of its own. Minor page faults per step are recorded everywhere. Writes
 ``benchmarks/results/vae_step_<machine>.json``. Implementations whose package is missing are skipped.
 """
 from __future__ import annotations
@@ -91,6 +92,38 @@ def worker_interleaved(method: str, impls: list, steps: int, warmup: int, thread
     return {"method": method, "times_s": times, "faults_per_step": {i: f / steps for i, f in faults.items()}}
 
 
+def _interleaved_group(impls: list, method: str, mode: str, args, own_plain: bool) -> dict:
+    """Rounds of :func:`worker_interleaved` for one group; per implementation the median and quartiles of its
+    per-step ratio to the paired plain step (the plain row itself only when ``own_plain``)."""
+    pairs = {i: [] for i in impls}
+    ms = {i: [] for i in impls}
+    faults = {i: [] for i in impls}
+    for _ in range(args.rounds):
+        cmd = [sys.executable, __file__, "--worker-interleaved", ",".join(impls), method,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=_env(mode))
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"interleaved {','.join(impls)} {method} failed: {last}", file=sys.stderr)
+            continue
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        ts = res["times_s"]
+        for i in impls:
+            pairs[i] += [a / b for a, b in zip(ts[i], ts["plain"])]
+            ms[i] += ts[i]
+            faults[i].append(res["faults_per_step"][i])
+    row = {}
+    for i, rs in pairs.items():
+        if rs and (own_plain or i != "plain"):
+            q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
+            row[i] = {"ratio_to_plain": statistics.median(rs), "ratio_q1": q[0], "ratio_q3": q[2],
+                      "pairs": len(rs), "median_ms": statistics.median(ms[i]) * 1e3,
+                      "faults_per_step": statistics.mean(faults[i])}
+            if not own_plain:
+                row[i]["paired_plain_ms"] = statistics.median(ms["plain"]) * 1e3
+    return row
+
+
 def machine() -> dict:
     import platform
 
@@ -123,6 +156,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "vae_step_cpu.json"))
     ap.add_argument("--interleaved", default="plain,plain_distributions,graph,functional",
                     help="implementations also timed step by step in one process (paired ratios); '' to skip")
+    ap.add_argument("--paired", default="storchastic,pyro",
+                    help="libraries each timed interleaved with plain torch in a process of their own; '' to skip")
     ap.add_argument("--malloc", default="default,steady",
                     help=f"glibc malloc modes for the interleaved runs, from {sorted(MALLOC)} (per-process rounds: "
                          "the first)")
@@ -183,32 +218,16 @@ def main() -> None:
     inter_impls = [i for i in args.interleaved.split(",") if i]
     if inter_impls and "plain" not in inter_impls:
         inter_impls.insert(0, "plain")
-    for mode in modes if inter_impls else ():
+    # Groups of implementations timed step by step in one process. fastgrad's group shares one plain step;
+    # each --paired library (Storchastic patches torch at import, so it cannot share a process with fastgrad)
+    # gets its own process with its own plain step to pair with.
+    groups = [inter_impls] if inter_impls else []
+    groups += [["plain", lib] for lib in args.paired.split(",") if lib and lib not in skipped]
+    for mode in modes if groups else ():
         for method in methods:
-            pairs = {i: [] for i in inter_impls}
-            ms = {i: [] for i in inter_impls}
-            faults = {i: [] for i in inter_impls}
-            for r in range(args.rounds):
-                cmd = [sys.executable, __file__, "--worker-interleaved", ",".join(inter_impls), method,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-                p = subprocess.run(cmd, capture_output=True, text=True, env=_env(mode))
-                if p.returncode != 0:
-                    last = (p.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"interleaved {method} failed: {last}", file=sys.stderr)
-                    continue
-                res = json.loads(p.stdout.strip().splitlines()[-1])
-                ts = res["times_s"]
-                for i in inter_impls:
-                    pairs[i] += [a / b for a, b in zip(ts[i], ts["plain"])]
-                    ms[i] += ts[i]
-                    faults[i].append(res["faults_per_step"][i])
             row = {}
-            for i, rs in pairs.items():
-                if rs:
-                    q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
-                    row[i] = {"ratio_to_plain": statistics.median(rs), "ratio_q1": q[0], "ratio_q3": q[2],
-                              "pairs": len(rs), "median_ms": statistics.median(ms[i]) * 1e3,
-                              "faults_per_step": statistics.mean(faults[i])}
+            for group in groups:
+                row.update(_interleaved_group(group, method, mode, args, own_plain=group is groups[0]))
             interleaved.setdefault(mode, {})[method] = row
             print(f"interleaved[{mode}] {method:20s} "
                   + " ".join(f"{i} x{c['ratio_to_plain']:.3f} ({c['faults_per_step']:.0f} flt)"

@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .ops import _philox
+from .ops import _backend, _philox
 from .ops import categorical_sample as _cs
 from .ops import enumerate_log_probs as _enum
 from .ops import gumbel_softmax as _gs
@@ -73,6 +73,13 @@ def _check_logits(logits: object, name: str = "logits", min_dim: int = 1, values
     if values and logits.numel() and not _is_compiling():
         _check_lse(logits.detach().amax(-1), name)
     return logits
+
+
+def _validated_by_kernel(t: torch.Tensor) -> bool:
+    """The C++ CPU surrogate kernel checks the values it reads (logits rows without a distribution, sample
+    indices out of range) and raises the same ValueErrors itself: no extra pass and no host sync here. Other
+    backends are checked in Python."""
+    return _backend.choose(t.device) == "cpp"
 
 
 def _check_lse(row_stat: torch.Tensor, name: str = "logits") -> None:
@@ -141,6 +148,7 @@ def sample_categorical(
     Returns:
         int64 indices ``[n, ...]``; with ``one_hot=True`` the tuple ``(indices, one_hot)``.
     """
+    # values checked here, before a seed is drawn: a call that raises leaves the generator untouched
     logits = _check_logits(_logits_from(logits, probs))
     n = _check_n(n)
     batch = logits.shape[:-1]
@@ -220,12 +228,14 @@ def _score(logits: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) ->
     n = samples.shape[0]
     rows = _rows(logits)
     idx = samples.reshape(n, -1).contiguous()
-    if idx.numel() and not _is_compiling():
+    checked = _validated_by_kernel(rows)
+    if idx.numel() and not checked and not _is_compiling():
         lo, hi = torch.aminmax(idx)
         if int(lo) < 0 or int(hi) >= K:
             raise ValueError(f"samples must lie in [0, {K})")
     out, lse = _ss.surrogate(rows, idx, weight.reshape(n, -1).contiguous())
-    _check_lse(lse)  # the op's per-row logsumexp doubles as the NaN/inf check: no extra pass over logits
+    if not checked:
+        _check_lse(lse)  # the op's per-row logsumexp doubles as the NaN/inf check: no extra pass over logits
     return out.view(samples.shape)
 
 

@@ -281,6 +281,29 @@ def test_surrogate_rejects_nonfinite_rows_from_its_logsumexp(backend):
             F.categorical_log_prob(torch.tensor([[0.0, float("nan")]]), torch.zeros(1, 1, dtype=torch.int64))
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+def test_cpp_kernels_validate_what_they_read():
+    """Called directly (as torch.ops), the C++ sampler and surrogate raise ValueErrors for logits rows without a
+    distribution and for sample indices out of range, instead of reading out of bounds or returning NaN; the
+    surrogate's Python wrapper relies on this (no extra pass, no host sync on the CPU)."""
+    ops = torch.ops.fastgrad_C
+    nan_row = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]])
+    masked = torch.tensor([[0.0, 1.0, 2.0], [-float("inf")] * 3])
+    for bad in (nan_row, masked, torch.tensor([[0.0, float("inf"), 1.0]])):
+        with pytest.raises(ValueError, match="finite entry"):
+            ops.categorical_sample(bad, 2, 0, 0, True)
+        with pytest.raises(ValueError, match="finite entry"):
+            ops.score_surrogate(bad, torch.zeros(1, bad.shape[0], dtype=torch.int64), torch.ones(1, bad.shape[0]))
+    ok = torch.randn(4, 3)
+    for k in (-1, 3):
+        idx = torch.zeros(2, 4, dtype=torch.int64)
+        idx[1, 2] = k
+        with pytest.raises(ValueError, match=r"samples must lie in \[0, 3\)"):
+            ops.score_surrogate(ok, idx, torch.ones(2, 4))
+        with pytest.raises(ValueError, match=r"samples must lie in \[0, 3\)"):
+            F.score_function_surrogate(ok, idx, torch.ones(2, 4))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_entries_match_the_registered_ops(backend):
     """fastgrad.functional's eager path (direct backend call in an autograd.Function) and the torch.library op

@@ -3,7 +3,9 @@
 // Pass 1 writes the n*R uniforms (8-wide Philox) as doubles into the index buffer; pass 2 reads row r's n
 // uniforms from there and overwrites them with the drawn indices (same slots, so in place is safe). A one-hot
 // output in fresh (zero) pages gets only its ones written; in reused memory each row is streamed out whole.
+// A row without a valid distribution (NaN, +inf, or no finite entry) makes the op raise a ValueError.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -38,10 +40,11 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
       }
     }
   });
+  std::atomic<bool> bad_row{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "categorical_sample_cpu", [&] {
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     scalar_t* op = one_hot ? oh.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, grain_for(K * (n + 2)), [&](int64_t r0, int64_t r1) {
       std::vector<float> p(K);
       std::vector<double> cdf(K);
       std::vector<scalar_t> zrow(op && !zeroed ? K : 0, scalar_t(0));
@@ -53,6 +56,11 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
         exp_inplace(p.data(), K);
         double run = 0;
         for (int64_t k = 0; k < K; ++k) cdf[k] = run += p[k];
+        // NaN or +inf anywhere, or every entry -inf, makes exp(l - max) NaN somewhere and the total NaN
+        if (!std::isfinite(run)) {
+          bad_row.store(true, std::memory_order_relaxed);
+          run = 1.0;  // draws of this row are discarded with the error below; keep the search in bounds
+        }
         // first k with cdf_k > u * total (a zero-probability step can never satisfy it); binary search per
         // draw: O(n log K) per row, no sorting of the targets
         const double* c = cdf.data();
@@ -70,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
       stream_fence();
     });
   });
+  TORCH_CHECK_VALUE(!bad_row.load(), FG_INVALID_ROWS_MESSAGE);
   return {idx, oh};
 }
 

@@ -11,7 +11,7 @@ namespace {
 template <typename scalar_t, typename acc>
 std::vector<acc> transposed_log_softmax(const scalar_t* lp, int64_t B, int64_t k, int64_t K, bool probs) {
   std::vector<acc> out(k * K * B);
-  at::parallel_for(0, B * k, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, B * k, grain_for(3 * K), [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t b = q / k, i = q % k;
       const scalar_t* row = lp + (b * k + i) * K;
@@ -40,7 +40,7 @@ at::Tensor enumerate_log_probs_cpu(const at::Tensor& logits) {
     using acc = acc_t<scalar_t>;
     auto lpT = transposed_log_softmax<scalar_t, acc>(logits.data_ptr<scalar_t>(), B, k, K, false);
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, grain_for(k * B), [&](int64_t c0, int64_t c1) {
       std::vector<acc> row(B);
       for (int64_t c = c0; c < c1; ++c) {
         std::fill(row.begin(), row.end(), acc(0));
@@ -71,7 +71,7 @@ at::Tensor enumerate_log_probs_backward_cpu(const at::Tensor& grad, const at::Te
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* out = gl.data_ptr<scalar_t>();
     // split over b: each thread owns its columns, so the scatter over configurations needs no atomics
-    at::parallel_for(0, B, 256, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, std::max<int64_t>(256, grain_for(C * (k + 1))), [&](int64_t b0, int64_t b1) {
       const int64_t nb = b1 - b0;
       std::vector<acc> G(k * K * nb, acc(0)), S(nb, acc(0));
       for (int64_t c = 0; c < C; ++c) {

@@ -62,7 +62,7 @@ at::Tensor gumbel_softmax_cpu(const at::Tensor& logits, int64_t n, double tau, b
     const acc inv_tau = static_cast<acc>(1.0 / tau);
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n * R, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, n * R, grain_for(4 * K), [&](int64_t b0, int64_t b1) {
       std::vector<acc> u(K), z(K);
       std::vector<scalar_t> row(K, scalar_t(0));
       std::vector<float> scratch(uniform_scratch(K));
@@ -104,7 +104,7 @@ at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor&
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* out = gl.data_ptr<scalar_t>();
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, grain_for(4 * K * n), [&](int64_t r0, int64_t r1) {
       std::vector<acc_type> u(K), y(K), acc(K);
       std::vector<float> scratch(uniform_scratch(K));
       for (int64_t r = r0; r < r1; ++r) {

@@ -1,6 +1,8 @@
 // REINFORCE surrogate at vocabulary scale on the CPU: one read of each logits row forward (max, sum-exp),
-// one write of the gradient backward; the log_softmax is never materialized. A row whose lse is not finite
-// (NaN, +inf, or no finite entry) is reported by the caller from the returned lse.
+// one write of the gradient backward; the log_softmax is never materialized. The forward validates what it
+// reads (a row whose lse is not finite: NaN, +inf or no finite entry; an index outside [0, K)) and raises a
+// ValueError, so the Python layer needs no extra pass or host sync for these checks on the CPU.
+#include <atomic>
 #include <cmath>
 
 #include "common.h"
@@ -20,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor> score_surrogate_cpu(const at::Tensor& logits,
   auto lse = at::empty({R}, logits.options().dtype(dbl ? at::kDouble : at::kFloat));
   auto out = at::empty_like(weight);
   if (R == 0) return {out, lse};
+  std::atomic<bool> bad_row{false}, bad_index{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "score_surrogate_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* lp = logits.data_ptr<scalar_t>();
@@ -29,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> score_surrogate_cpu(const at::Tensor& logits,
       using wt = scalar_t;
       const wt* wp = weight.data_ptr<wt>();
       wt* op = out.data_ptr<wt>();
-      at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, R, grain_for(K + n), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const auto* row = lp + r * K;
           acc m = -INFINITY, s = 0;
@@ -56,12 +59,21 @@ std::tuple<at::Tensor, at::Tensor> score_surrogate_cpu(const at::Tensor& logits,
           }
           const acc l = m + std::log(s);
           lsep[r] = l;
-          for (int64_t j = 0; j < n; ++j)
-            op[j * R + r] = static_cast<wt>(static_cast<acc>(wp[j * R + r]) * (static_cast<acc>(row[ip[j * R + r]]) - l));
+          if (!std::isfinite(l)) bad_row.store(true, std::memory_order_relaxed);
+          for (int64_t j = 0; j < n; ++j) {
+            const int64_t k = ip[j * R + r];
+            if (k < 0 || k >= K) {
+              bad_index.store(true, std::memory_order_relaxed);
+              continue;
+            }
+            op[j * R + r] = static_cast<wt>(static_cast<acc>(wp[j * R + r]) * (static_cast<acc>(row[k]) - l));
+          }
         }
       });
     });
   });
+  TORCH_CHECK_VALUE(!bad_index.load(), "samples must lie in [0, ", K, ")");
+  TORCH_CHECK_VALUE(!bad_row.load(), FG_INVALID_ROWS_MESSAGE);
   return {out, lse};
 }
 
@@ -83,7 +95,7 @@ at::Tensor score_surrogate_backward_cpu(const at::Tensor& grad, const at::Tensor
     const acc* ap = a.data_ptr<acc>();
     const acc* lsep = lse_acc.data_ptr<acc>();
     scalar_t* out = gl.data_ptr<scalar_t>();
-    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, grain_for(K + n), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         acc asum = 0;
         for (int64_t j = 0; j < n; ++j) asum += ap[j * R + r];

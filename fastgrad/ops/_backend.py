@@ -132,12 +132,18 @@ def choose(device: torch.device) -> str:
     return name
 
 
+_compiled_ops: dict = {}  # name -> torch.ops.fastgrad_C.<name>.default (an attribute walk saved per call)
+
+
 def run(name: str, kernel_module: str, reference: Callable[..., Any], *args: Any) -> Any:
     """Run op ``name`` on the backend chosen for ``args[0]``'s device: ``torch.ops.fastgrad_C.<name>`` (C++/CUDA),
     ``fastgrad.kernels.<kernel_module>.<name>`` (Triton) or ``reference``."""
     b = choose(args[0].device)
     if b in ("cpp", "cuda"):
-        return getattr(torch.ops.fastgrad_C, name)(*args)
+        op = _compiled_ops.get(name)
+        if op is None:
+            op = _compiled_ops[name] = getattr(torch.ops.fastgrad_C, name).default
+        return op(*args)
     if b == "triton":
         return getattr(importlib.import_module(f"fastgrad.kernels.{kernel_module}"), name)(*args)
     return reference(*args)
