@@ -61,3 +61,17 @@ def test_quality_grad_stats_are_finite_and_exact_gradient_has_no_bias():
     ex = quality.grad_stats(fastgrad, "expect", model, batch, n_grads=2)
     assert ex["grad_variance"] == pytest.approx(0.0, abs=1e-12) and ex["grad_bias"] == pytest.approx(0.0, abs=1e-12)
     assert all(p.grad is None or not p.grad.abs().sum() for p in model.parameters())
+
+
+def test_paired_group_reports_the_library_against_its_own_plain_step():
+    """--paired libraries run in a process of their own, each step paired with a plain step of that process."""
+    import types
+
+    from benchmarks import vae_step
+
+    args = types.SimpleNamespace(rounds=1, steps=2, warmup=1, threads=1)
+    row = vae_step._interleaved_group(["plain", "functional"], "sf1", "steady", args, own_plain=False)
+    assert set(row) == {"functional"}, row  # the plain row belongs to fastgrad's own group
+    cell = row["functional"]
+    assert cell["pairs"] == 2 and cell["ratio_q1"] <= cell["ratio_to_plain"] <= cell["ratio_q3"]
+    assert cell["paired_plain_ms"] > 0 and cell["median_ms"] > 0
