@@ -1,4 +1,5 @@
 // The cache of freed large-output mappings behind new_output (common.h).
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <vector>
@@ -24,15 +25,16 @@ struct OutputCache {
   OutputCache() {
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     cap = pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) / 8 : 0;
+    // digits only (else the default; fastgrad's Python layer warns about such a value when it loads the
+    // extension: a TORCH_WARN here is raised from inside whichever op allocates first, and only some torch
+    // versions turn it into a Python warning there)
     const char* env = std::getenv("FASTGRAD_CPU_CACHE_MB");
     if (env && *env) {
-      char* end = nullptr;
-      const unsigned long long mb = std::strtoull(env, &end, 10);
-      if (*env == '-' || end == env || *end != '\0') {
-        TORCH_WARN("FASTGRAD_CPU_CACHE_MB must be a non-negative integer (MB), got '", env,
-                   "'; using the default of 1/8 of RAM");
-      } else {
-        cap = static_cast<size_t>(mb) << 20;
+      bool digits = true;
+      for (const char* q = env; *q; ++q) digits = digits && *q >= '0' && *q <= '9';
+      if (digits) {
+        const unsigned long long mb = std::strtoull(env, nullptr, 10);  // saturates on overflow
+        cap = mb > (SIZE_MAX >> 20) ? SIZE_MAX : static_cast<size_t>(mb) << 20;
       }
     }
   }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -36,6 +37,7 @@ def _load_extension() -> None:
     except ImportError as e:  # not built: the reference serves
         _C_error = str(e)
         return
+    _check_cache_env()
     built = getattr(torch.ops.fastgrad_C, "cuda_version", None)
     if built is not None and torch.version.cuda is not None:
         v = int(built())
@@ -47,6 +49,14 @@ def _load_extension() -> None:
                 _C_error = (f"fastgrad._C was compiled with CUDA {want} but torch uses CUDA {have}; "
                             "rebuild with `pip install --no-build-isolation -e .`")
                 raise RuntimeError(_C_error)
+
+
+def _check_cache_env() -> None:
+    """Warn about a FASTGRAD_CPU_CACHE_MB the C++ side will ignore (it accepts digits only, else the default)."""
+    value = os.environ.get("FASTGRAD_CPU_CACHE_MB", "")
+    if value and not (value.isascii() and value.isdigit()):
+        warnings.warn(f"FASTGRAD_CPU_CACHE_MB must be a non-negative integer (MB), got {value!r}; using the "
+                      "default of 1/8 of RAM", RuntimeWarning, stacklevel=3)
 
 
 def has_cpp() -> bool:
