@@ -7,9 +7,10 @@ warm-up steps, then the median of ``--steps`` step times. The report gives, per 
 median over rounds of the per-round ratio to plain torch, with min and max. Implementations that do not patch
 torch (plain, plain_distributions, graph, functional) are also timed interleaved step by step in one process;
 their per-step ratios to the paired plain step (median and quartiles) are the low-noise comparison, run under
-each glibc malloc mode of ``--malloc`` (see MALLOC). Each ``--paired`` library (Storchastic, Pyro) is timed the same
-way against a plain torch step of its own, in a process of its own. Minor page faults per step are recorded everywhere. Writes
-``benchmarks/results/vae_step_<machine>.json``. Implementations whose package is missing are skipped.
+each glibc malloc mode of ``--malloc`` (see MALLOC). Each ``--paired`` library (Storchastic, Pyro) is timed the
+same way against a plain torch step of its own, in a process of its own. Minor page faults per step are recorded
+everywhere. Writes ``benchmarks/results/vae_step_<machine>.json``. Implementations whose package is missing are
+skipped.
 """
 from __future__ import annotations
 
