@@ -183,18 +183,23 @@ def _kind(func: Callable) -> int:
     return k
 
 
+def _new(cls: type, t: torch.Tensor, plates: Tuple[Plate, ...]) -> "Tensor":
+    obj = object.__new__(cls)
+    obj._tensor = t
+    obj.plates = plates
+    obj.name = None
+    return obj
+
+
 def _holds_tensor(v: Any) -> bool:
     return isinstance(v, Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, Tensor) for x in v))
 
 
 def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
     """Run a torch function on plate-aware arguments and wrap the result (the one dispatch routine)."""
-    kind = _KINDS.get(func)
-    if kind is None:
-        kind = _kind(func)
+    kind = _kind(func)
     # Fast path (the common case, a few microseconds): plate-aware tensors only among the positional arguments,
-    # all sharing one plate tuple and one rank, none inside lists, no expansion needed. Written out inline:
-    # it runs for every torch call on a plate tensor.
+    # all sharing one plate tuple and one rank, none inside lists, no expansion needed.
     if not kwargs or not any(_holds_tensor(v) for v in kwargs.values()):
         plates = None
         nd = -1
@@ -209,30 +214,20 @@ def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
                     break
                 count += 1
                 raw_args.append(t)
-            elif isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a):
-                break  # a list holding plate tensors: the aligning path
+            elif _holds_tensor(a):  # a list holding plate tensors: the aligning path
+                break
             else:
                 raw_args.append(a)
         else:
-            if plates is not None and (kind != _EXPAND or count == 1):
+            if plates is not None and not (kind == _EXPAND and count > 1):
                 out = func(*raw_args, **kwargs)
                 if kind == _CHECK:
                     return out
                 if kind == _INPLACE and out is raw_args[0]:
                     return args[0]
                 if type(out) is torch.Tensor:
-                    # check_plates, inlined for the common case of an output that keeps every plate dim
-                    shape = out.shape
-                    if len(shape) >= len(plates):
-                        for i, p in enumerate(plates):
-                            if shape[i] != p.n and shape[i] != 1:
-                                check_plates(out, plates)  # raises the fail-quick error
-                        obj = object.__new__(Tensor)
-                        obj._tensor = out
-                        obj.plates = plates
-                        obj.name = None
-                        return obj
-                    check_plates(out, plates)  # raises the fail-quick error
+                    check_plates(out, plates)
+                    return _new(Tensor, out, plates)
                 return _wrap_out(out, plates)
     return _apply_general(func, args, kwargs, kind)
 
