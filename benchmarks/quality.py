@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,17 +52,24 @@ def grad_stats(lib, method: str, model, batch, n_grads: int) -> dict:
 
 
 def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int, eval_every: int = 300,
-           n_grads: int = 20) -> dict:
+           n_grads: int = 20, dtype: str = "float32", threads: int = 2) -> dict:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     from benchmarks import vae_impls
     from fastgrad.examples.discrete_vae import exact_neg_elbo
     from fastgrad.examples.mnist import batches, load_mnist
 
     images, _ = load_mnist("train")
     test, _ = load_mnist("test")
-    model = vae_impls.make_model(seed)
+    model = vae_impls.make_model(seed)  # initialized in float32 in every run, then cast
+    # float64 runs separate the estimators' math from float32 rounding: implementations of the same
+    # deterministic estimator (Expect) then follow one trajectory for hundreds of steps.
+    torch.set_default_dtype(getattr(torch, dtype))
+    images, test = images.to(torch.get_default_dtype()), test.to(torch.get_default_dtype())
+    model.to(torch.get_default_dtype())
     step = vae_impls.IMPLS[impl](method, model, images[:64])
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -82,7 +91,7 @@ def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int, eval_
             if lib is not None and n % eval_every == 0:
                 checkpoints.append({"step": n, **grad_stats(lib, method, model, eval_batch, n_grads)})
         by_epoch.append(exact_neg_elbo(model, test))  # exact test -ELBO after every epoch
-    return {"impl": impl, "method": method, "seed": seed, "steps": n, "seconds": time.perf_counter() - t0,
+    return {"impl": impl, "method": method, "seed": seed, "dtype": dtype, "steps": n, "seconds": time.perf_counter() - t0,
             "test_neg_elbo": by_epoch[-1], "test_neg_elbo_by_epoch": by_epoch, "train_elbo": elbos,
             "checkpoints": checkpoints}
 
@@ -92,6 +101,11 @@ def _median_checkpoint(rs: list, key: str):
     gradients w.r.t. probs scale like 1/p, so a few checkpoints with tiny probabilities dominate any mean."""
     vals = [k[key] for r in rs for k in r.get("checkpoints", [])]
     return statistics.median(vals) if vals else None
+
+
+def _first(pairs: list, apart) -> object:
+    """Index of the first pair for which ``apart(a, b)`` holds, or None."""
+    return next((i for i, (a, b) in enumerate(pairs) if apart(a, b)), None)
 
 
 def write(runs: list, args) -> dict:
@@ -122,7 +136,23 @@ def write(runs: list, args) -> dict:
                                "checkpoints": r.get("checkpoints", [])})
     from benchmarks.vae_step import machine
 
-    out = {"machine": machine(), "epochs": args.epochs, "rows": rows, "curves": curves,
+    # Where the training trajectories of two implementations of one method part: the first step at which their
+    # training -ELBOs differ by more than 1e-9 (relative) and by more than 0.1 nats. Same-math implementations
+    # that part early do so by rounding; a difference in the math shows from step 0.
+    agreement = []
+    impls = args.impls.split(",")
+    for r in runs:
+        for o in runs:
+            if (o["method"], o["seed"]) != (r["method"], r["seed"]) or impls.index(o["impl"]) <= impls.index(r["impl"]):
+                continue
+            pairs = list(zip(r["train_elbo"], o["train_elbo"]))
+            agreement.append({"method": r["method"], "seed": r["seed"], "impls": [r["impl"], o["impl"]],
+                              "first_step_rel_diff_gt_1e-9": _first(pairs, lambda a, b: abs(a - b) > 1e-9 * abs(b)),
+                              "first_step_abs_diff_gt_0.1": _first(pairs, lambda a, b: abs(a - b) > 0.1),
+                              "test_diff": r["test_neg_elbo"] - o["test_neg_elbo"]})
+
+    out = {"machine": machine(), "epochs": args.epochs, "dtype": args.dtype, "rows": rows, "curves": curves,
+           "agreement": agreement,
            "note": f"{args.epochs} epoch(s), batch 64, Adam 1e-3, same seeds, initialization and data order for "
                    "every implementation; test -ELBO exact over the 100 latent configurations, after epoch 1 and "
                    "after the last epoch."}
@@ -139,29 +169,42 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--eval-every", type=int, default=300, help="steps between gradient variance/bias checkpoints")
     ap.add_argument("--n-grads", type=int, default=20, help="gradient estimates per checkpoint")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                    help="parameters and data (the model is initialized in float32 either way)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each then gets cores // jobs threads)")
     ap.add_argument("--out", default=str(HERE / "results" / "quality_cpu.json"))
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "METHOD", "SEED"))
+    ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.worker:
         impl, method, seed = args.worker
-        print(json.dumps(worker(impl, method, int(seed), args.epochs, args.max_steps, args.eval_every, args.n_grads)))
+        print(json.dumps(worker(impl, method, int(seed), args.epochs, args.max_steps, args.eval_every, args.n_grads,
+                                args.dtype, args.threads)))
         return
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    todo = [(impl, method, seed) for seed in map(int, args.seeds.split(","))
+            for method in args.methods.split(",") for impl in args.impls.split(",")]
+
+    def run(job):
+        impl, method, seed = job
+        cmd = [sys.executable, __file__, "--worker", impl, method, str(seed), "--epochs", str(args.epochs),
+               "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
+               "--n-grads", str(args.n_grads), "--dtype", args.dtype, "--threads", str(threads)]
+        return job, subprocess.run(cmd, capture_output=True, text=True)
+
     runs = []
-    for seed in map(int, args.seeds.split(",")):
-        for method in args.methods.split(","):
-            for impl in args.impls.split(","):
-                cmd = [sys.executable, __file__, "--worker", impl, method, str(seed), "--epochs", str(args.epochs),
-                       "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every),
-                       "--n-grads", str(args.n_grads)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                if p.returncode != 0:
-                    print(f"{impl}/{method}/{seed} failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                    continue
-                r = json.loads(p.stdout.strip().splitlines()[-1])
-                runs.append(r)
-                write(runs, args)
-                print(f"{impl:12s} {method:20s} seed {seed}: test -ELBO {r['test_neg_elbo']:.2f} "
-                      f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for (impl, method, seed), p in pool.map(run, todo):
+            if p.returncode != 0:
+                print(f"{impl}/{method}/{seed} failed: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            runs.append(r)
+            write(runs, args)
+            print(f"{impl:12s} {method:20s} seed {seed}: test -ELBO {r['test_neg_elbo']:.2f} "
+                  f"({r['steps']} steps, {r['seconds']:.0f} s)", file=sys.stderr)
     out = write(runs, args)
     for r in out["rows"]:
         print(f"{r['impl']:12s} {r['method']:20s} test -ELBO {r['test_mean']:.2f} +- {r['test_sd']:.2f}")

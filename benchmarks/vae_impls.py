@@ -48,7 +48,7 @@ def _centred(cost: torch.Tensor) -> torch.Tensor:
 
 def plain(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).float()  # [100, 2, 10]
+    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())  # [100, 2, 10]
 
     def step(batch: torch.Tensor = data) -> float:
         x = batch.view(-1, 784)
@@ -89,7 +89,7 @@ def plain_distributions(method: str, model, data: torch.Tensor) -> Callable[[], 
     from torch.distributions import OneHotCategorical, RelaxedOneHotCategorical, kl_divergence
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).float()  # [100, 2, 10]
+    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())  # [100, 2, 10]
 
     def step(batch: torch.Tensor = data) -> float:
         x = batch.view(-1, 784)
@@ -169,7 +169,7 @@ def functional(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     import fastgrad.functional as F
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    configs = TF.one_hot(F.enumerate_configurations(2, 10), 10).float()
+    configs = TF.one_hot(F.enumerate_configurations(2, 10), 10).to(torch.get_default_dtype())
 
     def step(batch: torch.Tensor = data) -> float:
         x = batch.view(-1, 784)

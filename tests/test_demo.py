@@ -31,3 +31,46 @@ def test_demo_quick(tmp_path, method, extra):
 def test_bad_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="data-dir"):
         load_mnist("train", tmp_path)
+
+
+def test_tutorial_expect_step_is_the_hand_written_step_in_float64():
+    """The tutorial's Expect step through the graph API (KL + reconstruction, enumerated z broadcast over the data
+    plate) and the hand-written torch step give the same loss and parameter gradients up to float64 rounding:
+    same math, so float32 training runs of the two part only through rounding (benchmarks/quality.py --dtype)."""
+    import math
+
+    import torch
+    import torch.nn.functional as TF
+    from torch.distributions import OneHotCategorical, kl_divergence
+
+    import fastgrad as storch
+
+    torch.manual_seed(0)
+    model = discrete_vae.DiscreteVAE().double()
+    data = torch.rand(16, 784, dtype=torch.float64)
+
+    x = storch.denote_independent(data, 0, "data")
+    q = OneHotCategorical(probs=model.encode(x).reshape(-1, 2, 10).softmax(dim=-1))
+    z = storch.method.Expect("z")(q)
+    prior = OneHotCategorical(probs=torch.ones_like(q.probs) / 10.0)
+    storch.add_cost(kl_divergence(q, prior).sum(-1), "kl-div")
+    rec = model.decode(z.reshape(z.shape[:-2] + (2 * 10,)))
+    storch.add_cost(torch.nn.BCELoss(reduction="none")(rec, x).sum(-1), "reconstruction")
+    value = storch.backward()
+    graph_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # hand-written: every configuration decoded once, weights q(z|x) per datum
+    logp = model.encode(data).view(16, 2, 10).log_softmax(-1)
+    probs = logp.exp()
+    kl = (probs * (logp + math.log(10.0))).sum((-1, -2))
+    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).double()  # [100, 2, 10]
+    bce = TF.binary_cross_entropy(model.decode(configs.view(100, 1, 20)).expand(100, 16, 784),
+                                  data.expand(100, 16, 784), reduction="none").sum(-1)  # [100, 16]
+    logq = logp[:, 0, :].t()[:, None, :] + logp[:, 1, :].t()[None, :, :]  # [10, 10, 16]
+    loss = kl.mean() + (logq.reshape(100, 16).exp() * bce).sum(0).mean()
+    loss.backward()
+
+    assert abs(float(value) - float(loss.detach())) <= 1e-10 * abs(float(loss.detach()))
+    for (name, p), g in zip(model.named_parameters(), graph_grads):
+        assert float((g - p.grad).norm()) <= 1e-9 * float(p.grad.norm()), name

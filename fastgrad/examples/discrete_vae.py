@@ -109,12 +109,13 @@ def exact_neg_elbo(model: DiscreteVAE, images: torch.Tensor, batch_size: int = 1
 
     The 100 configurations are decoded once and broadcast against the batch."""
     configs = storch.functional.enumerate_configurations(2, 10)  # [100, 2]
-    z = torch.nn.functional.one_hot(configs, 10).float().view(100, 1, 20)
+    dtype = next(model.parameters()).dtype
+    z = torch.nn.functional.one_hot(configs, 10).to(dtype).view(100, 1, 20)
     rec = model.decode(z).clamp(1e-7, 1 - 1e-7)  # [100, 1, 784]
     log_r, log_1r = rec.log(), (1 - rec).log()
     total = 0.0
     for i in range(0, images.shape[0], batch_size):
-        x = images[i: i + batch_size].view(-1, 784)
+        x = images[i: i + batch_size].view(-1, 784).to(dtype)
         logits = model.encode(x).view(-1, 2, 10)
         logq = storch.functional.enumerate_log_probs(logits)  # [100, B]
         bce = -(x @ log_r[:, 0].t() + (1 - x) @ log_1r[:, 0].t()).t()  # [100, B]
