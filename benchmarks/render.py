@@ -122,7 +122,7 @@ def _interleaved_tables(data: dict, lines: list) -> list:
 
 def _quality_table(path: Path) -> list:
     data = json.loads(path.read_text())
-    lines = [f"### {path.name}", "", data.get("note", ""), "",
+    lines = [f"### {path.name}", "", data.get("note", "") + f" Arithmetic: {data.get('dtype', 'float32')}.", "",
              "| implementation | method | seeds | test -ELBO after epoch 1 | test -ELBO after the last epoch "
              "(mean +- sd) | last-100-step train -ELBO | gradient variance / bias of probs (median over checkpoints) |",
              "|---|---|---|---|---|---|---|"]
@@ -133,6 +133,16 @@ def _quality_table(path: Path) -> list:
               if r.get("grad_variance_median") is not None else "")
         lines.append(f"| {r['impl']} | {r['method']} | {seeds} | {e1} | {r['test_mean']:.2f} +- {r['test_sd']:.2f} | "
                      f"{r['train_mean']:.2f} | {vb} |")
+    if data.get("agreement"):
+        lines += ["", f"Where two implementations' training trajectories part ({data.get('dtype', 'float32')}): the "
+                  "first step whose training -ELBOs differ by more than 1e-9 relative, and by more than 0.1 nats "
+                  "(none: never within the run); the difference of their final test -ELBOs.", "",
+                  "| method | seed | implementations | first step > 1e-9 rel | first step > 0.1 nats | test -ELBO "
+                  "difference |", "|---|---|---|---|---|---|"]
+        for g in data["agreement"]:
+            first = [g["first_step_rel_diff_gt_1e-9"], g["first_step_abs_diff_gt_0.1"]]
+            lines.append(f"| {g['method']} | {g['seed']} | {' - '.join(g['impls'])} | "
+                         + " | ".join("none" if v is None else str(v) for v in first) + f" | {g['test_diff']:+.3f} |")
     return lines + [""]
 
 
