@@ -48,7 +48,8 @@ def _centred(cost: torch.Tensor) -> torch.Tensor:
 
 def plain(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())  # [100, 2, 10]
+    # [100, 2, 10], in the default dtype (quality.py --dtype float64 sets it)
+    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())
 
     def step(batch: torch.Tensor = data) -> float:
         x = batch.view(-1, 784)
@@ -89,7 +90,8 @@ def plain_distributions(method: str, model, data: torch.Tensor) -> Callable[[], 
     from torch.distributions import OneHotCategorical, RelaxedOneHotCategorical, kl_divergence
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())  # [100, 2, 10]
+    # [100, 2, 10], in the default dtype (quality.py --dtype float64 sets it)
+    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())
 
     def step(batch: torch.Tensor = data) -> float:
         x = batch.view(-1, 784)
