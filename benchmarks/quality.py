@@ -69,9 +69,10 @@ def worker(impl: str, method: str, seed: int, epochs: int, max_steps: int, eval_
     model = vae_impls.make_model(seed)  # initialized in float32 in every run, then cast
     # float64 runs separate the estimators' math from float32 rounding: implementations of the same
     # deterministic estimator (Expect) then follow one trajectory for hundreds of steps.
-    torch.set_default_dtype(getattr(torch, dtype))
-    images, test = images.to(torch.get_default_dtype()), test.to(torch.get_default_dtype())
-    model.to(torch.get_default_dtype())
+    dt = getattr(torch, dtype)
+    torch.set_default_dtype(dt)
+    images, test = images.to(dt), test.to(dt)
+    model.to(dt)
     step = vae_impls.IMPLS[impl](method, model, images[:64])
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -46,10 +46,15 @@ def _centred(cost: torch.Tensor) -> torch.Tensor:
     return c - (c.sum(0, keepdim=True) - c) / (n - 1) if n > 1 else c
 
 
+def _one_hot_configs() -> torch.Tensor:
+    """The 100 joint configurations of the 2 latents, one-hot ``[100, 2, 10]``, in the default dtype (quality.py
+    --dtype float64 sets it), built with plain torch."""
+    return TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())
+
+
 def plain(method: str, model, data: torch.Tensor) -> Callable[[], float]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    # [100, 2, 10], in the default dtype (quality.py --dtype float64 sets it)
-    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())
+    configs = _one_hot_configs()
 
     def step(batch: torch.Tensor = data) -> float:
         x = batch.view(-1, 784)
@@ -90,8 +95,7 @@ def plain_distributions(method: str, model, data: torch.Tensor) -> Callable[[], 
     from torch.distributions import OneHotCategorical, RelaxedOneHotCategorical, kl_divergence
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    # [100, 2, 10], in the default dtype (quality.py --dtype float64 sets it)
-    configs = TF.one_hot(torch.cartesian_prod(torch.arange(10), torch.arange(10)), 10).to(torch.get_default_dtype())
+    configs = _one_hot_configs()
 
     def step(batch: torch.Tensor = data) -> float:
         x = batch.view(-1, 784)
