@@ -182,7 +182,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except ImportError:  # pragma: no cover
         tqdm = None
     steps_per_epoch = math.ceil(images.shape[0] / args.batch_size)
-    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    total = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total = min(args.max_steps, total)
     bar = tqdm(total=total, disable=args.no_progress or tqdm is None, file=sys.stderr) if tqdm else None
     rows, evals = [], []
     step = 0

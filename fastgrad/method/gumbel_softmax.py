@@ -1,4 +1,6 @@
-"""Gumbel-softmax (Concrete) relaxation, optionally straight-through; math in :func:`fastgrad.functional.gumbel_softmax`."""
+"""Gumbel-softmax (Concrete) relaxation, optionally straight-through.
+
+The math is :func:`fastgrad.functional.gumbel_softmax`."""
 from __future__ import annotations
 
 import math

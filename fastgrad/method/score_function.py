@@ -1,4 +1,6 @@
-"""Score function (REINFORCE) with optional baselines; the math is :func:`fastgrad.functional.score_function_surrogate`."""
+"""Score function (REINFORCE) with optional baselines.
+
+The math is :func:`fastgrad.functional.score_function_surrogate`."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Tuple, Union
@@ -46,7 +48,8 @@ class ScoreFunction(Method):
             self.baseline = "custom"
             self._baseline_fn = baseline_factory
         elif baseline_factory is not None:
-            raise TypeError(f"baseline_factory must be None, a str or a callable, got {type(baseline_factory).__name__}")
+            raise TypeError("baseline_factory must be None, a str or a callable, "
+                            f"got {type(baseline_factory).__name__}")
         self.register_buffer("exponential_decay", torch.tensor(float(exponential_decay)))
         self.register_buffer("moving_average", torch.tensor(0.0))
 

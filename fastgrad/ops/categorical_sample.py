@@ -32,7 +32,8 @@ def reference(logits: torch.Tensor, n: int, seed: int, offset: int, one_hot: boo
 
 
 @torch.library.custom_op("fastgrad::categorical_sample", mutates_args=())
-def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int, one_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int,
+                       one_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[R, K]`` (float16/bfloat16/float32/float64, contiguous) -> (indices int64 ``[n, R]``, one-hot
     ``[n, R, K]`` in the logits' dtype, or an empty tensor when ``one_hot`` is False)."""
     return _backend.run("categorical_sample", "categorical_sample", reference, logits, n, seed, offset, one_hot)

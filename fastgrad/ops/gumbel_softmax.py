@@ -1,9 +1,9 @@
 """``fastgrad::gumbel_softmax``: n relaxed one-hot samples per row, forward and backward fused.
 
 Sample ``s`` of row ``r`` uses the Gumbel noise ``g = -log(-log u)`` of elements ``(s * R + r) * K + k`` of the
-Philox stream; ``y = softmax((l + g) / tau)`` in float32 (float64 for float64 logits). ``hard`` returns ``one_hot(argmax(l + g))`` (a
-Gumbel-max sample) while its gradient is the soft one (straight-through). The backward regenerates the noise
-from (seed, offset) instead of storing it: memory stays at the size of the output.
+Philox stream; ``y = softmax((l + g) / tau)`` in float32 (float64 for float64 logits). ``hard`` returns
+``one_hot(argmax(l + g))`` (a Gumbel-max sample) while its gradient is the soft one (straight-through). The
+backward regenerates the noise from (seed, offset) instead of storing it: memory stays at the size of the output.
 """
 from __future__ import annotations
 
@@ -48,9 +48,11 @@ def _(logits, n, tau, hard, seed, offset):
 
 
 @torch.library.custom_op("fastgrad::gumbel_softmax_backward", mutates_args=())
-def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int, offset: int) -> torch.Tensor:
+def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int,
+                            offset: int) -> torch.Tensor:
     """grad ``[n, R, K]``, logits ``[R, K]`` -> grad of logits ``[R, K]`` (soft gradient, noise regenerated)."""
-    return _backend.run("gumbel_softmax_backward", "gumbel_softmax", reference_backward, grad, logits, tau, seed, offset)
+    return _backend.run("gumbel_softmax_backward", "gumbel_softmax", reference_backward,
+                        grad, logits, tau, seed, offset)
 
 
 @gumbel_softmax_backward.register_fake

@@ -37,7 +37,8 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Te
 
 
 @torch.library.custom_op("fastgrad::score_surrogate", mutates_args=())
-def score_surrogate(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def score_surrogate(logits: torch.Tensor, index: torch.Tensor,
+                    weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[R, K]``, index int64 ``[n, R]``, weight ``[n, R]`` (float32/float64) -> (surrogate ``[n, R]``
     in the weight's dtype, lse ``[R]``: float64 for float64 logits, else float32)."""
     return _backend.run("score_surrogate", "score_surrogate", reference, logits, index, weight)
@@ -52,7 +53,8 @@ def _(logits, index, weight):
 @torch.library.custom_op("fastgrad::score_surrogate_backward", mutates_args=())
 def score_surrogate_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                              lse: torch.Tensor) -> torch.Tensor:
-    return _backend.run("score_surrogate_backward", "score_surrogate", reference_backward, grad, logits, index, weight, lse)
+    return _backend.run("score_surrogate_backward", "score_surrogate", reference_backward,
+                        grad, logits, index, weight, lse)
 
 
 @score_surrogate_backward.register_fake
