@@ -111,6 +111,10 @@ def _first(pairs: list, apart) -> object:
     return next((i for i, (a, b) in enumerate(pairs) if apart(a, b)), None)
 
 
+def _threads_per_run(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def write(runs: list, args) -> dict:
     """Summarize the runs so far and write the JSON (after every run: a cut-off sweep keeps what it has)."""
     rows, curves = [], []
@@ -155,7 +159,8 @@ def write(runs: list, args) -> dict:
                               "first_step_abs_diff_gt_0.1": _first(pairs, lambda a, b: abs(a - b) > 0.1),
                               "test_diff": r["test_neg_elbo"] - o["test_neg_elbo"]})
 
-    out = {"machine": machine(), "epochs": args.epochs, "dtype": args.dtype, "rows": rows, "curves": curves,
+    # threads: what each run got (machine() reports this process's torch threads)
+    out = {"machine": {**machine(), "threads": _threads_per_run(args.jobs), "jobs": args.jobs}, "epochs": args.epochs, "dtype": args.dtype, "rows": rows, "curves": curves,
            "agreement": agreement,
            "note": f"{args.epochs} epoch(s), batch 64, Adam 1e-3, same seeds, initialization and data order for "
                    "every implementation; test -ELBO exact over the 100 latent configurations, after epoch 1 and "
@@ -187,7 +192,7 @@ def main() -> None:
         print(json.dumps(worker(impl, method, int(seed), args.epochs, args.max_steps, args.eval_every, args.n_grads,
                                 args.dtype, args.threads)))
         return
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = _threads_per_run(args.jobs)
     todo = [(impl, method, seed) for seed in map(int, args.seeds.split(","))
             for method in args.methods.split(",") for impl in args.impls.split(",")]
 
