@@ -160,8 +160,8 @@ def write(runs: list, args) -> dict:
                               "test_diff": r["test_neg_elbo"] - o["test_neg_elbo"]})
 
     # threads: what each run got (machine() reports this process's torch threads)
-    out = {"machine": {**machine(), "threads": _threads_per_run(args.jobs), "jobs": args.jobs}, "epochs": args.epochs, "dtype": args.dtype, "rows": rows, "curves": curves,
-           "agreement": agreement,
+    out = {"machine": {**machine(), "threads": _threads_per_run(args.jobs), "jobs": args.jobs},
+           "epochs": args.epochs, "dtype": args.dtype, "rows": rows, "curves": curves, "agreement": agreement,
            "note": f"{args.epochs} epoch(s), batch 64, Adam 1e-3, same seeds, initialization and data order for "
                    "every implementation; test -ELBO exact over the 100 latent configurations, after epoch 1 and "
                    "after the last epoch."}
