@@ -160,7 +160,7 @@ def storch_like(storch, method: str, model, data: torch.Tensor) -> Callable[[], 
         storch.add_cost(torch.nn.BCELoss(reduction="none")(rec, x).sum(-1), "reconstruction")
         elbo = storch.backward()
         opt.step()
-        return float(elbo)
+        return elbo.item()
 
     return step
 

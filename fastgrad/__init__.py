@@ -4,10 +4,10 @@ Storchastic-compatible: ``import fastgrad as storch`` runs Storchastic code (pla
 ``add_cost``, ``backward``, methods). The estimators are also plain functions in :mod:`fastgrad.functional`,
 backed by fused ops (:mod:`fastgrad.ops`) with C++, CUDA and Triton kernels.
 """
-from . import functional, method, ops
+from . import exceptions, functional, method, ops
 from ._graph import (NoCostError, add_cost, backward, costs, denote_independent, gather_samples, reduce_plates,
                      reset, variance)
-from ._tensor import CostTensor, IndependentTensor, Plate, StochasticTensor, Tensor
+from ._tensor import CostTensor, IllegalStorchExposeError, IndependentTensor, Plate, StochasticTensor, Tensor, is_tensor
 from .ops._backend import backend, cpu_cache_bytes, empty_cache, get_backend, set_backend
 
 __version__ = "0.1.0"
@@ -16,5 +16,5 @@ __all__ = [
     "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
     "denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
     "reduce_plates", "NoCostError", "functional", "method", "ops", "set_backend", "get_backend", "backend",
-    "empty_cache", "cpu_cache_bytes",
+    "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions",
 ]

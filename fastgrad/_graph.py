@@ -18,52 +18,54 @@ class NoCostError(ValueError, RuntimeError):
     """``backward()`` was called with no cost registered (a ValueError, and a RuntimeError as in Storchastic)."""
 
 
+@_state.resets_on_error
 def denote_independent(tensor: Union[torch.Tensor, Tensor], dim: int, plate_name: str,
                        weight: Optional[Tensor] = None) -> IndependentTensor:
     """Mark dimension ``dim`` of ``tensor`` as independent (a plate named ``plate_name``); it moves to the left."""
     if not isinstance(plate_name, str) or not plate_name:
-        raise _state.fail(TypeError(f"plate_name must be a non-empty str, got {plate_name!r}"))
+        raise TypeError(f"plate_name must be a non-empty str, got {plate_name!r}")
     if isinstance(tensor, Tensor):
         raw, plates = tensor._tensor, tensor.plates
     elif isinstance(tensor, torch.Tensor):
         raw, plates = tensor, ()
     else:
-        raise _state.fail(TypeError(f"tensor must be a torch.Tensor or fastgrad.Tensor, got {type(tensor).__name__}"))
+        raise TypeError(f"tensor must be a torch.Tensor or fastgrad.Tensor, got {type(tensor).__name__}")
     if isinstance(dim, bool) or not isinstance(dim, int):
-        raise _state.fail(TypeError(f"dim must be an int, got {type(dim).__name__}"))
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     nd = raw.dim()
     d = dim + nd if dim < 0 else dim
     if not len(plates) <= d < nd:
-        raise _state.fail(ValueError(f"dim must index an event dimension of the tensor (shape {tuple(raw.shape)}, "
-                               f"{len(plates)} plate dims), got {dim}"))
+        raise ValueError(f"dim must index an event dimension of the tensor (shape {tuple(raw.shape)}, "
+                               f"{len(plates)} plate dims), got {dim}")
     if any(p.name == plate_name for p in plates):
-        raise _state.fail(ValueError(f"plate_name {plate_name!r} is already a plate of this tensor"))
+        raise ValueError(f"plate_name {plate_name!r} is already a plate of this tensor")
     if d != 0:
         raw = raw.movedim(d, 0)
     return IndependentTensor(raw, (Plate(plate_name, raw.shape[0], weight),) + plates, plate_name)
 
 
+@_state.resets_on_error
 def add_cost(cost: Union[torch.Tensor, Tensor], name: str) -> CostTensor:
     """Register ``cost`` (one value per element of its plates; event shape ``()`` or ``(1,)``)."""
     if not isinstance(name, str) or not name:
-        raise _state.fail(ValueError("No name provided to register cost node. Make sure to register an unique name "
-                               "with the cost (name must be a non-empty str)."))
+        raise ValueError("No name provided to register cost node. Make sure to register an unique name "
+                               "with the cost (name must be a non-empty str).")
     if isinstance(cost, Tensor):
         raw, plates = cost._tensor, cost.plates
     elif isinstance(cost, torch.Tensor):
         raw, plates = cost, ()
     else:
-        raise _state.fail(TypeError(f"cost must be a torch.Tensor or fastgrad.Tensor, got {type(cost).__name__}"))
+        raise TypeError(f"cost must be a torch.Tensor or fastgrad.Tensor, got {type(cost).__name__}")
     if not raw.is_floating_point():
-        raise _state.fail(TypeError(f"cost must be a floating tensor, got {raw.dtype}"))
+        raise TypeError(f"cost must be a floating tensor, got {raw.dtype}")
     ev = raw.shape[len(plates):]
     if tuple(ev) == (1,):
         raw = raw.squeeze(-1)
     elif len(ev):
-        raise _state.fail(ValueError(
+        raise ValueError(
             f"Can only register cost functions with empty event shapes: cost {name!r} has plates "
             f"{list(plates)} and event shape {tuple(ev)}. A cost that lost a plate dimension, or that still has "
-            "event dimensions, must be reduced explicitly (sum over event dims, reduce_plates over plates)."))
+            "event dimensions, must be reduced explicitly (sum over event dims, reduce_plates over plates).")
     c = CostTensor(raw, plates, name)
     if torch.is_grad_enabled():
         _state.costs.append(c)
@@ -95,6 +97,7 @@ def _as_plates(t: Tensor, plates: PlatesArg) -> List[Plate]:
     return out
 
 
+@_state.resets_on_error
 def reduce_plates(tensor: Union[Tensor, torch.Tensor], plates: PlatesArg = None,
                   detach_weights: bool = True) -> Tensor:
     """Reduce ``tensor`` over ``plates`` (default: all), weighting elements by the plates' weights
@@ -123,6 +126,7 @@ def _reduce_one(t: Tensor, p: Plate, detach_weights: bool) -> Tensor:
     return Tensor(prod._tensor.sum(j), prod.plates[:j] + prod.plates[j + 1:])
 
 
+@_state.resets_on_error
 def gather_samples(samples: Sequence[Union[Tensor, torch.Tensor]], plate_name: str,
                    weight: Optional[Tensor] = None) -> IndependentTensor:
     """Stack ``samples`` (e.g. gradient estimates of repeated steps) along a new plate ``plate_name``."""
@@ -144,6 +148,7 @@ def gather_samples(samples: Sequence[Union[Tensor, torch.Tensor]], plate_name: s
     return IndependentTensor(raw, (Plate(plate_name, len(raws), weight),) + plates, plate_name)
 
 
+@_state.resets_on_error
 def variance(tensor: Tensor, variance_plate: Union[str, Plate], plates: PlatesArg = None,
              detach_weights: bool = True) -> Tensor:
     """Variance along ``variance_plate``, summed over event dims, then reduced over the remaining plates."""
@@ -162,25 +167,25 @@ def variance(tensor: Tensor, variance_plate: Union[str, Plate], plates: PlatesAr
 def backward(debug: bool = False, create_graph: bool = False, update_estimator_params: bool = True) -> torch.Tensor:
     """Build the surrogate loss of all registered costs, run autograd, reset the graph.
 
-    Returns the estimated total cost (sum over costs of the plate-reduced cost) as a 0-dim tensor.
+    Returns the surrogate loss as a 0-dim tensor, as Storchastic does (with its ``grad_fn`` when it required
+    grad). Its value is the estimated total cost (sum over costs of the plate-reduced cost): the score-function
+    terms enter with value zero. Linear in the number of costs and samples: each cost visits only the samples
+    whose plates it carries.
     """
     try:
         if not _state.costs:
             raise NoCostError("No cost nodes registered for backward call: register costs with add_cost(cost, name).")
-        value = None
+        # a sample's own plate is the first of its plates; every descendant of the sample carries that plate
+        scored = {id(s.plates[0]): s for s in _state.samples if s.method is not None and s.method.uses_score}
         loss = None
         for c in _state.costs:
             red = reduce_plates(c, detach_weights=False)._tensor
-            value = red.detach() if value is None else value + red.detach()
             loss = red if loss is None else loss + red
-            for s in _state.samples:
-                m = s.method
-                if m is None or not m.uses_score:
-                    continue
-                if not any(p is s.plates[0] for p in c.plates):
-                    continue  # c does not depend on s: every descendant of s carries s's plate
-                term = m._surrogate(s, c)
-                loss = loss + term
+            if scored:
+                for p in c.plates:
+                    s = scored.get(id(p))
+                    if s is not None:
+                        loss = loss + s.method._surrogate(s, c)
             if debug:
                 print(f"cost {c.name}: {float(red):.6g}")
         if loss.requires_grad:
@@ -191,6 +196,6 @@ def backward(debug: bool = False, create_graph: bool = False, update_estimator_p
                 if s.method is not None and id(s.method) not in seen:
                     seen.add(id(s.method))
                     s.method._update_parameters()
-        return value
+        return loss
     finally:
         _state.reset()

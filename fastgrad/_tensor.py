@@ -18,7 +18,26 @@ import torch
 
 from . import _state
 
-__all__ = ["Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor"]
+__all__ = ["Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor", "IllegalStorchExposeError",
+           "is_tensor"]
+
+_resets = _state.resets_on_error
+
+
+class IllegalStorchExposeError(ValueError):
+    """A value with plates was exposed to Python (``bool``, ``int``, ``float``, an index, ``item()``,
+    ``numpy()``, ``in``, ``torch.equal``/``allclose``), where its plates would be silently lost.
+    Storchastic's exception of the same name; a ValueError too. Reduce the plates first
+    (:func:`fastgrad.reduce_plates`) or use ``._tensor`` explicitly."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def is_tensor(obj: Any) -> bool:
+    """True for a ``torch.Tensor`` or a :class:`fastgrad.Tensor` (Storchastic's ``storch.is_tensor``)."""
+    return isinstance(obj, (torch.Tensor, Tensor))
 
 
 class Plate:
@@ -31,7 +50,20 @@ class Plate:
     __slots__ = ("name", "n", "_weight", "order")
     _counter = itertools.count()
 
-    def __init__(self, name: str, n: int, weight: Optional["Tensor"] = None):
+    @_resets
+    def __init__(self, name: str, n: int, *args: Any, weight: Optional["Tensor"] = None):
+        # Storchastic's form ``Plate(name, n, parents, weight=None)`` and fastgrad's ``Plate(name, n, weight)``
+        if len(args) > 2:
+            raise TypeError(f"Plate takes (name, n, weight) or (name, n, parents, weight), got {2 + len(args)} "
+                            "positional arguments")
+        if args and isinstance(args[0], (list, tuple)):
+            args = args[1:]  # Storchastic's parents: plates here carry no parent links
+        if args:
+            if weight is not None:
+                raise TypeError("Plate got weight twice (positionally and by keyword)")
+            weight = args[0]
+        if weight is not None and not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be None or a fastgrad.Tensor, got {type(weight).__name__}")
         if not isinstance(name, str) or not name:
             raise TypeError(f"plate_name must be a non-empty str, got {name!r}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -65,15 +97,11 @@ class Plate:
     __str__ = __repr__
 
 
-def _plates_error(msg: str) -> Exception:
-    return _state.fail(ValueError(msg))
-
-
 def check_plates(t: torch.Tensor, plates: Tuple[Plate, ...]) -> None:
     """Raise the fail-quick ValueError when ``t`` does not carry one dimension per plate."""
     nd = t.dim()
     if nd < len(plates):
-        raise _plates_error(
+        raise ValueError(
             "Got an input tensor with too few dimensions. We expected "
             f"{len(plates)} plate dimensions. Instead, we found only {nd} dimensions. "
             f"Violated at dimension {nd}"
@@ -82,7 +110,7 @@ def check_plates(t: torch.Tensor, plates: Tuple[Plate, ...]) -> None:
     for i, p in enumerate(plates):
         s = shape[i]
         if s != p.n and s != 1:
-            raise _plates_error(
+            raise ValueError(
                 "Storch Tensors should take into account their surrounding plates. Violated at dimension "
                 f"{i} and plate {p.name} with size {p.n}. Instead, it was {s}. Batch links: {list(plates)} "
                 f"Tensor shape: {tuple(shape)}"
@@ -99,7 +127,7 @@ def union_plates(plate_lists: Iterable[Tuple[Plate, ...]]) -> Tuple[Plate, ...]:
                     break
                 if q.name == p.name:
                     if q.n != p.n:
-                        raise _plates_error(
+                        raise ValueError(
                             f"plate_name {p.name!r} is used with two sizes ({q.n} and {p.n}); "
                             "a plate name may only be reused with the same size"
                         )
@@ -136,7 +164,9 @@ def align(t: "Tensor", plates: Tuple[Plate, ...], event_dims: int) -> torch.Tens
 
 # Functions whose result legitimately drops plate dimensions: argument checks (torch.distributions'
 # validation calls these), never costs. Their results are returned as plain tensors.
-_CHECK_FUNCS = frozenset({"all", "any", "_is_all_true", "_is_any_true", "equal", "allclose", "is_nonzero"})
+_CHECK_FUNCS = frozenset({"all", "any", "_is_all_true", "_is_any_true"})
+# Functions that hand a plate tensor's values to Python (Storchastic refuses the same ones).
+_EXPOSE_FUNCS = frozenset({"equal", "allclose", "is_nonzero", "item", "tolist", "numpy", "__index__"})
 # Functions that need all plate dimensions expanded to equal sizes.
 _EXPAND_FUNCS = frozenset(
     {"binary_cross_entropy", "binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "smooth_l1_loss",
@@ -159,7 +189,7 @@ def _wrap_out(out: Any, plates: Tuple[Plate, ...]) -> Any:
     return out
 
 
-_PLAIN, _CHECK, _INPLACE, _EXPAND = 0, 1, 2, 3
+_PLAIN, _CHECK, _INPLACE, _EXPAND, _EXPOSE = 0, 1, 2, 3, 4
 _KINDS: Dict[Any, int] = {}
 
 
@@ -170,6 +200,8 @@ def _kind(func: Callable) -> int:
         name = getattr(func, "__name__", "")
         if name in _CHECK_FUNCS:
             k = _CHECK
+        elif name in _EXPOSE_FUNCS:
+            k = _EXPOSE
         elif name == "__setitem__" or (name.endswith("_") and not name.startswith("__")):
             k = _INPLACE
         elif name in _EXPAND_FUNCS:
@@ -196,8 +228,23 @@ def _holds_tensor(v: Any) -> bool:
 
 
 def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
-    """Run a torch function on plate-aware arguments and wrap the result (the one dispatch routine)."""
+    """Run a torch function on plate-aware arguments and wrap the result (the one dispatch routine).
+
+    Any exception resets the step (as :func:`fastgrad._state.resets_on_error`; written inline because this is
+    the hot path: a try block costs nothing in CPython 3.11 until it raises)."""
+    try:
+        return _apply(func, args, kwargs)
+    except AttributeError:
+        raise
+    except BaseException:
+        _state.reset()
+        raise
+
+
+def _apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
     kind = _kind(func)
+    if kind == _EXPOSE:
+        _refuse_expose(getattr(func, "__name__", "this function"), args, kwargs)
     # Fast path (the common case, a few microseconds): plate-aware tensors only among the positional arguments,
     # all sharing one plate tuple and one rank, none inside lists, no expansion needed.
     if not kwargs or not any(_holds_tensor(v) for v in kwargs.values()):
@@ -230,6 +277,15 @@ def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
                     return _new(Tensor, out, plates)
                 return _wrap_out(out, plates)
     return _apply_general(func, args, kwargs, kind)
+
+
+def _refuse_expose(name: str, args: tuple, kwargs: Dict[str, Any]) -> None:
+    for a in itertools.chain(args, kwargs.values()):
+        held = a if isinstance(a, (list, tuple)) else (a,)
+        if any(isinstance(x, Tensor) and x.plates for x in held):
+            raise IllegalStorchExposeError(
+                f"Calling method {name} with storch tensors is not allowed: it exposes the values of a tensor "
+                "with plates to Python. Reduce its plates first (fastgrad.reduce_plates) or use ._tensor.")
 
 
 def _apply_general(func: Callable, args: tuple, kwargs: Dict[str, Any], kind: int) -> Any:
@@ -286,11 +342,39 @@ class Tensor:
     __slots__ = ("_tensor", "plates", "name", "__weakref__")
     _kind = "Deterministic"
 
-    def __init__(self, tensor: torch.Tensor, plates: Sequence[Plate] = (), name: Optional[str] = None):
+    @_resets
+    def __init__(self, tensor: torch.Tensor, *args: Any, name: Optional[str] = None):
+        # fastgrad's ``Tensor(tensor, plates=(), name=None)`` and Storchastic's ``Tensor(tensor, parents, plates,
+        # name=None)`` (parents: the tensors it was computed from; plates carry no parent links here)
+        if isinstance(tensor, Tensor):
+            raise TypeError("storch.Tensors should be constructed with torch.Tensors, not other storch.Tensors.")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+        plates: Sequence[Plate] = ()
+        if len(args) >= 2 and not isinstance(args[1], (str, type(None))):  # (tensor, parents, plates[, name])
+            if len(args) > 3:
+                raise TypeError(f"Tensor takes at most 4 positional arguments, got {1 + len(args)}")
+            plates = args[1]
+            args = args[2:]
+        elif args:
+            plates, args = args[0], args[1:]
+        if len(args) > 1:
+            raise TypeError(f"Tensor takes (tensor, plates, name) or (tensor, parents, plates, name), got "
+                            f"{2 + len(args)} positional arguments")
+        if args:
+            if name is not None:
+                raise TypeError("Tensor got name twice (positionally and by keyword)")
+            name = args[0]
+        if not isinstance(plates, (list, tuple)) or not all(isinstance(p, Plate) for p in plates):
+            raise TypeError(f"plates must be a list or tuple of Plates, got {plates!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be None or a str, got {type(name).__name__}")
+        plates = tuple(plates)
+        if len({p.name for p in plates}) != len(plates):
+            raise ValueError(f"plates must have distinct names, got {list(plates)}")
+        check_plates(tensor, plates)
         self._tensor = tensor
-        self.plates = tuple(plates)
+        self.plates = plates
         self.name = name
 
     @classmethod
@@ -357,12 +441,14 @@ class Tensor:
     def numel(self) -> int:
         return self._tensor.numel()
 
+    @_resets
     def get_plate(self, plate_name: str) -> Plate:
         for p in self.plates:
             if p.name == plate_name:
                 return p
         raise ValueError(f"plate {plate_name!r} is not among this tensor's plates {list(self.plates)}")
 
+    @_resets
     def get_plate_dim_index(self, plate_name: str) -> int:
         for i, p in enumerate(self.plates):
             if p.name == plate_name:
@@ -384,19 +470,47 @@ class Tensor:
         return attr
 
     # -- Python protocol ------------------------------------------------------------------------------------
-    def __bool__(self) -> bool:
+    def _expose(self, what: str) -> torch.Tensor:
         if self.plates:
-            raise ValueError(
-                "cannot use a tensor with plates in Python control flow (bool); reduce its plates first "
-                "with fastgrad.reduce_plates"
-            )
-        return bool(self._tensor)
+            raise IllegalStorchExposeError(
+                f"It is not allowed to convert storch tensors to {what}: a tensor with plates "
+                f"{list(self.plates)} would lose them. Reduce its plates first with fastgrad.reduce_plates, or "
+                f"unwrap it explicitly (._tensor) to use it as a {what}.")
+        return self._tensor
 
+    @_resets
+    def __bool__(self) -> bool:
+        return bool(self._expose("boolean"))
+
+    @_resets
     def __float__(self) -> float:
-        return float(self._tensor)
+        return float(self._expose("float"))
 
+    @_resets
     def __int__(self) -> int:
-        return int(self._tensor)
+        return int(self._expose("int"))
+
+    @_resets
+    def __index__(self) -> int:
+        if self.plates:
+            raise IllegalStorchExposeError("Cannot use storch tensors as index.")
+        return self._tensor.__index__()
+
+    @_resets
+    def item(self) -> Any:
+        return self._expose("Python number").item()
+
+    @_resets
+    def tolist(self) -> Any:
+        return self._expose("list").tolist()
+
+    @_resets
+    def numpy(self) -> Any:
+        return self._expose("np.array").numpy()
+
+    @_resets
+    def __contains__(self, item: Any) -> bool:
+        return item in self._expose("membership test (in)")
 
     def __len__(self) -> int:
         return len(self._tensor)
@@ -404,6 +518,7 @@ class Tensor:
     def __hash__(self) -> int:
         return object.__hash__(self)
 
+    @_resets
     def __iter__(self):
         raise TypeError("cannot iterate over a fastgrad.Tensor; index it or use its ._tensor explicitly")
 

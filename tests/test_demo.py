@@ -71,6 +71,6 @@ def test_tutorial_expect_step_is_the_hand_written_step_in_float64():
     loss = kl.mean() + (logq.reshape(100, 16).exp() * bce).sum(0).mean()
     loss.backward()
 
-    assert abs(float(value) - float(loss.detach())) <= 1e-10 * abs(float(loss.detach()))
+    assert abs(value.item() - float(loss.detach())) <= 1e-10 * abs(float(loss.detach()))
     for (name, p), g in zip(model.named_parameters(), graph_grads):
         assert float((g - p.grad).norm()) <= 1e-9 * float(p.grad.norm()), name

@@ -13,8 +13,6 @@ from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
 _CATEGORICALS = (D.OneHotCategorical, D.Categorical, D.RelaxedOneHotCategorical)
 
 
-_fail = _state.fail
-
 
 def check_n_samples(n_samples: object) -> int:
     return check_count(n_samples, "n_samples")
@@ -36,8 +34,8 @@ class Params:
 
     def __init__(self, distr: D.Distribution):
         if not isinstance(distr, D.Distribution):
-            raise _fail(TypeError(f"a method must be called on a torch.distributions.Distribution, got "
-                                  f"{type(distr).__name__}"))
+            raise TypeError(f"a method must be called on a torch.distributions.Distribution, got "
+                                  f"{type(distr).__name__}")
         self.distr = distr
         self.cat = None  # the inner Categorical for categorical families
         if isinstance(distr, D.OneHotCategorical):
@@ -137,6 +135,19 @@ class Method(torch.nn.Module):
 
     uses_score = False  # whether backward adds a score-function term for costs depending on the sample
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a constructor or call that raises leaves no state behind (the one rule, see fastgrad._state)
+        super().__init_subclass__(**kwargs)
+        for name in ("__init__", "forward"):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "__wrapped_resets__", False):
+                setattr(cls, name, _state.resets_on_error(fn))
+
+    @_state.resets_on_error
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **kwargs)
+
+    @_state.resets_on_error
     def __init__(self, plate_name: str, n_samples: int = 1):
         super().__init__()
         self.plate_name = check_plate_name(plate_name)
@@ -146,9 +157,9 @@ class Method(torch.nn.Module):
         params = Params(distr)
         for p in params.plates:
             if p.name == self.plate_name:
-                raise _fail(ValueError(
+                raise ValueError(
                     f"plate_name {self.plate_name!r} is already a plate of the distribution's parameters; "
-                    "give each sampled variable its own plate name"))
+                    "give each sampled variable its own plate name")
         value, n, weight, info = self._sample(params)
         plate = Plate(self.plate_name, n)
         plates = (plate,) + params.plates
@@ -158,6 +169,10 @@ class Method(torch.nn.Module):
         params.hook_param_grads(s)
         _state.samples.append(s)
         return s
+
+    def sample(self, distr: D.Distribution) -> StochasticTensor:
+        """Storchastic's name for calling the method: samples ``distr`` with this method's scheme."""
+        return self(distr)
 
     # subclasses implement:
     def _sample(self, params: Params) -> Tuple[torch.Tensor, int, Optional[torch.Tensor], Any]:

@@ -7,7 +7,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Method, Params, _fail, extra_dims
+from ._base import Method, Params, extra_dims
 
 
 class Expect(Method):
@@ -37,15 +37,15 @@ class Expect(Method):
             extra = extra_dims(params, bl, 0)
             K = 2
         else:
-            raise _fail(ValueError(f"Expect can enumerate OneHotCategorical, Categorical and Bernoulli "
-                                   f"distributions, got {type(d).__name__}"))
+            raise ValueError(f"Expect can enumerate OneHotCategorical, Categorical and Bernoulli "
+                                   f"distributions, got {type(d).__name__}")
         k = math.prod(extra)
         pshape = logits.shape[:npl]
         B = math.prod(pshape)
         try:
             logq = F.enumerate_log_probs(logits.reshape(B, k, K), budget=self.budget)  # [C, B]
         except ValueError as e:
-            raise _fail(ValueError(f"Expect({self.plate_name!r}): {e}")) from None
+            raise ValueError(f"Expect({self.plate_name!r}): {e}") from None
         C = logq.shape[0]
         digits = F.enumerate_configurations(k, K, budget=self.budget, device=logits.device)  # [C, k]
         vshape = (C,) + (1,) * npl + tuple(extra)

@@ -10,7 +10,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Method, Params, _fail
+from ._base import Method, Params
 
 
 class GumbelSoftmax(Method):
@@ -47,8 +47,8 @@ class GumbelSoftmax(Method):
             two = torch.stack([torch.zeros_like(logits), logits], -1)
             y = F.gumbel_softmax(two, tau, n, hard)[..., 1]
             return y, n, None, None
-        raise _fail(ValueError(f"GumbelSoftmax needs a OneHotCategorical or Bernoulli distribution, got "
-                               f"{type(d).__name__}"))
+        raise ValueError(f"GumbelSoftmax needs a OneHotCategorical or Bernoulli distribution, got "
+                               f"{type(d).__name__}")
 
     def _update_parameters(self) -> None:
         with torch.no_grad():

@@ -5,7 +5,7 @@ from typing import Any, Optional, Type
 
 from torch import distributions as D
 
-from ._base import Method, Params, _fail
+from ._base import Method, Params
 from .gumbel_softmax import GumbelSoftmax
 from .score_function import ScoreFunction
 
@@ -21,9 +21,9 @@ class Reparameterization(Method):
     def _sample(self, params: Params):
         d = params.raw_distribution()
         if not d.has_rsample:
-            raise _fail(ValueError(
+            raise ValueError(
                 f"{type(d).__name__} has no rsample: Reparameterization needs a reparameterizable distribution "
-                "(use GumbelSoftmax or ScoreFunction for discrete ones)"))
+                "(use GumbelSoftmax or ScoreFunction for discrete ones)")
         return d.rsample((self.n_samples,)), self.n_samples, None, None
 
 
@@ -56,6 +56,6 @@ class Infer(Method):
 
     def forward(self, distr: D.Distribution):
         if not isinstance(distr, D.Distribution):
-            raise _fail(TypeError(f"a method must be called on a torch.distributions.Distribution, got "
-                                  f"{type(distr).__name__}"))
+            raise TypeError(f"a method must be called on a torch.distributions.Distribution, got "
+                                  f"{type(distr).__name__}")
         return self._pick(distr)(distr)

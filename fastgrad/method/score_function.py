@@ -11,7 +11,7 @@ from torch import distributions as D
 from .. import functional as F
 from .._graph import reduce_plates
 from .._tensor import Tensor, align
-from ._base import Method, Params, _fail, extra_dims
+from ._base import Method, Params, extra_dims
 
 _BASELINES = ("none", "batch_average", "moving_average")
 
