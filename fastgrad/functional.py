@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .ops import _backend, _philox
+from .ops import _checks, _philox
 from .ops import categorical_sample as _cs
 from .ops import enumerate_log_probs as _enum
 from .ops import gumbel_softmax as _gs
@@ -55,13 +55,12 @@ def _check_n(n: object, name: str = "n") -> int:
     return int(n)
 
 
-_NONFINITE = ("must not contain NaN or +inf, and each row needs a finite entry "
-              "(-inf marks a zero-probability category)")
-
-
 def _check_logits(logits: object, name: str = "logits", min_dim: int = 1, values: bool = True) -> torch.Tensor:
-    """Type, dtype and shape checks; with ``values``, also the finiteness of every row (one pass over the data:
-    ops that return a per-row logsumexp check that instead, see :func:`_check_lse`)."""
+    """Type, dtype and shape checks; with ``values``, also the finiteness of every row (one pass over the data).
+
+    The ops check the values they read themselves (:mod:`fastgrad.ops._checks`, the same on every backend), so
+    only the samplers ask for ``values`` here: they must raise before a seed is drawn, so that a call that
+    raises leaves the generator untouched."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOATS:
@@ -70,23 +69,26 @@ def _check_logits(logits: object, name: str = "logits", min_dim: int = 1, values
         raise ValueError(f"{name} must have at least {min_dim} dimension(s) [..., K], got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"{name} must have at least one category (K >= 1), got shape {tuple(logits.shape)}")
-    if values and logits.numel() and not _is_compiling():
-        _check_lse(logits.detach().amax(-1), name)
+    if values:
+        _checks.logits_rows(logits, name)
     return logits
 
 
-def _validated_by_kernel(t: torch.Tensor) -> bool:
-    """The C++ CPU surrogate kernel checks the values it reads (logits rows without a distribution, sample
-    indices out of range) and raises the same ValueErrors itself: no extra pass and no host sync here. Other
-    backends are checked in Python."""
-    return _backend.choose(t.device) == "cpp"
+def _check_real(t: object, name: str) -> torch.Tensor:
+    """A real (not complex) tensor whose values are finite (a NaN cost would turn every gradient into NaN)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got {t.dtype}")
+    _checks.finite(t, name)
+    return t
 
 
-def _check_lse(row_stat: torch.Tensor, name: str = "logits") -> None:
-    """``row_stat`` (row max or logsumexp) is finite exactly when the row has no NaN/+inf and a finite entry."""
-    # x * 0 is 0 for finite x and NaN for NaN/inf: one small reduction instead of isfinite's three kernels
-    if row_stat.numel() and not _is_compiling() and float(row_stat.detach().mul(0).sum()) != 0:
-        raise ValueError(f"{name} {_NONFINITE}")
+def _expand_to(t: torch.Tensor, shape: Tuple[int, ...], name: str, what: str) -> torch.Tensor:
+    try:
+        return t.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to {what} {tuple(shape)}") from None
 
 
 def _is_compiling() -> bool:
@@ -104,23 +106,27 @@ def _logits_from(logits: Optional[torch.Tensor], probs: Optional[torch.Tensor]) 
             raise TypeError(f"probs must be a torch.Tensor, got {type(probs).__name__}")
         if probs.dtype not in _FLOATS:
             raise TypeError(f"probs must be a floating tensor, got {probs.dtype}")
-        if probs.numel() and not _is_compiling():
-            if not bool(torch.isfinite(probs).all()):
-                raise ValueError("probs must be finite")
-            if bool((probs < 0).any()):
-                raise ValueError("probs must be non-negative")
+        _checks.finite(probs, "probs")
+        if probs.numel() and probs.device.type != "meta" and not _is_compiling() and bool((probs < 0).any()):
+            raise ValueError("probs must be non-negative")
         return torch.log(probs)
     return logits
 
 
-def _check_tau(tau: object) -> float:
+def _check_tau(tau: object, dtype: torch.dtype) -> Union[float, torch.Tensor]:
+    """A positive float; or a one-element tensor (returned as a 0-dim tensor when it requires grad: a learned
+    temperature, as RELAX trains)."""
     if isinstance(tau, torch.Tensor):
+        if tau.numel() != 1 or tau.is_complex() or not tau.is_floating_point():
+            raise TypeError(f"tau must be a positive float or a one-element floating tensor, got a {tau.dtype} "
+                            f"tensor of shape {tuple(tau.shape)}")
+        if tau.requires_grad:
+            _checks.temperature(float(tau.detach()), dtype)
+            return tau.reshape(())
         tau = float(tau)
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a positive float, got {type(tau).__name__}")
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a positive finite float, got {tau}")
-    return float(tau)
+    if isinstance(tau, numbers.Real) and not isinstance(tau, bool):
+        tau = float(tau)
+    return _checks.temperature(tau, dtype)
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -176,28 +182,52 @@ def gumbel_softmax(
 
     ``hard=True`` returns one-hot samples (``argmax(logits + G)``, exact categorical draws) whose gradient is
     the soft one (straight-through). Differentiable w.r.t. ``logits``; dtype follows ``logits``.
+
+    ``tau``: a positive float, or a one-element tensor. A tensor that requires grad is a learned temperature:
+    the result is differentiable w.r.t. it as well (computed in torch autograd from the same noise, so the
+    samples equal the fused kernel's for the same seed). ``1/tau`` must be finite in float32 (float64 logits:
+    float64).
     """
     logits = _check_logits(logits)
-    tau = _check_tau(tau)
+    tau = _check_tau(tau, logits.dtype)
     n = _check_n(n)
     shape = logits.shape
     rows = _rows(logits)
     seed, offset = _philox.draw_seed_offset(n * rows.numel(), generator, seed, offset)
-    y = _gs.sample(rows, n, tau, bool(hard), seed, offset)
+    if isinstance(tau, torch.Tensor):
+        y = _gumbel_softmax_learned_tau(rows, n, tau, bool(hard), seed, offset)
+    else:
+        y = _gs.sample(rows, n, tau, bool(hard), seed, offset)
     return y.view((n,) + tuple(shape))
+
+
+def _gumbel_softmax_learned_tau(rows: torch.Tensor, n: int, tau: torch.Tensor, hard: bool, seed: int,
+                                offset: int) -> torch.Tensor:
+    """The op's computation in torch autograd, differentiable w.r.t. ``tau`` too: the same Philox noise, so the
+    same samples as the fused kernels for the same (seed, offset)."""
+    z, _ = _gs._soft(rows, n, 1.0, seed, offset)
+    y = torch.softmax(z / tau.to(z.dtype), dim=-1)
+    if hard:
+        y = torch.zeros_like(y).scatter_(-1, z.argmax(-1, keepdim=True), 1.0) - y.detach() + y
+    return y.to(rows.dtype)
 
 
 # -- score function -------------------------------------------------------------------------------------------
 def categorical_log_prob(logits: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
     """``log_softmax(logits)[samples]``: logits ``[..., K]``, samples int64 ``[n, ...]`` -> ``[n, ...]``."""
     logits = _check_logits(logits, values=False)
-    weight = torch.ones(samples.shape, dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64,
-                        device=logits.device)
+    _check_samples(samples, logits)
+    weight = torch.ones(samples.shape, dtype=_checks.acc_dtype(logits.dtype), device=logits.device)
     return _score(logits, samples, weight)
 
 
 def batch_average_baseline(cost: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Leave-one-out baseline: for each sample, the mean cost of the *other* samples along ``dim`` (n >= 2)."""
+    cost = _check_real(cost, "cost")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -cost.dim() <= dim < cost.dim():
+        raise ValueError(f"dim must index a dimension of cost (shape {tuple(cost.shape)}), got {dim}")
     n = cost.shape[dim]
     if n < 2:
         raise ValueError(f"the batch_average baseline needs at least 2 samples along dim {dim}, got {n}")
@@ -213,29 +243,26 @@ def _baseline(cost: torch.Tensor, baseline: Baseline) -> torch.Tensor:
             return cost - batch_average_baseline(cost, 0)
         raise ValueError(f"baseline must be None, 'none', 'batch_average' or a tensor, got {baseline!r}")
     if isinstance(baseline, torch.Tensor):
+        baseline = _check_real(baseline, "baseline")
+        _expand_to(baseline, tuple(cost.shape), "baseline", "the cost's shape")
         return cost - baseline.detach()
     raise TypeError(f"baseline must be None, a str or a torch.Tensor, got {type(baseline).__name__}")
 
 
-def _score(logits: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _check_samples(samples: object, logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor) or samples.dtype != torch.int64:
         raise TypeError(f"samples must be an int64 tensor of category indices, got "
                         f"{getattr(samples, 'dtype', type(samples).__name__)}")
-    if tuple(samples.shape[1:]) != tuple(logits.shape[:-1]):
+    if samples.dim() == 0 or tuple(samples.shape[1:]) != tuple(logits.shape[:-1]):
         raise ValueError(f"samples must have shape [n, {', '.join(map(str, logits.shape[:-1]))}] to match "
                          f"logits {tuple(logits.shape)}, got {tuple(samples.shape)}")
-    K = logits.shape[-1]
+    return samples
+
+
+def _score(logits: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # index range and NaN/inf rows: checked by the op (the C++ kernel while it reads, other backends in Python)
     n = samples.shape[0]
-    rows = _rows(logits)
-    idx = samples.reshape(n, -1).contiguous()
-    checked = _validated_by_kernel(rows)
-    if idx.numel() and not checked and not _is_compiling():
-        lo, hi = torch.aminmax(idx)
-        if int(lo) < 0 or int(hi) >= K:
-            raise ValueError(f"samples must lie in [0, {K})")
-    out, lse = _ss.surrogate(rows, idx, weight.reshape(n, -1).contiguous())
-    if not checked:
-        _check_lse(lse)  # the op's per-row logsumexp doubles as the NaN/inf check: no extra pass over logits
+    out, _ = _ss.surrogate(_rows(logits), samples.reshape(n, -1).contiguous(), weight.reshape(n, -1).contiguous())
     return out.view(samples.shape)
 
 
@@ -258,26 +285,28 @@ def score_function_surrogate(
         baseline: ``None``/"none", ``"batch_average"`` (leave-one-out mean of the other samples, n >= 2),
             or a tensor broadcastable to ``cost``.
     """
-    logits = _check_logits(logits, values=False)  # values: checked by _score from the op's logsumexp
-    if not isinstance(cost, torch.Tensor):
-        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
-    if not isinstance(samples, torch.Tensor):
-        raise TypeError(f"samples must be an int64 tensor, got {type(samples).__name__}")
+    logits = _check_logits(logits, values=False)  # values: checked by the op
+    _check_samples(samples, logits)
+    cost = _check_real(cost, "cost")
     wdtype = torch.float64 if torch.float64 in (logits.dtype, cost.dtype) else torch.float32
-    weight = _baseline(cost.to(wdtype).expand(samples.shape), baseline)
+    weight = _baseline(_expand_to(cost.to(wdtype), tuple(samples.shape), "cost", "the samples' shape"), baseline)
     return _score(logits, samples, weight)
 
 
 def score_function_surrogate_from_log_prob(log_prob: torch.Tensor, cost: torch.Tensor,
                                            baseline: Baseline = None) -> torch.Tensor:
     """The same surrogate for any distribution, given ``log_prob`` ``[n, ...]`` of the samples."""
-    if not isinstance(log_prob, torch.Tensor) or not isinstance(cost, torch.Tensor):
-        raise TypeError("log_prob and cost must be torch.Tensors")
-    return _baseline(cost.expand(log_prob.shape), baseline) * log_prob
+    if not isinstance(log_prob, torch.Tensor) or not log_prob.is_floating_point():
+        raise TypeError(f"log_prob must be a floating torch.Tensor, got "
+                        f"{getattr(log_prob, 'dtype', type(log_prob).__name__)}")
+    cost = _check_real(cost, "cost")
+    return _baseline(_expand_to(cost, tuple(log_prob.shape), "cost", "log_prob's shape"), baseline) * log_prob
 
 
 # -- exhaustive enumeration -----------------------------------------------------------------------------------
 def _check_budget(k: int, K: int, budget: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
     size = K**k
     if size > budget:
         raise ValueError(f"enumerating {K}**{k} = {size} configurations exceeds the budget of {budget}; "
@@ -297,7 +326,7 @@ def enumerate_configurations(k: int, K: int, budget: int = _enum.DEFAULT_BUDGET,
 
 def enumerate_log_probs(logits: torch.Tensor, budget: int = _enum.DEFAULT_BUDGET) -> torch.Tensor:
     """``log q(c)`` of every joint configuration: logits ``[B, k, K]`` -> ``[K**k, B]`` (differentiable)."""
-    logits = _check_logits(logits, min_dim=3)
+    logits = _check_logits(logits, min_dim=3, values=False)  # values: checked by the op
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, k, K], got {tuple(logits.shape)}")
     _check_budget(logits.shape[1], logits.shape[2], budget)
@@ -309,7 +338,7 @@ def expectation(logits: torch.Tensor, cost: torch.Tensor, budget: int = _enum.DE
 
     Differentiable w.r.t. ``logits`` (through q) and ``cost`` (through f)."""
     logq = enumerate_log_probs(logits, budget)
-    if not isinstance(cost, torch.Tensor) or cost.shape != logq.shape:
-        raise ValueError(f"cost must be a tensor of shape {tuple(logq.shape)} ([K**k, B]), got "
-                         f"{tuple(getattr(cost, 'shape', ()))}")
+    cost = _check_real(cost, "cost")
+    if cost.shape != logq.shape:
+        raise ValueError(f"cost must be a tensor of shape {tuple(logq.shape)} ([K**k, B]), got {tuple(cost.shape)}")
     return (logq.exp() * cost).sum(0)

@@ -145,24 +145,33 @@ def choose(device: torch.device) -> str:
 _compiled_ops: dict = {}  # name -> torch.ops.fastgrad_C.<name>.default (an attribute walk saved per call)
 
 
-def run(name: str, kernel_module: str, reference: Callable[..., Any], *args: Any) -> Any:
+def run(name: str, kernel_module: str, reference: Callable[..., Any], check: Callable[..., Any], *args: Any) -> Any:
     """Run op ``name`` on the backend chosen for ``args[0]``'s device: ``torch.ops.fastgrad_C.<name>`` (C++/CUDA),
-    ``fastgrad.kernels.<kernel_module>.<name>`` (Triton) or ``reference``."""
+    ``fastgrad.kernels.<kernel_module>.<name>`` (Triton) or ``reference``.
+
+    ``check(backend, *args)`` enforces the op's input contract first (:mod:`fastgrad.ops._checks`), the same on
+    every backend; it may return a callable that checks the output (e.g. the per-row logsumexp)."""
     b = choose(args[0].device)
+    post = check(b, *args)
     if b in ("cpp", "cuda"):
         op = _compiled_ops.get(name)
         if op is None:
             op = _compiled_ops[name] = getattr(torch.ops.fastgrad_C, name).default
-        return op(*args)
-    if b == "triton":
-        return getattr(importlib.import_module(f"fastgrad.kernels.{kernel_module}"), name)(*args)
-    return reference(*args)
+        out = op(*args)
+    elif b == "triton":
+        out = getattr(importlib.import_module(f"fastgrad.kernels.{kernel_module}"), name)(*args)
+    else:
+        out = reference(*args)
+    if post is not None:
+        post(out)
+    return out
 
 
 def entry(op: Callable[..., Any], name: str, kernel_module: str, reference: Callable[..., Any],
-          setup_context: Optional[Callable[..., None]] = None,
+          check: Callable[..., Any], setup_context: Optional[Callable[..., None]] = None,
           make_backward: Optional[Callable[[Callable[..., Any]], Callable[..., Any]]] = None,
-          reference_backward: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
+          reference_backward: Optional[Callable[..., Any]] = None,
+          check_backward: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
     """The callable :mod:`fastgrad.functional` uses for ``op``.
 
     Under ``torch.compile`` it is the registered ``torch.library`` op (schema, fake and autograd as registered).
@@ -173,7 +182,7 @@ def entry(op: Callable[..., Any], name: str, kernel_module: str, reference: Call
     """
 
     def direct(*args: Any) -> Any:
-        return run(name, kernel_module, reference, *args)
+        return run(name, kernel_module, reference, check, *args)
 
     if make_backward is None:
         eager = direct
@@ -181,7 +190,7 @@ def entry(op: Callable[..., Any], name: str, kernel_module: str, reference: Call
         bwd_name = name + "_backward"
 
         def backward_direct(*args: Any) -> Any:
-            return run(bwd_name, kernel_module, reference_backward, *args)
+            return run(bwd_name, kernel_module, reference_backward, check_backward, *args)
 
         def forward(ctx: Any, *args: Any) -> Any:
             # ctx-style forward: a separate setup_context would make every apply() call inspect.signature

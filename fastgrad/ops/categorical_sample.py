@@ -1,6 +1,7 @@
 """``fastgrad::categorical_sample``: n categorical draws per row by inverse CDF, fused with the one-hot.
 
-Algorithm (every backend): per row, ``p_k = exp(l_k - max l)`` in float32 accumulated into a float64 CDF;
+Algorithm (every backend): per row, ``p_k = exp(l_k - max l)`` (the difference in the logits' precision, float64
+for float64 logits; the exponential in float32) accumulated into a float64 CDF;
 draw ``s`` of row ``r`` uses the uniform of element ``s * R + r`` of the Philox stream and picks the first
 ``k`` with ``cdf_k > u * cdf_K``. A category with zero probability never satisfies that (its CDF step is
 empty), so it is never drawn. One softmax pass per row serves all n draws: O(K + n log K) work per row, where
@@ -12,14 +13,18 @@ from typing import Tuple
 
 import torch
 
-from . import _backend, _philox
+from . import _backend, _checks, _philox
+
+KERNEL_CHECKS_VALUES = ("cpp",)  # backends whose kernel rejects invalid rows itself
 
 
 def reference(logits: torch.Tensor, n: int, seed: int, offset: int, one_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     R, K = logits.shape
     u = _philox.uniform(seed, offset, n * R, logits.device).view(n, R)
-    lf = logits.float()
-    p = torch.exp(lf - lf.amax(-1, keepdim=True)).double()
+    # subtract the row max in the logits' precision (float64 logits far from 0 keep their differences), then
+    # exponentiate in float32 as every kernel does
+    la = logits.to(_checks.acc_dtype(logits.dtype))
+    p = torch.exp((la - la.amax(-1, keepdim=True)).float()).double()
     cdf = torch.cumsum(p, -1)  # [R, K]
     target = u.double().t().contiguous() * cdf[:, -1:]  # [R, n]
     idx = torch.searchsorted(cdf, target, right=True).clamp_(max=K - 1).t().contiguous()
@@ -31,12 +36,22 @@ def reference(logits: torch.Tensor, n: int, seed: int, offset: int, one_hot: boo
     return idx, oh
 
 
+def check(backend: str, logits, n, seed, offset, one_hot):
+    _checks.tensor(logits, "logits", 2)
+    _checks.categories(logits.shape[1])
+    _checks.count(n)
+    _checks.seed_offset(seed, offset)
+    if backend not in KERNEL_CHECKS_VALUES:
+        _checks.logits_rows(logits)
+
+
 @torch.library.custom_op("fastgrad::categorical_sample", mutates_args=())
 def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int,
                        one_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[R, K]`` (float16/bfloat16/float32/float64, contiguous) -> (indices int64 ``[n, R]``, one-hot
     ``[n, R, K]`` in the logits' dtype, or an empty tensor when ``one_hot`` is False)."""
-    return _backend.run("categorical_sample", "categorical_sample", reference, logits, n, seed, offset, one_hot)
+    return _backend.run("categorical_sample", "categorical_sample", reference, check, logits, n, seed, offset,
+                        one_hot)
 
 
 @categorical_sample.register_fake
@@ -48,4 +63,4 @@ def _(logits, n, seed, offset, one_hot):
     return idx, oh
 
 
-sample = _backend.entry(categorical_sample, "categorical_sample", "categorical_sample", reference)
+sample = _backend.entry(categorical_sample, "categorical_sample", "categorical_sample", reference, check)

@@ -9,9 +9,35 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, _checks
 
-DEFAULT_BUDGET = 1 << 24
+DEFAULT_BUDGET = 10000  # Storchastic's Expect(budget=10000): the method and the functions agree
+MAX_CONFIGURATIONS = 1 << 62  # K**k above this overflows the int64 sizes of every backend
+
+
+def _configurations(logits) -> int:
+    B, k, K = logits.shape
+    _checks.categories(K)
+    if k < 1:
+        raise ValueError(f"logits must have at least one latent (k >= 1) in [B, k, K], got {tuple(logits.shape)}")
+    C = K**k  # a Python int: exact
+    if C > MAX_CONFIGURATIONS:
+        raise ValueError(f"enumerating {K}**{k} configurations overflows int64; use a sampling estimator")
+    return C
+
+
+def check(backend: str, logits):
+    _checks.tensor(logits, "logits", 3)
+    _configurations(logits)
+    _checks.logits_rows(logits)  # no kernel checks the rows
+
+
+def check_backward(backend: str, grad, logits):
+    _checks.tensor(logits, "logits", 3)
+    C = _configurations(logits)
+    _checks.tensor(grad, "grad", 2, (logits.dtype,))
+    _checks.shape(grad, "grad", (C, logits.shape[0]), "[K**k, B]")
+    _checks.same_device("grad", grad, logits)
 
 
 def digits(k: int, K: int, device=None) -> torch.Tensor:
@@ -23,7 +49,7 @@ def digits(k: int, K: int, device=None) -> torch.Tensor:
 
 def reference(logits: torch.Tensor) -> torch.Tensor:
     B, k, K = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = _checks.acc_dtype(logits.dtype)
     lp = torch.log_softmax(logits.to(acc), -1)  # [B, k, K]
     d = digits(k, K, logits.device)  # [C, k]
     out = lp.new_zeros((K**k, B))
@@ -34,7 +60,7 @@ def reference(logits: torch.Tensor) -> torch.Tensor:
 
 def reference_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     B, k, K = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = _checks.acc_dtype(logits.dtype)
     g = grad.to(acc)  # [C, B]
     d = digits(k, K, logits.device)
     p = torch.softmax(logits.to(acc), -1)
@@ -48,7 +74,7 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 @torch.library.custom_op("fastgrad::enumerate_log_probs", mutates_args=())
 def enumerate_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """logits ``[B, k, K]`` -> log q(c) ``[K**k, B]`` in the logits' dtype."""
-    return _backend.run("enumerate_log_probs", "enumerate_log_probs", reference, logits)
+    return _backend.run("enumerate_log_probs", "enumerate_log_probs", reference, check, logits)
 
 
 @enumerate_log_probs.register_fake
@@ -60,7 +86,8 @@ def _(logits):
 
 @torch.library.custom_op("fastgrad::enumerate_log_probs_backward", mutates_args=())
 def enumerate_log_probs_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    return _backend.run("enumerate_log_probs_backward", "enumerate_log_probs", reference_backward, grad, logits)
+    return _backend.run("enumerate_log_probs_backward", "enumerate_log_probs", reference_backward, check_backward,
+                        grad, logits)
 
 
 @enumerate_log_probs_backward.register_fake
@@ -81,5 +108,5 @@ def _make_backward(backward_op):
 
 
 enumerate_log_probs.register_autograd(_make_backward(enumerate_log_probs_backward), setup_context=_setup)
-log_probs = _backend.entry(enumerate_log_probs, "enumerate_log_probs", "enumerate_log_probs", reference, _setup,
-                           _make_backward, reference_backward)
+log_probs = _backend.entry(enumerate_log_probs, "enumerate_log_probs", "enumerate_log_probs", reference, check,
+                           _setup, _make_backward, reference_backward, check_backward)

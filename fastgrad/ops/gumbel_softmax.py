@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _philox
+from . import _backend, _checks, _philox
 
 
 def _soft(logits: torch.Tensor, n: int, tau: float, seed: int, offset: int):
     R, K = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = _checks.acc_dtype(logits.dtype)
     u = _philox.uniform(seed, offset, n * R * K, logits.device).view(n, R, K).to(acc)
     z = logits.to(acc).unsqueeze(0) - torch.log(-torch.log(u))
     return z, torch.softmax(z / tau, dim=-1)
@@ -35,10 +35,28 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, see
     return gl.sum(0).to(logits.dtype)
 
 
+def check(backend: str, logits, n, tau, hard, seed, offset):
+    _checks.tensor(logits, "logits", 2)
+    _checks.categories(logits.shape[1])
+    _checks.count(n)
+    _checks.temperature(tau, logits.dtype)
+    _checks.seed_offset(seed, offset)
+    _checks.logits_rows(logits)  # no kernel checks the rows: NaN logits would give NaN samples silently
+
+
+def check_backward(backend: str, grad, logits, tau, seed, offset):
+    _checks.tensor(logits, "logits", 2)
+    _checks.tensor(grad, "grad", 3, (logits.dtype,))
+    _checks.shape(grad, "grad", (grad.shape[0],) + tuple(logits.shape), "[n, R, K]")
+    _checks.same_device("grad", grad, logits)
+    _checks.temperature(tau, logits.dtype)
+    _checks.seed_offset(seed, offset)
+
+
 @torch.library.custom_op("fastgrad::gumbel_softmax", mutates_args=())
 def gumbel_softmax(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, offset: int) -> torch.Tensor:
     """logits ``[R, K]`` -> samples ``[n, R, K]`` in the logits' dtype."""
-    return _backend.run("gumbel_softmax", "gumbel_softmax", reference, logits, n, tau, hard, seed, offset)
+    return _backend.run("gumbel_softmax", "gumbel_softmax", reference, check, logits, n, tau, hard, seed, offset)
 
 
 @gumbel_softmax.register_fake
@@ -51,7 +69,7 @@ def _(logits, n, tau, hard, seed, offset):
 def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int,
                             offset: int) -> torch.Tensor:
     """grad ``[n, R, K]``, logits ``[R, K]`` -> grad of logits ``[R, K]`` (soft gradient, noise regenerated)."""
-    return _backend.run("gumbel_softmax_backward", "gumbel_softmax", reference_backward,
+    return _backend.run("gumbel_softmax_backward", "gumbel_softmax", reference_backward, check_backward,
                         grad, logits, tau, seed, offset)
 
 
@@ -78,5 +96,5 @@ def _make_backward(backward_op):
 
 
 gumbel_softmax.register_autograd(_make_backward(gumbel_softmax_backward), setup_context=_setup)
-sample = _backend.entry(gumbel_softmax, "gumbel_softmax", "gumbel_softmax", reference, _setup, _make_backward,
-                        reference_backward)
+sample = _backend.entry(gumbel_softmax, "gumbel_softmax", "gumbel_softmax", reference, check, _setup,
+                        _make_backward, reference_backward, check_backward)

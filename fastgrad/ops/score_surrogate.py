@@ -11,11 +11,43 @@ from typing import Tuple
 
 import torch
 
-from . import _backend
+from . import _backend, _checks
+
+KERNEL_CHECKS_VALUES = ("cpp",)  # backends whose forward kernel rejects invalid rows and indices itself
 
 
 def _acc(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return _checks.acc_dtype(logits.dtype)
+
+
+def _check_common(logits, index, weight, weight_name: str) -> None:
+    _checks.tensor(logits, "logits", 2)
+    _checks.categories(logits.shape[1])
+    _checks.tensor(index, "index", 2, (torch.int64,))
+    R = logits.shape[0]
+    if index.shape[1] != R:
+        raise ValueError(f"index must have shape [n, R] with R = {R} (the logits' rows), got {tuple(index.shape)}")
+    _checks.tensor(weight, weight_name, 2, _checks.WEIGHT_FLOATS)
+    _checks.shape(weight, weight_name, index.shape, "[n, R] (the index's shape)")
+    _checks.same_device("index", index, logits)
+    _checks.same_device(weight_name, weight, logits)
+
+
+def check(backend: str, logits, index, weight):
+    _check_common(logits, index, weight, "weight")
+    if backend in KERNEL_CHECKS_VALUES:
+        return None
+    _checks.indices(index, logits.shape[1])
+    return lambda out: _checks.rows(out[1])  # the op's per-row logsumexp doubles as the NaN/inf check
+
+
+def check_backward(backend: str, grad, logits, index, weight, lse):
+    _check_common(logits, index, weight, "weight")
+    _checks.tensor(grad, "grad", 2, _checks.WEIGHT_FLOATS)
+    _checks.shape(grad, "grad", index.shape, "[n, R] (the index's shape)")
+    _checks.tensor(lse, "lse", 1, (_acc(logits),))
+    _checks.shape(lse, "lse", logits.shape[:1], "[R]")
+    _checks.indices(index, logits.shape[1])  # every backward kernel writes at these indices
 
 
 def reference(logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +73,7 @@ def score_surrogate(logits: torch.Tensor, index: torch.Tensor,
                     weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits ``[R, K]``, index int64 ``[n, R]``, weight ``[n, R]`` (float32/float64) -> (surrogate ``[n, R]``
     in the weight's dtype, lse ``[R]``: float64 for float64 logits, else float32)."""
-    return _backend.run("score_surrogate", "score_surrogate", reference, logits, index, weight)
+    return _backend.run("score_surrogate", "score_surrogate", reference, check, logits, index, weight)
 
 
 @score_surrogate.register_fake
@@ -53,7 +85,7 @@ def _(logits, index, weight):
 @torch.library.custom_op("fastgrad::score_surrogate_backward", mutates_args=())
 def score_surrogate_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                              lse: torch.Tensor) -> torch.Tensor:
-    return _backend.run("score_surrogate_backward", "score_surrogate", reference_backward,
+    return _backend.run("score_surrogate_backward", "score_surrogate", reference_backward, check_backward,
                         grad, logits, index, weight, lse)
 
 
@@ -85,5 +117,5 @@ def _make_backward(backward_op):
 
 
 score_surrogate.register_autograd(_make_backward(score_surrogate_backward), setup_context=_setup)
-surrogate = _backend.entry(score_surrogate, "score_surrogate", "score_surrogate", reference, _setup, _make_backward,
-                           reference_backward)
+surrogate = _backend.entry(score_surrogate, "score_surrogate", "score_surrogate", reference, check, _setup,
+                           _make_backward, reference_backward, check_backward)
