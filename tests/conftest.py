@@ -6,6 +6,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# FASTGRAD_TEST_DEVICE=cuda runs the suite on CUDA tensors (scripts/gpu_check.sh): tensors are created there by
+# default, and so are the tests' seeded generators; the backends under test are those of that device.
+DEVICE = os.environ.get("FASTGRAD_TEST_DEVICE", "cpu")
+if DEVICE != "cpu":
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("FASTGRAD_TEST_DEVICE=cuda but torch sees no CUDA device")
+    torch.set_default_device(DEVICE)
+    _Generator = torch.Generator
+
+    class _DeviceGenerator(_Generator):
+        def __new__(cls, device=None):
+            return _Generator(device if device is not None else DEVICE)
+
+    torch.Generator = _DeviceGenerator
+
 import pytest  # noqa: E402
 
 import fastgrad  # noqa: E402
@@ -57,7 +72,7 @@ def _clean_graph():
     fastgrad.set_backend(None)
 
 
-def available_backends(device="cpu"):
+def available_backends(device=DEVICE):
     """Backends that can run on ``device`` here (the reference always can)."""
     out = ["reference"]
     if device == "cpu" and fastgrad.ops._backend.has_cpp():
@@ -70,3 +85,4 @@ def available_backends(device="cpu"):
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on CPU tensors: small shapes only

@@ -13,9 +13,9 @@ from fastgrad.ops import enumerate_log_probs as el
 from fastgrad.ops import gumbel_softmax as gs
 from fastgrad.ops import score_surrogate as ss
 
-from .conftest import available_backends
+from .conftest import DEVICE, available_backends
 
-BACKENDS = available_backends("cpu")
+BACKENDS = available_backends(DEVICE)
 # Statistical tests need millions of draws: too many programs for the Triton interpreter. There, the Triton
 # kernels are held to the reference sample for sample (tests above), which carries these properties over.
 STAT_BACKENDS = [b for b in BACKENDS if not (b == "triton" and not torch.cuda.is_available())]
@@ -31,7 +31,7 @@ SHAPES = [
 
 # The Triton interpreter (CPU) runs one program at a time in numpy: there, the vocabulary-scale row is replaced
 # by a smaller one that still spans several blocks. On a GPU every backend gets every shape.
-INTERPRETED = not torch.cuda.is_available()
+INTERPRETED = DEVICE == "cpu"
 
 
 def _cases(shapes, big=(2, 2**17 + 3), small=(2, 4099)):

@@ -50,9 +50,16 @@ std::tuple<at::Tensor, at::Tensor> categorical_sample_cpu(const at::Tensor& logi
       std::vector<scalar_t> zrow(op && !zeroed ? K : 0, scalar_t(0));
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = lp + r * K;
-        for (int64_t k = 0; k < K; ++k) p[k] = static_cast<float>(row[k]);
-        const float m = max_of(p.data(), K);
-        for (int64_t k = 0; k < K; ++k) p[k] -= m;
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          // subtract the row max in double: float64 logits far from 0 (1e7 and 1e7 + 0.5) keep their difference
+          double m = -INFINITY;
+          for (int64_t k = 0; k < K; ++k) m = std::max(m, static_cast<double>(row[k]));
+          for (int64_t k = 0; k < K; ++k) p[k] = static_cast<float>(static_cast<double>(row[k]) - m);
+        } else {
+          for (int64_t k = 0; k < K; ++k) p[k] = static_cast<float>(row[k]);
+          const float m = max_of(p.data(), K);
+          for (int64_t k = 0; k < K; ++k) p[k] -= m;
+        }
         exp_inplace(p.data(), K);
         double run = 0;
         for (int64_t k = 0; k < K; ++k) cdf[k] = run += p[k];

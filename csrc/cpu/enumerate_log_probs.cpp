@@ -27,13 +27,22 @@ std::vector<acc> transposed_log_softmax(const scalar_t* lp, int64_t B, int64_t k
   });
   return out;
 }
+// K**k, refusing sizes that overflow int64 (the Python contract refuses them first)
+int64_t configurations(int64_t k, int64_t K) {
+  TORCH_CHECK_VALUE(K >= 1 && k >= 1, "logits must have shape [B, k, K] with k >= 1 and K >= 1");
+  int64_t C = 1;
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK_VALUE(C <= (int64_t(1) << 62) / K, "enumerating ", K, "**", k, " configurations overflows int64");
+    C *= K;
+  }
+  return C;
+}
 }  // namespace
 
 at::Tensor enumerate_log_probs_cpu(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 3 && logits.is_contiguous(), "logits must be a contiguous [B, k, K] tensor");
   const int64_t B = logits.size(0), k = logits.size(1), K = logits.size(2);
-  int64_t C = 1;
-  for (int64_t i = 0; i < k; ++i) C *= K;
+  const int64_t C = configurations(k, K);
   auto out = at::empty({C, B}, logits.options());
   if (B == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "enumerate_log_probs_cpu", [&] {
@@ -61,8 +70,10 @@ _Pragma("omp simd")
 at::Tensor enumerate_log_probs_backward_cpu(const at::Tensor& grad, const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 3 && logits.is_contiguous(), "logits must be a contiguous [B, k, K] tensor");
   const int64_t B = logits.size(0), k = logits.size(1), K = logits.size(2);
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(1) == B, "grad must be a contiguous [K^k, B] tensor");
-  const int64_t C = grad.size(0);
+  const int64_t C = configurations(k, K);
+  TORCH_CHECK_VALUE(grad.dim() == 2 && grad.is_contiguous() && grad.size(0) == C && grad.size(1) == B &&
+                        grad.scalar_type() == logits.scalar_type(),
+                    "grad must be a contiguous [K**k, B] tensor in the logits' dtype");
   auto gl = at::empty_like(logits);
   if (B == 0) return gl;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "enumerate_log_probs_bwd_cpu", [&] {

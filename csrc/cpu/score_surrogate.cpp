@@ -43,7 +43,11 @@ std::tuple<at::Tensor, at::Tensor> score_surrogate_cpu(const at::Tensor& logits,
               const int64_t len = std::min<int64_t>(1024, K - k0);
               for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<float>(row[k0 + k]);
               const float cm = max_of(buf, len);
-              if (cm == -INFINITY) continue;  // a fully masked chunk adds nothing
+              if (cm == -INFINITY) {  // a fully masked chunk adds nothing, unless it hides a NaN (max skips NaN)
+                for (int64_t k = 0; k < len; ++k)
+                  if (buf[k] != buf[k]) s = NAN;
+                continue;
+              }
               if (cm > m) {
                 s *= std::exp(m - cm);
                 m = cm;

@@ -57,8 +57,14 @@ at::Tensor enumerate_log_probs_cuda(const at::Tensor& logits) {
 }
 
 at::Tensor enumerate_log_probs_backward_cuda(const at::Tensor& grad, const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 3 && logits.is_contiguous(), "logits must be a contiguous [B, k, K] tensor");
   const at::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), k = logits.size(1), K = logits.size(2), C = grad.size(0);
+  int64_t configs = 1;
+  for (int64_t i = 0; i < k; ++i) configs *= K;  // K**k <= 2**62: the Python contract checked it
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && C == configs && grad.size(1) == B &&
+                  grad.scalar_type() == logits.scalar_type(),
+              "grad must be a contiguous [K**k, B] tensor in the logits' dtype");
   auto gl = at::empty_like(logits);
   if (B == 0) return gl;
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -44,14 +44,16 @@ __global__ void gumbel_fwd_kernel(const scalar_t* __restrict__ logits, scalar_t*
     o[k] = static_cast<scalar_t>(exp((perturbed<scalar_t, acc>(row, k, seed, offset, e0) - mx) * inv_tau) / tot);
 }
 
+// The gradient is accumulated over the n samples in acc (float32 for half/bfloat16, as the CPU kernel does) in
+// ``gl``, an acc-typed buffer; the caller rounds it to the logits' dtype once.
 template <typename scalar_t>
 __global__ void gumbel_bwd_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ logits,
-                                  scalar_t* __restrict__ gl, int64_t R, int64_t K, int64_t n, acc_t<scalar_t> inv_tau,
-                                  uint64_t seed, uint64_t offset) {
+                                  acc_t<scalar_t>* __restrict__ gl, int64_t R, int64_t K, int64_t n,
+                                  acc_t<scalar_t> inv_tau, uint64_t seed, uint64_t offset) {
   using acc = acc_t<scalar_t>;
   const int64_t r = blockIdx.x;
   const scalar_t* row = logits + r * K;
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) gl[r * K + k] = scalar_t(0);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) gl[r * K + k] = acc(0);
   for (int64_t s = 0; s < n; ++s) {
     const int64_t b = s * R + r;
     const uint64_t e0 = static_cast<uint64_t>(b) * K;
@@ -68,8 +70,7 @@ __global__ void gumbel_bwd_kernel(const scalar_t* __restrict__ grad, const scala
     const acc d = block_sum(dot) / tot;
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const acc y = exp((perturbed<scalar_t, acc>(row, k, seed, offset, e0) - mx) * inv_tau) / tot;
-      gl[r * K + k] = static_cast<scalar_t>(static_cast<acc>(gl[r * K + k]) +
-                                            y * (static_cast<acc>(grad[b * K + k]) - d) * inv_tau);
+      gl[r * K + k] += y * (static_cast<acc>(grad[b * K + k]) - d) * inv_tau;
     }
   }
 }
@@ -94,15 +95,19 @@ at::Tensor gumbel_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor
   FG_CHECK_2D(logits, "logits");
   const at::cuda::CUDAGuard guard(logits.device());
   const int64_t R = logits.size(0), K = logits.size(1), n = grad.size(0);
-  auto gl = at::empty_like(logits);
-  if (R == 0 || K == 0) return gl;
+  TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous() && grad.size(1) == R && grad.size(2) == K &&
+                  grad.scalar_type() == logits.scalar_type(),
+              "grad must be a contiguous [n, R, K] tensor matching logits");
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto gl = at::empty(logits.sizes(), logits.options().dtype(acc_type));
+  if (R == 0 || K == 0) return gl.to(logits.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gumbel_softmax_bwd_cuda", [&] {
     gumbel_bwd_kernel<scalar_t><<<R, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(), R, K, n,
+        grad.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), gl.data_ptr<acc_t<scalar_t>>(), R, K, n,
         static_cast<acc_t<scalar_t>>(1.0 / tau), seed, offset);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return gl;
+  return gl.to(logits.scalar_type());
 }
 
 TORCH_LIBRARY_IMPL(fastgrad_C, CUDA, m) {

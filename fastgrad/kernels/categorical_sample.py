@@ -12,20 +12,21 @@ from ._philox import philox_uniform
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, idx_ptr, oh_ptr, R, K, n, seed, offset, ONE_HOT: tl.constexpr,
+def _sample_kernel(logits_ptr, idx_ptr, oh_ptr, R, K, n, seed, offset, ONE_HOT: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the row max is subtracted in ACC (float64 for float64 logits), the exponential taken in float32
     r = tl.program_id(0).to(tl.int64)
     row = logits_ptr + r * K
     ks = tl.arange(0, BLOCK_K)
-    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_K], float("-inf"), ACC)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(tl.float32)
+        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(ACC)
         m = tl.maximum(m, x)
     mx = tl.max(m, 0)
     total = tl.zeros([BLOCK_K], tl.float64)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(tl.float32)
-        total += tl.exp(x - mx).to(tl.float64)
+        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(ACC)
+        total += tl.exp((x - mx).to(tl.float32)).to(tl.float64)
     tot = tl.sum(total, 0)
     ss = tl.arange(0, BLOCK_N)
     smask = ss < n
@@ -34,8 +35,8 @@ def _sample_kernel(logits_ptr, idx_ptr, oh_ptr, R, K, n, seed, offset, ONE_HOT: 
     count = tl.zeros([BLOCK_N], tl.int64)
     run = tl.zeros([1], tl.float64)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - mx).to(tl.float64)
+        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(ACC)
+        p = tl.exp((x - mx).to(tl.float32)).to(tl.float64)
         cdf = tl.cumsum(p, 0) + run
         valid = (k0 + ks) < K
         le = (cdf[None, :] <= target[:, None]) & valid[None, :]
@@ -60,6 +61,7 @@ def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int, one
         return idx, oh
     BLOCK_K = min(triton.next_power_of_2(K), 1024)
     BLOCK_N = triton.next_power_of_2(n)
-    _sample_kernel[(R,)](logits, idx, oh, R, K, n, seed, offset, ONE_HOT=one_hot, BLOCK_K=BLOCK_K,
+    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    _sample_kernel[(R,)](logits, idx, oh, R, K, n, seed, offset, ONE_HOT=one_hot, ACC=acc, BLOCK_K=BLOCK_K,
                          BLOCK_N=BLOCK_N)
     return idx, oh

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU check, runnable unchanged on a lent H100/H200 (torch 2.11+ and CUDA preinstalled, no network):
+#   1. device.json   the card, torch/CUDA/Triton versions, the commit
+#   2. build         the extension with its CUDA kernels, in place, for this card's architecture
+#   3. tests         the whole suite on CUDA tensors (FASTGRAD_TEST_DEVICE=cuda): CUDA and Triton backends against
+#                    the reference, same seed same samples across backends; junit XML + log
+#   4. bench         the per-op benchmarks on cuda at the issue's sizes (the CPU rows come from the 2-core machine) (torch.cuda.synchronize in every timed
+#                    call, GB/s, fraction of the copy roofline measured on the same device, peak CUDA memory)
+#   5. summary.json  each step's exit status and seconds; log.txt holds every step's output
+# Everything lands in $OUT (default runs/gpu_check). Budget: under 8 minutes on an H200 (each step has a timeout).
+# FASTGRAD_GPU_CHECK_DRY=1 runs the logic on a CPU-only machine (no build, tests and benchmarks on the CPU, smoke
+# sizes): CI does this, so the script cannot rot between GPU loans.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && [ "${FASTGRAD_GPU_CHECK_DRY:-0}" = 1 ] && PY=.venv/bin/python
+DRY=${FASTGRAD_GPU_CHECK_DRY:-0}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+: > "$OUT/steps.jsonl"
+: > "$OUT/log.txt"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run, append to $OUT/log.txt, record status and seconds
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s.%N)
+  echo "== $name (limit ${limit}s)" | tee -a "$OUT/log.txt"
+  timeout "$limit" "$@" > "$OUT/step.log" 2>&1
+  local rc=$?
+  local t1; t1=$(date +%s.%N)
+  cat "$OUT/step.log" >> "$OUT/log.txt"
+  tail -n 3 "$OUT/step.log"
+  rm -f "$OUT/step.log"
+  "$PY" -c "import json,sys; print(json.dumps({'step': sys.argv[1], 'rc': int(sys.argv[2]), \
+'seconds': round(float(sys.argv[4]) - float(sys.argv[3]), 1)}))" "$name" "$rc" "$t0" "$t1" >> "$OUT/steps.jsonl"
+  return $rc
+}
+
+step device 60 "$PY" - "$OUT/device.json" <<'EOF'
+import json, platform, subprocess, sys
+import torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "machine": platform.node(), "cuda_available": torch.cuda.is_available(), "argv": sys.argv}
+try:
+    info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    info["commit"] = None
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(device_name=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
+                multiprocessors=p.multi_processor_count)
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info))
+EOF
+
+if [ "$DRY" = 1 ]; then
+  DEVICE=cpu
+  step build 5 "$PY" -c "import fastgrad.ops._backend as b; print('extension', b.has_cpp())"
+  TESTS=(tests/test_ops.py -k "matches_reference and float32")
+else
+  DEVICE=cuda
+  ARCH=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)} FASTGRAD_NATIVE=1
+  step build 300 "$PY" setup.py -q build_ext --inplace
+  step build_check 60 "$PY" -c "import fastgrad.ops._backend as b; assert b.has_cuda_kernels(), 'no CUDA kernels'; \
+print('CUDA kernels built')"
+  TESTS=(tests)
+fi
+
+FASTGRAD_TEST_DEVICE=$DEVICE step tests 240 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
+  --junitxml="$OUT/tests.xml" --benchmark-disable
+if [ "$DRY" = 1 ]; then
+  FASTGRAD_BENCH_DEVICES=cpu step bench 120 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_ops_bench.py \
+    --benchmark-json="$OUT/bench_ops.json" --benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-warmup=off
+else
+  FASTGRAD_BENCH_DEVICES=cuda FASTGRAD_BENCH_FULL=1 step bench 150 "$PY" -m pytest -q -p no:cacheprovider \
+    benchmarks/test_ops_bench.py --benchmark-json="$OUT/bench_ops.json" --benchmark-min-rounds=3 \
+    --benchmark-max-time=0.5
+fi
+
+"$PY" - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+steps = [json.loads(l) for l in open(os.path.join(out, "steps.jsonl")) if l.strip()]
+summary = {"device": json.load(open(os.path.join(out, "device.json"))), "steps": steps,
+           "ok": all(s["rc"] == 0 for s in steps)}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+os.remove(os.path.join(out, "steps.jsonl"))  # in summary.json now: at most 8 files come back from a device run
+print(json.dumps({s["step"]: s["rc"] for s in steps}), "ok" if summary["ok"] else "FAILED")
+sys.exit(0 if summary["ok"] else 1)
+EOF
