@@ -5,10 +5,13 @@ Storchastic-compatible: ``import fastgrad as storch`` runs Storchastic code (pla
 backed by fused ops (:mod:`fastgrad.ops`) with C++, CUDA and Triton kernels.
 """
 from . import exceptions, functional, method, ops
+from ._api import (cat, deterministic, gather, grad, ignore_wrapping, logsumexp, make_left_broadcastable, mean,
+                   print_graph, reduce, sum)
 from ._graph import (NoCostError, add_cost, backward, costs, denote_independent, gather_samples, reduce_plates,
-                     reset, variance)
+                     reset, surrogate_loss, variance)
 from ._tensor import CostTensor, IllegalStorchExposeError, IndependentTensor, Plate, StochasticTensor, Tensor, is_tensor
 from .ops._backend import backend, cpu_cache_bytes, empty_cache, get_backend, set_backend
+from . import nn, sampling  # noqa: E402  (after the names they use)
 
 __version__ = "0.1.0"
 
@@ -16,5 +19,7 @@ __all__ = [
     "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
     "denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
     "reduce_plates", "NoCostError", "functional", "method", "ops", "set_backend", "get_backend", "backend",
-    "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions",
+    "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions", "surrogate_loss",
+    "cat", "gather", "mean", "sum", "logsumexp", "grad", "print_graph", "deterministic", "reduce",
+    "make_left_broadcastable", "ignore_wrapping", "nn", "sampling",
 ]

@@ -8,8 +8,8 @@ import torch
 from . import _state
 from ._tensor import CostTensor, IndependentTensor, Plate, StochasticTensor, Tensor, align, apply
 
-__all__ = ["denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
-           "reduce_plates", "NoCostError"]
+__all__ = ["denote_independent", "add_cost", "backward", "surrogate_loss", "reset", "costs", "gather_samples",
+           "variance", "reduce_plates", "NoCostError"]
 
 PlatesArg = Union[None, str, Plate, Sequence[Union[str, Plate]]]
 
@@ -164,30 +164,39 @@ def variance(tensor: Tensor, variance_plate: Union[str, Plate], plates: PlatesAr
     return reduce_plates(sq, plates, detach_weights)
 
 
+@_state.resets_on_error
+def surrogate_loss(debug: bool = False) -> Tensor:
+    """The surrogate loss of the registered costs, without running autograd or resetting (Storchastic's
+    ``storch.surrogate_loss``): the sum over costs of the plate-reduced cost plus each score-function term (of
+    value zero). Linear in the number of costs and samples: each cost visits only the samples whose plates it
+    carries."""
+    if not _state.costs:
+        raise NoCostError("No cost nodes registered for backward call: register costs with add_cost(cost, name).")
+    # a sample's own plate is the first of its plates; every descendant of the sample carries that plate
+    scored = {id(s.plates[0]): s for s in _state.samples if s.method is not None and s.method.uses_score}
+    loss = None
+    for c in _state.costs:
+        red = reduce_plates(c, detach_weights=False)._tensor
+        loss = red if loss is None else loss + red
+        if scored:
+            for p in c.plates:
+                s = scored.get(id(p))
+                if s is not None:
+                    loss = loss + s.method._surrogate(s, c)
+        if debug:
+            print(f"cost {c.name}: {float(red.detach()):.6g}")
+    return Tensor(loss, ())
+
+
 def backward(debug: bool = False, create_graph: bool = False, update_estimator_params: bool = True) -> torch.Tensor:
-    """Build the surrogate loss of all registered costs, run autograd, reset the graph.
+    """Build the surrogate loss of all registered costs (:func:`surrogate_loss`), run autograd, reset the graph.
 
     Returns the surrogate loss as a 0-dim tensor, as Storchastic does (with its ``grad_fn`` when it required
     grad). Its value is the estimated total cost (sum over costs of the plate-reduced cost): the score-function
-    terms enter with value zero. Linear in the number of costs and samples: each cost visits only the samples
-    whose plates it carries.
+    terms enter with value zero.
     """
     try:
-        if not _state.costs:
-            raise NoCostError("No cost nodes registered for backward call: register costs with add_cost(cost, name).")
-        # a sample's own plate is the first of its plates; every descendant of the sample carries that plate
-        scored = {id(s.plates[0]): s for s in _state.samples if s.method is not None and s.method.uses_score}
-        loss = None
-        for c in _state.costs:
-            red = reduce_plates(c, detach_weights=False)._tensor
-            loss = red if loss is None else loss + red
-            if scored:
-                for p in c.plates:
-                    s = scored.get(id(p))
-                    if s is not None:
-                        loss = loss + s.method._surrogate(s, c)
-            if debug:
-                print(f"cost {c.name}: {float(red):.6g}")
+        loss = surrogate_loss(debug)._tensor
         if loss.requires_grad:
             loss.backward(create_graph=create_graph)
         if update_estimator_params:

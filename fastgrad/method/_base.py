@@ -36,6 +36,12 @@ class Params:
         if not isinstance(distr, D.Distribution):
             raise TypeError(f"a method must be called on a torch.distributions.Distribution, got "
                                   f"{type(distr).__name__}")
+        # Independent(base, n): the same samples and parameters as base; every method sums the log-probabilities
+        # over all non-plate dimensions anyway, so only raw_distribution rebuilds the wrapper
+        self.reinterpreted = 0
+        while isinstance(distr, D.Independent):
+            self.reinterpreted += distr.reinterpreted_batch_ndims
+            distr = distr.base_dist
         self.distr = distr
         self.cat = None  # the inner Categorical for categorical families
         if isinstance(distr, D.OneHotCategorical):
@@ -93,10 +99,12 @@ class Params:
         d = self.distr
         kw = {k: raw for k, (_, raw) in self.given.items()}
         if isinstance(d, D.RelaxedOneHotCategorical):
-            return D.RelaxedOneHotCategorical(d.temperature, validate_args=False, **kw)
-        if isinstance(d, D.RelaxedBernoulli):
-            return D.RelaxedBernoulli(d.temperature, validate_args=False, **kw)
-        return type(d)(validate_args=False, **kw)
+            out = D.RelaxedOneHotCategorical(d.temperature, validate_args=False, **kw)
+        elif isinstance(d, D.RelaxedBernoulli):
+            out = D.RelaxedBernoulli(d.temperature, validate_args=False, **kw)
+        else:
+            out = type(d)(validate_args=False, **kw)
+        return D.Independent(out, self.reinterpreted, validate_args=False) if self.reinterpreted else out
 
     @property
     def plate_shape(self) -> torch.Size:
