@@ -74,3 +74,41 @@ def test_tutorial_expect_step_is_the_hand_written_step_in_float64():
     assert abs(value.item() - float(loss.detach())) <= 1e-10 * abs(float(loss.detach()))
     for (name, p), g in zip(model.named_parameters(), graph_grads):
         assert float((g - p.grad).norm()) <= 1e-9 * float(p.grad.norm()), name
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--eval-samples", "1"], "--eval-samples must be >= 2"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--baseline", "batch_average"], "needs --n-samples >= 2"),
+    (["--baseline", "avg"], "invalid choice"),
+    (["--method", "expect", "--baseline", "moving_average"], "applies to --method score-function only"),
+    (["--method", "expect", "--n-samples", "3"], "does not apply to --method expect"),
+])
+def test_demo_argument_errors_exit_with_usage(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        discrete_vae.parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_missing_data_dir_exits_with_the_message(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        discrete_vae.main(["--data-dir", str(tmp_path / "nowhere"), "--max-steps", "1", "--out-dir", str(tmp_path)])
+    assert "data-dir" in str(info.value.code)
+
+
+def test_demo_default_out_dir_names_the_configuration():
+    a = discrete_vae.parse_args(["--n-samples", "10", "--baseline", "batch_average", "--seed", "3"])
+    assert a.out_dir.endswith("score-function-n10-batch_average-seed3")
+
+
+def test_plot_runs_overlays_two_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastgrad.examples import plot_runs
+
+    for seed in (0, 1):
+        discrete_vae.main(["--method", "straight-through", "--max-steps", "3", "--eval-every", "2",
+                           "--eval-samples", "2", "--test-size", "0", "--no-progress", "--seed", str(seed),
+                           "--out-dir", str(tmp_path / f"run{seed}")])
+    out = plot_runs.main([str(tmp_path / "run0"), str(tmp_path / "run1"), "-o", str(tmp_path / "c.png")])
+    assert out.exists() and out.stat().st_size > 1000

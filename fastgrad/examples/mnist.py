@@ -33,7 +33,8 @@ def _find(root: Path, stem: str) -> Path:
                 return d / name
     raise FileNotFoundError(
         f"MNIST file {stem}[.gz] not found under {root} (looked in ., MNIST/raw, raw); pass --data-dir with the "
-        "four IDX files or a torchvision MNIST root")
+        "four IDX files or a torchvision MNIST root, or set FASTGRAD_MNIST. The repository vendors them in "
+        "data/mnist (an installed wheel does not carry them: point --data-dir at a clone's data/mnist)")
 
 
 def _read_idx(path: Path) -> torch.Tensor:

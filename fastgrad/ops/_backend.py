@@ -7,7 +7,10 @@
   ``TRITON_INTERPRET=1``).
 
 ``"auto"`` (default) picks Triton for CUDA tensors (else CUDA kernels), the C++ kernels for CPU tensors when the
-extension is built, else the reference. ``fastgrad.set_backend(name)`` or ``FASTGRAD_BACKEND=name`` forces one.
+extension is built, else the reference (announced once with a warning saying why). ``fastgrad.set_backend(name)``
+or ``FASTGRAD_BACKEND=name`` forces one; a forced backend that cannot run on the tensors' device is a ValueError
+naming the fix, never a silent substitute ("cpp" runs CPU tensors, "cuda" CUDA tensors, "triton" CUDA tensors or
+CPU tensors under ``TRITON_INTERPRET=1``). An extension built for another CUDA version raises every time.
 """
 from __future__ import annotations
 
@@ -23,11 +26,15 @@ BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 _forced: Optional[str] = None
 _C = None
 _C_error: Optional[str] = None
+_C_mismatch = False  # built for another CUDA version: an error on every use, not a silent fallback
 _triton_ok: Optional[bool] = None
+_announced = False
 
 
 def _load_extension() -> None:
-    global _C, _C_error
+    global _C, _C_error, _C_mismatch
+    if _C_mismatch:
+        raise RuntimeError(_C_error)
     if _C is not None or _C_error is not None:
         return
     try:
@@ -46,6 +53,7 @@ def _load_extension() -> None:
             have = ".".join(torch.version.cuda.split(".")[:2])
             if want != have:
                 _C = None
+                _C_mismatch = True
                 _C_error = (f"fastgrad._C was compiled with CUDA {want} but torch uses CUDA {have}; "
                             "rebuild with `pip install --no-build-isolation -e .`")
                 raise RuntimeError(_C_error)
@@ -124,6 +132,16 @@ def backend(name: Optional[str]) -> Iterator[None]:
         _forced = old
 
 
+def _announce_reference() -> None:
+    global _announced
+    if not _announced:
+        _announced = True
+        warnings.warn(f"fastgrad: the C++ kernels are not built ({_C_error}); running the pure-torch reference "
+                      "(correct, slower). Build them with `pip install --no-build-isolation -e .` in an environment "
+                      "that has torch; FASTGRAD_NO_EXT=1 builds without them on purpose.", RuntimeWarning,
+                      stacklevel=4)
+
+
 def choose(device: torch.device) -> str:
     """The backend that runs an op on tensors of ``device``."""
     name = get_backend()
@@ -134,11 +152,22 @@ def choose(device: torch.device) -> str:
             if has_triton():
                 return "triton"
             return "cuda" if has_cuda_kernels() else "reference"
-        return "cpp" if has_cpp() else "reference"
+        if has_cpp():
+            return "cpp"
+        _announce_reference()
+        return "reference"
     if name == "cpp" and device.type != "cpu":
-        return "cuda" if has_cuda_kernels() else "reference"
+        raise ValueError(f"backend 'cpp' runs CPU tensors, got {device.type} tensors: use 'cuda', 'triton' or "
+                         "'auto' for them")
     if name == "cuda" and device.type != "cuda":
-        return "cpp" if has_cpp() else "reference"
+        raise ValueError(f"backend 'cuda' runs CUDA tensors, got {device.type} tensors: use 'cpp' or 'auto' for "
+                         "them")
+    if name == "cuda" and not has_cuda_kernels():
+        raise ValueError("backend 'cuda' is not available: fastgrad._C was built without its CUDA kernels "
+                         "(rebuild on a machine with nvcc and a CUDA torch)")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' runs CUDA tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
+                         "before importing fastgrad to run its Triton kernels on the CPU (slow: for tests)")
     return name
 
 
