@@ -85,9 +85,13 @@ def test_score_function_by_logits_unbiased():
 
 
 def test_straight_through_is_biased_but_finite():
+    # straight-through Gumbel is biased: its mean gradient misses the exact one by many standard errors
     torch.manual_seed(3)
-    mean, se = _mean_and_se(storch.method.GumbelSoftmax("z", straight_through=True), 300)
-    assert torch.isfinite(mean).all() and (se > 0).any()
+    _, eg = exact_cost_and_grad(LOGITS)
+    mean, se = _mean_and_se(storch.method.GumbelSoftmax("z", straight_through=True), 600)
+    assert torch.isfinite(mean).all() and (se > 0).all()
+    z = (mean - eg).abs() / se
+    assert z.max() > 8, z.max()
 
 
 def test_straight_through_forward_is_one_hot():

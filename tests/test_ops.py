@@ -34,9 +34,14 @@ SHAPES = [
 INTERPRETED = DEVICE == "cpu"
 
 
+# The reference is the oracle of the *_matches_reference tests, so they run the other backends (the reference
+# itself is held to independent float64 formulas in tests/_fuzz.py).
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
 def _cases(shapes, big=(2, 2**17 + 3), small=(2, 4099)):
     out = []
-    for b in BACKENDS:
+    for b in KERNEL_BACKENDS:
         for s in shapes:
             s = small if (b == "triton" and INTERPRETED and s == big) else s
             if (b,) + s not in out:
@@ -66,8 +71,8 @@ def test_categorical_sample_matches_reference(backend, dtype, R, K, n):
     with fastgrad.backend(backend):
         i, oh = cs.categorical_sample(l, n, 1234, 5, True)
     mism = (i != ref_i).sum().item()
-    # only near-ties of the CDF (float rounding) may differ
-    assert mism <= max(1e-5 * i.numel(), 0), mism
+    # only near-ties of the CDF (float rounding) may differ: at most 1 draw in 10^5 (none in smaller tests)
+    assert mism <= int(1e-5 * i.numel()), mism
     assert oh.dtype == dtype and oh.shape == (n, R, K)
     assert torch.equal(oh, torch.nn.functional.one_hot(i, K).to(dtype))
 
@@ -113,7 +118,7 @@ def test_score_surrogate_matches_reference(backend, dtype, R, K):
                                rtol=TOL[dtype] * 4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,k,K", [(1, 1, 1), (5, 2, 10), (0, 2, 3), (3, 3, 4), (7, 1, 2)])
 def test_enumerate_matches_reference(backend, dtype, B, k, K):
@@ -219,9 +224,17 @@ def test_compile_fullgraph():
         return y.sum() + s.sum() + e.exp().sum()
 
     idx = torch.randint(0, 5, (2, 6))
-    out = loss(l, idx, torch.randn(2, 6))
+    cost = torch.randn(2, 6)
+    out = loss(l, idx, cost)
     out.backward()
-    assert l.grad is not None and torch.isfinite(l.grad).all()
+    # the compiled graph computes what eager does, values and gradients
+    l2 = l.detach().clone().requires_grad_()
+    eager = loss.__wrapped__(l2, idx, cost) if hasattr(loss, "__wrapped__") else None
+    if eager is None:  # torch.compile's wrapper keeps the function as _torchdynamo_orig_callable
+        eager = loss._torchdynamo_orig_callable(l2, idx, cost)
+    eager.backward()
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l.grad, l2.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_inputs_give_clear_errors():
