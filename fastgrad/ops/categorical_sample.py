@@ -4,8 +4,11 @@ Algorithm (every backend): per row, ``p_k = exp(l_k - max l)`` (the difference i
 for float64 logits; the exponential in float32) accumulated into a float64 CDF;
 draw ``s`` of row ``r`` uses the uniform of element ``s * R + r`` of the Philox stream and picks the first
 ``k`` with ``cdf_k > u * cdf_K``. A category with zero probability never satisfies that (its CDF step is
-empty), so it is never drawn. One softmax pass per row serves all n draws: O(K + n log K) work per row, where
-Gumbel-max needs n*K random numbers and logarithms.
+empty), so it is never drawn. One softmax pass per row serves all n draws, where Gumbel-max needs n*K random
+numbers and logarithms: O(K + n log K) work per row in the C++ kernel (a CDF and a binary search per draw) and the
+CUDA kernel (a block scan per tile of 256 categories, a shared-memory binary search per draw); the Triton kernel
+counts ``cdf <= target`` for all n draws at once per tile, O(n K) compares but one pass of exponentials, which
+is the cheaper trade at the small n of estimators on a GPU.
 """
 from __future__ import annotations
 
