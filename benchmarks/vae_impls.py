@@ -142,22 +142,16 @@ def _storch_method(storch, method: str):
 
 
 def storch_like(storch, method: str, model, data: torch.Tensor) -> Callable[[], float]:
-    """The tutorial's training step for any Storchastic-compatible module (fastgrad or storchastic)."""
-    from torch.distributions import OneHotCategorical
+    """The tutorial's training step for any Storchastic-compatible module (fastgrad or storchastic): the demo's
+    ``generative_story`` (the tutorial's code), then ``backward`` and Adam."""
+    from fastgrad.examples.discrete_vae import generative_story
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     m = _storch_method(storch, method)
 
     def step(batch: torch.Tensor = data) -> float:
         opt.zero_grad()
-        x = storch.denote_independent(batch.view(-1, 784), 0, "data")
-        q_logits = model.encode(x).reshape(-1, 2, 10)
-        q = OneHotCategorical(probs=q_logits.softmax(dim=-1))
-        z = m(q)
-        prior = OneHotCategorical(probs=torch.ones_like(q.probs) / 10.0)
-        storch.add_cost(torch.distributions.kl_divergence(q, prior).sum(-1), "kl-div")
-        rec = model.decode(z.reshape(z.shape[:-2] + (2 * 10,)))
-        storch.add_cost(torch.nn.BCELoss(reduction="none")(rec, x).sum(-1), "reconstruction")
+        generative_story(m, model, batch, storch)
         elbo = storch.backward()
         opt.step()
         return elbo.item()
