@@ -231,52 +231,48 @@ def apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
     """Run a torch function on plate-aware arguments and wrap the result (the one dispatch routine).
 
     Any exception resets the step (as :func:`fastgrad._state.resets_on_error`; written inline because this is
-    the hot path: a try block costs nothing in CPython 3.11 until it raises)."""
+    the hot path: a try block costs nothing in CPython 3.11 until it raises, a wrapper call would)."""
     try:
-        return _apply(func, args, kwargs)
+        kind = _kind(func)
+        if kind == _EXPOSE:
+            _refuse_expose(getattr(func, "__name__", "this function"), args, kwargs)
+        # Fast path (the common case, a few microseconds): plate-aware tensors only among the positional arguments,
+        # all sharing one plate tuple and one rank, none inside lists, no expansion needed.
+        if not kwargs or not any(_holds_tensor(v) for v in kwargs.values()):
+            plates = None
+            nd = -1
+            count = 0
+            raw_args = []
+            for a in args:
+                if isinstance(a, Tensor):
+                    t = a._tensor
+                    if plates is None:
+                        plates, nd = a.plates, t.dim()
+                    elif (a.plates is not plates and a.plates != plates) or t.dim() != nd:
+                        break
+                    count += 1
+                    raw_args.append(t)
+                elif _holds_tensor(a):  # a list holding plate tensors: the aligning path
+                    break
+                else:
+                    raw_args.append(a)
+            else:
+                if plates is not None and not (kind == _EXPAND and count > 1):
+                    out = func(*raw_args, **kwargs)
+                    if kind == _CHECK:
+                        return out
+                    if kind == _INPLACE and out is raw_args[0]:
+                        return args[0]
+                    if type(out) is torch.Tensor:
+                        check_plates(out, plates)
+                        return _new(Tensor, out, plates)
+                    return _wrap_out(out, plates)
+        return _apply_general(func, args, kwargs, kind)
     except AttributeError:
         raise
     except BaseException:
         _state.reset()
         raise
-
-
-def _apply(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
-    kind = _kind(func)
-    if kind == _EXPOSE:
-        _refuse_expose(getattr(func, "__name__", "this function"), args, kwargs)
-    # Fast path (the common case, a few microseconds): plate-aware tensors only among the positional arguments,
-    # all sharing one plate tuple and one rank, none inside lists, no expansion needed.
-    if not kwargs or not any(_holds_tensor(v) for v in kwargs.values()):
-        plates = None
-        nd = -1
-        count = 0
-        raw_args = []
-        for a in args:
-            if isinstance(a, Tensor):
-                t = a._tensor
-                if plates is None:
-                    plates, nd = a.plates, t.dim()
-                elif (a.plates is not plates and a.plates != plates) or t.dim() != nd:
-                    break
-                count += 1
-                raw_args.append(t)
-            elif _holds_tensor(a):  # a list holding plate tensors: the aligning path
-                break
-            else:
-                raw_args.append(a)
-        else:
-            if plates is not None and not (kind == _EXPAND and count > 1):
-                out = func(*raw_args, **kwargs)
-                if kind == _CHECK:
-                    return out
-                if kind == _INPLACE and out is raw_args[0]:
-                    return args[0]
-                if type(out) is torch.Tensor:
-                    check_plates(out, plates)
-                    return _new(Tensor, out, plates)
-                return _wrap_out(out, plates)
-    return _apply_general(func, args, kwargs, kind)
 
 
 def _refuse_expose(name: str, args: tuple, kwargs: Dict[str, Any]) -> None:

@@ -4,8 +4,9 @@
 #   2. build         the extension with its CUDA kernels, in place, for this card's architecture
 #   3. tests         the whole suite on CUDA tensors (FASTGRAD_TEST_DEVICE=cuda): CUDA and Triton backends against
 #                    the reference, same seed same samples across backends; junit XML + log
-#   4. bench         the per-op benchmarks on cuda at the issue's sizes (the CPU rows come from the 2-core machine) (torch.cuda.synchronize in every timed
-#                    call, GB/s, fraction of the copy roofline measured on the same device, peak CUDA memory)
+#   4. bench         the per-op benchmarks on cuda at the issue's sizes (the CPU rows come from the 2-core
+#                    machine): torch.cuda.synchronize in every timed call, GB/s, fraction of the copy roofline
+#                    measured on the same device, peak CUDA memory
 #   5. summary.json  each step's exit status and seconds; log.txt holds every step's output
 # Everything lands in $OUT (default runs/gpu_check). Budget: under 8 minutes on an H200 (each step has a timeout).
 # FASTGRAD_GPU_CHECK_DRY=1 runs the logic on a CPU-only machine (no build, tests and benchmarks on the CPU, smoke
@@ -71,6 +72,8 @@ else
   step build_check 60 "$PY" -c "import fastgrad.ops._backend as b; assert b.has_cuda_kernels(), 'no CUDA kernels'; \
 print('CUDA kernels built')"
   TESTS=(tests)
+  # Triton compiles each kernel variant on first use: spread the suite over 4 processes where xdist is installed
+  "$PY" -c "import xdist" 2>/dev/null && TESTS+=(-n 4)
 fi
 
 FASTGRAD_TEST_DEVICE=$DEVICE step tests 240 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" \

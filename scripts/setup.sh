@@ -34,7 +34,8 @@ fi
 if [ $current = 1 ]; then
   echo "setup: fastgrad's extension is built and current ($so): not rebuilding"
 else
-  if [ $want_cuda = 1 ]; then what="C++ and CUDA kernels, 5-10 minutes on 2 cores"; else what="C++ kernels, a few minutes"; fi
+  what="C++ kernels, a few minutes"
+  [ $want_cuda = 1 ] && what="C++ and CUDA kernels, 5-10 minutes on 2 cores"
   echo "setup: building fastgrad's $what ..."
   t0=$(date +%s)
   $V -m pip install -q --no-build-isolation -e .

@@ -1,4 +1,4 @@
-"""Storchastic calls beyond the tutorial, written as Storchastic users write them, after ``import fastgrad as storch``."""
+"""Storchastic calls beyond the tutorial, as Storchastic users write them, after ``import fastgrad as storch``."""
 import pytest
 import torch
 import torch.nn.functional as TF
