@@ -1,7 +1,9 @@
-"""torch.library ops (``torch.ops.fastgrad.*``): schema, reference, fake, autograd and backend dispatch.
+"""torch.library ops (``torch.ops.fastgrad.*``).
 
-One module per op: ``categorical_sample``, ``gumbel_softmax``, ``score_surrogate``, ``enumerate_log_probs``.
-They take flat, validated, contiguous inputs; :mod:`fastgrad.functional` is the user-facing layer.
+One module per op (``categorical_sample``, ``gumbel_softmax``, ``score_surrogate``, ``enumerate_log_probs``)
+holds its reference, input contract, fake and autograd formula, and one :func:`_registry.define` call that
+registers it. ``_registry`` follows an op to its kernel, ``_backend`` chooses the backend, ``_extension`` loads the
+compiled library, ``_checks`` is the contract. :mod:`fastgrad.functional` is the user-facing layer.
 """
 from . import _backend, _philox, categorical_sample, enumerate_log_probs, gumbel_softmax, score_surrogate  # noqa: F401
 

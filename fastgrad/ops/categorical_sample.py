@@ -16,7 +16,7 @@ from typing import Tuple
 
 import torch
 
-from . import _backend, _checks, _philox
+from . import _checks, _philox, _registry
 
 KERNEL_CHECKS_VALUES = ("cpp",)  # backends whose kernel rejects invalid rows itself
 
@@ -48,17 +48,7 @@ def check(backend: str, logits, n, seed, offset, one_hot):
         _checks.logits_rows(logits)
 
 
-@torch.library.custom_op("fastgrad::categorical_sample", mutates_args=())
-def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int,
-                       one_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """logits ``[R, K]`` (float16/bfloat16/float32/float64, contiguous) -> (indices int64 ``[n, R]``, one-hot
-    ``[n, R, K]`` in the logits' dtype, or an empty tensor when ``one_hot`` is False)."""
-    return _backend.run("categorical_sample", "categorical_sample", reference, check, logits, n, seed, offset,
-                        one_hot)
-
-
-@categorical_sample.register_fake
-def _(logits, n, seed, offset, one_hot):
+def fake(logits, n, seed, offset, one_hot):
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D [R, K]")
     R, K = logits.shape
     idx = logits.new_empty((n, R), dtype=torch.int64)
@@ -66,4 +56,11 @@ def _(logits, n, seed, offset, one_hot):
     return idx, oh
 
 
-sample = _backend.entry(categorical_sample, "categorical_sample", "categorical_sample", reference, check)
+# logits [R, K] (float16/bfloat16/float32/float64, contiguous) -> (indices int64 [n, R], one-hot [n, R, K] in the
+# logits' dtype, or an empty tensor when one_hot is False)
+OP = _registry.define(
+    "categorical_sample",
+    "(Tensor logits, SymInt n, SymInt seed, SymInt offset, bool one_hot) -> (Tensor, Tensor)",
+    reference, check, fake)
+categorical_sample = OP.op
+sample = OP.call

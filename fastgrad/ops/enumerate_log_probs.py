@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks
+from . import _checks, _registry
 
 DEFAULT_BUDGET = 10000  # Storchastic's Expect(budget=10000): the method and the functions agree
 MAX_CONFIGURATIONS = 1 << 62  # K**k above this overflows the int64 sizes of every backend
@@ -71,27 +71,13 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return gl.to(logits.dtype)
 
 
-@torch.library.custom_op("fastgrad::enumerate_log_probs", mutates_args=())
-def enumerate_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """logits ``[B, k, K]`` -> log q(c) ``[K**k, B]`` in the logits' dtype."""
-    return _backend.run("enumerate_log_probs", "enumerate_log_probs", reference, check, logits)
-
-
-@enumerate_log_probs.register_fake
-def _(logits):
+def fake(logits):
     torch._check(logits.dim() == 3, lambda: "logits must be 3-D [B, k, K]")
     B, k, K = logits.shape
     return logits.new_empty((K**k, B))
 
 
-@torch.library.custom_op("fastgrad::enumerate_log_probs_backward", mutates_args=())
-def enumerate_log_probs_backward(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    return _backend.run("enumerate_log_probs_backward", "enumerate_log_probs", reference_backward, check_backward,
-                        grad, logits)
-
-
-@enumerate_log_probs_backward.register_fake
-def _(grad, logits):
+def fake_backward(grad, logits):
     return torch.empty_like(logits)
 
 
@@ -99,7 +85,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-def _make_backward(backward_op):
+def _formula(backward_op):
     def _backward(ctx, grad):
         (logits,) = ctx.saved_tensors
         return backward_op(grad.contiguous(), logits)
@@ -107,6 +93,10 @@ def _make_backward(backward_op):
     return _backward
 
 
-enumerate_log_probs.register_autograd(_make_backward(enumerate_log_probs_backward), setup_context=_setup)
-log_probs = _backend.entry(enumerate_log_probs, "enumerate_log_probs", "enumerate_log_probs", reference, check,
-                           _setup, _make_backward, reference_backward, check_backward)
+# logits [B, k, K] -> log q(c) [K**k, B] in the logits' dtype
+OP = _registry.define(
+    "enumerate_log_probs", "(Tensor logits) -> Tensor", reference, check, fake,
+    _registry.Backward("(Tensor grad, Tensor logits) -> Tensor", reference_backward, check_backward, fake_backward,
+                       _setup, _formula))
+enumerate_log_probs, enumerate_log_probs_backward = OP.op, OP.backward_op
+log_probs = OP.call

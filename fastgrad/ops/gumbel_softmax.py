@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _philox
+from . import _checks, _philox, _registry
 
 
 def _soft(logits: torch.Tensor, n: int, tau: float, seed: int, offset: int):
@@ -53,28 +53,12 @@ def check_backward(backend: str, grad, logits, tau, seed, offset):
     _checks.seed_offset(seed, offset)
 
 
-@torch.library.custom_op("fastgrad::gumbel_softmax", mutates_args=())
-def gumbel_softmax(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, offset: int) -> torch.Tensor:
-    """logits ``[R, K]`` -> samples ``[n, R, K]`` in the logits' dtype."""
-    return _backend.run("gumbel_softmax", "gumbel_softmax", reference, check, logits, n, tau, hard, seed, offset)
-
-
-@gumbel_softmax.register_fake
-def _(logits, n, tau, hard, seed, offset):
+def fake(logits, n, tau, hard, seed, offset):
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D [R, K]")
     return logits.new_empty((n,) + tuple(logits.shape))
 
 
-@torch.library.custom_op("fastgrad::gumbel_softmax_backward", mutates_args=())
-def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int,
-                            offset: int) -> torch.Tensor:
-    """grad ``[n, R, K]``, logits ``[R, K]`` -> grad of logits ``[R, K]`` (soft gradient, noise regenerated)."""
-    return _backend.run("gumbel_softmax_backward", "gumbel_softmax", reference_backward, check_backward,
-                        grad, logits, tau, seed, offset)
-
-
-@gumbel_softmax_backward.register_fake
-def _(grad, logits, tau, seed, offset):
+def fake_backward(grad, logits, tau, seed, offset):
     return torch.empty_like(logits)
 
 
@@ -84,7 +68,7 @@ def _setup(ctx, inputs, output):
     ctx.tau, ctx.seed, ctx.offset = tau, seed, offset
 
 
-def _make_backward(backward_op):
+def _formula(backward_op):
     def _backward(ctx, grad):
         (logits,) = ctx.saved_tensors
         gl = None
@@ -95,6 +79,13 @@ def _make_backward(backward_op):
     return _backward
 
 
-gumbel_softmax.register_autograd(_make_backward(gumbel_softmax_backward), setup_context=_setup)
-sample = _backend.entry(gumbel_softmax, "gumbel_softmax", "gumbel_softmax", reference, check, _setup,
-                        _make_backward, reference_backward, check_backward)
+# logits [R, K] -> samples [n, R, K] in the logits' dtype; backward: grad [n, R, K] -> grad of logits [R, K]
+# (the soft gradient, noise regenerated)
+OP = _registry.define(
+    "gumbel_softmax",
+    "(Tensor logits, SymInt n, float tau, bool hard, SymInt seed, SymInt offset) -> Tensor",
+    reference, check, fake,
+    _registry.Backward("(Tensor grad, Tensor logits, float tau, SymInt seed, SymInt offset) -> Tensor",
+                       reference_backward, check_backward, fake_backward, _setup, _formula))
+gumbel_softmax, gumbel_softmax_backward = OP.op, OP.backward_op
+sample = OP.call

@@ -11,7 +11,7 @@ from typing import Tuple
 
 import torch
 
-from . import _backend, _checks
+from . import _checks, _registry
 
 KERNEL_CHECKS_VALUES = ("cpp",)  # backends whose forward kernel rejects invalid rows and indices itself
 
@@ -68,29 +68,12 @@ def reference_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Te
     return gl.to(logits.dtype)
 
 
-@torch.library.custom_op("fastgrad::score_surrogate", mutates_args=())
-def score_surrogate(logits: torch.Tensor, index: torch.Tensor,
-                    weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """logits ``[R, K]``, index int64 ``[n, R]``, weight ``[n, R]`` (float32/float64) -> (surrogate ``[n, R]``
-    in the weight's dtype, lse ``[R]``: float64 for float64 logits, else float32)."""
-    return _backend.run("score_surrogate", "score_surrogate", reference, check, logits, index, weight)
-
-
-@score_surrogate.register_fake
-def _(logits, index, weight):
+def fake(logits, index, weight):
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D [R, K]")
     return torch.empty_like(weight), logits.new_empty(logits.shape[:1], dtype=_acc(logits))
 
 
-@torch.library.custom_op("fastgrad::score_surrogate_backward", mutates_args=())
-def score_surrogate_backward(grad: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-                             lse: torch.Tensor) -> torch.Tensor:
-    return _backend.run("score_surrogate_backward", "score_surrogate", reference_backward, check_backward,
-                        grad, logits, index, weight, lse)
-
-
-@score_surrogate_backward.register_fake
-def _(grad, logits, index, weight, lse):
+def fake_backward(grad, logits, index, weight, lse):
     return torch.empty_like(logits)
 
 
@@ -99,7 +82,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(logits, index, weight, output[1])
 
 
-def _make_backward(backward_op):
+def _formula(backward_op):
     def _backward(ctx, grad, _grad_lse):
         logits, index, weight, lse = ctx.saved_tensors
         gl = gw = None
@@ -116,6 +99,13 @@ def _make_backward(backward_op):
     return _backward
 
 
-score_surrogate.register_autograd(_make_backward(score_surrogate_backward), setup_context=_setup)
-surrogate = _backend.entry(score_surrogate, "score_surrogate", "score_surrogate", reference, check, _setup,
-                           _make_backward, reference_backward, check_backward)
+# logits [R, K], index int64 [n, R], weight [n, R] (float32/float64) -> (surrogate [n, R] in the weight's dtype,
+# lse [R]: float64 for float64 logits, else float32)
+OP = _registry.define(
+    "score_surrogate",
+    "(Tensor logits, Tensor index, Tensor weight) -> (Tensor, Tensor)",
+    reference, check, fake,
+    _registry.Backward("(Tensor grad, Tensor logits, Tensor index, Tensor weight, Tensor lse) -> Tensor",
+                       reference_backward, check_backward, fake_backward, _setup, _formula))
+score_surrogate, score_surrogate_backward = OP.op, OP.backward_op
+surrogate = OP.call
