@@ -1,8 +1,8 @@
 """Triton kernel of ``fastgrad::categorical_sample`` (inverse CDF; see fastgrad/ops/categorical_sample.py).
 
-One program per row and chunk of up to 64 draws: pass 1 computes the row max and the float64 total of ``exp(l - max)``; pass 2 counts, for
-all n targets at once, the categories whose running CDF is still ``<= u * total``: that count is the first
-category whose CDF exceeds the target.
+One program per row and chunk of up to 64 draws: pass 1 computes the row max and the float64 total of
+``exp(l - max)``; pass 2 counts, for all the chunk's targets at once, the categories whose running CDF is still
+``<= u * total``: that count is the first category whose CDF exceeds the target.
 """
 import torch
 import triton
@@ -66,6 +66,6 @@ def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int, one
     # draws in chunks of at most 64 per program: the [BLOCK_N, BLOCK_K] compare tile stays in registers for any n
     BLOCK_N = min(triton.next_power_of_2(n), 64)
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    _sample_kernel[(R, triton.cdiv(n, BLOCK_N))](logits, idx, oh, R, K, n, seed, offset, ONE_HOT=one_hot, ACC=acc, BLOCK_K=BLOCK_K,
-                         BLOCK_N=BLOCK_N)
+    _sample_kernel[(R, triton.cdiv(n, BLOCK_N))](logits, idx, oh, R, K, n, seed, offset, ONE_HOT=one_hot, ACC=acc,
+                                                 BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     return idx, oh
