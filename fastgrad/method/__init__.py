@@ -1,8 +1,8 @@
 """Gradient estimation methods (Storchastic's ``storch.method``): call one on a torch distribution."""
-from ._base import Method
+from ._base import Draw, Method
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .reparameterization import Infer, Reparameterization
 from .score_function import ScoreFunction
 
-__all__ = ["Method", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer"]
+__all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer"]

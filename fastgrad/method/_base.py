@@ -1,6 +1,7 @@
 """Base class of gradient estimation methods, and the raw view of a distribution's parameters."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -138,6 +139,43 @@ class Params:
             _state.hooks.append(target.register_hook(record))
 
 
+@dataclass
+class Draw:
+    """What a method's ``_sample`` returns: the typed record of one draw.
+
+    ``value``: ``[n, plates..., batch..., event...]``, the sample the user gets; ``n``: the size of the method's
+    plate (``2n`` for antithetic pairs, ``K**k`` for an enumeration); ``weight``: the per-element plate weight
+    (``None`` for uniform ``1/n``; e.g. ``q(c)`` for Expect, ``(1/n, 0)`` for antithetic halves) over
+    ``[n, plates...]``; ``state``: what the method's ``_surrogate`` needs later (sample indices, noise)."""
+
+    value: torch.Tensor
+    n: int
+    weight: Optional[torch.Tensor] = None
+    state: Any = None
+
+
+def aligned_cost(sample: StochasticTensor, cost) -> Tuple[Tensor, torch.Tensor]:
+    """The cost as the sample sees it: ``cost`` reduced over the plates the sample does not have, then aligned and
+    expanded to the sample's plates: ``(reduced cost Tensor, detached [n, plates...] tensor)``. The one place
+    that does this bookkeeping; an estimator's ``_surrogate`` writes only its per-sample term."""
+    from .._graph import reduce_plates
+
+    others = [p for p in cost.plates if not any(p is q for q in sample.plates)]
+    c = reduce_plates(cost, others) if others else cost
+    npl = len(sample.plates)
+    w = align(c, sample.plates, 0).detach().expand(sample._tensor.shape[:npl])
+    return c, w
+
+
+def reduce_term(sample: StochasticTensor, term: torch.Tensor) -> torch.Tensor:
+    """A per-element surrogate term ``[n, plates...]`` with value zero (``term - term.detach()``), reduced over
+    the sample's plates with their weights: the number ``backward()`` adds to the loss."""
+    from .._graph import reduce_plates
+
+    term = term - term.detach()  # zero value: backward() reports the cost, not the surrogate
+    return reduce_plates(Tensor(term, sample.plates), detach_weights=False)._tensor
+
+
 class Method(torch.nn.Module):
     """A gradient estimator: ``method(distribution)`` samples and returns a :class:`StochasticTensor`."""
 
@@ -168,12 +206,15 @@ class Method(torch.nn.Module):
                 raise ValueError(
                     f"plate_name {self.plate_name!r} is already a plate of the distribution's parameters; "
                     "give each sampled variable its own plate name")
-        value, n, weight, info = self._sample(params)
-        plate = Plate(self.plate_name, n)
+        d = self._sample(params)
+        if not isinstance(d, Draw):
+            raise TypeError(f"{type(self).__name__}._sample must return a fastgrad.method.Draw, got "
+                            f"{type(d).__name__}")
+        plate = Plate(self.plate_name, d.n)
         plates = (plate,) + params.plates
-        if weight is not None:
-            plate._weight = Tensor(weight, plates)
-        s = StochasticTensor(value, plates, self.plate_name, n, distr, self, info=(params, info))
+        if d.weight is not None:
+            plate._weight = Tensor(d.weight, plates)
+        s = StochasticTensor(d.value, plates, self.plate_name, d.n, distr, self, info=(params, d.state))
         params.hook_param_grads(s)
         _state.samples.append(s)
         return s
@@ -183,11 +224,13 @@ class Method(torch.nn.Module):
         return self(distr)
 
     # subclasses implement:
-    def _sample(self, params: Params) -> Tuple[torch.Tensor, int, Optional[torch.Tensor], Any]:
-        """-> (value ``[n, plates..., batch..., event...]``, n, per-element plate weight or None, info)."""
+    def _sample(self, params: Params) -> Draw:
+        """Draw from the distribution whose parameters are ``params``: a :class:`Draw`."""
         raise NotImplementedError
 
     def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
+        """For methods with ``uses_score``: the term ``backward()`` adds for a cost that depends on ``sample``
+        (value zero; its gradient is the estimator's). Use :func:`aligned_cost` and :func:`reduce_term`."""
         raise NotImplementedError
 
     def _update_parameters(self) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Method, Params, extra_dims
+from ._base import Draw, Method, Params, extra_dims
 
 
 class Expect(Method):
@@ -56,7 +56,7 @@ class Expect(Method):
         else:
             value = digits.to(logits.dtype).view(vshape)
         weight = logq.exp().view((C,) + tuple(pshape))
-        return value, C, weight, None
+        return Draw(value, C, weight)
 
     def extra_repr(self) -> str:
         return f"plate_name={self.plate_name!r}, budget={self.budget}"

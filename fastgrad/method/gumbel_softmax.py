@@ -10,7 +10,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Method, Params
+from ._base import Draw, Method, Params
 
 
 class GumbelSoftmax(Method):
@@ -41,12 +41,12 @@ class GumbelSoftmax(Method):
         n, tau, hard = self.n_samples, float(self.temperature), self.straight_through
         d = params.distr
         if isinstance(d, D.OneHotCategorical):
-            return F.gumbel_softmax(params.logits(), tau, n, hard), n, None, None
+            return Draw(F.gumbel_softmax(params.logits(), tau, n, hard), n)
         if isinstance(d, D.Bernoulli):
             logits = params.bernoulli_logits()
             two = torch.stack([torch.zeros_like(logits), logits], -1)
             y = F.gumbel_softmax(two, tau, n, hard)[..., 1]
-            return y, n, None, None
+            return Draw(y, n)
         raise ValueError(f"GumbelSoftmax needs a OneHotCategorical or Bernoulli distribution, got "
                                f"{type(d).__name__}")
 

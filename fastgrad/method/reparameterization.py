@@ -5,7 +5,7 @@ from typing import Any, Optional, Type
 
 from torch import distributions as D
 
-from ._base import Method, Params
+from ._base import Draw, Method, Params
 from .gumbel_softmax import GumbelSoftmax
 from .score_function import ScoreFunction
 
@@ -24,7 +24,7 @@ class Reparameterization(Method):
             raise ValueError(
                 f"{type(d).__name__} has no rsample: Reparameterization needs a reparameterizable distribution "
                 "(use GumbelSoftmax or ScoreFunction for discrete ones)")
-        return d.rsample((self.n_samples,)), self.n_samples, None, None
+        return Draw(d.rsample((self.n_samples,)), self.n_samples)
 
 
 class Infer(Method):

@@ -3,15 +3,15 @@
 The math is :func:`fastgrad.functional.score_function_surrogate`."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import distributions as D
 
 from .. import functional as F
 from .._graph import reduce_plates
-from .._tensor import Tensor, align
-from ._base import Method, Params, extra_dims
+from .._tensor import Tensor
+from ._base import Draw, Method, Params, aligned_cost, extra_dims, reduce_term
 
 _BASELINES = ("none", "batch_average", "moving_average")
 
@@ -60,10 +60,10 @@ class ScoreFunction(Method):
             one_hot = isinstance(params.distr, D.OneHotCategorical)
             out = F.sample_categorical(logits, n, one_hot=one_hot)
             idx, value = out if one_hot else (out, out)
-            return value, n, None, idx
+            return Draw(value, n, state=idx)
         with torch.no_grad():
             value = params.raw_distribution().sample((n,))
-        return value, n, None, None
+        return Draw(value, n)
 
     def _baseline(self, sample, cost: Tensor, weight: torch.Tensor):
         if self.baseline == "batch_average":
@@ -80,12 +80,8 @@ class ScoreFunction(Method):
 
     def _surrogate(self, sample, cost) -> torch.Tensor:
         params, idx = sample._info
-        # reduce plates of the cost that the sample does not have, then align to the sample's plates
-        others = [p for p in cost.plates if not any(p is q for q in sample.plates)]
-        c = reduce_plates(cost, others) if others else cost
+        c, w = aligned_cost(sample, cost)  # w: [n, plate dims...]
         npl = len(sample.plates)
-        w = align(c, sample.plates, 0).detach()
-        w = w.expand(sample._tensor.shape[:npl])  # [n, plate dims...]
         baseline = self._baseline(sample, c, w)
         if idx is not None:
             logits = params.logits()
@@ -103,8 +99,7 @@ class ScoreFunction(Method):
             if ev > 0:
                 lp = lp.sum(tuple(range(npl, lp.dim())))
             term = F.score_function_surrogate_from_log_prob(lp, w, baseline)
-        term = term - term.detach()  # zero value: backward() reports the cost, not the surrogate
-        return reduce_plates(Tensor(term, sample.plates), detach_weights=False)._tensor
+        return reduce_term(sample, term)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", baseline_factory={self.baseline!r}"
