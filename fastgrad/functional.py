@@ -40,6 +40,10 @@ __all__ = [
     "enumerate_configurations",
     "enumerate_log_probs",
     "expectation",
+    "uniform",
+    "arm_sample",
+    "arm_surrogate",
+    "disarm_surrogate",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -342,3 +346,93 @@ def expectation(logits: torch.Tensor, cost: torch.Tensor, budget: int = _enum.DE
     if cost.shape != logq.shape:
         raise ValueError(f"cost must be a tensor of shape {tuple(logq.shape)} ([K**k, B]), got {tuple(cost.shape)}")
     return (logq.exp() * cost).sum(0)
+
+
+# -- antithetic binary estimators (ARM, DisARM) ----------------------------------------------------------------
+def uniform(shape, *, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+            offset: Optional[int] = None, device=None) -> torch.Tensor:
+    """float32 uniforms in (0, 1) of ``shape`` from fastgrad's Philox stream (element ``e`` in row-major order is
+    the stream's element ``e``): the same numbers on every device for the same ``seed``/``offset``, the noise
+    every antithetic and conditional sampler is built on."""
+    shape = tuple(shape)
+    if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in shape):
+        raise ValueError(f"shape must be non-negative ints, got {shape}")
+    numel = math.prod(shape)
+    seed, offset = _philox.draw_seed_offset(numel, generator, seed, offset)
+    return _philox.uniform(seed, offset, numel, device).view(shape)
+
+
+def _check_bernoulli_logits(logits: object) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOATS:
+        raise TypeError(f"logits must be a floating torch.Tensor (Bernoulli logits), got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    _checks.finite(logits, "logits")
+    return logits
+
+
+def arm_sample(logits: torch.Tensor, n: int = 1, *, generator: Optional[torch.Generator] = None,
+               seed: Optional[int] = None, offset: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``n`` antithetic pairs of ``Bernoulli(sigmoid(logits))`` samples (Yin & Zhou 2019; Dong et al. 2020).
+
+    One uniform ``u`` per pair and latent: ``b = 1[u > sigmoid(-logits)]``, ``b~ = 1[u < sigmoid(logits)]`` (each
+    marginally Bernoulli(sigmoid(logits)); Storchastic's ``z = logits +- Logistic noise > 0``, the same draw).
+
+    Returns ``(b, u)``: ``b`` ``[2n, ...]`` in the logits' dtype (the n first samples, then their n antithetic
+    partners), ``u`` float32 ``[n, ...]``."""
+    logits = _check_bernoulli_logits(logits)
+    n = _check_n(n)
+    u = uniform((n,) + tuple(logits.shape), generator=generator, seed=seed, offset=offset, device=logits.device)
+    t = logits.detach().to(_checks.acc_dtype(logits.dtype))
+    b1 = u.to(t.dtype) > torch.sigmoid(-t)
+    b2 = u.to(t.dtype) < torch.sigmoid(t)
+    return torch.cat([b1, b2], 0).to(logits.dtype), u
+
+
+def _pair_costs(cost: torch.Tensor, n: int, ndim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    cost = _check_real(cost, "cost")
+    if cost.dim() < 1 or cost.shape[0] != 2 * n:
+        raise ValueError(f"cost must have a leading dimension of 2n = {2 * n} (each sample, then its antithetic "
+                         f"partner), got shape {tuple(cost.shape)}")
+    if cost.dim() > ndim:
+        raise ValueError(f"cost has more dimensions than the samples ({cost.dim()} > {ndim})")
+    c = cost.detach().reshape(tuple(cost.shape) + (1,) * (ndim - cost.dim()))  # per-sample cost over latents
+    return c[:n], c[n:]
+
+
+def arm_surrogate(logits: torch.Tensor, u: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """ARM (Yin & Zhou 2019, "ARM: Augment-REINFORCE-Merge Gradient for Stochastic Binary Networks"): the
+    per-pair surrogate whose gradient w.r.t. ``logits`` is ``(f(b) - f(b~)) (u - 1/2)`` per latent. Unbiased;
+    2 cost evaluations per pair; Bernoulli latents only.
+
+    Args: ``logits`` ``[...]``, ``u`` ``[n, ...]`` from :func:`arm_sample`, ``cost`` ``[2n, *batch]`` of the
+    samples ``b`` (broadcast over the trailing latent dims). Returns ``[n, ...]``: average over the pairs
+    (``.mean(0)``) and sum over the latents for the loss."""
+    logits = _check_bernoulli_logits(logits)
+    if not isinstance(u, torch.Tensor) or tuple(u.shape[1:]) != tuple(logits.shape) or u.dim() < 1:
+        raise ValueError(f"u must have shape [n, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(u, 'shape', ()))}")
+    f1, f2 = _pair_costs(cost, u.shape[0], u.dim())
+    coef = (f1 - f2).to(_checks.acc_dtype(logits.dtype)) * (u.to(_checks.acc_dtype(logits.dtype)) - 0.5)
+    return coef * logits.to(coef.dtype)
+
+
+def disarm_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """DisARM (Dong, Mnih & Tucker 2020, "DisARM: An Antithetic Gradient Estimator for Binary Latent
+    Variables"): ARM with the augmenting noise integrated out. The per-pair surrogate's gradient w.r.t.
+    ``logits`` is ``1/2 (f(b) - f(b~)) 1[b != b~] (-1)^b~ sigmoid(|logits|)`` per latent. Unbiased, variance
+    never above ARM's; 2 cost evaluations per pair; Bernoulli latents only. (Storchastic's DisARM adds the
+    antithetic cost where it must subtract it: its mean is 0.)
+
+    Args: ``logits`` ``[...]``, ``b`` ``[2n, ...]`` from :func:`arm_sample`, ``cost`` ``[2n, *batch]``. Returns
+    ``[n, ...]``."""
+    logits = _check_bernoulli_logits(logits)
+    if not isinstance(b, torch.Tensor) or b.dim() < 1 or b.shape[0] % 2 or tuple(b.shape[1:]) != tuple(logits.shape):
+        raise ValueError(f"b must have shape [2n, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    n = b.shape[0] // 2
+    f1, f2 = _pair_costs(cost, n, b.dim())
+    acc = _checks.acc_dtype(logits.dtype)
+    b1, b2 = b[:n].to(acc), b[n:].to(acc)
+    t = logits.to(acc)
+    coef = 0.5 * (f1 - f2).to(acc) * (b1 != b2).to(acc) * (1 - 2 * b2) * torch.sigmoid(t.detach().abs())
+    return coef * t

@@ -1,8 +1,9 @@
 """Gradient estimation methods (Storchastic's ``storch.method``): call one on a torch distribution."""
 from ._base import Draw, Method
+from .arm import ARM, DisARM
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .reparameterization import Infer, Reparameterization
 from .score_function import ScoreFunction
 
-__all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer"]
+__all__ = ["Method", "Draw", "ARM", "DisARM", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer"]

@@ -1,0 +1,181 @@
+"""ARM and DisARM against exact enumeration: unbiasedness within standard errors, homogeneity, variance order
+(DisARM <= ARM <= 2-sample leave-one-out score function at 2 cost evaluations), DisARM's zero variance on the
+1-D toy, Storchastic's plate conventions, bad input."""
+import itertools
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Independent, OneHotCategorical
+
+import fastgrad as storch
+import fastgrad.functional as F
+
+T3 = torch.tensor([0.6, 0.51, 0.48])
+TH3 = torch.tensor([0.3, -0.5, 1.0])
+
+
+def f3(b):  # non-separable 3-Bernoulli toy
+    return ((b - T3) ** 2).sum(-1) + 0.5 * b[..., 0] * b[..., 1] * b[..., 2]
+
+
+def exact_grad(f, theta):
+    th = theta.clone().double().requires_grad_()
+    p = torch.sigmoid(th)
+    total = 0
+    for cfg in itertools.product((0.0, 1.0), repeat=theta.numel()):
+        b = torch.tensor(cfg, dtype=torch.float64)
+        total = total + torch.prod(p * b + (1 - p) * (1 - b)) * f(b)
+    (g,) = torch.autograd.grad(total, th)
+    return g
+
+
+def grads(make, f, theta, reps, scale=1.0):
+    out = []
+    for _ in range(reps):
+        th = theta.clone().requires_grad_()
+        z = make()(Bernoulli(logits=th))
+        storch.add_cost(f(z) * scale, "c")
+        storch.backward()
+        out.append(th.grad.clone())
+    return torch.stack(out).double()
+
+
+METHODS = {"ARM": storch.method.ARM, "DisARM": storch.method.DisARM}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("n", [1, 4])
+def test_unbiased_on_the_non_separable_toy(name, n):
+    torch.manual_seed(10 + n)
+    g = grads(lambda: METHODS[name]("z", n_samples=n), f3, TH3, 1500)
+    exact = exact_grad(lambda b: f3(b.float()).double(), TH3)
+    z = (g.mean(0) - exact).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unbiased_on_200_latents(name):
+    torch.manual_seed(5)
+    D = 200
+    t = torch.linspace(0.2, 0.8, D)
+    theta = torch.linspace(-2, 2, D)
+    g = grads(lambda: METHODS[name]("z", n_samples=2), lambda b: ((b - t) ** 2).sum(-1), theta, 300)
+    p = torch.sigmoid(theta.double())
+    exact = p * (1 - p) * (1 - 2 * t.double())  # d/dtheta E[(b - t)^2] per latent
+    z = (g.mean(0) - exact).abs() / (g.std(0).clamp_min(1e-12) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z.max()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unbiased_on_the_vae_style_encoder_gradient(name):
+    # a fixed linear encoder over a data plate, the gradient w.r.t. its weights (exact by enumeration per datum)
+    torch.manual_seed(7)
+    x = torch.randn(4, 5)
+    W0 = torch.randn(5, 3) * 0.5
+
+    def run_once(make):
+        W = W0.clone().requires_grad_()
+        xs = storch.denote_independent(x, 0, "data")
+        z = make()(Bernoulli(logits=xs @ W))
+        storch.add_cost(f3(z), "c")
+        storch.backward()
+        return W.grad.clone()
+
+    g = torch.stack([run_once(lambda: METHODS[name]("z", n_samples=2)) for _ in range(1500)]).double()
+    W = W0.clone().double().requires_grad_()
+    p = torch.sigmoid(x.double() @ W)
+    total = 0
+    for cfg in itertools.product((0.0, 1.0), repeat=3):
+        b = torch.tensor(cfg, dtype=torch.float64)
+        total = total + torch.prod(p * b + (1 - p) * (1 - b), -1) * f3(b.float()).double()
+    (exact,) = torch.autograd.grad(total.mean(), W)
+    z = (g.mean(0) - exact).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z
+
+
+def test_disarm_has_zero_variance_on_the_1d_toy():
+    t = 0.499
+    g = grads(lambda: storch.method.DisARM("z"), lambda b: ((b - t) ** 2).sum(-1), torch.zeros(1), 50)
+    torch.testing.assert_close(g, torch.full_like(g, 0.25 * (1 - 2 * t)), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_cost_times_two_doubles_the_gradient(name):
+    torch.manual_seed(3)
+    a = grads(lambda: METHODS[name]("z", n_samples=2), f3, TH3, 5)
+    torch.manual_seed(3)
+    b = grads(lambda: METHODS[name]("z", n_samples=2), f3, TH3, 5, scale=2.0)
+    torch.testing.assert_close(b, 2 * a, rtol=1e-6, atol=1e-9)
+
+
+def _var_and_se(g):
+    d = (g - g.mean(0)) ** 2
+    return d.mean(0), d.std(0) / math.sqrt(g.shape[0])
+
+
+def test_variance_order_at_two_cost_evaluations():
+    # DisARM <= ARM <= 2-sample leave-one-out REINFORCE (each 2 evaluations), by more than 3 standard errors of
+    # the difference of the variance estimates (independent runs)
+    torch.manual_seed(0)
+    reps = 3000
+    v_dis, s_dis = _var_and_se(grads(lambda: storch.method.DisARM("z"), f3, TH3, reps))
+    v_arm, s_arm = _var_and_se(grads(lambda: storch.method.ARM("z"), f3, TH3, reps))
+    v_sf, s_sf = _var_and_se(grads(lambda: storch.method.ScoreFunction("z", n_samples=2,
+                                                                       baseline_factory="batch_average"),
+                                   f3, TH3, reps))
+    assert (v_dis < v_arm - 3 * torch.sqrt(s_dis ** 2 + s_arm ** 2)).all(), (v_dis, v_arm)
+    assert (v_arm < v_sf - 3 * torch.sqrt(s_arm ** 2 + s_sf ** 2)).all(), (v_arm, v_sf)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_storchastic_plate_conventions(name):
+    p = torch.full((4, 3), 0.3, requires_grad=True)
+    x = storch.denote_independent(p, 0, "data")
+    z = METHODS[name]("z", n_samples=3)(Bernoulli(probs=x))
+    assert z.shape == (6, 4, 3) and z.dtype == torch.float32 and z.n == 6
+    assert set(z._tensor.unique().tolist()) <= {0.0, 1.0}
+    w = z.plate.weight._tensor.flatten()
+    torch.testing.assert_close(w, torch.tensor([1 / 3] * 3 + [0.0] * 3))
+    # the plate-reduced cost is the mean over the first half
+    c = storch.add_cost(z.sum(-1), "c")
+    red = storch.reduce_plates(c)._tensor
+    torch.testing.assert_close(red, z._tensor[:3].sum(-1).mean())
+    storch.backward()
+    assert z.param_grads["probs"].shape == (4, 3)
+    # Independent-wrapped Bernoulli works too
+    z = METHODS[name]("z", n_samples=1)(Independent(Bernoulli(probs=x), 1))
+    storch.add_cost(z.sum(-1), "c")
+    storch.backward()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_bad_input(name):
+    with pytest.raises(ValueError, match="Bernoulli"):
+        METHODS[name]("z")(OneHotCategorical(logits=torch.zeros(2, 3)))
+    with pytest.raises(ValueError, match="n_samples"):
+        METHODS[name]("z", n_samples=0)
+    with pytest.raises(ValueError, match="sampling_method"):
+        METHODS[name]("z", "antithetic")
+    with pytest.raises(ValueError, match="leading dimension of 2n"):
+        F.disarm_surrogate(torch.zeros(3), torch.zeros(2, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match="cost must be finite"):
+        F.arm_surrogate(torch.zeros(3), torch.rand(1, 3), torch.tensor([1.0, float("nan")]))
+
+
+def test_functional_matches_hand_written_formulas():
+    theta = torch.tensor([0.7, -1.2], requires_grad=True)
+    b, u = F.arm_sample(theta, 5, seed=3)
+    assert b.shape == (10, 2) and u.shape == (5, 2)
+    # each half is marginally Bernoulli(sigmoid(theta)) from the same uniforms
+    torch.testing.assert_close(b[:5], (u > torch.sigmoid(-theta.detach())).float())
+    torch.testing.assert_close(b[5:], (u < torch.sigmoid(theta.detach())).float())
+    cost = (b ** 2).sum(-1) + b[:, 0] * 3
+    (g_arm,) = torch.autograd.grad(F.arm_surrogate(theta, u, cost).mean(0).sum(), theta)
+    want = ((cost[:5] - cost[5:])[:, None] * (u - 0.5)).mean(0)
+    torch.testing.assert_close(g_arm, want)
+    (g_dis,) = torch.autograd.grad(F.disarm_surrogate(theta, b, cost).mean(0).sum(), theta)
+    sign = 1 - 2 * b[5:]
+    want = (0.5 * (cost[:5] - cost[5:])[:, None] * (b[:5] != b[5:]).float() * sign
+            * torch.sigmoid(theta.detach().abs())).mean(0)
+    torch.testing.assert_close(g_dis, want)
