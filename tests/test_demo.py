@@ -112,3 +112,25 @@ def test_plot_runs_overlays_two_runs(tmp_path):
                            "--out-dir", str(tmp_path / f"run{seed}")])
     out = plot_runs.main([str(tmp_path / "run0"), str(tmp_path / "run1"), "-o", str(tmp_path / "c.png")])
     assert out.exists() and out.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["arm", "disarm"])
+def test_demo_binary_estimators_on_bernoulli_latents(tmp_path, method):
+    s = discrete_vae.main(["--method", method, "--n-samples", "2", "--latent-dim", "50", "--max-steps", "60",
+                           "--eval-every", "50", "--eval-samples", "3", "--test-size", "200", "--no-progress",
+                           "--out-dir", str(tmp_path)])
+    assert s["args"]["latents"] == "bernoulli" and s["steps"] == 60
+    assert s["first_elbo"] > 500 and s["last_elbo_mean100"] < s["first_elbo"] - 100  # it learns
+    assert s["evaluations"][0]["grad_bias"] is None and s["evaluations"][0]["grad_variance"] > 0
+    assert s["test_neg_elbo"] < 400
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "arm", "--latents", "categorical"], "needs --latents bernoulli"),
+    (["--method", "expect", "--latents", "bernoulli"], "cannot enumerate"),
+    (["--method", "disarm", "--latent-dim", "0"], "--latent-dim must be >= 1"),
+])
+def test_demo_latent_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        discrete_vae.parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -23,13 +23,14 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.distributions import OneHotCategorical
+from torch.distributions import Bernoulli, OneHotCategorical
 
 import fastgrad as storch
 
 from .mnist import batches, load_mnist
 
-METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect")
+METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm")
+BINARY_METHODS = ("arm", "disarm")  # Bernoulli latents only
 BASELINES = ("none", "batch_average", "moving_average")
 
 
@@ -54,6 +55,37 @@ class DiscreteVAE(nn.Module):
         h3 = self.fc4(z).relu()
         h4 = self.fc5(h3).relu()
         return self.fc6(h4).sigmoid()
+
+
+class BernoulliVAE(nn.Module):
+    """``--latents bernoulli``: D Bernoulli latents (200 by default, the setting of the DisARM and RODEO papers),
+    the same 784-512-256 encoder and 256-512-784 decoder around them."""
+
+    def __init__(self, latent_dim: int = 200):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.enc = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                                 nn.Linear(256, latent_dim))
+        self.dec = nn.Sequential(nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 512), nn.ReLU(),
+                                 nn.Linear(512, 784), nn.Sigmoid())
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z):
+        return self.dec(z)
+
+
+def bernoulli_story(method: storch.method.Method, model: BernoulliVAE, data: torch.Tensor):
+    """The tutorial's story with Bernoulli latents and a uniform Bernoulli prior."""
+    x = storch.denote_independent(data.view(-1, 784), 0, "data")
+    q = Bernoulli(logits=model.encode(x))
+    z = method(q)
+    prior = Bernoulli(probs=torch.full_like(q.probs, 0.5))
+    storch.add_cost(torch.distributions.kl_divergence(q, prior).sum(-1), "kl-div")
+    bce = torch.nn.BCELoss(reduction="none")(model.decode(z), x).sum(-1)
+    storch.add_cost(bce, "reconstruction")
+    return z
 
 
 def generative_story(method: storch.method.Method, model: DiscreteVAE, data: torch.Tensor, storch=storch):
@@ -83,11 +115,27 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None) -
         return storch.method.GumbelSoftmax("z", n_samples=n_samples, straight_through=True)
     if name == "expect":
         return storch.method.Expect("z")
+    if name == "arm":
+        return storch.method.ARM("z", n_samples=n_samples)
+    if name == "disarm":
+        return storch.method.DisARM("z", n_samples=n_samples)
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
 
 
 def evaluate(method, model, data, optimizer, n_grads: int = 100) -> Dict[str, float]:
-    """The tutorial's evaluation: ELBO, gradient variance and bias against the exact (Expect) gradient."""
+    """The tutorial's evaluation: ELBO, gradient variance and bias against the exact (Expect) gradient. With
+    Bernoulli latents there is no exact gradient (2**200 configurations): the bias is not computed."""
+    if isinstance(model, BernoulliVAE):
+        gradients = []
+        for _ in range(n_grads):
+            optimizer.zero_grad()
+            z = bernoulli_story(method, model, data)
+            elbo = storch.backward()
+            gradients.append(z.param_grads["logits"])
+        optimizer.zero_grad()
+        gradients = storch.gather_samples(gradients, "gradients")
+        return {"elbo": elbo.item(), "grad_variance": storch.variance(gradients, "gradients")._tensor.item(),
+                "grad_bias": None}
     optimizer.zero_grad()
     z = generative_story(storch.method.Expect("z"), model, data)
     storch.backward()
@@ -131,6 +179,21 @@ def exact_neg_elbo(model: DiscreteVAE, images: torch.Tensor, batch_size: int = 1
     return total / images.shape[0]
 
 
+@torch.no_grad()
+def sampled_neg_elbo(model: BernoulliVAE, images: torch.Tensor, samples: int = 10, batch_size: int = 1000) -> float:
+    """-ELBO with Bernoulli latents: the KL exactly, the expected BCE by ``samples`` draws per image (unbiased)."""
+    total = 0.0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i: i + batch_size].view(-1, 784)
+        q = Bernoulli(logits=model.encode(x))
+        kl = torch.distributions.kl_divergence(q, Bernoulli(probs=torch.full_like(q.probs, 0.5))).sum(-1)
+        z = q.sample((samples,))
+        bce = torch.nn.functional.binary_cross_entropy(model.decode(z), x.expand(samples, -1, -1),
+                                                       reduction="none").sum(-1).mean(0)
+        total += float((kl + bce).sum())
+    return total / images.shape[0]
+
+
 def _title(args: argparse.Namespace) -> str:
     t = f"{args.method}, n={args.n_samples}"
     return t + (f", baseline {args.baseline}" if args.baseline else "") + f", seed {args.seed}"
@@ -154,7 +217,7 @@ def _plot(rows: List[dict], evals: List[dict], path: Path, args: Optional[argpar
         ax[1].semilogy([e["step"] for e in evals], [max(e["grad_variance"], 1e-30) for e in evals], "o-")
     ax[1].set_xlabel("step")
     ax[1].set_ylabel("gradient variance")
-    if evals:
+    if evals and evals[0]["grad_bias"] is not None:
         ax[2].semilogy([e["step"] for e in evals], [max(e["grad_bias"], 1e-30) for e in evals], "o-")
     ax[2].set_xlabel("step")
     ax[2].set_ylabel("squared gradient bias (vs Expect)")
@@ -180,6 +243,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--test-size", type=int, default=10000, help="test images for the exact -ELBO (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--latents", choices=("categorical", "bernoulli"), default=None,
+                    help="2x10 categorical (the tutorial) or --latent-dim Bernoulli latents; default: bernoulli "
+                    "for arm/disarm, else categorical")
+    ap.add_argument("--latent-dim", type=int, default=200, help="Bernoulli latents (with --latents bernoulli)")
     ap.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files or a torchvision root "
                     "(default: the copy vendored in the repository, or FASTGRAD_MNIST)")
     ap.add_argument("--out-dir", default=None, help="default: runs/discrete_vae/<method>-n<N>[-<baseline>]-seed<S>")
@@ -203,11 +270,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         ap.error(f"--baseline applies to --method score-function only, not {args.method}")
     if args.method == "expect" and args.n_samples != 1:
         ap.error("--n-samples does not apply to --method expect (it enumerates all 100 configurations)")
+    if args.latents is None:
+        args.latents = "bernoulli" if args.method in BINARY_METHODS else "categorical"
+    if args.method in BINARY_METHODS and args.latents != "bernoulli":
+        ap.error(f"--method {args.method} needs --latents bernoulli (it estimates gradients of binary latents)")
+    if args.method == "expect" and args.latents == "bernoulli":
+        ap.error("--method expect cannot enumerate 2**latent-dim Bernoulli configurations: use --latents "
+                 "categorical")
+    if args.latent_dim < 1:
+        ap.error("--latent-dim must be >= 1")
     if args.baseline == "batch_average" and args.n_samples < 2:
         ap.error("--baseline batch_average needs --n-samples >= 2")
     if args.out_dir is None:
         name = f"{args.method}-n{args.n_samples}" + (f"-{args.baseline}" if args.baseline else "") + \
-            f"-seed{args.seed}"
+            (f"-bernoulli{args.latent_dim}" if args.latents == "bernoulli" else "") + f"-seed{args.seed}"
         args.out_dir = str(Path("runs") / "discrete_vae" / name)
     return args
 
@@ -222,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except FileNotFoundError as e:
         raise SystemExit(f"discrete_vae: {e}") from None
     method = make_method(args.method, args.n_samples, args.baseline)
-    model = DiscreteVAE()
+    model = BernoulliVAE(args.latent_dim) if args.latents == "bernoulli" else DiscreteVAE()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out_dir)
@@ -258,8 +334,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
                "last_elbo_mean100": sum(r["elbo"] for r in rows[-100:]) / max(1, len(rows[-100:]))}
     if args.test_size:
         test, _ = load_mnist("test", args.data_dir)
-        summary["test_neg_elbo"] = exact_neg_elbo(model, test[: args.test_size])
-        print(f"Test -ELBO (exact, {min(args.test_size, test.shape[0])} images): {summary['test_neg_elbo']:.2f}")
+        if isinstance(model, BernoulliVAE):
+            summary["test_neg_elbo"] = sampled_neg_elbo(model, test[: args.test_size])
+            how = "KL exact, reconstruction by 10 samples"
+        else:
+            summary["test_neg_elbo"] = exact_neg_elbo(model, test[: args.test_size])
+            how = "exact"
+        print(f"Test -ELBO ({how}, {min(args.test_size, test.shape[0])} images): {summary['test_neg_elbo']:.2f}")
     summary["evaluations"] = evals
     summary["plot"] = _plot(rows, evals, out / "curves.png", args)
     with open(out / "summary.json", "w") as f:
@@ -279,7 +360,7 @@ def _train(args, method, model, optimizer, images, gen, total, bar, rows, evals,
             if step >= total:
                 break
             optimizer.zero_grad()
-            generative_story(method, model, data)
+            (bernoulli_story if isinstance(model, BernoulliVAE) else generative_story)(method, model, data)
             elbo = storch.backward()
             optimizer.step()
             rows.append({"step": step, "epoch": epoch + 1, "elbo": elbo.item()})

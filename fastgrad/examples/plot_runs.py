@@ -53,7 +53,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
         ev = summary.get("evaluations", [])
         if ev:
             ax[1].semilogy([e["step"] for e in ev], [max(e["grad_variance"], 1e-30) for e in ev], "o-", label=label)
-            ax[2].semilogy([e["step"] for e in ev], [max(e["grad_bias"], 1e-30) for e in ev], "o-", label=label)
+            if ev[0].get("grad_bias") is not None:  # None with Bernoulli latents (no exact gradient)
+                ax[2].semilogy([e["step"] for e in ev], [max(e["grad_bias"], 1e-30) for e in ev], "o-",
+                               label=label)
     for a, name in zip(ax, ("training -ELBO (moving average)", "gradient variance", "squared gradient bias")):
         a.set_xlabel("step")
         a.set_ylabel(name)
