@@ -44,6 +44,9 @@ __all__ = [
     "arm_sample",
     "arm_surrogate",
     "disarm_surrogate",
+    "conditional_gumbel_bernoulli",
+    "relax_bernoulli_sample",
+    "relax_surrogate",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -436,3 +439,86 @@ def disarm_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) 
     t = logits.to(acc)
     coef = 0.5 * (f1 - f2).to(acc) * (b1 != b2).to(acc) * (1 - 2 * b2) * torch.sigmoid(t.detach().abs())
     return coef * t
+
+
+# -- RELAX / REBAR (Bernoulli) --------------------------------------------------------------------------------
+def conditional_gumbel_bernoulli(logits: torch.Tensor, b: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+                                 seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
+    """The relaxed variable given its hard sample: ``z~ ~ p(z | H(z) = b)`` for ``z = logits + Logistic noise``,
+    reparameterized (differentiable w.r.t. ``logits``). Tucker et al. 2017 (REBAR), appendix; with
+    ``v ~ U(0, 1)``: ``v' = v (1 - sigmoid(logits))`` for ``b = 0`` and ``v sigmoid(logits) + 1 - sigmoid(logits)``
+    for ``b = 1``, then ``z~ = logits + logit(v')``. ``H(z~) = b`` always. (Storchastic's Bernoulli branch adds
+    ``log1p(p)`` where ``-log1p(-p)`` is meant: its ``z~`` contradicts ``b = 1`` in every draw.)
+
+    ``logits`` ``[...]``, ``b`` ``[n, ...]`` of 0/1 -> ``z~`` ``[n, ...]`` in the accumulation dtype."""
+    logits = _check_bernoulli_logits(logits)
+    if not isinstance(b, torch.Tensor) or b.dim() < 1 or tuple(b.shape[1:]) != tuple(logits.shape):
+        raise ValueError(f"b must have shape [n, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    acc = _checks.acc_dtype(logits.dtype)
+    v = uniform(tuple(b.shape), generator=generator, seed=seed, offset=offset, device=logits.device).to(acc)
+    t = logits.to(acc)
+    p = torch.sigmoid(t)
+    bb = b.to(acc)
+    vp = bb * (v * p + 1 - p) + (1 - bb) * (v * (1 - p))
+    # logit(v') in a stable form: the clamp keeps v' inside (0, 1) where float rounding reaches 0 or 1
+    tiny = torch.finfo(acc).tiny
+    vp = vp.clamp(tiny, 1 - torch.finfo(acc).eps / 2)
+    z = t + torch.log(vp) - torch.log1p(-vp)
+    # rounding can put z~ on the wrong side of 0 by an ulp: keep H(z~) = b exactly
+    return torch.where(bb > 0, z.clamp_min(tiny), z.clamp_max(-tiny))
+
+
+def relax_bernoulli_sample(logits: torch.Tensor, n: int = 1, *, generator: Optional[torch.Generator] = None,
+                           seed: Optional[int] = None, offset: Optional[int] = None):
+    """``n`` draws for RELAX/REBAR: ``z = logits + logit(u)`` (reparameterized), ``b = H(z)`` and
+    ``z~ ~ p(z | b)`` (:func:`conditional_gumbel_bernoulli`, from the next ``n * numel`` stream elements).
+
+    Returns ``(b, z, z~)``, each ``[n, ...]``; ``b`` in the logits' dtype, ``z``/``z~`` differentiable."""
+    logits = _check_bernoulli_logits(logits)
+    n = _check_n(n)
+    numel = n * logits.numel()
+    seed, offset = _philox.draw_seed_offset(2 * numel, generator, seed, offset)
+    acc = _checks.acc_dtype(logits.dtype)
+    u = _philox.uniform(seed, offset, numel, logits.device).view((n,) + tuple(logits.shape)).to(acc)
+    z = logits.to(acc) + torch.log(u) - torch.log1p(-u)
+    b = (z.detach() > 0).to(logits.dtype)
+    zt = conditional_gumbel_bernoulli(logits, b, seed=seed, offset=offset + _philox.counters_used(numel))
+    return b, z, zt
+
+
+def relax_surrogate(logits: torch.Tensor, b: torch.Tensor, z: torch.Tensor, z_tilde: torch.Tensor,
+                    cost: torch.Tensor, control) -> torch.Tensor:
+    """RELAX (Grathwohl et al. 2018, "Backpropagation through the Void"): per-sample surrogate whose gradient
+    w.r.t. ``logits`` is ``[f(b) - c(z~)] d log p(b) + d c(z) - d c(z~)``. Unbiased for any control variate
+    ``c``; 1 cost evaluation of ``f`` per sample plus 2 of ``c``. REBAR (Tucker et al. 2017) is
+    ``control = lambda z: eta * f(sigmoid(z / temperature))``, which needs a cost that takes relaxed inputs.
+
+    The control variate's parameters are trained to minimise the estimator's variance: take
+    ``g = torch.autograd.grad(surrogate.sum(), logits, create_graph=True)`` and minimise ``(g ** 2).sum()``
+    w.r.t. them (the ``f(b) - c(z~)`` factor keeps ``c``'s dependence on its parameters, not on ``logits``).
+
+    Args: ``b``, ``z``, ``z_tilde`` ``[n, ...]`` from :func:`relax_bernoulli_sample`; ``cost`` ``f(b)``
+    ``[n, *batch]`` (broadcast over trailing latent dims); ``control(z) -> [n, *batch]`` a callable on relaxed
+    samples (logit space). Returns ``[n, *batch]``."""
+    logits = _check_bernoulli_logits(logits)
+    if not callable(control):
+        raise TypeError(f"control must be a callable c(z) on relaxed samples, got {type(control).__name__}")
+    for name, t in (("b", b), ("z", z), ("z_tilde", z_tilde)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 1 or tuple(t.shape[1:]) != tuple(logits.shape):
+            raise ValueError(f"{name} must have shape [n, {', '.join(map(str, logits.shape))}], got "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    cost = _check_real(cost, "cost").detach()
+    acc = _checks.acc_dtype(logits.dtype)
+    t = logits.to(acc)
+    bb = b.to(acc)
+    # log p(b | logits) per sample, summed over the latents beyond the cost's dims
+    logp = -(bb * torch.nn.functional.softplus(-t) + (1 - bb) * torch.nn.functional.softplus(t))
+    c_z, c_zt = control(z), control(z_tilde)
+    c_zt_const = control(z_tilde.detach())  # depends on c's parameters, not on logits
+    for name, c in (("control(z)", c_z), ("control(z_tilde)", c_zt)):
+        if not isinstance(c, torch.Tensor) or c.shape != cost.shape:
+            raise ValueError(f"{name} must return the cost's shape {tuple(cost.shape)}, got "
+                             f"{tuple(getattr(c, 'shape', ()))}")
+    logp = logp.sum(tuple(range(cost.dim(), logp.dim()))) if logp.dim() > cost.dim() else logp
+    return (cost.to(acc) - c_zt_const) * logp + c_z - c_zt

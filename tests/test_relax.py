@@ -1,0 +1,121 @@
+"""RELAX / REBAR on Bernoulli latents (functional layer): the conditional sampler, unbiasedness against exact
+enumeration with an untrained and a REBAR control variate, variance after training the control variate below
+REINFORCE's on the same samples, homogeneity, bad input."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastgrad.functional as F
+
+T3 = torch.tensor([0.6, 0.51, 0.48])
+TH3 = torch.tensor([0.3, -0.5, 1.0])
+
+
+def f3(b):
+    return ((b - T3) ** 2).sum(-1) + 0.5 * b[..., 0] * b[..., 1] * b[..., 2]
+
+
+def exact_grad(theta):
+    th = theta.clone().double().requires_grad_()
+    p = torch.sigmoid(th)
+    total = 0
+    for cfg in itertools.product((0.0, 1.0), repeat=theta.numel()):
+        b = torch.tensor(cfg, dtype=torch.float64)
+        total = total + torch.prod(p * b + (1 - p) * (1 - b)) * f3(b.float()).double()
+    return torch.autograd.grad(total, th)[0]
+
+
+def relax_grads(control, reps, scale=1.0, theta=TH3):
+    out = []
+    for _ in range(reps):
+        t = theta.clone().requires_grad_()
+        b, z, zt = F.relax_bernoulli_sample(t, 1)
+        s = F.relax_surrogate(t, b, z, zt, f3(b) * scale, control)
+        out.append(torch.autograd.grad(s.sum(), t)[0])
+    return torch.stack(out).double()
+
+
+def test_conditional_sampler_agrees_with_its_hard_sample_and_the_marginal():
+    th = torch.tensor([0.3, -0.5, 1.0, -2.0])
+    b, z, zt = F.relax_bernoulli_sample(th, 40000, seed=1)
+    assert torch.equal((zt > 0).to(b.dtype), b)  # Storchastic's Bernoulli branch fails this for every b = 1
+    # z~ given b has the law of z given b: z~ (over b ~ p) is Logistic(theta) again; compare E[sigmoid(.)] and
+    # E[sigmoid(.)^2] of z~ with their exact values under z (independent of the z drawn here)
+    u = torch.linspace(0.5 / 20000, 1 - 0.5 / 20000, 20000, dtype=torch.float64)[:, None]
+    exact_z = th.double() + torch.log(u) - torch.log1p(-u)  # quantiles of Logistic(theta)
+    for k in (1, 2):
+        got = torch.sigmoid(zt.double()) ** k
+        want = (torch.sigmoid(exact_z) ** k).mean(0)
+        se = got.std(0) / math.sqrt(got.shape[0])
+        assert ((got.mean(0) - want).abs() < 4.5 * se).all(), (got.mean(0), want)
+
+
+@pytest.mark.parametrize("kind", ["relax_untrained", "rebar"])
+def test_unbiased(kind):
+    torch.manual_seed(20)
+    if kind == "rebar":
+        def control(z):
+            return 1.0 * f3(torch.sigmoid(z / 0.5))
+    else:
+        net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def control(z):
+            return net(torch.sigmoid(z)).squeeze(-1)
+    g = relax_grads(control, 1500)
+    z = (g.mean(0) - exact_grad(TH3)).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z
+
+
+def test_trained_control_variate_beats_reinforce_on_the_same_samples():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def control(z):
+        return net(torch.sigmoid(z)).squeeze(-1)
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(300):  # minimise the estimator's second moment w.r.t. the control variate (Grathwohl et al.)
+        t = TH3.clone().requires_grad_()
+        b, z, zt = F.relax_bernoulli_sample(t, 16)
+        (g,) = torch.autograd.grad(F.relax_surrogate(t, b, z, zt, f3(b), control).sum(), t, create_graph=True)
+        opt.zero_grad()
+        (g ** 2).sum().backward()
+        opt.step()
+    relax, reinforce = [], []
+    for _ in range(2000):
+        t = TH3.clone().requires_grad_()
+        b, z, zt = F.relax_bernoulli_sample(t, 1)
+        relax.append(torch.autograd.grad(F.relax_surrogate(t, b, z, zt, f3(b), control).sum(), t)[0])
+        logp = -(b * TF.softplus(-t) + (1 - b) * TF.softplus(t)).sum(-1)
+        reinforce.append(torch.autograd.grad((f3(b) * logp).sum(), t)[0])
+    var = []
+    for g in (torch.stack(relax).double(), torch.stack(reinforce).double()):
+        d = (g - g.mean(0)) ** 2
+        var.append((d.mean(0), d.std(0) / math.sqrt(g.shape[0])))
+    (v_r, s_r), (v_s, s_s) = var
+    assert (v_r < v_s - 3 * torch.sqrt(s_r ** 2 + s_s ** 2)).all(), (v_r, v_s)
+
+
+def test_cost_times_two_doubles_the_gradient():
+    def control(z):
+        return f3(torch.sigmoid(z / 0.5))
+
+    torch.manual_seed(4)
+    a = relax_grads(control, 5)
+    torch.manual_seed(4)
+    b = relax_grads(lambda z: 2 * control(z), 5, scale=2.0)
+    torch.testing.assert_close(b, 2 * a, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_input():
+    t = TH3.clone().requires_grad_()
+    b, z, zt = F.relax_bernoulli_sample(t, 2)
+    with pytest.raises(TypeError, match="control must be a callable"):
+        F.relax_surrogate(t, b, z, zt, f3(b), 3.0)
+    with pytest.raises(ValueError, match="must return the cost's shape"):
+        F.relax_surrogate(t, b, z, zt, f3(b), lambda z: z)
+    with pytest.raises(ValueError, match="b must have shape"):
+        F.conditional_gumbel_bernoulli(t, torch.zeros(2, 5))
