@@ -197,14 +197,17 @@ def backward(debug: bool = False, create_graph: bool = False, update_estimator_p
     """
     try:
         loss = surrogate_loss(debug)._tensor
+        # a method that trains on the gradient estimate itself (RELAX's control variate) asks for its graph
+        higher = create_graph or any(s.method is not None and s.method.create_graph for s in _state.samples)
         if loss.requires_grad:
-            loss.backward(create_graph=create_graph)
+            loss.backward(create_graph=higher)
         if update_estimator_params:
-            seen = set()
+            by_method = {}
             for s in _state.samples:
-                if s.method is not None and id(s.method) not in seen:
-                    seen.add(id(s.method))
-                    s.method._update_parameters()
+                if s.method is not None:
+                    by_method.setdefault(id(s.method), (s.method, []))[1].append(s)
+            for method, samples in by_method.values():
+                method._after_backward(samples)
         return loss
     finally:
         _state.reset()

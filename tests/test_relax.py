@@ -119,3 +119,77 @@ def test_bad_input():
         F.relax_surrogate(t, b, z, zt, f3(b), lambda z: z)
     with pytest.raises(ValueError, match="b must have shape"):
         F.conditional_gumbel_bernoulli(t, torch.zeros(2, 5))
+
+
+# -- the graph API: RELAX / REBAR methods ----------------------------------------------------------------------
+import fastgrad as storch  # noqa: E402
+from torch.distributions import Bernoulli, OneHotCategorical  # noqa: E402
+
+
+def graph_grads(method, reps, opt=None):
+    out = []
+    for _ in range(reps):
+        th = TH3.clone().requires_grad_()
+        if opt is not None:
+            opt.zero_grad()
+        z = method(Bernoulli(logits=th))
+        storch.add_cost(f3(z), "c")
+        storch.backward()
+        if opt is not None:
+            opt.step()
+        out.append(th.grad.detach().clone())
+    return torch.stack(out).double()
+
+
+@pytest.mark.parametrize("kind", ["RELAX", "REBAR"])
+def test_methods_unbiased(kind):
+    torch.manual_seed(30)
+    m = storch.method.RELAX("z", in_dim=3) if kind == "RELAX" else storch.method.REBAR("z")
+    g = graph_grads(m, 1500)
+    z = (g.mean(0) - exact_grad(TH3)).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z
+
+
+def test_method_trains_its_control_variate_below_reinforce():
+    torch.manual_seed(0)
+    m = storch.method.RELAX("z", in_dim=3)
+    graph_grads(m, 300, torch.optim.Adam(m.parameters(), lr=1e-2))
+    g_relax = graph_grads(m, 1500)
+    g_sf = graph_grads(storch.method.ScoreFunction("z"), 1500)
+    var = []
+    for g in (g_relax, g_sf):
+        d = (g - g.mean(0)) ** 2
+        var.append((d.mean(0), d.std(0) / math.sqrt(g.shape[0])))
+    (v_r, s_r), (v_s, s_s) = var
+    assert (v_r < v_s - 3 * torch.sqrt(s_r ** 2 + s_s ** 2)).all(), (v_r, v_s)
+    z = (g_relax.mean(0) - exact_grad(TH3)).abs() / (g_relax.std(0) / math.sqrt(g_relax.shape[0]))
+    assert (z < 4.5).all(), z  # still unbiased after training
+
+
+def test_storchastic_conventions():
+    p = torch.full((4, 3), 0.3, requires_grad=True)
+    x = storch.denote_independent(p, 0, "data")
+    m = storch.method.REBAR("z", n_samples=2)
+    z = m(Bernoulli(probs=x))
+    assert z.shape == (6, 4, 3) and z.n == 6
+    torch.testing.assert_close(z.plate.weight._tensor.flatten(), torch.tensor([0.5, 0.5, 0, 0, 0, 0]))
+    assert set(z._tensor[:2].unique().tolist()) <= {0.0, 1.0}  # hard third; the rest is relaxed
+    assert m.eta.item() == 1.0 and abs(m.temperature.item() - 0.5) < 1e-6
+    storch.add_cost(((z - 0.4) ** 2).sum(-1), "c")
+    storch.backward()
+    assert z.param_grads["probs"].shape == (4, 3)
+    assert m.eta.grad is not None and m.log_temperature.grad is not None  # trained on the variance
+    r = storch.method.RELAX("w", in_dim=3)
+    assert r(Bernoulli(probs=x)).shape == (1, 4, 3)
+    storch.reset()
+
+
+def test_method_bad_input():
+    with pytest.raises(TypeError, match="c_phi must be a torch.nn.Module"):
+        storch.method.RELAX("z", c_phi=lambda z: z)
+    with pytest.raises(ValueError, match="needs a control variate"):
+        storch.method.RELAX("z")
+    with pytest.raises(ValueError, match="in_dim"):
+        storch.method.RELAX("z", in_dim=0)
+    with pytest.raises(ValueError, match="Bernoulli"):
+        storch.method.REBAR("z")(OneHotCategorical(logits=torch.zeros(2, 3)))

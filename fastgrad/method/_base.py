@@ -154,16 +154,18 @@ class Draw:
     state: Any = None
 
 
-def aligned_cost(sample: StochasticTensor, cost) -> Tuple[Tensor, torch.Tensor]:
+def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[Tensor, torch.Tensor]:
     """The cost as the sample sees it: ``cost`` reduced over the plates the sample does not have, then aligned and
-    expanded to the sample's plates: ``(reduced cost Tensor, detached [n, plates...] tensor)``. The one place
-    that does this bookkeeping; an estimator's ``_surrogate`` writes only its per-sample term."""
+    expanded to the sample's plates: ``(reduced cost Tensor, [n, plates...] tensor)``, detached unless asked
+    (REBAR differentiates the cost of its relaxed samples). The one place that does this bookkeeping; an
+    estimator's ``_surrogate`` writes only its per-sample term."""
     from .._graph import reduce_plates
 
     others = [p for p in cost.plates if not any(p is q for q in sample.plates)]
-    c = reduce_plates(cost, others) if others else cost
+    c = reduce_plates(cost, others, detach_weights=detach) if others else cost
     npl = len(sample.plates)
-    w = align(c, sample.plates, 0).detach().expand(sample._tensor.shape[:npl])
+    w = align(c, sample.plates, 0)
+    w = (w.detach() if detach else w).expand(sample._tensor.shape[:npl])
     return c, w
 
 
@@ -180,6 +182,7 @@ class Method(torch.nn.Module):
     """A gradient estimator: ``method(distribution)`` samples and returns a :class:`StochasticTensor`."""
 
     uses_score = False  # whether backward adds a score-function term for costs depending on the sample
+    create_graph = False  # whether backward() must build the gradient's own graph (variance-trained methods)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # a constructor or call that raises leaves no state behind (the one rule, see fastgrad._state)
@@ -232,6 +235,11 @@ class Method(torch.nn.Module):
         """For methods with ``uses_score``: the term ``backward()`` adds for a cost that depends on ``sample``
         (value zero; its gradient is the estimator's). Use :func:`aligned_cost` and :func:`reduce_term`."""
         raise NotImplementedError
+
+    def _after_backward(self, samples: List[StochasticTensor]) -> None:
+        """Called once after each ``backward()`` in which this method sampled, with its samples of the step (their
+        ``param_grads`` filled; with :attr:`create_graph`, differentiable). Default: :meth:`_update_parameters`."""
+        self._update_parameters()
 
     def _update_parameters(self) -> None:
         """Called once after each backward in which this method sampled."""

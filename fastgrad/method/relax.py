@@ -1,0 +1,148 @@
+"""RELAX and REBAR for Bernoulli latents, with their control variates trained to minimise the estimator's variance
+(Grathwohl et al. 2018; Tucker et al. 2017). The math is :func:`fastgrad.functional.relax_bernoulli_sample`,
+:func:`fastgrad.functional.conditional_gumbel_bernoulli` and the surrogate of
+:func:`fastgrad.functional.relax_surrogate`, here with the control built from the user's own cost (REBAR) and/or a
+network ``c_phi``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional
+
+import torch
+import torch.nn.functional as TF
+from torch import distributions as D
+
+from .. import functional as F
+from ._base import Draw, Method, Params, aligned_cost, reduce_term
+
+
+class RELAX(Method):
+    """RELAX (Grathwohl et al., ICLR 2018, "Backpropagation through the Void"): unbiased;
+    ``g = [f(b) - c(z~)] d log p(b) + d c(z) - d c(z~)`` with ``z`` the Logistic relaxation, ``b = H(z)`` and
+    ``z~ ~ p(z | b)``. Bernoulli distributions (Categorical: not yet).
+
+    The control ``c`` is ``c_phi(sigmoid(z))`` (a ``torch.nn.Module`` mapping relaxed samples ``[..., D]`` to one
+    value per sample; with ``in_dim`` and no ``c_phi``, Storchastic's default MLP ``Linear(in_dim, 50)-ReLU-
+    Linear(50, 1)``), plus with ``rebar=True`` REBAR's ``eta * f(sigmoid(z / temperature))``. For that the plate
+    holds ``3 * n_samples`` entries, as Storchastic's: the hard samples ``b``, then ``sigmoid(z / temperature)``
+    and ``sigmoid(z~ / temperature)``, weighted ``1/n``, ``0``, ``0``, so the user's cost is also evaluated on
+    relaxed inputs (it must accept them); otherwise the plate has ``n_samples`` entries. Cost evaluations per
+    sample: 1 of ``f`` (3 with ``rebar``) and 2 of ``c_phi``.
+
+    Training: after each ``backward()`` (which builds the gradient's graph for this: ``create_graph``), the
+    ``.grad`` of ``c_phi``'s parameters, ``eta`` (``train_eta``) and the log temperature is set to the gradient
+    of ``sum(param_grads ** 2)`` (the estimator's second moment): put ``method.parameters()`` in the optimizer,
+    as with Storchastic. (The REINFORCE factor's own dependence on the temperature is not trained: the cost's relaxed
+    entries are evaluated once, by the user.)
+    """
+
+    uses_score = True
+    create_graph = True
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
+                 c_phi: Optional[torch.nn.Module] = None, in_dim: Optional[int] = None, rebar: bool = False,
+                 train_eta: bool = True):
+        super().__init__(plate_name, n_samples)
+        if sampling_method is not None:
+            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
+            raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
+        if c_phi is None and in_dim is not None:
+            if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+                raise ValueError(f"in_dim must be a positive int, got {in_dim!r}")
+            c_phi = torch.nn.Sequential(torch.nn.Linear(in_dim, 50), torch.nn.ReLU(), torch.nn.Linear(50, 1))
+        if c_phi is None and not rebar:
+            raise ValueError("RELAX needs a control variate: pass c_phi (a torch.nn.Module), in_dim (for the default "
+                             "network) or rebar=True")
+        self.c_phi = c_phi
+        self.rebar = bool(rebar)
+        self.eta = torch.nn.Parameter(torch.tensor(1.0), requires_grad=bool(train_eta))
+        self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(0.5)))
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def _sample(self, params: Params) -> Draw:
+        if not isinstance(params.distr, D.Bernoulli):
+            raise ValueError(f"{type(self).__name__} needs a Bernoulli distribution here (Categorical: not yet), "
+                             f"got {type(params.distr).__name__}")
+        logits = params.bernoulli_logits()
+        n = self.n_samples
+        b, z, zt = F.relax_bernoulli_sample(logits, n)
+        if not self.rebar:
+            return Draw(b, n, state=(z, zt))
+        tau = self.temperature.to(z.dtype)
+        value = torch.cat([b.to(z.dtype), torch.sigmoid(z / tau), torch.sigmoid(zt / tau)], 0).to(logits.dtype)
+        npl = len(params.plates)
+        third = torch.full((n,) + (1,) * npl, 1.0 / n, dtype=value.dtype, device=value.device)
+        weight = torch.cat([third, torch.zeros_like(third), torch.zeros_like(third)], 0)
+        return Draw(value, 3 * n, weight, state=(z, zt))
+
+    def _control(self, z: torch.Tensor, npl: int) -> torch.Tensor:
+        """c_phi on the relaxed sample, summed to one value per element of the sample's plates."""
+        out = self.c_phi(torch.sigmoid(z))
+        if out.dim() > npl:
+            out = out.sum(tuple(range(npl, out.dim())))
+        return out
+
+    def _surrogate(self, sample, cost) -> torch.Tensor:
+        params, (z, zt) = sample._info
+        n = self.n_samples
+        npl = len(sample.plates)
+        logits = params.bernoulli_logits()
+        _, w = aligned_cost(sample, cost, detach=not self.rebar)  # [n or 3n, plates...]
+        f_b = w[:n].detach()
+        b = sample._tensor[:n]
+        c_z = c_zt = c_zt_const = torch.zeros_like(f_b)
+        if self.rebar:
+            f_z, f_zt = w[n:2 * n], w[2 * n:]
+            c_z, c_zt, c_zt_const = self.eta * f_z, self.eta * f_zt, self.eta * f_zt.detach()
+        if self.c_phi is not None:
+            c_z = c_z + self._control(z, npl)
+            c_zt = c_zt + self._control(zt, npl)
+            c_zt_const = c_zt_const + self._control(zt.detach(), npl)
+        t = logits.to(z.dtype)
+        bb = b.to(z.dtype)
+        logp = -(bb * TF.softplus(-t) + (1 - bb) * TF.softplus(t))
+        if logp.dim() > npl:
+            logp = logp.sum(tuple(range(npl, logp.dim())))
+        term = (f_b.to(z.dtype) - c_zt_const) * logp + c_z - c_zt  # [n, plates...]
+        if self.rebar:
+            term = torch.cat([term, torch.zeros_like(term), torch.zeros_like(term)], 0)
+        return reduce_term(sample, term)
+
+    def _after_backward(self, samples: List) -> None:
+        control = [p for p in self.parameters() if p.requires_grad]
+        if not control:
+            return
+        loss = None
+        for s in samples:
+            for g in s.param_grads.values():
+                if g._tensor.requires_grad:
+                    v = (g._tensor ** 2).sum()
+                    loss = v if loss is None else loss + v
+        if loss is None:
+            return
+        grads = torch.autograd.grad(loss, control, allow_unused=True)
+        with torch.no_grad():
+            # replace, not add: the step's own backward() also reached these parameters through the surrogate,
+            # a gradient they must not follow (Storchastic clears it the same way)
+            for p, g in zip(control, grads):
+                p.grad = None if g is None else g.detach()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rebar={self.rebar}"
+
+
+class REBAR(RELAX):
+    """REBAR (Tucker et al., NeurIPS 2017): RELAX with the control ``eta * f(sigmoid(z / temperature))`` (plus an
+    optional ``c_phi``); the plate holds ``3 * n_samples`` entries (see :class:`RELAX`). Unbiased; Bernoulli here.
+    (Storchastic's REBAR is biased on Bernoulli: its conditional sampler never agrees with b = 1.)"""
+
+    def __init__(self, plate_name: str, c_phi: Optional[torch.nn.Module] = None, n_samples: int = 1):
+        super().__init__(plate_name, n_samples=n_samples, c_phi=c_phi, rebar=True)
+
+
+__all__ = ["RELAX", "REBAR"]
