@@ -29,8 +29,8 @@ import fastgrad as storch
 
 from .mnist import batches, load_mnist
 
-METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm")
-BINARY_METHODS = ("arm", "disarm")  # Bernoulli latents only
+METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm", "relax", "rebar")
+BINARY_METHODS = ("arm", "disarm", "relax", "rebar")  # Bernoulli latents only
 BASELINES = ("none", "batch_average", "moving_average")
 
 
@@ -106,7 +106,8 @@ def generative_story(method: storch.method.Method, model: DiscreteVAE, data: tor
     return z
 
 
-def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None) -> storch.method.Method:
+def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
+                latent_dim: int = 200) -> storch.method.Method:
     if name == "score-function":
         return storch.method.ScoreFunction("z", n_samples=n_samples, baseline_factory=baseline)
     if name == "gumbel-softmax":
@@ -119,6 +120,10 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None) -
         return storch.method.ARM("z", n_samples=n_samples)
     if name == "disarm":
         return storch.method.DisARM("z", n_samples=n_samples)
+    if name == "relax":  # Storchastic's default control network on the relaxed latents
+        return storch.method.RELAX("z", n_samples=n_samples, in_dim=latent_dim)
+    if name == "rebar":
+        return storch.method.REBAR("z", n_samples=n_samples)
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
 
 
@@ -297,9 +302,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         images, _ = load_mnist("train", args.data_dir)
     except FileNotFoundError as e:
         raise SystemExit(f"discrete_vae: {e}") from None
-    method = make_method(args.method, args.n_samples, args.baseline)
+    method = make_method(args.method, args.n_samples, args.baseline, args.latent_dim)
     model = BernoulliVAE(args.latent_dim) if args.latents == "bernoulli" else DiscreteVAE()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # the estimator's own parameters (RELAX/REBAR's control variate, trained on the gradient's variance) too
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(method.parameters()), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
