@@ -45,6 +45,7 @@ __all__ = [
     "arm_surrogate",
     "disarm_surrogate",
     "conditional_gumbel_bernoulli",
+    "conditional_gumbel_categorical",
     "relax_bernoulli_sample",
     "relax_surrogate",
 ]
@@ -522,3 +523,31 @@ def relax_surrogate(logits: torch.Tensor, b: torch.Tensor, z: torch.Tensor, z_ti
                              f"{tuple(getattr(c, 'shape', ()))}")
     logp = logp.sum(tuple(range(cost.dim(), logp.dim()))) if logp.dim() > cost.dim() else logp
     return (cost.to(acc) - c_zt_const) * logp + c_z - c_zt
+
+
+def conditional_gumbel_categorical(logits: torch.Tensor, b: torch.Tensor, *,
+                                   generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                                   offset: Optional[int] = None) -> torch.Tensor:
+    """Gumbel-perturbed log-probabilities given their argmax: ``z~ ~ p(z | argmax z = b)`` for
+    ``z = log_softmax(logits) + Gumbel``, reparameterized (differentiable w.r.t. ``logits``). Tucker et al. 2017
+    (REBAR), appendix: with ``v ~ U(0, 1)^K`` and ``p = softmax(logits)``, ``z~_b = -log(-log v_b)`` and
+    ``z~_k = -log(-log(v_k) / p_k - log v_b)`` for ``k != b``, so ``argmax z~ = b`` always. For RELAX/REBAR on
+    categoricals and Gumbel-Rao.
+
+    ``logits`` ``[..., K]``, ``b`` int64 ``[n, ...]`` -> ``z~`` ``[n, ..., K]`` in the accumulation dtype."""
+    logits = _check_logits(logits, values=True)
+    if not isinstance(b, torch.Tensor) or b.dtype != torch.int64 or b.dim() < 1 \
+            or tuple(b.shape[1:]) != tuple(logits.shape[:-1]):
+        raise ValueError(f"b must be an int64 tensor of shape [n, {', '.join(map(str, logits.shape[:-1]))}], got "
+                         f"{getattr(b, 'dtype', None)} {tuple(getattr(b, 'shape', ()))}")
+    K = logits.shape[-1]
+    if b.numel() and (int(b.min()) < 0 or int(b.max()) >= K):
+        raise ValueError(f"b must lie in [0, {K})")
+    acc = _checks.acc_dtype(logits.dtype)
+    v = uniform(tuple(b.shape) + (K,), generator=generator, seed=seed, offset=offset, device=logits.device).to(acc)
+    logp = torch.log_softmax(logits.to(acc), -1).expand(v.shape)
+    log_vb = torch.log(v.gather(-1, b.unsqueeze(-1)))  # [n, ..., 1]
+    # -log(v_k) / p_k = -log(v_k) * exp(-log p_k): a masked category (p_k = 0) goes to -inf, never the argmax
+    others = -torch.log(-torch.log(v) * torch.exp(-logp) - log_vb)
+    top = -torch.log(-log_vb)
+    return others.scatter(-1, b.unsqueeze(-1), top)

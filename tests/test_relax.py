@@ -193,3 +193,28 @@ def test_method_bad_input():
         storch.method.RELAX("z", in_dim=0)
     with pytest.raises(ValueError, match="Bernoulli"):
         storch.method.REBAR("z")(OneHotCategorical(logits=torch.zeros(2, 3)))
+
+
+def test_conditional_gumbel_categorical_law():
+    logits = torch.tensor([[0.5, -1.0, 1.5, 0.0]], dtype=torch.float64)
+    n = 20000
+    b = torch.full((n, 1), 2, dtype=torch.int64)
+    zt = F.conditional_gumbel_categorical(logits, b, seed=3)
+    assert torch.equal(zt.argmax(-1), b)
+    for k in (0, 1):  # the other argmax values too
+        bk = torch.full((n, 1), k, dtype=torch.int64)
+        assert torch.equal(F.conditional_gumbel_categorical(logits, bk, seed=4).argmax(-1), bk)
+    # against rejection sampling: z = log p + Gumbel, kept where argmax = 2 (independent draws)
+    u = F.uniform((4 * n, 1, 4), seed=5).double()
+    z = torch.log_softmax(logits, -1) - torch.log(-torch.log(u))
+    kept = z[z.argmax(-1)[:, 0] == 2]
+    for stat in (lambda x: torch.softmax(x / 0.5, -1), lambda x: x.clamp(-20, 20)):
+        a, c = stat(zt).reshape(-1, 4), stat(kept).reshape(-1, 4)
+        se = torch.sqrt(a.var(0) / a.shape[0] + c.var(0) / c.shape[0])
+        assert ((a.mean(0) - c.mean(0)).abs() < 4.5 * se).all(), (a.mean(0), c.mean(0))
+    # differentiable w.r.t. the logits; bad input
+    l = logits.clone().requires_grad_()
+    F.conditional_gumbel_categorical(l, b[:5], seed=1).sum().backward()
+    assert l.grad is not None and torch.isfinite(l.grad).all()
+    with pytest.raises(ValueError, match=r"b must lie in \[0, 4\)"):
+        F.conditional_gumbel_categorical(logits, torch.full((2, 1), 4, dtype=torch.int64))
