@@ -36,7 +36,7 @@ def denote_independent(tensor: Union[torch.Tensor, Tensor], dim: int, plate_name
     d = dim + nd if dim < 0 else dim
     if not len(plates) <= d < nd:
         raise ValueError(f"dim must index an event dimension of the tensor (shape {tuple(raw.shape)}, "
-                               f"{len(plates)} plate dims), got {dim}")
+                         f"{len(plates)} plate dims), got {dim}")
     if any(p.name == plate_name for p in plates):
         raise ValueError(f"plate_name {plate_name!r} is already a plate of this tensor")
     if d != 0:
@@ -49,7 +49,7 @@ def add_cost(cost: Union[torch.Tensor, Tensor], name: str) -> CostTensor:
     """Register ``cost`` (one value per element of its plates; event shape ``()`` or ``(1,)``)."""
     if not isinstance(name, str) or not name:
         raise ValueError("No name provided to register cost node. Make sure to register an unique name "
-                               "with the cost (name must be a non-empty str).")
+                         "with the cost (name must be a non-empty str).")
     if isinstance(cost, Tensor):
         raw, plates = cost._tensor, cost.plates
     elif isinstance(cost, torch.Tensor):

@@ -36,7 +36,7 @@ class Params:
     def __init__(self, distr: D.Distribution):
         if not isinstance(distr, D.Distribution):
             raise TypeError(f"a method must be called on a torch.distributions.Distribution, got "
-                                  f"{type(distr).__name__}")
+                            f"{type(distr).__name__}")
         # Independent(base, n): the same samples and parameters as base; every method sums the log-probabilities
         # over all non-plate dimensions anyway, so only raw_distribution rebuilds the wrapper
         self.reinterpreted = 0

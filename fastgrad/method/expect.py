@@ -38,7 +38,7 @@ class Expect(Method):
             K = 2
         else:
             raise ValueError(f"Expect can enumerate OneHotCategorical, Categorical and Bernoulli "
-                                   f"distributions, got {type(d).__name__}")
+                             f"distributions, got {type(d).__name__}")
         k = math.prod(extra)
         pshape = logits.shape[:npl]
         B = math.prod(pshape)

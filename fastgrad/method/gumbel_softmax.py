@@ -48,7 +48,7 @@ class GumbelSoftmax(Method):
             y = F.gumbel_softmax(two, tau, n, hard)[..., 1]
             return Draw(y, n)
         raise ValueError(f"GumbelSoftmax needs a OneHotCategorical or Bernoulli distribution, got "
-                               f"{type(d).__name__}")
+                         f"{type(d).__name__}")
 
     def _update_parameters(self) -> None:
         with torch.no_grad():

@@ -57,5 +57,5 @@ class Infer(Method):
     def forward(self, distr: D.Distribution):
         if not isinstance(distr, D.Distribution):
             raise TypeError(f"a method must be called on a torch.distributions.Distribution, got "
-                                  f"{type(distr).__name__}")
+                            f"{type(distr).__name__}")
         return self._pick(distr)(distr)
