@@ -130,35 +130,30 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
 def evaluate(method, model, data, optimizer, n_grads: int = 100) -> Dict[str, float]:
     """The tutorial's evaluation: ELBO, gradient variance and bias against the exact (Expect) gradient. With
     Bernoulli latents there is no exact gradient (2**200 configurations): the bias is not computed."""
-    if isinstance(model, BernoulliVAE):
-        gradients = []
-        for _ in range(n_grads):
-            optimizer.zero_grad()
-            z = bernoulli_story(method, model, data)
-            elbo = storch.backward()
-            gradients.append(z.param_grads["logits"])
+    bernoulli = isinstance(model, BernoulliVAE)
+    story, key = (bernoulli_story, "logits") if bernoulli else (generative_story, "probs")
+    expected_gradient = None
+    if not bernoulli:
         optimizer.zero_grad()
-        gradients = storch.gather_samples(gradients, "gradients")
-        return {"elbo": elbo.item(), "grad_variance": storch.variance(gradients, "gradients")._tensor.item(),
-                "grad_bias": None}
-    optimizer.zero_grad()
-    z = generative_story(storch.method.Expect("z"), model, data)
-    storch.backward()
-    expected_gradient = z.param_grads["probs"]
+        z = generative_story(storch.method.Expect("z"), model, data)
+        storch.backward()
+        expected_gradient = z.param_grads["probs"]
     gradients = []
     for _ in range(n_grads):
         optimizer.zero_grad()
-        z = generative_story(method, model, data)
+        z = story(method, model, data)
         elbo = storch.backward()
-        gradients.append(z.param_grads["probs"])
+        gradients.append(z.param_grads[key])
     optimizer.zero_grad()
     gradients = storch.gather_samples(gradients, "gradients")
-    mean_gradient = storch.reduce_plates(gradients, "gradients")
-    bias_gradient = storch.reduce_plates((mean_gradient - expected_gradient) ** 2).sum()
+    bias = None
+    if expected_gradient is not None:
+        mean_gradient = storch.reduce_plates(gradients, "gradients")
+        bias = storch.reduce_plates((mean_gradient - expected_gradient) ** 2).sum()._tensor.item()
     return {
         "elbo": elbo.item(),
         "grad_variance": storch.variance(gradients, "gradients")._tensor.item(),
-        "grad_bias": bias_gradient._tensor.item(),
+        "grad_bias": bias,
     }
 
 
