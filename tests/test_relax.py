@@ -218,3 +218,48 @@ def test_conditional_gumbel_categorical_law():
     assert l.grad is not None and torch.isfinite(l.grad).all()
     with pytest.raises(ValueError, match=r"b must lie in \[0, 4\)"):
         F.conditional_gumbel_categorical(logits, torch.full((2, 1), 4, dtype=torch.int64))
+
+
+def test_lax_unbiased_and_trained_below_reinforce():
+    from torch.distributions import Normal
+
+    mu0, sigma = torch.tensor([0.5, -1.0]), torch.tensor([1.0, 0.7])
+
+    def run(m, reps, opt=None):
+        out = []
+        for _ in range(reps):
+            mu = mu0.clone().requires_grad_()
+            if opt is not None:
+                opt.zero_grad()
+            z = m(Normal(mu, sigma))
+            assert not z._tensor.requires_grad  # the cost is a black box: no pathwise gradient through it
+            storch.add_cost(((z - 3.0) ** 2).sum(-1), "c")
+            storch.backward()
+            if opt is not None:
+                opt.step()
+            out.append(mu.grad.detach().clone())
+        return torch.stack(out).double()
+
+    exact = 2 * (mu0.double() - 3.0)  # d/dmu E[(b - 3)^2]
+    torch.manual_seed(1)
+    m = storch.method.LAX("z", in_dim=2)
+    for g in (run(m, 1000), None):
+        if g is None:  # after training the control variate
+            run(m, 300, torch.optim.Adam(m.parameters(), lr=1e-2))
+            g = run(m, 1000)
+        z = (g.mean(0) - exact).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+        assert (z < 4.5).all(), z
+    g_sf = run(storch.method.ScoreFunction("z"), 1000)
+    v = [((x - x.mean(0)) ** 2) for x in (g, g_sf)]
+    means = [d.mean(0) for d in v]
+    ses = [d.std(0) / math.sqrt(d.shape[0]) for d in v]
+    assert (means[0] < means[1] - 3 * torch.sqrt(ses[0] ** 2 + ses[1] ** 2)).all(), means
+
+
+def test_lax_bad_input():
+    with pytest.raises(ValueError, match="LAX needs c_phi"):
+        storch.method.LAX("z")
+    with pytest.raises(TypeError, match="c_phi must be a torch.nn.Module"):
+        storch.method.LAX("z", c_phi=3)
+    with pytest.raises(ValueError, match="reparameterizable"):
+        storch.method.LAX("z", in_dim=3)(Bernoulli(probs=torch.full((3,), 0.5)))

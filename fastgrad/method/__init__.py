@@ -3,9 +3,9 @@ from ._base import Draw, Method
 from .arm import ARM, DisARM
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
-from .relax import REBAR, RELAX
+from .relax import LAX, REBAR, RELAX
 from .reparameterization import Infer, Reparameterization
 from .score_function import ScoreFunction
 
 __all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
-           "DisARM", "RELAX", "REBAR"]
+           "DisARM", "RELAX", "REBAR", "LAX"]

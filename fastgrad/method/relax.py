@@ -145,4 +145,53 @@ class REBAR(RELAX):
         super().__init__(plate_name, n_samples=n_samples, c_phi=c_phi, rebar=True)
 
 
-__all__ = ["RELAX", "REBAR"]
+class LAX(Method):
+    """LAX (Grathwohl et al., ICLR 2018): for reparameterizable (continuous) distributions and a cost treated as a
+    black box: ``g = [f(b) - c_phi(b)] d log p(b) + d c_phi(b)``, with ``b = rsample()``. Unbiased; 1 evaluation of
+    ``f`` and 1 of ``c_phi`` per sample. The user's cost sees ``b`` detached (no pathwise gradient through ``f``,
+    which may be non-differentiable); ``c_phi`` (a ``torch.nn.Module`` on samples ``[..., D]``, or Storchastic's
+    default MLP for ``in_dim``) is trained on the estimate's second moment after each ``backward()``, as
+    :class:`RELAX`'s. (Storchastic's LAX raises NameError.)"""
+
+    uses_score = True
+    create_graph = True
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
+                 c_phi: Optional[torch.nn.Module] = None, in_dim: Optional[int] = None):
+        super().__init__(plate_name, n_samples)
+        if sampling_method is not None:
+            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
+            raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
+        if c_phi is None:
+            if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+                raise ValueError(f"LAX needs c_phi (a torch.nn.Module) or in_dim (a positive int), got {in_dim!r}")
+            c_phi = torch.nn.Sequential(torch.nn.Linear(in_dim, 50), torch.nn.ReLU(), torch.nn.Linear(50, 1))
+        self.c_phi = c_phi
+
+    def _sample(self, params: Params) -> Draw:
+        d = params.raw_distribution()
+        if not d.has_rsample:
+            raise ValueError(f"LAX needs a reparameterizable distribution (rsample), got {type(d).__name__}")
+        b = d.rsample((self.n_samples,))
+        return Draw(b.detach(), self.n_samples, state=b)
+
+    def _surrogate(self, sample, cost) -> torch.Tensor:
+        params, b = sample._info
+        npl = len(sample.plates)
+        _, w = aligned_cost(sample, cost)
+        lp = params.raw_distribution().log_prob(b.detach())
+        if lp.dim() > npl:
+            lp = lp.sum(tuple(range(npl, lp.dim())))
+
+        def c(x):
+            out = self.c_phi(x)
+            return out.sum(tuple(range(npl, out.dim()))) if out.dim() > npl else out
+
+        term = (w.to(lp.dtype) - c(b.detach())) * lp + c(b)
+        return reduce_term(sample, term)
+
+    _after_backward = RELAX._after_backward
+
+
+__all__ = ["RELAX", "REBAR", "LAX"]
