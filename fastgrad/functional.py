@@ -44,6 +44,8 @@ __all__ = [
     "arm_sample",
     "arm_surrogate",
     "disarm_surrogate",
+    "arms_sample",
+    "arms_surrogate",
     "conditional_gumbel_bernoulli",
     "conditional_gumbel_categorical",
     "relax_bernoulli_sample",
@@ -589,3 +591,60 @@ def vimco_surrogate(log_q: torch.Tensor, log_w: torch.Tensor, dim: int = 0) -> t
     signal = (bound.detach().unsqueeze(-1) - loo).movedim(-1, dim)
     score = (signal * log_q).sum(dim)
     return bound + score - score.detach()
+
+
+# -- ARMS ---------------------------------------------------------------------------------------------------------
+def arms_sample(logits: torch.Tensor, n: int = 2, *, generator: Optional[torch.Generator] = None,
+                seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
+    """``n >= 2`` mutually antithetic ``Bernoulli(sigmoid(logits))`` samples (Dimitriev & Zhou 2021, "ARMS:
+    Antithetic-REINFORCE-Multi-Sample Gradient for Binary Variables"): per latent, ``d ~ Dirichlet(1, ..., 1)``
+    over the n samples (normalized exponentials of the Philox stream), ``u_k = (1 - d_k)**(n - 1)`` (each
+    uniform, jointly negatively dependent), ``b_k = 1[u_k < p]`` for ``p = sigmoid(logits) <= 1/2`` and
+    ``1[u_k > 1 - p]`` above. At n = 2 these are DisARM's pairs. Returns ``b`` ``[n, ...]`` in the logits' dtype."""
+    logits = _check_bernoulli_logits(logits)
+    n = _check_n(n)
+    if n < 2:
+        raise ValueError(f"ARMS needs n >= 2 mutually antithetic samples, got {n}")
+    acc = _checks.acc_dtype(logits.dtype)
+    v = uniform((n,) + tuple(logits.shape), generator=generator, seed=seed, offset=offset,
+                device=logits.device).to(acc)
+    e = -torch.log(v)
+    d = e / e.sum(0, keepdim=True)
+    u = (1 - d) ** (n - 1)
+    p = torch.sigmoid(logits.detach().to(acc))
+    b = torch.where(p <= 0.5, u < p, u > 1 - p)
+    return b.to(logits.dtype)
+
+
+def _arms_correlation(p: torch.Tensor, n: int) -> torch.Tensor:
+    """Pairwise correlation of two of the n samples under the Dirichlet copula: with ``q = min(p, 1 - p)``,
+    ``P(b_i = b_j = 1) = max(2 q**(1/(n-1)) - 1, 0)**(n-1)`` and ``rho = (P11 - q**2) / (q (1 - q))``."""
+    q = torch.minimum(p, 1 - p).clamp_min(torch.finfo(p.dtype).tiny ** 0.5)
+    p11 = (2 * q ** (1.0 / (n - 1)) - 1).clamp_min(0) ** (n - 1)
+    return (p11 - q * q) / (q * (1 - q))
+
+
+def arms_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """ARMS: the per-sample surrogate whose gradient w.r.t. ``logits`` is, per latent,
+    ``(f(b_k) - mean_{j != k} f(b_j)) (b_k - p) / (1 - rho)`` with ``rho`` the samples' pairwise correlation
+    (:func:`arms_sample`); average over the samples (``.mean(0)``). Unbiased (the leave-one-out baseline of
+    correlated samples is corrected by ``1 / (1 - rho)``); n cost evaluations; Bernoulli latents only; DisARM
+    at n = 2.
+
+    Args: ``logits`` ``[...]``, ``b`` ``[n, ...]`` from :func:`arms_sample`, ``cost`` ``[n, *batch]`` (broadcast
+    over the trailing latent dims). Returns ``[n, ...]``."""
+    logits = _check_bernoulli_logits(logits)
+    if not isinstance(b, torch.Tensor) or b.dim() < 1 or b.shape[0] < 2 or tuple(b.shape[1:]) != tuple(logits.shape):
+        raise ValueError(f"b must have shape [n >= 2, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    n = b.shape[0]
+    cost = _check_real(cost, "cost")
+    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > b.dim():
+        raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
+    acc = _checks.acc_dtype(logits.dtype)
+    f = cost.detach().to(acc).reshape(tuple(cost.shape) + (1,) * (b.dim() - cost.dim()))
+    loo = (f.sum(0, keepdim=True) - f) / (n - 1)
+    t = logits.to(acc)
+    p = torch.sigmoid(t.detach())
+    coef = (f - loo) * (b.to(acc) - p) / (1 - _arms_correlation(p, n))
+    return coef * t

@@ -227,3 +227,43 @@ def test_vimco_unbiased_for_the_iwae_bound():
         F.vimco_surrogate(torch.zeros(1), torch.zeros(1))
     with pytest.raises(ValueError, match="same shape"):
         F.vimco_surrogate(torch.zeros(3), torch.zeros(4))
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_arms_unbiased(n):
+    torch.manual_seed(40 + n)
+    g = grads(lambda: storch.method.ARMS("z", n_samples=n), f3, TH3, 1500)
+    exact = exact_grad(lambda b: f3(b.float()).double(), TH3)
+    z = (g.mean(0) - exact).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z
+
+
+def test_arms_is_disarm_at_two_samples_and_beats_loo_at_four():
+    theta = torch.tensor([0.7, -1.2, 0.0], requires_grad=True)
+    for seed in range(5):
+        b, _ = F.arm_sample(theta, 1, seed=seed)
+        cost = torch.randn(2, generator=torch.Generator().manual_seed(seed))
+        (g1,) = torch.autograd.grad(F.arms_surrogate(theta, b, cost).mean(0).sum(), theta)
+        (g2,) = torch.autograd.grad(F.disarm_surrogate(theta, b, cost).mean(0).sum(), theta)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    # the marginals of the copula samples are Bernoulli(p)
+    p = torch.sigmoid(torch.tensor([0.7, -1.2, 0.0, 2.5]))
+    b = F.arms_sample(torch.logit(p), 5, seed=2)
+    many = torch.stack([F.arms_sample(torch.logit(p), 5, seed=s) for s in range(2000)]).reshape(-1, 4)
+    se = torch.sqrt(p * (1 - p) / many.shape[0])
+    assert b.shape == (5, 4) and ((many.mean(0) - p).abs() < 4.5 * se).all()
+    torch.manual_seed(9)
+    v_arms, s_arms = _var_and_se(grads(lambda: storch.method.ARMS("z", n_samples=4), f3, TH3, 2500))
+    v_loo, s_loo = _var_and_se(grads(lambda: storch.method.ScoreFunction("z", n_samples=4,
+                                                                         baseline_factory="batch_average"),
+                                     f3, TH3, 2500))
+    assert (v_arms < v_loo - 3 * torch.sqrt(s_arms ** 2 + s_loo ** 2)).all(), (v_arms, v_loo)
+
+
+def test_arms_bad_input():
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        storch.method.ARMS("z", n_samples=1)
+    with pytest.raises(ValueError, match="Bernoulli"):
+        storch.method.ARMS("z")(OneHotCategorical(logits=torch.zeros(2, 3)))
+    with pytest.raises(ValueError, match="n >= 2"):
+        F.arms_sample(torch.zeros(3), 1)

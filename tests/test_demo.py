@@ -114,7 +114,7 @@ def test_plot_runs_overlays_two_runs(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("method", ["arm", "disarm", "relax", "rebar"])
+@pytest.mark.parametrize("method", ["arm", "disarm", "arms", "relax", "rebar"])
 def test_demo_binary_estimators_on_bernoulli_latents(tmp_path, method):
     s = discrete_vae.main(["--method", method, "--n-samples", "2", "--latent-dim", "50", "--max-steps", "60",
                            "--eval-every", "50", "--eval-samples", "3", "--test-size", "200", "--no-progress",
@@ -129,6 +129,7 @@ def test_demo_binary_estimators_on_bernoulli_latents(tmp_path, method):
     (["--method", "arm", "--latents", "categorical"], "needs --latents bernoulli"),
     (["--method", "expect", "--latents", "bernoulli"], "cannot enumerate"),
     (["--method", "disarm", "--latent-dim", "0"], "--latent-dim must be >= 1"),
+    (["--method", "arms"], "--method arms needs --n-samples >= 2"),
 ])
 def test_demo_latent_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:

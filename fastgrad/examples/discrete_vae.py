@@ -29,8 +29,9 @@ import fastgrad as storch
 
 from .mnist import batches, load_mnist
 
-METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm", "relax", "rebar")
-BINARY_METHODS = ("arm", "disarm", "relax", "rebar")  # Bernoulli latents only
+METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm", "arms", "relax",
+           "rebar")
+BINARY_METHODS = ("arm", "disarm", "arms", "relax", "rebar")  # Bernoulli latents only
 BASELINES = ("none", "batch_average", "moving_average")
 
 
@@ -120,6 +121,8 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
         return storch.method.ARM("z", n_samples=n_samples)
     if name == "disarm":
         return storch.method.DisARM("z", n_samples=n_samples)
+    if name == "arms":
+        return storch.method.ARMS("z", n_samples=n_samples)
     if name == "relax":  # Storchastic's default control network on the relaxed latents
         return storch.method.RELAX("z", n_samples=n_samples, in_dim=latent_dim)
     if name == "rebar":
@@ -279,6 +282,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  "categorical")
     if args.latent_dim < 1:
         ap.error("--latent-dim must be >= 1")
+    if args.method == "arms" and args.n_samples < 2:
+        ap.error("--method arms needs --n-samples >= 2 (mutually antithetic samples)")
     if args.baseline == "batch_average" and args.n_samples < 2:
         ap.error("--baseline batch_average needs --n-samples >= 2")
     if args.out_dir is None:

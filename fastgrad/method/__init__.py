@@ -1,6 +1,6 @@
 """Gradient estimation methods (Storchastic's ``storch.method``): call one on a torch distribution."""
 from ._base import Draw, Method
-from .arm import ARM, DisARM
+from .arm import ARM, ARMS, DisARM
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .relax import LAX, REBAR, RELAX
@@ -8,4 +8,4 @@ from .reparameterization import Infer, Reparameterization
 from .score_function import ScoreFunction
 
 __all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
-           "DisARM", "RELAX", "REBAR", "LAX"]
+           "DisARM", "ARMS", "RELAX", "REBAR", "LAX"]

@@ -1,4 +1,4 @@
-"""ARM and DisARM: antithetic pairs of Bernoulli samples. The math is :func:`fastgrad.functional.arm_surrogate` and
+"""ARM, DisARM and ARMS: antithetic Bernoulli samples. The math is :func:`fastgrad.functional.arm_surrogate` and
 :func:`fastgrad.functional.disarm_surrogate`."""
 from __future__ import annotations
 
@@ -62,4 +62,34 @@ class DisARM(ARM):
         return F.disarm_surrogate(logits, b, w)
 
 
-__all__ = ["ARM", "DisARM"]
+
+class ARMS(Method):
+    """ARMS (Dimitriev & Zhou, ICML 2021): ``n_samples >= 2`` mutually antithetic Bernoulli samples from a
+    Dirichlet copula and a correlation-corrected leave-one-out baseline; unbiased, n cost evaluations, Bernoulli
+    only; DisARM at n = 2. The plate has ``n_samples`` equally weighted entries (every sample is a real draw)."""
+
+    uses_score = True
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 2):
+        super().__init__(plate_name, n_samples)
+        if sampling_method is not None:
+            raise ValueError("sampling_method: only None (a Dirichlet copula over the samples) is supported")
+        if self.n_samples < 2:
+            raise ValueError(f"ARMS needs n_samples >= 2 (mutually antithetic samples), got {self.n_samples}")
+
+    def _sample(self, params: Params) -> Draw:
+        if not isinstance(params.distr, D.Bernoulli):
+            raise ValueError(f"ARMS needs a Bernoulli distribution, got {type(params.distr).__name__}")
+        return Draw(F.arms_sample(params.bernoulli_logits().detach(), self.n_samples), self.n_samples)
+
+    def _surrogate(self, sample, cost) -> torch.Tensor:
+        params, _ = sample._info
+        _, w = aligned_cost(sample, cost)  # [n, plates...]
+        npl = len(sample.plates)
+        term = F.arms_surrogate(params.bernoulli_logits(), sample._tensor, w)
+        if term.dim() > npl:
+            term = term.sum(tuple(range(npl, term.dim())))
+        return reduce_term(sample, term)
+
+
+__all__ = ["ARM", "DisARM", "ARMS"]
