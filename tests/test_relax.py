@@ -191,8 +191,10 @@ def test_method_bad_input():
         storch.method.RELAX("z")
     with pytest.raises(ValueError, match="in_dim"):
         storch.method.RELAX("z", in_dim=0)
-    with pytest.raises(ValueError, match="Bernoulli"):
-        storch.method.REBAR("z")(OneHotCategorical(logits=torch.zeros(2, 3)))
+    from torch.distributions import Normal
+
+    with pytest.raises(ValueError, match="needs a Bernoulli, OneHotCategorical or Categorical"):
+        storch.method.REBAR("z")(Normal(torch.zeros(3), 1.0))
 
 
 def test_conditional_gumbel_categorical_law():
@@ -263,3 +265,74 @@ def test_lax_bad_input():
         storch.method.LAX("z", c_phi=3)
     with pytest.raises(ValueError, match="reparameterizable"):
         storch.method.LAX("z", in_dim=3)(Bernoulli(probs=torch.full((3,), 0.5)))
+
+
+# -- categorical latents (Gumbel relaxation, the conditional Gumbel given the argmax) ----------------------------
+L0 = torch.tensor([[0.3, -0.5, 1.0, 0.0], [-1.0, 0.2, 0.4, 0.9]])
+TG = torch.linspace(-0.5, 1.0, 8)
+
+
+def f_cat(z):  # 2 categoricals x 4 classes, non-separable
+    return ((z.reshape(z.shape[:-2] + (8,)) - TG) ** 2).sum(-1) + 3 * z[..., 0, 0] * z[..., 1, 2]
+
+
+def exact_cat():
+    l = L0.clone().double().requires_grad_()
+    lp = torch.log_softmax(l, -1)
+    total = 0
+    for a, c in itertools.product(range(4), repeat=2):
+        oh = torch.nn.functional.one_hot(torch.tensor([a, c]), 4).double()
+        total = total + (lp[0, a] + lp[1, c]).exp() * f_cat(oh.float()).double()
+    return torch.autograd.grad(total, l)[0]
+
+
+def cat_grads(method, reps, opt=None):
+    out = []
+    for _ in range(reps):
+        l = L0.clone().requires_grad_()
+        if opt is not None:
+            opt.zero_grad()
+        z = method(OneHotCategorical(logits=l))
+        storch.add_cost(f_cat(z), "c")
+        storch.backward()
+        if opt is not None:
+            opt.step()
+        out.append(l.grad.detach().clone())
+    return torch.stack(out).double()
+
+
+@pytest.mark.parametrize("kind", ["RELAX", "REBAR"])
+def test_categorical_unbiased(kind):
+    torch.manual_seed(50)
+    m = storch.method.RELAX("z", in_dim=4) if kind == "RELAX" else storch.method.REBAR("z")
+    g = cat_grads(m, 1500)
+    z = (g.mean(0) - exact_cat()).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z
+
+
+def test_categorical_trained_below_reinforce():
+    torch.manual_seed(2)
+    m = storch.method.RELAX("z", in_dim=4)
+    cat_grads(m, 300, torch.optim.Adam(m.parameters(), lr=1e-2))
+    g = cat_grads(m, 1000)
+    g_sf = cat_grads(storch.method.ScoreFunction("z"), 1000)
+    v = [((x - x.mean(0)) ** 2) for x in (g, g_sf)]
+    means = [d.mean(0) for d in v]
+    ses = [d.std(0) / math.sqrt(d.shape[0]) for d in v]
+    assert (means[0] < means[1] - 3 * torch.sqrt(ses[0] ** 2 + ses[1] ** 2)).all()
+    z = (g.mean(0) - exact_cat()).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < 4.5).all(), z
+
+
+def test_categorical_conventions_and_errors():
+    from torch.distributions import Categorical
+
+    z = storch.method.REBAR("z", n_samples=2)(OneHotCategorical(logits=L0))
+    assert z.shape == (6, 2, 4) and set(z._tensor[:2].unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(z._tensor[2:].sum(-1), torch.ones(4, 2))  # relaxed points of the simplex
+    storch.reset()
+    idx = storch.method.RELAX("w", in_dim=4)(Categorical(logits=L0))
+    assert idx.shape == (1, 2) and idx.dtype == torch.int64
+    storch.reset()
+    with pytest.raises(ValueError, match="REBAR needs a OneHotCategorical"):
+        storch.method.REBAR("z")(Categorical(logits=L0))

@@ -20,7 +20,8 @@ from ._base import Draw, Method, Params, aligned_cost, reduce_term
 class RELAX(Method):
     """RELAX (Grathwohl et al., ICLR 2018, "Backpropagation through the Void"): unbiased;
     ``g = [f(b) - c(z~)] d log p(b) + d c(z) - d c(z~)`` with ``z`` the Logistic relaxation, ``b = H(z)`` and
-    ``z~ ~ p(z | b)``. Bernoulli distributions (Categorical: not yet).
+    ``z~ ~ p(z | b)``. Bernoulli (logistic relaxation) and OneHotCategorical / Categorical distributions (Gumbel
+    relaxation, ``z = log p + Gumbel``, ``b = argmax z``; REBAR needs OneHotCategorical).
 
     The control ``c`` is ``c_phi(sigmoid(z))`` (a ``torch.nn.Module`` mapping relaxed samples ``[..., D]`` to one
     value per sample; with ``in_dim`` and no ``c_phi``, Storchastic's default MLP ``Linear(in_dim, 50)-ReLU-
@@ -65,47 +66,67 @@ class RELAX(Method):
         return self.log_temperature.exp()
 
     def _sample(self, params: Params) -> Draw:
-        if not isinstance(params.distr, D.Bernoulli):
-            raise ValueError(f"{type(self).__name__} needs a Bernoulli distribution here (Categorical: not yet), "
-                             f"got {type(params.distr).__name__}")
-        logits = params.bernoulli_logits()
+        d = params.distr
         n = self.n_samples
-        b, z, zt = F.relax_bernoulli_sample(logits, n)
+        if isinstance(d, D.Bernoulli):
+            logits = params.bernoulli_logits()
+            b, z, zt = F.relax_bernoulli_sample(logits, n)
+            relax, hard, idx = torch.sigmoid, b.to(z.dtype), None
+        elif isinstance(d, (D.OneHotCategorical, D.Categorical)) and params.cat is not None:
+            if self.rebar and not isinstance(d, D.OneHotCategorical):
+                raise ValueError("REBAR needs a OneHotCategorical (its relaxed samples are points of the simplex), "
+                                 "got a Categorical")
+            logits = params.logits()
+            # z = log p + Gumbel (reparameterized), b = argmax z, z~ ~ p(z | b)
+            u = F.uniform((n,) + tuple(logits.shape), device=logits.device).to(logits.dtype)
+            z = torch.log_softmax(logits, -1) - torch.log(-torch.log(u))
+            idx = z.detach().argmax(-1)
+            zt = F.conditional_gumbel_categorical(logits, idx)
+            relax = lambda x: torch.softmax(x, -1)  # noqa: E731
+            hard = TF.one_hot(idx, logits.shape[-1]).to(z.dtype)
+            b = hard if isinstance(d, D.OneHotCategorical) else idx
+        else:
+            raise ValueError(f"{type(self).__name__} needs a Bernoulli, OneHotCategorical or Categorical "
+                             f"distribution, got {type(d).__name__}")
         if not self.rebar:
-            return Draw(b, n, state=(z, zt))
+            return Draw(b, n, state=(z, zt, idx))
         tau = self.temperature.to(z.dtype)
-        value = torch.cat([b.to(z.dtype), torch.sigmoid(z / tau), torch.sigmoid(zt / tau)], 0).to(logits.dtype)
+        value = torch.cat([hard, relax(z / tau), relax(zt / tau)], 0).to(logits.dtype)
         npl = len(params.plates)
         third = torch.full((n,) + (1,) * npl, 1.0 / n, dtype=value.dtype, device=value.device)
         weight = torch.cat([third, torch.zeros_like(third), torch.zeros_like(third)], 0)
-        return Draw(value, 3 * n, weight, state=(z, zt))
+        return Draw(value, 3 * n, weight, state=(z, zt, idx))
 
-    def _control(self, z: torch.Tensor, npl: int) -> torch.Tensor:
-        """c_phi on the relaxed sample, summed to one value per element of the sample's plates."""
-        out = self.c_phi(torch.sigmoid(z))
+    def _control(self, z: torch.Tensor, npl: int, categorical: bool) -> torch.Tensor:
+        """c_phi on the relaxed sample (sigmoid, or softmax over the categories), summed to one value per element
+        of the sample's plates."""
+        out = self.c_phi(torch.softmax(z, -1) if categorical else torch.sigmoid(z))
         if out.dim() > npl:
             out = out.sum(tuple(range(npl, out.dim())))
         return out
 
     def _surrogate(self, sample, cost) -> torch.Tensor:
-        params, (z, zt) = sample._info
+        params, (z, zt, idx) = sample._info
         n = self.n_samples
         npl = len(sample.plates)
-        logits = params.bernoulli_logits()
+        categorical = idx is not None
         _, w = aligned_cost(sample, cost, detach=not self.rebar)  # [n or 3n, plates...]
         f_b = w[:n].detach()
-        b = sample._tensor[:n]
         c_z = c_zt = c_zt_const = torch.zeros_like(f_b)
         if self.rebar:
             f_z, f_zt = w[n:2 * n], w[2 * n:]
             c_z, c_zt, c_zt_const = self.eta * f_z, self.eta * f_zt, self.eta * f_zt.detach()
         if self.c_phi is not None:
-            c_z = c_z + self._control(z, npl)
-            c_zt = c_zt + self._control(zt, npl)
-            c_zt_const = c_zt_const + self._control(zt.detach(), npl)
-        t = logits.to(z.dtype)
-        bb = b.to(z.dtype)
-        logp = -(bb * TF.softplus(-t) + (1 - bb) * TF.softplus(t))
+            c_z = c_z + self._control(z, npl, categorical)
+            c_zt = c_zt + self._control(zt, npl, categorical)
+            c_zt_const = c_zt_const + self._control(zt.detach(), npl, categorical)
+        if categorical:
+            logp = torch.log_softmax(params.logits().to(z.dtype), -1).expand(z.shape)
+            logp = logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        else:
+            t = params.bernoulli_logits().to(z.dtype)
+            bb = sample._tensor[:n].to(z.dtype)
+            logp = -(bb * TF.softplus(-t) + (1 - bb) * TF.softplus(t))
         if logp.dim() > npl:
             logp = logp.sum(tuple(range(npl, logp.dim())))
         term = (f_b.to(z.dtype) - c_zt_const) * logp + c_z - c_zt  # [n, plates...]
@@ -138,7 +159,8 @@ class RELAX(Method):
 
 class REBAR(RELAX):
     """REBAR (Tucker et al., NeurIPS 2017): RELAX with the control ``eta * f(sigmoid(z / temperature))`` (plus an
-    optional ``c_phi``); the plate holds ``3 * n_samples`` entries (see :class:`RELAX`). Unbiased; Bernoulli here.
+    optional ``c_phi``); the plate holds ``3 * n_samples`` entries (see :class:`RELAX`). Unbiased; Bernoulli and
+    OneHotCategorical.
     (Storchastic's REBAR is biased on Bernoulli: its conditional sampler never agrees with b = 1.)"""
 
     def __init__(self, plate_name: str, c_phi: Optional[torch.nn.Module] = None, n_samples: int = 1):
