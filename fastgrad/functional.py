@@ -50,6 +50,8 @@ __all__ = [
     "conditional_gumbel_categorical",
     "relax_bernoulli_sample",
     "relax_surrogate",
+    "relax_surrogate_from_values",
+    "bernoulli_log_prob",
     "vimco_surrogate",
 ]
 
@@ -491,6 +493,23 @@ def relax_bernoulli_sample(logits: torch.Tensor, n: int = 1, *, generator: Optio
     return b, z, zt
 
 
+def bernoulli_log_prob(logits: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log Bernoulli(b; sigmoid(logits))`` elementwise, stable for any logit: ``-softplus(-l)`` for ``b = 1``,
+    ``-softplus(l)`` for ``b = 0``; in the accumulation dtype, differentiable w.r.t. ``logits``."""
+    acc = _checks.acc_dtype(logits.dtype)
+    t, bb = logits.to(acc), b.to(acc)
+    return -(bb * torch.nn.functional.softplus(-t) + (1 - bb) * torch.nn.functional.softplus(t))
+
+
+def relax_surrogate_from_values(log_prob: torch.Tensor, cost: torch.Tensor, c_z: torch.Tensor,
+                                c_z_tilde: torch.Tensor, c_z_tilde_const: torch.Tensor) -> torch.Tensor:
+    """The RELAX surrogate from its parts, for any distribution (the graph API's RELAX/REBAR build these):
+    ``(f(b) - c(z~)) log p(b) + c(z) - c(z~)`` with the first ``c(z~)`` taken at ``z~.detach()``
+    (``c_z_tilde_const``: it keeps ``c``'s parameters, not the distribution's). All ``[n, ...]``; ``cost`` is
+    treated as a constant."""
+    return (cost.detach().to(log_prob.dtype) - c_z_tilde_const) * log_prob + c_z - c_z_tilde
+
+
 def relax_surrogate(logits: torch.Tensor, b: torch.Tensor, z: torch.Tensor, z_tilde: torch.Tensor,
                     cost: torch.Tensor, control) -> torch.Tensor:
     """RELAX (Grathwohl et al. 2018, "Backpropagation through the Void"): per-sample surrogate whose gradient
@@ -513,11 +532,7 @@ def relax_surrogate(logits: torch.Tensor, b: torch.Tensor, z: torch.Tensor, z_ti
             raise ValueError(f"{name} must have shape [n, {', '.join(map(str, logits.shape))}], got "
                              f"{tuple(getattr(t, 'shape', ()))}")
     cost = _check_real(cost, "cost").detach()
-    acc = _checks.acc_dtype(logits.dtype)
-    t = logits.to(acc)
-    bb = b.to(acc)
-    # log p(b | logits) per sample, summed over the latents beyond the cost's dims
-    logp = -(bb * torch.nn.functional.softplus(-t) + (1 - bb) * torch.nn.functional.softplus(t))
+    logp = bernoulli_log_prob(logits, b)  # per latent; summed below over the latents beyond the cost's dims
     c_z, c_zt = control(z), control(z_tilde)
     c_zt_const = control(z_tilde.detach())  # depends on c's parameters, not on logits
     for name, c in (("control(z)", c_z), ("control(z_tilde)", c_zt)):
@@ -525,7 +540,7 @@ def relax_surrogate(logits: torch.Tensor, b: torch.Tensor, z: torch.Tensor, z_ti
             raise ValueError(f"{name} must return the cost's shape {tuple(cost.shape)}, got "
                              f"{tuple(getattr(c, 'shape', ()))}")
     logp = logp.sum(tuple(range(cost.dim(), logp.dim()))) if logp.dim() > cost.dim() else logp
-    return (cost.to(acc) - c_zt_const) * logp + c_z - c_zt
+    return relax_surrogate_from_values(logp, cost, c_z, c_zt, c_zt_const)
 
 
 def conditional_gumbel_categorical(logits: torch.Tensor, b: torch.Tensor, *,

@@ -1,8 +1,8 @@
 """RELAX and REBAR for Bernoulli latents, with their control variates trained to minimise the estimator's variance
 (Grathwohl et al. 2018; Tucker et al. 2017). The math is :func:`fastgrad.functional.relax_bernoulli_sample`,
-:func:`fastgrad.functional.conditional_gumbel_bernoulli` and the surrogate of
-:func:`fastgrad.functional.relax_surrogate`, here with the control built from the user's own cost (REBAR) and/or a
-network ``c_phi``.
+:func:`fastgrad.functional.conditional_gumbel_bernoulli` / ``conditional_gumbel_categorical`` and
+:func:`fastgrad.functional.relax_surrogate_from_values`, here with the control built from the user's own cost
+(REBAR) and/or a network ``c_phi``.
 """
 from __future__ import annotations
 
@@ -124,12 +124,10 @@ class RELAX(Method):
             logp = torch.log_softmax(params.logits().to(z.dtype), -1).expand(z.shape)
             logp = logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         else:
-            t = params.bernoulli_logits().to(z.dtype)
-            bb = sample._tensor[:n].to(z.dtype)
-            logp = -(bb * TF.softplus(-t) + (1 - bb) * TF.softplus(t))
+            logp = F.bernoulli_log_prob(params.bernoulli_logits(), sample._tensor[:n]).to(z.dtype)
         if logp.dim() > npl:
             logp = logp.sum(tuple(range(npl, logp.dim())))
-        term = (f_b.to(z.dtype) - c_zt_const) * logp + c_z - c_zt  # [n, plates...]
+        term = F.relax_surrogate_from_values(logp, f_b, c_z, c_zt, c_zt_const)  # [n, plates...]
         if self.rebar:
             term = torch.cat([term, torch.zeros_like(term), torch.zeros_like(term)], 0)
         return reduce_term(sample, term)
