@@ -8,6 +8,7 @@ import torch
 from torch import distributions as D
 
 from .. import _state
+from .._graph import reduce_plates
 from ..functional import _check_n as check_count
 from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
 
@@ -159,8 +160,6 @@ def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[T
     expanded to the sample's plates: ``(reduced cost Tensor, [n, plates...] tensor)``, detached unless asked
     (REBAR differentiates the cost of its relaxed samples). The one place that does this bookkeeping; an
     estimator's ``_surrogate`` writes only its per-sample term."""
-    from .._graph import reduce_plates
-
     others = [p for p in cost.plates if not any(p is q for q in sample.plates)]
     c = reduce_plates(cost, others, detach_weights=detach) if others else cost
     npl = len(sample.plates)
@@ -172,8 +171,6 @@ def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[T
 def reduce_term(sample: StochasticTensor, term: torch.Tensor) -> torch.Tensor:
     """A per-element surrogate term ``[n, plates...]`` with value zero (``term - term.detach()``), reduced over
     the sample's plates with their weights: the number ``backward()`` adds to the loss."""
-    from .._graph import reduce_plates
-
     term = term - term.detach()  # zero value: backward() reports the cost, not the surrogate
     return reduce_plates(Tensor(term, sample.plates), detach_weights=False)._tensor
 

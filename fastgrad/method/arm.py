@@ -11,6 +11,14 @@ from .. import functional as F
 from ._base import Draw, Method, Params, aligned_cost, reduce_term
 
 
+def bernoulli_logits(method: Method, params: Params) -> torch.Tensor:
+    """The logits of the Bernoulli the binary estimators take; any other distribution is a ValueError."""
+    if not isinstance(params.distr, D.Bernoulli):
+        raise ValueError(f"{type(method).__name__} needs a Bernoulli distribution, got "
+                         f"{type(params.distr).__name__}")
+    return params.bernoulli_logits()
+
+
 class ARM(Method):
     """ARM (Yin & Zhou, ICLR 2019): unbiased, 2 cost evaluations per pair, Bernoulli distributions only.
 
@@ -27,10 +35,7 @@ class ARM(Method):
             raise ValueError("sampling_method: only None (antithetic Monte Carlo pairs) is supported")
 
     def _sample(self, params: Params) -> Draw:
-        if not isinstance(params.distr, D.Bernoulli):
-            raise ValueError(f"{type(self).__name__} needs a Bernoulli distribution, got "
-                             f"{type(params.distr).__name__}")
-        logits = params.bernoulli_logits()
+        logits = bernoulli_logits(self, params)
         n = self.n_samples
         b, u = F.arm_sample(logits.detach(), n)
         npl = len(params.plates)
@@ -78,9 +83,7 @@ class ARMS(Method):
             raise ValueError(f"ARMS needs n_samples >= 2 (mutually antithetic samples), got {self.n_samples}")
 
     def _sample(self, params: Params) -> Draw:
-        if not isinstance(params.distr, D.Bernoulli):
-            raise ValueError(f"ARMS needs a Bernoulli distribution, got {type(params.distr).__name__}")
-        return Draw(F.arms_sample(params.bernoulli_logits().detach(), self.n_samples), self.n_samples)
+        return Draw(F.arms_sample(bernoulli_logits(self, params).detach(), self.n_samples), self.n_samples)
 
     def _surrogate(self, sample, cost) -> torch.Tensor:
         params, _ = sample._info

@@ -85,12 +85,14 @@ def _skip_values(t: torch.Tensor) -> bool:
     return t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling()
 
 
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    # x * 0 is 0 for finite x and NaN for NaN/inf: one small reduction instead of isfinite's three kernels
+    return not _skip_values(t) and float(t.detach().mul(0).sum()) != 0
+
+
 def rows(row_stat: torch.Tensor, name: str = "logits") -> None:
     """``row_stat`` (row max or logsumexp) is finite exactly when its row has no NaN/+inf and a finite entry."""
-    if _skip_values(row_stat):
-        return
-    # x * 0 is 0 for finite x and NaN for NaN/inf: one small reduction instead of isfinite's three kernels
-    if float(row_stat.detach().mul(0).sum()) != 0:
+    if _has_nonfinite(row_stat):
         raise ValueError(f"{name} {ROWS_MESSAGE}")
 
 
@@ -100,7 +102,7 @@ def logits_rows(logits: torch.Tensor, name: str = "logits") -> None:
 
 
 def finite(t: torch.Tensor, name: str) -> None:
-    if not _skip_values(t) and float(t.detach().mul(0).sum()) != 0:
+    if _has_nonfinite(t):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
 
 
