@@ -1,0 +1,24 @@
+"""The statistical assertions of the estimator tests, stated once: unbiasedness within standard errors and
+variance order by more than the sampling error of the variance estimates."""
+import math
+
+import torch
+
+
+def var_and_se(g: torch.Tensor):
+    """Per-coordinate variance of the estimates ``g`` ``[reps, ...]`` and the standard error of that estimate."""
+    d = (g - g.mean(0)) ** 2
+    return d.mean(0), d.std(0) / math.sqrt(g.shape[0])
+
+
+def assert_unbiased(g: torch.Tensor, exact: torch.Tensor, bound: float = 4.5) -> None:
+    """|mean - exact| / standard error below ``bound`` in every coordinate."""
+    z = (g.mean(0) - exact).abs() / (g.std(0) / math.sqrt(g.shape[0]))
+    assert (z < bound).all(), z
+
+
+def assert_lower_variance(low: torch.Tensor, high: torch.Tensor, sigmas: float = 3.0) -> None:
+    """Every coordinate's variance of ``low`` is below that of ``high`` by more than ``sigmas`` standard errors of
+    the difference (independent runs)."""
+    (v_l, s_l), (v_h, s_h) = var_and_se(low), var_and_se(high)
+    assert (v_l < v_h - sigmas * torch.sqrt(s_l ** 2 + s_h ** 2)).all(), (v_l, v_h)
