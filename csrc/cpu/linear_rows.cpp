@@ -1,0 +1,160 @@
+// Row passes of the fused LM-head ops (fastgrad/ops/linear_log_prob.py) over one token block's logits slab
+// z = slab / T, [M, V] fp32 (fp64 for gradcheck), built by a GEMM the Python driver runs:
+//   linear_rows_stats: lse = logsumexp(z), logp[m, s] = z[m, index[m, s]] - lse, and on request the entropy
+//                      H = lse - sum_j p_j z_j; two reads of the row (max, then exp-sums), nothing written.
+//   linear_rows_grad_: the slab is overwritten in place with dL/dslab (one read, one write):
+//                      (sum_s c_s [j = y_s] - (sum_s c_s) p_j - g_H p_j (log p_j + H)) / T,
+//                      c = dL/dlogp [M, S], g_H = dL/dH [M] (empty: no entropy term).
+// The driver validates indices and shapes; the kernels check only what they rely on.
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "vec_math.h"
+
+namespace fastgrad {
+namespace {
+
+constexpr int64_t kChunk = 1024;  // 4 KB of floats: the row is visited in cache-resident chunks
+
+// float: the vectorized helpers of vec_math.h; double (gradcheck): plain loops
+inline float row_max(const float* x, int64_t n) { return max_of(x, n); }
+inline double row_max(const double* x, int64_t n) {
+  double m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+inline void exp_row(float* x, int64_t n) { exp_inplace(x, n); }
+inline void exp_row(double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
+}
+inline float row_sum(const float* x, int64_t n) { return sum_of(x, n); }
+inline double row_sum(const double* x, int64_t n) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += x[j];
+  return s;
+}
+// sum_j x_j y_j with 8 partial sums (vectorizes without reassociation flags)
+template <typename T>
+inline T row_dot(const T* x, const T* y, int64_t n) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += x[j + l] * y[j + l];
+  T s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
+void check_slab(const at::Tensor& slab, const at::Tensor& index) {
+  FG_CHECK_2D(slab, "slab");
+  FG_CHECK_2D(index, "index");
+  TORCH_CHECK(slab.scalar_type() == at::kFloat || slab.scalar_type() == at::kDouble, "slab must be float32/64");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.size(0) == slab.size(0), "index must be int64 [M, S]");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_rows_stats_cpu(const at::Tensor& slab, const at::Tensor& index,
+                                                                     double inv_t, bool want_entropy) {
+  check_slab(slab, index);
+  const int64_t M = slab.size(0), V = slab.size(1), S = index.size(1);
+  auto lse = at::empty({M}, slab.options());
+  auto logp = at::empty({M, S}, slab.options());
+  auto ent = want_entropy ? at::empty({M}, slab.options()) : at::empty({0}, slab.options());
+  if (M == 0) return {logp, lse, ent};
+  AT_DISPATCH_FLOATING_TYPES(slab.scalar_type(), "linear_rows_stats_cpu", [&] {
+    using T = scalar_t;
+    const T* zp = slab.data_ptr<T>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    T* lp = lse.data_ptr<T>();
+    T* op = logp.data_ptr<T>();
+    T* ep = want_entropy ? ent.data_ptr<T>() : nullptr;
+    const T it = static_cast<T>(inv_t);
+    at::parallel_for(0, M, grain_for(2 * V), [&](int64_t m0, int64_t m1) {
+      alignas(32) T buf[kChunk];
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* row = zp + m * V;
+        T mx = row_max(row, V) * it;  // T > 0: the max of z is the max of the slab, scaled
+        // chunk sums in T (8 lanes each), accumulated across chunks in double: at V = 152k a float running sum
+        // loses ~1e-4 of lse
+        double s = 0, sz = 0;  // sum_j e^(z_j - mx), sum_j e^(z_j - mx) (z_j - mx)
+        const T lowest = std::numeric_limits<T>::lowest();
+        for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, V - j0);
+          // a -inf logit becomes the lowest finite value: e^lowest = 0 and 0 * lowest = 0 in the entropy sum
+          for (int64_t j = 0; j < len; ++j) buf[j] = std::max(row[j0 + j] * it - mx, lowest);
+          if (want_entropy) {
+            alignas(32) T d[kChunk];
+            std::memcpy(d, buf, len * sizeof(T));
+            exp_row(buf, len);
+            s += row_sum(buf, len);
+            sz += row_dot(buf, d, len);
+          } else {
+            exp_row(buf, len);
+            s += row_sum(buf, len);
+          }
+        }
+        const T l = mx + static_cast<T>(std::log(s));  // NaN/inf rows propagate; the driver checks lse
+        lp[m] = l;
+        for (int64_t k = 0; k < S; ++k) op[m * S + k] = row[ip[m * S + k]] * it - l;
+        // H = lse - E[z] = log s - E[z - mx]
+        if (ep) ep[m] = static_cast<T>(std::log(s) - sz / s);
+      }
+    });
+  });
+  return {logp, lse, ent};
+}
+
+void linear_rows_grad_cpu(const at::Tensor& slab, const at::Tensor& index, const at::Tensor& coef, const at::Tensor& g_ent,
+                          const at::Tensor& lse, const at::Tensor& ent, double inv_t) {
+  check_slab(slab, index);
+  const int64_t M = slab.size(0), V = slab.size(1), S = index.size(1);
+  TORCH_CHECK(coef.sizes() == index.sizes() && coef.is_contiguous() && coef.scalar_type() == slab.scalar_type(),
+              "coef must match index and the slab's dtype");
+  const bool with_ent = g_ent.numel() > 0;
+  TORCH_CHECK(!with_ent || (g_ent.numel() == M && ent.numel() == M), "g_ent and entropy must be [M]");
+  if (M == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(slab.scalar_type(), "linear_rows_grad_cpu", [&] {
+    using T = scalar_t;
+    T* zp = slab.data_ptr<T>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    const T* cp = coef.data_ptr<T>();
+    const T* gp = with_ent ? g_ent.contiguous().data_ptr<T>() : nullptr;
+    const T* hp = with_ent ? ent.contiguous().data_ptr<T>() : nullptr;
+    const T* lp = lse.data_ptr<T>();
+    const T it = static_cast<T>(inv_t);
+    at::parallel_for(0, M, grain_for(V), [&](int64_t m0, int64_t m1) {
+      alignas(32) T buf[kChunk];
+      for (int64_t m = m0; m < m1; ++m) {
+        T* row = zp + m * V;
+        T csum = 0;
+        for (int64_t k = 0; k < S; ++k) csum += cp[m * S + k];
+        const T l = lp[m], g = gp ? gp[m] : T(0), h = hp ? hp[m] : T(0);
+        const T a = -csum * it, b = -g * it;  // dz_j = a p_j + b p_j (log p_j + H), before the one-hot part
+        for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, V - j0);
+          T* o = row + j0;
+          for (int64_t j = 0; j < len; ++j) buf[j] = o[j] * it - l;  // log p_j
+          if (g != T(0)) {
+            alignas(32) T lpj[kChunk];
+            std::memcpy(lpj, buf, len * sizeof(T));
+            exp_row(buf, len);
+            for (int64_t j = 0; j < len; ++j) o[j] = buf[j] == T(0) ? T(0) : buf[j] * (a + b * (lpj[j] + h));
+          } else {
+            exp_row(buf, len);
+            for (int64_t j = 0; j < len; ++j) o[j] = buf[j] * a;
+          }
+        }
+        for (int64_t k = 0; k < S; ++k) row[ip[m * S + k]] += cp[m * S + k] * it;
+      }
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(fastgrad_C, CPU, m) {
+  m.impl("linear_rows_stats", &linear_rows_stats_cpu);
+  m.impl("linear_rows_grad_", &linear_rows_grad_cpu);
+}
+
+}  // namespace fastgrad
