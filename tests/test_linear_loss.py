@@ -375,9 +375,31 @@ def test_gradcheck_float64(backend):
             use_old = use_old or c["loss"] == "ppo_clip"
 
             def loss_fn(h, w, b, c=c, a=a, use_old=use_old):
-                return F.linear_policy_loss(h, w, idx, a, mask=mask, bias=b, old_logp=old.double() if use_old
+                # x 2: an upstream gradient other than 1 keeps the stored gradients (gradcheck backwards repeatedly)
+                return 2 * F.linear_policy_loss(h, w, idx, a, mask=mask, bias=b, old_logp=old.double() if use_old
                                             else None, ref_logp=ref.double(), temperature=0.8, chunk_size=2, **c)[0]
             assert torch.autograd.gradcheck(loss_fn, (h, w, b))
+
+
+def test_backward_hands_gradients_over_once():
+    h, w, b, idx, mask, old, ref = _policy_inputs()
+    h = h.clone().requires_grad_(True)
+    loss, _ = F.linear_policy_loss(h, w, idx, torch.randn(3))
+    loss.backward(retain_graph=True)
+    g1 = h.grad.clone()
+    with pytest.raises(RuntimeError, match="recompute the loss"):
+        loss.backward()
+    h.grad = None
+    loss, _ = F.linear_policy_loss(h, w, idx, torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    (3 * loss).backward(retain_graph=True)
+    (3 * loss).backward()  # scaled: kept, so a second backward accumulates
+    loss2, _ = F.linear_policy_loss(h.detach().requires_grad_(True), w, idx,
+                                    torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    assert g1.abs().sum() > 0
+    h2 = h.detach().clone().requires_grad_(True)
+    loss2, _ = F.linear_policy_loss(h2, w, idx, torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    loss2.backward()
+    torch.testing.assert_close(h.grad, 6 * h2.grad)
 
 
 def test_opcheck():

@@ -109,24 +109,27 @@ def _logits_into(slab: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
 
 
 def _backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks, dw: Optional[torch.Tensor],
-              db: Optional[torch.Tensor], need_x: bool) -> Optional[torch.Tensor]:
-    """dz [M, V] -> dX [M, H] (when need_x); dW [V, H] and db [V] accumulated in place (fp32)."""
+              db: Optional[torch.Tensor], need_x: bool, first: bool) -> Optional[torch.Tensor]:
+    """dz [M, V] -> dX [M, H] (when need_x); dW [V, H] and db [V] accumulated in place (fp32), or written by the
+    first block (``first``: no zero-fill pass over dW)."""
     dx = None
-    if weight.dtype == dz.dtype:
+    same = weight.dtype == dz.dtype
+    for v0, v1 in ([(0, weight.shape[0])] if same else blocks):
+        d = dz if same else dz[:, v0:v1]
+        wb = weight if same else weight[v0:v1].to(dz.dtype)
         if need_x:
-            dx = dz @ weight
+            part = d @ wb
+            dx = part if dx is None else dx.add_(part)
         if dw is not None:
-            dw.addmm_(dz.t(), x)
-    else:
-        for v0, v1 in blocks:
-            d = dz[:, v0:v1]
-            if need_x:
-                part = d @ weight[v0:v1].to(dz.dtype)
-                dx = part if dx is None else dx.add_(part)
-            if dw is not None:
+            if first:
+                torch.mm(d.t(), x, out=dw[v0:v1])
+            else:
                 dw[v0:v1].addmm_(d.t(), x)
     if db is not None:
-        db += dz.sum(0)
+        if first:
+            torch.sum(dz, 0, out=db)
+        else:
+            db += dz.sum(0)
     return dx
 
 
@@ -164,6 +167,20 @@ class _Driver:
     def check_rows(self, lse: torch.Tensor) -> None:
         if not bool(torch.isfinite(lse).all()):
             raise ValueError("hidden, weight and bias must be finite: a row's logits contain NaN or inf")
+
+
+def _grad_buffers(hidden, weight, bias, need_x: bool, need_w: bool, need_b: bool, drv: "_Driver"):
+    """dX (zeros unless every row is visited), and the fp32 dW / db accumulators: written by the first block,
+    zeros only when no row is visited."""
+    acc = drv.acc
+    if need_x:
+        dx = torch.empty_like(hidden) if drv.rows is None else torch.zeros_like(hidden)
+    else:
+        dx = hidden.new_empty(0)
+    alloc = torch.empty if drv.M else torch.zeros
+    dw = alloc(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    db = alloc(weight.shape[:1], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+    return dx, dw, db
 
 
 def _rows_to_visit(keep: torch.Tensor) -> Optional[torch.Tensor]:
@@ -270,16 +287,14 @@ def _log_prob_backward_impl(grad_logp, grad_ent, hidden, weight, bias, index, ls
     if with_ent:
         grad_ent = grad_ent.to(acc)
         keep |= (grad_ent != 0) & valid.any(1)
-    dx = torch.zeros_like(hidden) if need_x else hidden.new_empty(0)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    db = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
     drv = _Driver(hidden, weight, bias, index, temperature, chunk, _rows_to_visit(keep))
+    dx, dw, db = _grad_buffers(hidden, weight, bias, need_x, need_w, need_b, drv)
     empty = coef.new_empty(0)
-    for sel, x, slab in drv:
+    for i, (sel, x, slab) in enumerate(drv):
         drv.grad_(slab, safe[sel].contiguous(), coef[sel].contiguous(),
                   grad_ent[sel].contiguous() if with_ent else empty, lse[sel].contiguous(),
                   ent[sel].contiguous() if with_ent else empty, drv.inv_t)
-        part = _backprop(slab, x, weight, drv.blocks, dw, db, need_x)
+        part = _backprop(slab, x, weight, drv.blocks, dw, db, need_x, i == 0)
         if need_x:
             dx[sel] = part.to(dx.dtype)
     return (dx, dw.to(weight.dtype) if need_w else weight.new_empty(0),
@@ -429,12 +444,10 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
     stats = hidden.new_zeros((3, N), dtype=acc)
     stats[2] = 1  # the ratio of tokens not visited
     total = hidden.new_zeros((), dtype=acc)
-    dx = torch.zeros_like(hidden) if need_x else hidden.new_empty(0)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    db = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
     drv = _Driver(hidden, weight, bias, index, temperature, chunk, _rows_to_visit(w != 0))
+    dx, dw, db = _grad_buffers(hidden, weight, bias, need_x, need_w, need_b, drv)
     empty = w.new_empty(0)
-    for sel, x, slab in drv:
+    for i, (sel, x, slab) in enumerate(drv):
         idx = safe[sel].contiguous().unsqueeze(1)
         lp, lse, e = drv.stats(slab, idx, drv.inv_t, want_entropy)
         drv.check_rows(lse)
@@ -449,7 +462,7 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
             ent[sel] = e
         drv.grad_(slab, idx, c.unsqueeze(1).contiguous(), g.contiguous() if g is not None else empty, lse,
                   e if g is not None else empty, drv.inv_t)
-        part = _backprop(slab, x, weight, drv.blocks, dw, db, need_x)
+        part = _backprop(slab, x, weight, drv.blocks, dw, db, need_x, i == 0)
         if need_x:
             dx[sel] = part.to(dx.dtype)
     return (total, logp, ent, stats, dx, dw.to(weight.dtype) if need_w else weight.new_empty(0),
@@ -479,22 +492,31 @@ linear_policy_loss.register_fake(_policy_fake)
 
 
 def _policy_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[4:])
+    # The gradients were computed in the forward. An upstream gradient of 1 (loss.backward()) hands them over:
+    # the backward then holds the only reference, so autograd takes dW as the weight's .grad without a copy (no
+    # second [V, H] buffer); backward through the same loss again is then an error. Any other upstream gradient
+    # scales out of place and keeps them (retain_graph works).
+    ctx.grads = list(output[4:])
     ctx.has_bias = inputs[2] is not None
 
 
 def _policy_formula(ctx, grad_loss, *_unused):
-    dx, dw, db = ctx.saved_tensors
-    n_in = 19
-    grads = [None] * n_in
+    grads = [None] * 19
     if grad_loss is None:
         return tuple(grads)
-    if ctx.needs_input_grad[0]:
-        grads[0] = dx * grad_loss.to(dx.dtype)
-    if ctx.needs_input_grad[1]:
-        grads[1] = dw * grad_loss.to(dw.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grads[2] = db * grad_loss.to(db.dtype)
+    if ctx.grads is None:
+        raise RuntimeError("linear_policy_loss: backward ran again after loss.backward() handed its gradients over "
+                           "(they are computed in the forward); recompute the loss to backward through it again")
+    dx, dw, db = ctx.grads
+    # eager tensors only (a traced grad is a fake/functional subclass); on a GPU this costs one sync, as the
+    # forward's checks already do
+    scale_one = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and float(grad_loss) == 1.0
+    if scale_one:
+        ctx.grads = None
+    for i, (g, need) in enumerate(((dx, ctx.needs_input_grad[0]), (dw, ctx.needs_input_grad[1]),
+                                   (db, ctx.has_bias and ctx.needs_input_grad[2]))):
+        if need:
+            grads[i] = g if scale_one else g * grad_loss.to(g.dtype)
     return tuple(grads)
 
 

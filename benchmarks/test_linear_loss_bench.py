@@ -1,0 +1,167 @@
+"""The LM head fused with the policy loss: fastgrad against torch eager (unfused), its torch.compile, and the
+chunked torch implementations users run today where they install (Liger-Kernel's LigerFusedLinearGRPOLoss torch
+path, Cut Cross-Entropy's ``torch_compile`` implementation), side by side in one run.
+
+Every implementation computes the same thing: a token-normalized PPO-clip / GRPO loss (``eps = 0.2``, on-policy
+ratio, advantages per sequence) of the given tokens through ``hidden @ weight.T``, forward and backward w.r.t.
+hidden and weight, fp32. FLOPs are counted 6 N H V for everyone (3 GEMMs); ``mm`` is the measured fp32
+``torch.mm`` of ``[N, H] x [H, V]`` in the same run, so ``ceiling_fraction = 3 t_mm / t``. Peak RSS growth is
+sampled during one call. ``padded40``: 40 % of the tokens masked (fastgrad skips them; the others compute them).
+
+Smoke sizes by default (CI runs them with --benchmark-disable); FASTGRAD_BENCH_FULL=1 for the issue's shapes
+(N, H, V) = (512, 2048, 151936), (1024, 1024, 128256), (1024, 2048, 128256) and (1024, 1024, 128256) padded:
+
+    FASTGRAD_BENCH_FULL=1 .venv/bin/python -m pytest benchmarks/test_linear_loss_bench.py \\
+        --benchmark-json benchmarks/results/linear_loss_cpu.json
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import fastgrad.functional as F
+from benchmarks.test_ops_bench import device_name, peak_rss_delta
+
+FULL = os.environ.get("FASTGRAD_BENCH_FULL") == "1"
+SHAPES = ([(512, 2048, 151936, 0.0), (1024, 1024, 128256, 0.0), (1024, 2048, 128256, 0.0),
+           (1024, 1024, 128256, 0.4)] if FULL else [(64, 32, 1000, 0.0), (64, 32, 1000, 0.4)])
+SEQ = 64  # tokens per sequence: B = N / SEQ sequences
+EPS = 0.2
+MM_TIME = {}  # shape -> fp32 torch.mm seconds, measured in this run
+
+
+def _inputs(N, H, V, pad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = N // SEQ
+    hidden = torch.randn(B, SEQ, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H**0.5
+    index = torch.randint(0, V, (B, SEQ), generator=g)
+    mask = torch.ones(B, SEQ, dtype=torch.bool)
+    if pad:
+        mask[:, SEQ - int(round(pad * SEQ)):] = False  # right padding
+    adv = torch.randn(B, generator=g)
+    return hidden, weight, index, mask, adv
+
+
+def _ppo(logp, adv, mask):
+    """Token-normalized on-policy PPO-clip, written as users write it (TRL's form)."""
+    ratio = torch.exp(logp - logp.detach())
+    a = adv[:, None]
+    per_token = torch.max(-a * ratio, -a * ratio.clamp(1 - EPS, 1 + EPS))
+    return (per_token * mask).sum() / mask.sum()
+
+
+def eager(hidden, weight, index, mask, adv):
+    logits = hidden @ weight.t()
+    logp = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return _ppo(logp, adv, mask)
+
+
+_compiled = torch.compile(eager) if FULL or os.environ.get("FASTGRAD_BENCH_COMPILE") == "1" else None
+
+
+def fastgrad_policy(hidden, weight, index, mask, adv):
+    loss, _ = F.linear_policy_loss(hidden, weight, index, adv, mask=mask, loss="ppo_clip", eps_low=EPS, eps_high=EPS)
+    return loss
+
+
+def fastgrad_log_prob(hidden, weight, index, mask, adv):
+    """The general path: fused log-probs (4 GEMMs, backward recomputes), the loss in torch."""
+    return _ppo(F.linear_log_prob(hidden, weight, index), adv, mask)
+
+
+def _liger():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    mod = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, loss_type="dapo",
+                                   epsilon_low=EPS, epsilon_high=EPS)
+
+    def liger(hidden, weight, index, mask, adv):
+        return mod(hidden, weight, index, mask.float(), adv)[0]
+
+    return liger
+
+
+def _cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    def cce(hidden, weight, index, mask, adv):
+        nll = linear_cross_entropy(hidden, weight, index, impl="torch_compile", reduction="none")
+        return _ppo(-nll, adv, mask)
+
+    return cce
+
+
+IMPLS = {"eager": eager, "fastgrad_policy": fastgrad_policy, "fastgrad_log_prob": fastgrad_log_prob}
+if _compiled is not None:
+    IMPLS["torch_compile"] = _compiled
+if importlib.util.find_spec("liger_kernel") is not None:
+    IMPLS["liger_grpo_torch"] = _liger()
+if importlib.util.find_spec("cut_cross_entropy") is not None and (FULL or os.environ.get(
+        "FASTGRAD_BENCH_COMPILE") == "1"):
+    IMPLS["cce_torch_compile"] = _cce()
+
+
+def _sid(shape):
+    N, H, V, pad = shape
+    return f"{N}x{H}x{V}" + (f"-padded{int(pad * 100)}" if pad else "")
+
+
+def _info(benchmark, shape, impl):
+    N, H, V, pad = shape
+    benchmark.group = _sid(shape)
+    benchmark.extra_info.update(shape=[N, H, V], padding=pad, impl=impl, device="cpu", device_name=device_name("cpu"),
+                                threads=torch.get_num_threads(), command=" ".join(sys.argv),
+                                flops_6NHV=6 * N * H * V)
+
+
+def _rounds():
+    return 3 if FULL else 1
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_mm_ceiling(benchmark, shape):
+    """fp32 torch.mm of [N, H] x [H, V], the unit of the 3-GEMM bound (runs first for each shape)."""
+    N, H, V, _ = shape
+    _info(benchmark, shape, "mm")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    out = torch.empty(N, V)
+    torch.mm(x, w.t(), out=out)
+    benchmark.pedantic(lambda: torch.mm(x, w.t(), out=out), rounds=_rounds(), iterations=1)
+    if not benchmark.disabled:
+        MM_TIME[shape] = benchmark.stats.stats.min
+        benchmark.extra_info["GFps_2NHV"] = 2 * N * H * V / MM_TIME[shape] / 1e9
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
+def test_policy_loss_fwd_bwd(benchmark, shape, impl):
+    N, H, V, pad = shape
+    _info(benchmark, shape, impl)
+    hidden, weight, index, mask, adv = _inputs(N, H, V, pad)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    fn = IMPLS[impl]
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss = fn(hidden, weight, index, mask, adv)
+        loss.backward()
+        return loss
+
+    loss = step()  # warm-up (torch.compile compiles here)
+    ref = eager(hidden.detach().requires_grad_(True), weight.detach(), index, mask, adv)
+    # every implementation computes the same loss
+    assert abs(float(loss) - float(ref)) <= 1e-3 * max(1.0, abs(float(ref))), (impl, float(loss), float(ref))
+    if not benchmark.disabled:
+        hidden.grad = weight.grad = None
+        benchmark.extra_info["peak_rss_delta"] = peak_rss_delta(step)
+    benchmark.pedantic(step, rounds=_rounds(), iterations=1)
+    if not benchmark.disabled:
+        t = benchmark.stats.stats.min
+        benchmark.extra_info["GFps_6NHV"] = 6 * N * H * V / t / 1e9
+        if shape in MM_TIME:
+            benchmark.extra_info["ceiling_fraction"] = 3 * MM_TIME[shape] / t
