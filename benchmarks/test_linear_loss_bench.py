@@ -13,6 +13,11 @@ Smoke sizes by default (CI runs them with --benchmark-disable); FASTGRAD_BENCH_F
 
     FASTGRAD_BENCH_FULL=1 .venv/bin/python -m pytest benchmarks/test_linear_loss_bench.py \\
         --benchmark-json benchmarks/results/linear_loss_cpu.json
+
+Device axis as in test_ops_bench (``FASTGRAD_BENCH_DEVICES``): on ``cuda`` the inputs are bf16 (logits and
+log-softmax statistics in fp32 everywhere), the shapes (8192, 4096, 128256), (4096, 4096, 131072),
+(4096, 2048, 151936) and a padded row, every timed call ends with ``torch.cuda.synchronize()``, ``mm`` is the bf16
+GEMM and the memory column is ``torch.cuda.max_memory_allocated`` growth.
 """
 import importlib.util
 import os
@@ -22,17 +27,21 @@ import pytest
 import torch
 
 import fastgrad.functional as F
-from benchmarks.test_ops_bench import device_name, peak_rss_delta
+from benchmarks.test_ops_bench import DEVICES, device_name, peak_cuda_delta, peak_rss_delta
 
 FULL = os.environ.get("FASTGRAD_BENCH_FULL") == "1"
-SHAPES = ([(512, 2048, 151936, 0.0), (1024, 1024, 128256, 0.0), (1024, 2048, 128256, 0.0),
-           (1024, 1024, 128256, 0.4)] if FULL else [(64, 32, 1000, 0.0), (64, 32, 1000, 0.4)])
+CPU_SHAPES = ([(512, 2048, 151936, 0.0), (1024, 1024, 128256, 0.0), (1024, 2048, 128256, 0.0),
+               (1024, 1024, 128256, 0.4)] if FULL else [(64, 32, 1000, 0.0), (64, 32, 1000, 0.4)])
+GPU_SHAPES = ([(8192, 4096, 128256, 0.0), (4096, 4096, 131072, 0.0), (4096, 2048, 151936, 0.0),
+               (8192, 4096, 128256, 0.4)] if FULL else [(256, 64, 5000, 0.0), (256, 64, 5000, 0.4)])
+CASES = [(d, s) for d in DEVICES for s in (GPU_SHAPES if d == "cuda" else CPU_SHAPES)]
+DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 SEQ = 64  # tokens per sequence: B = N / SEQ sequences
 EPS = 0.2
 MM_TIME = {}  # shape -> fp32 torch.mm seconds, measured in this run
 
 
-def _inputs(N, H, V, pad, seed=0):
+def _inputs(N, H, V, pad, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     B = N // SEQ
     hidden = torch.randn(B, SEQ, H, generator=g)
@@ -42,7 +51,8 @@ def _inputs(N, H, V, pad, seed=0):
     if pad:
         mask[:, SEQ - int(round(pad * SEQ)):] = False  # right padding
     adv = torch.randn(B, generator=g)
-    return hidden, weight, index, mask, adv
+    dt = DTYPE[device]
+    return hidden.to(device, dt), weight.to(device, dt), index.to(device), mask.to(device), adv.to(device)
 
 
 def _ppo(logp, adv, mask):
@@ -54,8 +64,8 @@ def _ppo(logp, adv, mask):
 
 
 def eager(hidden, weight, index, mask, adv):
-    logits = hidden @ weight.t()
-    logp = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    logits = hidden @ weight.t()  # bf16 on a GPU, then log_softmax in fp32 (what TRL does)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     return _ppo(logp, adv, mask)
 
 
@@ -104,44 +114,61 @@ if importlib.util.find_spec("cut_cross_entropy") is not None and (FULL or os.env
     IMPLS["cce_torch_compile"] = _cce()
 
 
-def _sid(shape):
-    N, H, V, pad = shape
-    return f"{N}x{H}x{V}" + (f"-padded{int(pad * 100)}" if pad else "")
+def _sid(case):
+    device, (N, H, V, pad) = case
+    return f"{device}-{N}x{H}x{V}" + (f"-padded{int(pad * 100)}" if pad else "")
 
 
-def _info(benchmark, shape, impl):
-    N, H, V, pad = shape
-    benchmark.group = _sid(shape)
-    benchmark.extra_info.update(shape=[N, H, V], padding=pad, impl=impl, device="cpu", device_name=device_name("cpu"),
-                                threads=torch.get_num_threads(), command=" ".join(sys.argv),
-                                flops_6NHV=6 * N * H * V)
+def _info(benchmark, case, impl):
+    device, (N, H, V, pad) = case
+    benchmark.group = _sid(case)
+    benchmark.extra_info.update(shape=[N, H, V], padding=pad, impl=impl, device=device, dtype=str(DTYPE[device]),
+                                device_name=device_name(device), threads=torch.get_num_threads(),
+                                command=" ".join(sys.argv), flops_6NHV=6 * N * H * V)
+
+
+def _synced(fn, device):
+    if device != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def _rounds():
     return 3 if FULL else 1
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
-def test_mm_ceiling(benchmark, shape):
-    """fp32 torch.mm of [N, H] x [H, V], the unit of the 3-GEMM bound (runs first for each shape)."""
-    N, H, V, _ = shape
-    _info(benchmark, shape, "mm")
+@pytest.mark.parametrize("case", CASES, ids=_sid)
+def test_mm_ceiling(benchmark, case):
+    """torch.mm of [N, H] x [H, V] in the inputs' dtype, the unit of the 3-GEMM bound (runs first per shape)."""
+    device, (N, H, V, _) = case
+    _info(benchmark, case, "mm")
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
-    out = torch.empty(N, V)
-    torch.mm(x, w.t(), out=out)
-    benchmark.pedantic(lambda: torch.mm(x, w.t(), out=out), rounds=_rounds(), iterations=1)
+    x = torch.randn(N, H, generator=g).to(device, DTYPE[device])
+    w = torch.randn(V, H, generator=g).to(device, DTYPE[device])
+    out = torch.empty(N, V, device=device, dtype=DTYPE[device])
+    run = _synced(lambda: torch.mm(x, w.t(), out=out), device)
+    run()
+    benchmark.pedantic(run, rounds=_rounds(), iterations=1)
     if not benchmark.disabled:
-        MM_TIME[shape] = benchmark.stats.stats.min
-        benchmark.extra_info["GFps_2NHV"] = 2 * N * H * V / MM_TIME[shape] / 1e9
+        MM_TIME[case] = benchmark.stats.stats.min
+        benchmark.extra_info["GFps_2NHV"] = 2 * N * H * V / MM_TIME[case] / 1e9
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("shape", SHAPES, ids=_sid)
-def test_policy_loss_fwd_bwd(benchmark, shape, impl):
-    N, H, V, pad = shape
-    _info(benchmark, shape, impl)
-    hidden, weight, index, mask, adv = _inputs(N, H, V, pad)
+CPU_ONLY = ("torch_compile", "cce_torch_compile", "liger_grpo_torch")  # the GPU rows: fastgrad against torch eager
+ROWS = [(c, i) for c in CASES for i in IMPLS if c[0] == "cpu" or i not in CPU_ONLY]
+
+
+@pytest.mark.parametrize("case,impl", ROWS, ids=[f"{_sid(c)}-{i}" for c, i in ROWS])
+def test_policy_loss_fwd_bwd(benchmark, case, impl):
+    device, (N, H, V, pad) = case
+    _info(benchmark, case, impl)
+    hidden, weight, index, mask, adv = _inputs(N, H, V, pad, device)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     fn = IMPLS[impl]
@@ -152,16 +179,18 @@ def test_policy_loss_fwd_bwd(benchmark, shape, impl):
         loss.backward()
         return loss
 
+    step = _synced(step, device)
     loss = step()  # warm-up (torch.compile compiles here)
     ref = eager(hidden.detach().requires_grad_(True), weight.detach(), index, mask, adv)
     # every implementation computes the same loss
-    assert abs(float(loss) - float(ref)) <= 1e-3 * max(1.0, abs(float(ref))), (impl, float(loss), float(ref))
+    tol = 1e-3 if DTYPE[device] == torch.float32 else 2e-2
+    assert abs(float(loss) - float(ref)) <= tol * max(1.0, abs(float(ref))), (impl, float(loss), float(ref))
     if not benchmark.disabled:
         hidden.grad = weight.grad = None
-        benchmark.extra_info["peak_rss_delta"] = peak_rss_delta(step)
+        benchmark.extra_info["peak_memory_delta"] = peak_cuda_delta(step) if device == "cuda" else peak_rss_delta(step)
     benchmark.pedantic(step, rounds=_rounds(), iterations=1)
     if not benchmark.disabled:
         t = benchmark.stats.stats.min
         benchmark.extra_info["GFps_6NHV"] = 6 * N * H * V / t / 1e9
-        if shape in MM_TIME:
-            benchmark.extra_info["ceiling_fraction"] = 3 * MM_TIME[shape] / t
+        if case in MM_TIME:
+            benchmark.extra_info["ceiling_fraction"] = 3 * MM_TIME[case] / t

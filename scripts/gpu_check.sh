@@ -7,7 +7,8 @@
 #   4. bench         the per-op benchmarks on cuda at the issue's sizes (the CPU rows come from the 2-core
 #                    machine): torch.cuda.synchronize in every timed call, GB/s, fraction of the copy roofline
 #                    measured on the same device, peak CUDA memory
-#   5. summary.json  each step's exit status and seconds; log.txt holds every step's output
+#   5. bench_lm      the fused LM-head policy loss against torch eager, bf16, at the issue's GPU shapes
+#   6. summary.json  each step's exit status and seconds; log.txt holds every step's output
 # Everything lands in $OUT (default runs/gpu_check). Budget: under 8 minutes on an H200 (each step has a timeout).
 # FASTGRAD_GPU_CHECK_DRY=1 runs the logic on a CPU-only machine (no build, tests and benchmarks on the CPU, smoke
 # sizes): CI does this, so the script cannot rot between GPU loans.
@@ -81,10 +82,14 @@ FASTGRAD_TEST_DEVICE=$DEVICE step tests 240 "$PY" -m pytest -q -p no:cacheprovid
 if [ "$DRY" = 1 ]; then
   FASTGRAD_BENCH_DEVICES=cpu step bench 120 "$PY" -m pytest -q -p no:cacheprovider benchmarks/test_ops_bench.py \
     --benchmark-json="$OUT/bench_ops.json" --benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-warmup=off
+  FASTGRAD_BENCH_DEVICES=cpu step bench_lm 120 "$PY" -m pytest -q -p no:cacheprovider \
+    benchmarks/test_linear_loss_bench.py --benchmark-json="$OUT/bench_linear.json"
 else
   FASTGRAD_BENCH_DEVICES=cuda FASTGRAD_BENCH_FULL=1 step bench 150 "$PY" -m pytest -q -p no:cacheprovider \
     benchmarks/test_ops_bench.py --benchmark-json="$OUT/bench_ops.json" --benchmark-min-rounds=3 \
     --benchmark-max-time=0.5
+  FASTGRAD_BENCH_DEVICES=cuda FASTGRAD_BENCH_FULL=1 step bench_lm 120 "$PY" -m pytest -q -p no:cacheprovider \
+    benchmarks/test_linear_loss_bench.py --benchmark-json="$OUT/bench_linear.json"
 fi
 
 "$PY" - "$OUT" <<'EOF'

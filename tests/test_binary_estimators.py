@@ -221,6 +221,42 @@ def test_vimco_unbiased_for_the_iwae_bound():
         F.vimco_surrogate(torch.zeros(3), torch.zeros(4))
 
 
+def test_vimco_method_unbiased_through_the_graph_api():
+    """storch.method.VIMCO: the cost registered is -log w_k = log q(z_k) - log p(x, z_k) with a learnable table
+    log p (pathwise gradient) and q = Bernoulli(sigmoid(phi)) over 2 latents (score gradient); -grad of backward()
+    against the exact gradient of E[log mean_k w_k] over all 4**3 joint draws. (VIMCO is not homogeneous in the
+    cost: its objective is a log-mean-exp of -cost.)"""
+    K = 3
+    phi0 = torch.tensor([0.4, -0.8])
+    psi0 = torch.tensor([[-1.0, -2.5], [-0.3, -4.0]])
+
+    def log_p_of(psi, z):  # psi[z1, z2], bilinear in the bits so that it also runs on plate tensors
+        z1, z2 = z[..., 0], z[..., 1]
+        return ((1 - z1) * (1 - z2) * psi[0, 0] + (1 - z1) * z2 * psi[0, 1] + z1 * (1 - z2) * psi[1, 0]
+                + z1 * z2 * psi[1, 1])
+
+    phi, psi = phi0.double().requires_grad_(), psi0.double().requires_grad_()
+    configs = torch.tensor(list(itertools.product((0.0, 1.0), repeat=2)), dtype=torch.float64)
+    total = 0
+    for ks in itertools.product(range(4), repeat=K):
+        z = configs[list(ks)]
+        lq = Bernoulli(logits=phi).log_prob(z).sum(-1)
+        total = total + lq.exp().prod() * (torch.logsumexp(log_p_of(psi, z) - lq, 0) - math.log(K))
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, [phi, psi])])
+    torch.manual_seed(9)
+    est = []
+    for _ in range(3000):
+        phi, psi = phi0.clone().requires_grad_(), psi0.clone().requires_grad_()
+        q = Bernoulli(logits=phi)
+        z = storch.method.VIMCO("z", n_samples=K)(q)
+        storch.add_cost(q.log_prob(z).sum(-1) - log_p_of(psi, z), "neg_log_w")
+        storch.backward()
+        est.append(-torch.cat([phi.grad.reshape(-1), psi.grad.reshape(-1)]))
+    assert_unbiased(torch.stack(est).double(), exact)
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        storch.method.VIMCO("z", n_samples=1)
+
+
 @pytest.mark.parametrize("n", [3, 4])
 def test_arms_unbiased(n):
     torch.manual_seed(40 + n)

@@ -6,6 +6,7 @@ from .gumbel_softmax import GumbelSoftmax
 from .relax import LAX, REBAR, RELAX
 from .reparameterization import Infer, Reparameterization
 from .score_function import ScoreFunction
+from .vimco import VIMCO
 
 __all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
-           "DisARM", "ARMS", "RELAX", "REBAR", "LAX"]
+           "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO"]

@@ -16,6 +16,33 @@ from ._base import Draw, Method, Params, aligned_cost, extra_dims, reduce_term
 _BASELINES = ("none", "batch_average", "moving_average")
 
 
+def sample_plain(params: Params, n: int) -> Draw:
+    """n Monte Carlo samples, not reparameterized: categorical families by the fused sampler (the indices kept as
+    the state, for the fused log-probability), others by ``distribution.sample``."""
+    if params.cat is not None and not isinstance(params.distr, D.RelaxedOneHotCategorical):
+        logits = params.logits().detach()
+        one_hot = isinstance(params.distr, D.OneHotCategorical)
+        out = F.sample_categorical(logits, n, one_hot=one_hot)
+        idx, value = out if one_hot else (out, out)
+        return Draw(value, n, state=idx)
+    with torch.no_grad():
+        value = params.raw_distribution().sample((n,))
+    return Draw(value, n)
+
+
+def sample_log_prob(sample) -> torch.Tensor:
+    """``log q(z)`` of a :func:`sample_plain` draw, summed over the latents inside one draw: ``[n, plates...]``
+    (differentiable w.r.t. the distribution's parameters)."""
+    params, idx = sample._info
+    npl = len(sample.plates)
+    if idx is not None:
+        logits = params.logits()
+        lp = F.categorical_log_prob(logits.expand(idx.shape[1:] + logits.shape[-1:]), idx)
+    else:
+        lp = params.raw_distribution().log_prob(sample._tensor)
+    return lp.sum(tuple(range(npl, lp.dim()))) if lp.dim() > npl else lp
+
+
 class ScoreFunction(Method):
     """Score-function estimator ``(cost - b) * grad log p(z)``.
 
@@ -54,16 +81,7 @@ class ScoreFunction(Method):
         self.register_buffer("moving_average", torch.tensor(0.0))
 
     def _sample(self, params: Params):
-        n = self.n_samples
-        if params.cat is not None and not isinstance(params.distr, D.RelaxedOneHotCategorical):
-            logits = params.logits().detach()
-            one_hot = isinstance(params.distr, D.OneHotCategorical)
-            out = F.sample_categorical(logits, n, one_hot=one_hot)
-            idx, value = out if one_hot else (out, out)
-            return Draw(value, n, state=idx)
-        with torch.no_grad():
-            value = params.raw_distribution().sample((n,))
-        return Draw(value, n)
+        return sample_plain(params, self.n_samples)
 
     def _baseline(self, sample, cost: Tensor, weight: torch.Tensor):
         if self.baseline == "batch_average":

@@ -96,12 +96,20 @@ def _vocab_blocks(weight: torch.Tensor) -> List[Tuple[int, int]]:
     return [(v0, min(V, v0 + vb)) for v0 in range(0, V, vb)]
 
 
+def _half_on_gpu(weight: torch.Tensor, acc: torch.dtype) -> bool:
+    """bf16/fp16 on CUDA: tensor-core GEMMs with fp32 outputs (``out_dtype``) instead of converting to fp32."""
+    return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32
+
+
 def _logits_into(slab: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  blocks) -> None:
+    """slab = x W^T (+ b) in the slab's dtype; ``x`` is in the accumulation dtype, or the weight's on a GPU."""
     acc = slab.dtype
     if weight.dtype == acc:
         torch.mm(x, weight.t(), out=slab)
-    else:  # half-precision weights: converted one vocabulary block at a time, the GEMM in fp32
+    elif _half_on_gpu(weight, acc):
+        torch.mm(x, weight.t(), out_dtype=acc, out=slab)
+    else:  # half-precision weights on the CPU: converted one vocabulary block at a time, the GEMM in fp32
         for v0, v1 in blocks:
             slab[:, v0:v1] = x @ weight[v0:v1].to(acc).t()
     if bias is not None:
@@ -113,6 +121,22 @@ def _backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks, d
     """dz [M, V] -> dX [M, H] (when need_x); dW [V, H] and db [V] accumulated in place (fp32), or written by the
     first block (``first``: no zero-fill pass over dW)."""
     dx = None
+    if _half_on_gpu(weight, dz.dtype):
+        # as torch's own bf16 backward does, dz enters the GEMMs in the weight's dtype; dW accumulates in fp32
+        d = dz.to(weight.dtype)
+        if need_x:
+            dx = d @ weight
+        if dw is not None:
+            if first:
+                torch.mm(d.t(), x, out_dtype=dw.dtype, out=dw)
+            else:
+                torch.addmm(dw, d.t(), x, out_dtype=dw.dtype, out=dw)
+        if db is not None:
+            if first:
+                torch.sum(dz, 0, out=db)
+            else:
+                db += dz.sum(0)
+        return dx
     same = weight.dtype == dz.dtype
     for v0, v1 in ([(0, weight.shape[0])] if same else blocks):
         d = dz if same else dz[:, v0:v1]
@@ -141,6 +165,7 @@ class _Driver:
         self.acc = _checks.acc_dtype(hidden.dtype)
         self.inv_t = 1.0 / temperature
         self.blocks = _vocab_blocks(weight)
+        self.half_gpu = _half_on_gpu(weight, self.acc)
         self.rows = rows  # None: every row
         M = hidden.shape[0] if rows is None else rows.numel()
         V = weight.shape[0]
@@ -159,7 +184,7 @@ class _Driver:
             else:
                 sel = self.rows[b0:b1]
                 x = self.hidden.index_select(0, sel)
-            x = x.to(self.acc)
+            x = x.to(self.weight.dtype if self.half_gpu else self.acc)
             slab = self.slab_buf[: b1 - b0]
             _logits_into(slab, x, self.weight, self.bias, self.blocks)
             yield sel, x, slab
@@ -328,6 +353,7 @@ def _log_prob_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, index, lse, ent)
     ctx.args = (temperature, ignore_index, chunk)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # unused outputs (lse, entropy) get no zero gradient buffers
 
 
 def _log_prob_formula(ctx, grad_logp, _grad_lse, grad_ent):
@@ -498,6 +524,7 @@ def _policy_setup(ctx, inputs, output):
     # scales out of place and keeps them (retain_graph works).
     ctx.grads = list(output[4:])
     ctx.has_bias = inputs[2] is not None
+    ctx.set_materialize_grads(False)  # else autograd hands the backward a zero [V, H] gradient for the dW output
 
 
 def _policy_formula(ctx, grad_loss, *_unused):
