@@ -139,8 +139,9 @@ def _synced(fn, device):
     return run
 
 
-def _rounds():
-    return 3 if FULL else 1
+def _rounds(impl=None):
+    # Liger's torch path takes 20-45 s a call at the full shapes, 3-4x the others: one timed round suffices
+    return 3 if FULL and impl != "liger_grpo_torch" else 1
 
 
 @pytest.mark.parametrize("case", CASES, ids=_sid)
@@ -188,7 +189,7 @@ def test_policy_loss_fwd_bwd(benchmark, case, impl):
     if not benchmark.disabled:
         hidden.grad = weight.grad = None
         benchmark.extra_info["peak_memory_delta"] = peak_cuda_delta(step) if device == "cuda" else peak_rss_delta(step)
-    benchmark.pedantic(step, rounds=_rounds(), iterations=1)
+    benchmark.pedantic(step, rounds=_rounds(impl), iterations=1)
     if not benchmark.disabled:
         t = benchmark.stats.stats.min
         benchmark.extra_info["GFps_6NHV"] = 6 * N * H * V / t / 1e9
