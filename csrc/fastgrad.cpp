@@ -43,6 +43,7 @@ TORCH_LIBRARY(fastgrad_C, m) {
   m.def("score_surrogate_backward(Tensor grad, Tensor logits, Tensor index, Tensor weight, Tensor lse) -> Tensor");
   m.def("enumerate_log_probs(Tensor logits) -> Tensor");
   m.def("enumerate_log_probs_backward(Tensor grad, Tensor logits) -> Tensor");
+  m.def("gumbel_topk(Tensor logits, int k, int seed, int offset) -> (Tensor, Tensor)");
   // row passes of the fused LM-head ops over one token block's logits slab (fastgrad/ops/linear_log_prob.py)
   m.def("linear_rows_stats(Tensor slab, Tensor index, float inv_t, bool want_entropy) -> (Tensor, Tensor, Tensor)");
   m.def("linear_rows_grad_(Tensor(a!) slab, Tensor index, Tensor coef, Tensor g_ent, Tensor lse, Tensor ent, "

@@ -28,6 +28,7 @@ from .ops import _checks, _philox
 from .ops import categorical_sample as _cs
 from .ops import enumerate_log_probs as _enum
 from .ops import gumbel_softmax as _gs
+from .ops import gumbel_topk as _gtk
 from .ops import linear_log_prob as _lm
 from .ops import score_surrogate as _ss
 
@@ -54,6 +55,7 @@ __all__ = [
     "relax_surrogate_from_values",
     "bernoulli_log_prob",
     "vimco_surrogate",
+    "gumbel_topk",
     "linear_log_prob",
     "linear_policy_loss",
     "linear_score_function_surrogate",
@@ -183,6 +185,31 @@ def sample_categorical(
     if one_hot:
         return idx, oh.view((n,) + batch + (K,))
     return idx
+
+
+def gumbel_topk(logits: torch.Tensor, k: int, *, generator: Optional[torch.Generator] = None,
+                seed: Optional[int] = None, offset: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``k`` distinct categories of every row without replacement (Gumbel-top-k).
+
+    Args:
+        logits: ``[..., K]`` float (unnormalized; ``-inf`` = zero probability, never chosen).
+        k: 1 <= k <= K (and no more than a row's categories of nonzero probability).
+
+    Returns:
+        ``(indices, values)``, both ``[..., k]``: int64 categories in the order of successive draws without
+        replacement (decreasing perturbed value), and their perturbed log-probabilities
+        ``log_softmax(logits) + Gumbel`` (float32; float64 for float64 logits). The same seed gives the same sets on
+        every backend (:mod:`fastgrad.ops.gumbel_topk`).
+    """
+    logits = _check_logits(logits, values=False)  # values: checked by the op
+    k = _check_n(k, "k")
+    if k > logits.shape[-1]:  # before a seed is drawn: a call that raises leaves the generator untouched
+        raise ValueError(f"k must lie in [1, K] = [1, {logits.shape[-1]}], got {k}")
+    rows = _rows(logits.detach())
+    seed, offset = _philox.draw_seed_offset(rows.numel(), generator, seed, offset)
+    idx, val = _gtk.gumbel_topk(rows, k, seed, offset)
+    batch = logits.shape[:-1]
+    return idx.view(batch + (idx.shape[-1],)), val.view(batch + (val.shape[-1],))
 
 
 def gumbel_softmax(

@@ -1,0 +1,125 @@
+// k distinct categories per row by Gumbel-top-k (Vieira 2014; Kool, van Hoof & Welling 2019): the indices of the k
+// largest perturbed log-probabilities phi_i = log_softmax(l)_i + G_i, G_i = -log(-log u_i), u_i the uniform of
+// stream element r * K + i. One pass for the logsumexp, one for the noise and the selection (a sorted array of the
+// k best, entered only by elements above the current k-th: O(K) compares plus O(k) per insertion); nothing [R, K]
+// is allocated. Validates what it reads: a row whose logsumexp is not finite, or with fewer than k categories of
+// nonzero probability, is a ValueError.
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "philox.h"
+#include "vec_math.h"
+
+namespace fastgrad {
+namespace {
+
+// sum_j e^(buf_j), buf overwritten (float: vectorized)
+template <typename acc>
+acc exp_sum(acc* buf, int64_t len) {
+  if constexpr (std::is_same_v<acc, float>) {
+    exp_inplace(buf, len);
+    return sum_of(buf, len);
+  } else {
+    acc s = 0;
+    for (int64_t j = 0; j < len; ++j) s += std::exp(buf[j]);
+    return s;
+  }
+}
+
+// buf[j] = (l[j] - lse) - log(-log u_j) for stream elements e0 .. e0 + len - 1
+template <typename scalar_t, typename acc>
+void perturbed(const scalar_t* l, int64_t len, acc lse, uint64_t seed, uint64_t offset, uint64_t e0, acc* buf,
+               float* u, float* scratch) {
+  if constexpr (std::is_same_v<acc, float>) {
+    fill_uniform(seed, offset, e0, len, u, scratch);
+    log_inplace(u, len);
+    for (int64_t j = 0; j < len; ++j) u[j] = -u[j];
+    log_inplace(u, len);
+    for (int64_t j = 0; j < len; ++j) buf[j] = (static_cast<float>(l[j]) - lse) - u[j];
+  } else {
+    PhiloxStream st(seed, offset, e0);
+    for (int64_t j = 0; j < len; ++j)
+      buf[j] = (static_cast<acc>(l[j]) - lse) - std::log(-std::log(static_cast<acc>(st.next())));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int64_t k, int64_t seed,
+                                                   int64_t offset) {
+  FG_CHECK_2D(logits, "logits");
+  const int64_t R = logits.size(0), K = logits.size(1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= K, "k must lie in [1, K] = [1, ", K, "], got ", k);
+  const bool dbl = logits.scalar_type() == at::kDouble;
+  auto idx = at::empty({R, k}, logits.options().dtype(at::kLong));
+  auto val = at::empty({R, k}, logits.options().dtype(dbl ? at::kDouble : at::kFloat));
+  if (R == 0) return {idx, val};
+  std::atomic<bool> bad_row{false}, too_few{false};
+  const uint64_t s = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gumbel_topk_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    int64_t* ip = idx.data_ptr<int64_t>();
+    acc* vp = val.data_ptr<acc>();
+    at::parallel_for(0, R, grain_for(4 * K), [&](int64_t r0, int64_t r1) {
+      constexpr int64_t C = 1024;
+      std::vector<acc> buf(C);
+      std::vector<float> u(C), scratch(uniform_scratch(C));
+      std::vector<acc> topv(k);
+      std::vector<int64_t> topi(k);
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = lp + r * K;
+        acc m = -INFINITY, se = 0;
+        for (int64_t j = 0; j < K; ++j) m = std::max(m, static_cast<acc>(row[j]));
+        for (int64_t j0 = 0; j0 < K; j0 += C) {
+          const int64_t len = std::min(C, K - j0);
+          for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc>(row[j0 + j]) - m;
+          se += exp_sum(buf.data(), len);
+        }
+        const acc lse = m + std::log(se);
+        if (!std::isfinite(lse)) {
+          bad_row.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        int64_t filled = 0;
+        acc thr = -INFINITY;  // the k-th best so far once k are held
+        const uint64_t e0 = static_cast<uint64_t>(r) * static_cast<uint64_t>(K);
+        for (int64_t j0 = 0; j0 < K; j0 += C) {
+          const int64_t len = std::min(C, K - j0);
+          perturbed<scalar_t, acc>(row + j0, len, lse, s, off, e0 + j0, buf.data(), u.data(), scratch.data());
+          for (int64_t j = 0; j < len; ++j) {
+            const acc z = buf[j];
+            if (!(z > thr) || z == -INFINITY) continue;  // -inf: a zero-probability category, never chosen
+            int64_t pos = filled < k ? filled++ : k - 1;  // insert into the sorted (descending) top-k
+            while (pos > 0 && topv[pos - 1] < z) {
+              topv[pos] = topv[pos - 1];
+              topi[pos] = topi[pos - 1];
+              --pos;
+            }
+            topv[pos] = z;
+            topi[pos] = j0 + j;
+            if (filled == k) thr = topv[k - 1];
+          }
+        }
+        if (filled < k) {
+          too_few.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        for (int64_t t = 0; t < k; ++t) {
+          ip[r * k + t] = topi[t];
+          vp[r * k + t] = topv[t];
+        }
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!bad_row.load(), FG_INVALID_ROWS_MESSAGE);
+  TORCH_CHECK_VALUE(!too_few.load(), "k must not exceed the number of categories with nonzero probability (finite "
+                    "logits) in any row");
+  return {idx, val};
+}
+
+TORCH_LIBRARY_IMPL(fastgrad_C, CPU, m) { m.impl("gumbel_topk", &gumbel_topk_cpu); }
+
+}  // namespace fastgrad

@@ -1,0 +1,66 @@
+"""``fastgrad::gumbel_topk``: k distinct categories per row, sampled without replacement by Gumbel-top-k.
+
+Perturbed log-probabilities ``phi[r, i] = log_softmax(l[r])_i + G[r, i]``, ``G = -log(-log u)`` with ``u`` the
+uniform of element ``r * K + i`` of the Philox stream (seed, offset); the op returns the indices of the k largest
+in decreasing order and their values. The top-k of ``phi`` is a sample of k categories without replacement, in
+the order of successive draws (Vieira 2014, "Gumbel-max trick and weighted reservoir sampling"; Kool, van Hoof &
+Welling 2019, "Stochastic beams and where to find them"), and the values are what the unordered-set and
+without-replacement estimators need (the k-th and (k+1)-th perturbed values are the thresholds). Categories of
+zero probability (``-inf`` logits) are never chosen; k larger than a row's number of finite logits is a ValueError.
+
+Backends: the C++ CPU kernel (one logsumexp pass, one noise-and-select pass, nothing ``[R, K]`` allocated) and the
+pure-torch reference (CPU fallback, test oracle, and the GPU path for now: it materializes the ``[R, K]`` noise;
+no CUDA or Triton kernel yet). Not differentiable: the indices are samples and the values are used as constants.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from . import _backend, _checks, _philox
+
+
+def reference(logits: torch.Tensor, k: int, seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    R, K = logits.shape
+    acc = _checks.acc_dtype(logits.dtype)
+    la = logits.to(acc)
+    u = _philox.uniform(seed, offset, R * K, logits.device).view(R, K).to(acc)
+    z = (la - torch.logsumexp(la, -1, keepdim=True)) - torch.log(-torch.log(u))
+    val, idx = torch.topk(z, k, dim=-1, sorted=True)
+    return idx, val
+
+
+def check(backend: str, logits, k, seed, offset) -> None:
+    _checks.tensor(logits, "logits", 2)
+    K = logits.shape[1]
+    _checks.categories(K)
+    _checks.count(k, "k")
+    if k > K:
+        raise ValueError(f"k must lie in [1, K] = [1, {K}], got {k}")
+    _checks.seed_offset(seed, offset)
+    if backend != "cpp" and not _checks._skip_values(logits):  # the C++ kernel checks what it reads
+        _checks.logits_rows(logits)
+        if int(torch.isfinite(logits).sum(-1).min()) < k:
+            raise ValueError("k must not exceed the number of categories with nonzero probability (finite logits) "
+                             "in any row")
+
+
+def _impl(logits, k, seed, offset):
+    b = _backend.choose(logits.device)
+    check(b, logits, k, seed, offset)
+    if b == "cpp":
+        return torch.ops.fastgrad_C.gumbel_topk.default(logits, k, seed, offset)
+    return reference(logits, k, seed, offset)
+
+
+def _fake(logits, k, seed, offset):
+    R = logits.shape[0]
+    return (logits.new_empty((R, k), dtype=torch.int64),
+            logits.new_empty((R, k), dtype=_checks.acc_dtype(logits.dtype)))
+
+
+# logits [R, K] float (contiguous) -> (indices int64 [R, k], perturbed values [R, k] float32/float64), decreasing
+gumbel_topk = torch.library.custom_op("fastgrad::gumbel_topk", _impl, mutates_args=(),
+                                      schema="(Tensor logits, int k, int seed, int offset) -> (Tensor, Tensor)")
+gumbel_topk.register_fake(_fake)

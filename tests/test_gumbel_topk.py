@@ -1,0 +1,125 @@
+"""fastgrad::gumbel_topk as a sampler without replacement: the frequencies of ordered pairs and of unordered
+3-subsets against the exact without-replacement probabilities (chi-square, p > 1e-3), on every backend; the same
+seed gives the same sets on every backend; zero-probability categories are never drawn; bad input."""
+import itertools
+
+import pytest
+import torch
+from scipy import stats
+
+import fastgrad
+import fastgrad.functional as F
+from fastgrad.ops import gumbel_topk as gtk
+
+from .conftest import available_backends
+
+BACKENDS = [b for b in available_backends() if b in ("reference", "cpp")]  # no CUDA/Triton kernel yet
+P = torch.tensor([0.35, 0.25, 0.2, 0.15, 0.05], dtype=torch.float64)
+DRAWS = 200_000
+
+
+def _ordered_prob(seq):
+    p, left = 1.0, 1.0
+    for i in seq:
+        p *= float(P[i]) / left
+        left -= float(P[i])
+    return p
+
+
+def _draw(backend, k, n=DRAWS, seed=3):
+    logits = torch.log(P).float().expand(n, -1).contiguous()
+    with fastgrad.ops._backend.backend(backend):
+        return F.gumbel_topk(logits, k, seed=seed, offset=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ordered_pairs_follow_sampling_without_replacement(backend):
+    idx, val = _draw(backend, 2)
+    pairs = list(itertools.permutations(range(5), 2))
+    code = idx[:, 0] * 5 + idx[:, 1]
+    counts = torch.bincount(code, minlength=25)[[a * 5 + b for a, b in pairs]].double()
+    assert int(counts.sum()) == DRAWS  # distinct: no (i, i) pair
+    expected = torch.tensor([_ordered_prob(s) for s in pairs], dtype=torch.float64) * DRAWS
+    assert stats.chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+    assert bool((val[:, 0] >= val[:, 1]).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unordered_triples_follow_sampling_without_replacement(backend):
+    idx, _ = _draw(backend, 3, seed=4)
+    subsets = list(itertools.combinations(range(5), 3))
+    key = torch.sort(idx, -1).values
+    code = key[:, 0] * 25 + key[:, 1] * 5 + key[:, 2]
+    counts = torch.bincount(code, minlength=125)[[a * 25 + b * 5 + c for a, b, c in subsets]].double()
+    assert int(counts.sum()) == DRAWS
+    expected = torch.tensor([sum(_ordered_prob(o) for o in itertools.permutations(s)) for s in subsets],
+                            dtype=torch.float64) * DRAWS
+    assert stats.chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_backends_agree_and_values_are_perturbed_log_probs(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 301, generator=g) * 3).to(dtype)
+    outs = {}
+    for b in BACKENDS:
+        with fastgrad.ops._backend.backend(b):
+            outs[b] = F.gumbel_topk(logits, 7, seed=11, offset=5)
+    idx, val = outs["reference"]
+    assert idx.shape == (37, 7) and val.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert bool((val[:, :-1] >= val[:, 1:]).all())
+    assert all(len(set(r.tolist())) == 7 for r in idx)
+    # the values are log_softmax + the Gumbel noise of element r * K + i of the stream
+    u = fastgrad.ops._philox.uniform(11, 5, 37 * 301).view(37, 301).double()
+    phi = torch.log_softmax(logits.double(), -1) - torch.log(-torch.log(u))
+    torch.testing.assert_close(val.double(), phi.gather(-1, idx), atol=1e-5, rtol=1e-5)
+    # the top-k of phi, up to float ties
+    torch.testing.assert_close(val.double(), phi.topk(7, -1).values, atol=1e-5, rtol=1e-5)
+    for b, (i2, v2) in outs.items():
+        assert torch.equal(i2, idx), b
+        torch.testing.assert_close(v2, val, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_probability_categories_are_never_drawn(backend):
+    logits = torch.zeros(2000, 8)
+    logits[:, [1, 4, 6]] = float("-inf")
+    with fastgrad.ops._backend.backend(backend):
+        idx, val = F.gumbel_topk(logits, 5, seed=1)
+        assert not bool(torch.isin(idx, torch.tensor([1, 4, 6])).any())
+        assert bool(torch.isfinite(val).all())
+        with pytest.raises(ValueError, match="nonzero probability"):
+            F.gumbel_topk(logits, 6, seed=1)
+        # k = K: a random permutation
+        perm, _ = F.gumbel_topk(torch.randn(3, 9), 9, seed=2)
+        assert torch.equal(perm.sort(-1).values, torch.arange(9).expand(3, 9))
+        # batch shapes and an empty batch
+        i3, v3 = F.gumbel_topk(torch.randn(2, 3, 10), 4, seed=0)
+        assert i3.shape == (2, 3, 4) and v3.shape == (2, 3, 4)
+        assert F.gumbel_topk(torch.randn(0, 10), 2, seed=0)[0].shape == (0, 2)
+
+
+def test_bad_input_is_a_clear_error_and_leaves_the_generator():
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    for kw, exc, msg in [(dict(k=0), ValueError, "k must be >= 1"), (dict(k=11), ValueError, "k must lie in"),
+                         (dict(k=2.0), TypeError, "k must be an int")]:
+        with pytest.raises(exc, match=msg):
+            F.gumbel_topk(torch.randn(3, 10), generator=g, **kw)
+        assert torch.equal(g.get_state(), state)
+    bad = torch.randn(3, 10)
+    bad[1, 2] = float("nan")
+    for b in BACKENDS:
+        with fastgrad.ops._backend.backend(b), pytest.raises(ValueError, match="NaN"):
+            F.gumbel_topk(bad, 2, seed=0)
+    with pytest.raises(ValueError, match="k must lie in"):
+        torch.ops.fastgrad.gumbel_topk(torch.randn(3, 10), 11, 0, 0)
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(6, 20)
+    torch.library.opcheck(torch.ops.fastgrad.gumbel_topk.default, (x, 3, 7, 0))
+    fn = torch.compile(lambda t: F.gumbel_topk(t, 3, seed=7, offset=0), fullgraph=True, backend="aot_eager")
+    i1, v1 = fn(x)
+    i2, v2 = F.gumbel_topk(x, 3, seed=7, offset=0)
+    assert torch.equal(i1, i2) and torch.equal(v1, v2)
