@@ -32,7 +32,7 @@ def test_fused_and_unfused_steps_agree():
 def test_reward_counts_up_from_the_prompt():
     prompt = torch.tensor([3, 8])
     completion = torch.tensor([[4, 5, 6, 0], [9, 0, 2, 2]])
-    torch.testing.assert_close(grpo.reward(prompt, completion), torch.tensor([0.75, 0.5]))
+    torch.testing.assert_close(grpo.reward(prompt, completion), torch.tensor([0.75, 0.75]))  # 3 of 4 each: 4 5 6 (7); 9 0 (1) 2
 
 
 def test_program_runs_and_writes_its_files(tmp_path, capsys):
