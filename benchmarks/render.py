@@ -53,6 +53,31 @@ def _ops_table(path: Path) -> list:
     return lines + [""]
 
 
+def _lm_table(path: Path) -> list:
+    """benchmarks/test_linear_loss_bench.py: the fused LM-head policy loss against the unfused and chunked peers."""
+    data = json.loads(path.read_text())
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    lines = [f"### {path.name}", "", f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores; commit "
+             f"{data.get('commit_info', {}).get('id', '?')[:10]}. Best of the timed rounds; FLOPs 6 N H V for every "
+             "row; of 3 x mm: 3 t_mm / t with the same run's torch.mm; peak: memory growth during one call.", "",
+             "| shape | implementation | seconds | GF/s @6NHV | of 3 x mm | speed-up over eager | peak growth |",
+             "|---|---|---|---|---|---|---|"]
+    groups = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], []).append(b)
+    for g, items in groups.items():
+        eager = [b["stats"]["min"] for b in items if b["extra_info"].get("impl") == "eager"]
+        for b in items:
+            e = b["extra_info"]
+            t = b["stats"]["min"]
+            peak = e.get("peak_memory_delta", e.get("peak_rss_delta"))
+            lines.append(f"| {g} | {e.get('impl')} | {t:.2f} | {e.get('GFps_6NHV', float('nan')):.1f} | "
+                         f"{e.get('ceiling_fraction', float('nan')):.2f} | "
+                         f"{(eager[0] / t if eager else float('nan')):.2f}x | "
+                         f"{(peak / 2**20 if isinstance(peak, int) else float('nan')):.0f} MiB |")
+    return lines + [""]
+
+
 def _vae_table(path: Path) -> list:
     data = json.loads(path.read_text())
     impls = sorted({i for row in data["table"].values() for i in row}, key=lambda i: (
@@ -228,8 +253,10 @@ def main() -> None:
                   "Gumbel rows use a relaxed prior and a Monte Carlo KL.", ""]
     for p in sorted(RES.glob("quality_*.json")):
         lines += _quality_table(p)
-    for p in sorted(RES.glob("ops_*.json")):
+    for p in sorted(RES.glob("ops_*.json")) + sorted(RES.glob("gumbel_topk_*.json")):
         lines += _ops_table(p)
+    for p in sorted(RES.glob("linear_loss_*.json")):
+        lines += _lm_table(p)
     for name in _plots():
         lines += [f"![{name}]({name})", ""]
     (RES / "README.md").write_text("\n".join(lines))

@@ -27,6 +27,8 @@ def test_render_tables():
     assert files, "committed results are missing from benchmarks/results"
     for p in render.RES.glob("ops_*.json"):
         assert any("|" in line for line in render._ops_table(p))
+    for p in render.RES.glob("linear_loss_*.json"):
+        assert any("fastgrad_policy" in line for line in render._lm_table(p))
     for p in render.RES.glob("vae_step_*.json"):
         assert any("sf1" in line for line in render._vae_table(p))
 
