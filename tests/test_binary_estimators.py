@@ -247,9 +247,10 @@ def test_vimco_method_unbiased_through_the_graph_api():
     est = []
     for _ in range(3000):
         phi, psi = phi0.clone().requires_grad_(), psi0.clone().requires_grad_()
-        q = Bernoulli(logits=phi)
-        z = storch.method.VIMCO("z", n_samples=K)(q)
-        storch.add_cost(q.log_prob(z).sum(-1) - log_p_of(psi, z), "neg_log_w")
+        z = storch.method.VIMCO("z", n_samples=K)(Bernoulli(logits=phi))
+        # log q(z) written out: Bernoulli.log_prob's argument validation refuses plate tensors
+        log_q = -(z * TF.softplus(-phi) + (1 - z) * TF.softplus(phi)).sum(-1)
+        storch.add_cost(log_q - log_p_of(psi, z), "neg_log_w")
         storch.backward()
         est.append(-torch.cat([phi.grad.reshape(-1), psi.grad.reshape(-1)]))
     assert_unbiased(torch.stack(est).double(), exact)

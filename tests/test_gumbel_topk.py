@@ -9,7 +9,6 @@ from scipy import stats
 
 import fastgrad
 import fastgrad.functional as F
-from fastgrad.ops import gumbel_topk as gtk
 
 from .conftest import available_backends
 
