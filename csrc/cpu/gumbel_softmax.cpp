@@ -9,24 +9,6 @@
 namespace fastgrad {
 
 namespace {
-// z[k] = l[k] - log(-log(u_k)) for the row starting at stream element e0
-template <typename scalar_t, typename acc>
-inline void perturbed_row(const scalar_t* l, int64_t K, uint64_t seed, uint64_t offset, uint64_t e0, acc* u,
-                          acc* z, float* scratch) {
-  if constexpr (std::is_same_v<acc, float>) {
-    // float path: Philox 8 counters at a time, vector log twice
-    fill_uniform(seed, offset, e0, K, u, scratch);
-    log_inplace(u, K);
-    for (int64_t k = 0; k < K; ++k) u[k] = -u[k];
-    log_inplace(u, K);
-    for (int64_t k = 0; k < K; ++k) z[k] = static_cast<float>(l[k]) - u[k];
-  } else {
-    PhiloxStream st(seed, offset, e0);
-    for (int64_t k = 0; k < K; ++k) u[k] = static_cast<acc>(st.next());
-    for (int64_t k = 0; k < K; ++k) z[k] = static_cast<acc>(l[k]) - std::log(-std::log(u[k]));
-  }
-}
-
 // y = softmax(z / tau) in place
 template <typename acc>
 inline void softmax_inplace(acc* z, int64_t K, acc inv_tau) {

@@ -28,23 +28,6 @@ acc exp_sum(acc* buf, int64_t len) {
   }
 }
 
-// buf[j] = (l[j] - lse) - log(-log u_j) for stream elements e0 .. e0 + len - 1
-template <typename scalar_t, typename acc>
-void perturbed(const scalar_t* l, int64_t len, acc lse, uint64_t seed, uint64_t offset, uint64_t e0, acc* buf,
-               float* u, float* scratch) {
-  if constexpr (std::is_same_v<acc, float>) {
-    fill_uniform(seed, offset, e0, len, u, scratch);
-    log_inplace(u, len);
-    for (int64_t j = 0; j < len; ++j) u[j] = -u[j];
-    log_inplace(u, len);
-    for (int64_t j = 0; j < len; ++j) buf[j] = (static_cast<float>(l[j]) - lse) - u[j];
-  } else {
-    PhiloxStream st(seed, offset, e0);
-    for (int64_t j = 0; j < len; ++j)
-      buf[j] = (static_cast<acc>(l[j]) - lse) - std::log(-std::log(static_cast<acc>(st.next())));
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int64_t k, int64_t seed,
@@ -66,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
     at::parallel_for(0, R, grain_for(4 * K), [&](int64_t r0, int64_t r1) {
       constexpr int64_t C = 1024;
       std::vector<acc> buf(C);
-      std::vector<float> u(C), scratch(uniform_scratch(C));
+      std::vector<acc> u(C);
+      std::vector<float> scratch(uniform_scratch(C));
       std::vector<acc> topv(k);
       std::vector<int64_t> topi(k);
       for (int64_t r = r0; r < r1; ++r) {
@@ -88,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
         const uint64_t e0 = static_cast<uint64_t>(r) * static_cast<uint64_t>(K);
         for (int64_t j0 = 0; j0 < K; j0 += C) {
           const int64_t len = std::min(C, K - j0);
-          perturbed<scalar_t, acc>(row + j0, len, lse, s, off, e0 + j0, buf.data(), u.data(), scratch.data());
+          perturbed_row<scalar_t, acc>(row + j0, len, s, off, e0 + j0, u.data(), buf.data(), scratch.data(), lse);
           for (int64_t j = 0; j < len; ++j) {
             const acc z = buf[j];
             if (!(z > thr) || z == -INFINITY) continue;  // -inf: a zero-probability category, never chosen

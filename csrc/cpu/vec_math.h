@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "philox.h"
 
@@ -226,6 +227,25 @@ inline void stream_fence() {
 #ifdef FG_MVEC
   _mm_sfence();
 #endif
+}
+
+// z[k] = (l[k] - shift) - log(-log(u_k)) for the row starting at stream element e0: the Gumbel-perturbed logits
+// of Gumbel-softmax (shift 0) and Gumbel-top-k (shift = the row's logsumexp). u: K floats of scratch in acc.
+template <typename scalar_t, typename acc>
+inline void perturbed_row(const scalar_t* l, int64_t K, uint64_t seed, uint64_t offset, uint64_t e0, acc* u,
+                          acc* z, float* scratch, acc shift = 0) {
+  if constexpr (std::is_same_v<acc, float>) {
+    // float path: Philox 8 counters at a time, vector log twice
+    fill_uniform(seed, offset, e0, K, u, scratch);
+    log_inplace(u, K);
+    for (int64_t k = 0; k < K; ++k) u[k] = -u[k];
+    log_inplace(u, K);
+    for (int64_t k = 0; k < K; ++k) z[k] = (static_cast<float>(l[k]) - shift) - u[k];
+  } else {
+    PhiloxStream st(seed, offset, e0);
+    for (int64_t k = 0; k < K; ++k) u[k] = static_cast<acc>(st.next());
+    for (int64_t k = 0; k < K; ++k) z[k] = (static_cast<acc>(l[k]) - shift) - std::log(-std::log(u[k]));
+  }
 }
 
 }  // namespace fastgrad
