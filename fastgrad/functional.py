@@ -719,8 +719,7 @@ def _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budg
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    if not _is_compiling() and hidden.numel() and not bool(torch.isfinite(hidden.detach()).all()):
-        raise ValueError("hidden must be finite (no NaN or inf)")
+    _checks.finite(h2, "hidden")
     chunk = chunk_size or 0
     if chunk == 0 and memory_budget is not None:
         chunk = _lm.default_chunk(h2.shape[0], weight.shape[0], h2.device, memory_budget)
@@ -775,8 +774,7 @@ def _per_token(t: Optional[torch.Tensor], name: str, lead: Tuple[int, ...], allo
     else:
         seq = f" or [{lead[0]}] (one per sequence)" if allow_sequence and len(lead) == 2 else ""
         raise ValueError(f"{name} must have shape {lead} (index's){seq}, got {tuple(t.shape)}")
-    if not _is_compiling() and out.numel() and not bool(torch.isfinite(out.detach()).all()):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
+    _checks.finite(out, name)
     return out.detach().reshape(-1).contiguous()
 
 

@@ -131,24 +131,19 @@ def _backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks, d
                 torch.mm(d.t(), x, out_dtype=dw.dtype, out=dw)
             else:
                 torch.addmm(dw, d.t(), x, out_dtype=dw.dtype, out=dw)
-        if db is not None:
-            if first:
-                torch.sum(dz, 0, out=db)
-            else:
-                db += dz.sum(0)
-        return dx
-    same = weight.dtype == dz.dtype
-    for v0, v1 in ([(0, weight.shape[0])] if same else blocks):
-        d = dz if same else dz[:, v0:v1]
-        wb = weight if same else weight[v0:v1].to(dz.dtype)
-        if need_x:
-            part = d @ wb
-            dx = part if dx is None else dx.add_(part)
-        if dw is not None:
-            if first:
-                torch.mm(d.t(), x, out=dw[v0:v1])
-            else:
-                dw[v0:v1].addmm_(d.t(), x)
+    else:
+        same = weight.dtype == dz.dtype
+        for v0, v1 in ([(0, weight.shape[0])] if same else blocks):
+            d = dz if same else dz[:, v0:v1]
+            wb = weight if same else weight[v0:v1].to(dz.dtype)
+            if need_x:
+                part = d @ wb
+                dx = part if dx is None else dx.add_(part)
+            if dw is not None:
+                if first:
+                    torch.mm(d.t(), x, out=dw[v0:v1])
+                else:
+                    dw[v0:v1].addmm_(d.t(), x)
     if db is not None:
         if first:
             torch.sum(dz, 0, out=db)
