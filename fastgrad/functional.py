@@ -904,3 +904,16 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
     a = _baseline(_expand_to(cost.to(acc), tuple(samples.shape), "cost", "the samples' shape"), baseline)
     logp, _lse, _ent = _lm.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)
     return a * logp.t()
+
+
+# -- sampling without replacement and its estimators (the math lives in fastgrad._wor) --------------------------
+from ._wor import (joint_log_prob, priority_weights, sample_set, sf_wor_surrogate, top_set,  # noqa: E402
+                   unordered_set_log_ratios, unordered_set_surrogate, unordered_set_weights)
+
+__all__ += ["sample_set", "top_set", "joint_log_prob", "unordered_set_log_ratios", "unordered_set_weights",
+            "unordered_set_surrogate", "priority_weights", "sf_wor_surrogate"]
+from ._relaxations import (entmax, gumbel_entmax, gumbel_rao, indecater_samples, indecater_surrogate,  # noqa: E402
+                           indecater_weights, reinmax, sparsemax)
+
+__all__ += ["entmax", "sparsemax", "gumbel_entmax", "reinmax", "gumbel_rao", "indecater_samples",
+            "indecater_weights", "indecater_surrogate"]

@@ -22,3 +22,13 @@ def assert_lower_variance(low: torch.Tensor, high: torch.Tensor, sigmas: float =
     the difference (independent runs)."""
     (v_l, s_l), (v_h, s_h) = var_and_se(low), var_and_se(high)
     assert (v_l < v_h - sigmas * torch.sqrt(s_l ** 2 + s_h ** 2)).all(), (v_l, v_h)
+
+
+def assert_lower_total_variance(low: torch.Tensor, high: torch.Tensor, sigmas: float = 3.0) -> None:
+    """The variance summed over coordinates (the expected squared distance of an estimate from its mean) of
+    ``low`` is below that of ``high`` by more than ``sigmas`` standard errors of the difference."""
+    def total(g):
+        d = ((g - g.mean(0)) ** 2).flatten(1).sum(1)
+        return d.mean(), d.std() / math.sqrt(g.shape[0])
+    (v_l, s_l), (v_h, s_h) = total(low), total(high)
+    assert v_l < v_h - sigmas * math.sqrt(s_l ** 2 + s_h ** 2), (float(v_l), float(v_h))

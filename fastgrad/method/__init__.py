@@ -7,6 +7,9 @@ from .relax import LAX, REBAR, RELAX
 from .reparameterization import Infer, Reparameterization
 from .score_function import ScoreFunction
 from .vimco import VIMCO
+from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctionWOR, UnorderedSetEstimator,
+                                  UnorderedSetGumbelSoftmax)
 
 __all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
-           "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO"]
+           "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
+           "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR"]

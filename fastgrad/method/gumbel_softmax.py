@@ -13,6 +13,16 @@ from .. import functional as F
 from ._base import Draw, Method, Params
 
 
+def check_schedule(initial_temperature: object, min_temperature: object, annealing_rate: object) -> None:
+    """The temperature schedule of the relaxed estimators: positive finite temperatures, a rate in [0, 1)."""
+    for name, v in (("initial_temperature", initial_temperature), ("min_temperature", min_temperature)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive finite float, got {v!r}")
+    if isinstance(annealing_rate, bool) or not isinstance(annealing_rate, (int, float)) \
+            or not 0 <= annealing_rate < 1:
+        raise ValueError(f"annealing_rate must be in [0, 1), got {annealing_rate!r}")
+
+
 class GumbelSoftmax(Method):
     """Reparameterized relaxed samples of a ``OneHotCategorical`` (or ``Bernoulli``).
 
@@ -27,11 +37,7 @@ class GumbelSoftmax(Method):
         super().__init__(plate_name, n_samples)
         if sampling_method is not None:
             raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
-        for name, v in (("initial_temperature", initial_temperature), ("min_temperature", min_temperature)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive finite float, got {v!r}")
-        if not 0 <= annealing_rate < 1:
-            raise ValueError(f"annealing_rate must be in [0, 1), got {annealing_rate!r}")
+        check_schedule(initial_temperature, min_temperature, annealing_rate)
         self.straight_through = bool(straight_through)
         self.register_buffer("temperature", torch.tensor(float(initial_temperature)))
         self.register_buffer("min_temperature", torch.tensor(float(min_temperature)))

@@ -1,0 +1,229 @@
+"""Sparse relaxations (sparsemax, alpha-entmax and their Gumbel versions) and the straight-through family beyond
+Gumbel-softmax (ReinMax, Gumbel-Rao), and IndeCateR's per-variable weights. :mod:`fastgrad.functional` re-exports
+these; the graph API's methods call them."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from . import functional as _F
+from .ops import _checks, _philox
+
+
+# -- alpha-entmax -------------------------------------------------------------------------------------------------
+def _sparsemax_forward(z: torch.Tensor) -> torch.Tensor:
+    """Sparsemax along the last dim by sorting (Martins & Astudillo 2016, alg. 1)."""
+    zs, _ = torch.sort(z, -1, descending=True)
+    K = z.shape[-1]
+    j = torch.arange(1, K + 1, dtype=z.dtype, device=z.device)
+    cum = zs.cumsum(-1)
+    support = (1 + j * zs > cum)
+    n = support.sum(-1, keepdim=True)                                   # >= 1: the largest entry is in it
+    tau = (cum.gather(-1, n - 1) - 1) / n.to(z.dtype)
+    return torch.clamp(z - tau, min=0)
+
+
+def _entmax15_forward(z: torch.Tensor) -> torch.Tensor:
+    """1.5-entmax along the last dim by sorting (Peters, Niculae & Martins 2019, alg. 2): ``[z/2 - tau]_+^2``."""
+    z = z / 2
+    zs, _ = torch.sort(z, -1, descending=True)
+    K = z.shape[-1]
+    j = torch.arange(1, K + 1, dtype=z.dtype, device=z.device)
+    mean = zs.cumsum(-1) / j
+    mean_sq = (zs * zs).cumsum(-1) / j
+    delta = (1 - j * (mean_sq - mean * mean)) / j
+    tau = mean - torch.sqrt(torch.clamp(delta, min=0))
+    n = (tau <= zs).sum(-1, keepdim=True)
+    return torch.clamp(z - tau.gather(-1, n - 1), min=0) ** 2
+
+
+def _entmax_bisect_forward(z: torch.Tensor, alpha: float, iters: int = 60) -> torch.Tensor:
+    """alpha-entmax ``[(alpha - 1) z - tau]_+^{1/(alpha - 1)}`` with ``tau`` found by bisection (Blondel, Martins &
+    Niculae 2020): ``tau`` lies in ``[max - 1, max - K^{1 - alpha}]`` of ``(alpha - 1) z``."""
+    x = (alpha - 1) * z
+    K = z.shape[-1]
+    hi = x.amax(-1, keepdim=True) - K ** (1 - alpha)
+    lo = x.amax(-1, keepdim=True) - 1
+    for _ in range(iters):
+        tau = (lo + hi) / 2
+        total = torch.clamp(x - tau, min=0).pow(1 / (alpha - 1)).sum(-1, keepdim=True)
+        big = total >= 1
+        lo = torch.where(big, tau, lo)
+        hi = torch.where(big, hi, tau)
+    p = torch.clamp(x - lo, min=0).pow(1 / (alpha - 1))
+    return p / p.sum(-1, keepdim=True)
+
+
+class _Entmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, alpha: float) -> torch.Tensor:
+        if alpha == 2.0:
+            p = _sparsemax_forward(z)
+        elif alpha == 1.5:
+            p = _entmax15_forward(z)
+        else:
+            p = _entmax_bisect_forward(z, alpha)
+        ctx.alpha = alpha
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        # Jacobian diag(s) - s s^T / sum(s), s = p^{2 - alpha} on the support (Peters et al. 2019, prop. 1)
+        (p,) = ctx.saved_tensors
+        s = torch.where(p > 0, p.pow(2 - ctx.alpha), torch.zeros_like(p))
+        gs = s * g
+        return gs - s * (gs.sum(-1, keepdim=True) / s.sum(-1, keepdim=True)), None
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise TypeError(f"alpha must be a finite float, got {alpha!r}")
+    if alpha <= 1:
+        raise ValueError(f"alpha must be > 1 (alpha = 1 is softmax; use gumbel_softmax), got {alpha}")
+    return float(alpha)
+
+
+def entmax(z: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
+    """alpha-entmax along the last dim (Peters, Niculae & Martins, ACL 2019, "Sparse sequence-to-sequence models"):
+    ``argmax_p <p, z> + H_alpha(p)`` over the simplex, ``[(alpha - 1) z - tau]_+^{1/(alpha - 1)}``; alpha = 2 is
+    sparsemax, alpha -> 1 softmax. Exact by sorting for alpha in {1.5, 2}, by bisection otherwise (60 halvings);
+    the backward is the closed-form Jacobian. ``z`` ``[..., K]`` finite float; alpha > 1."""
+    z = _F._check_real(z, "z")
+    if not z.is_floating_point() or z.dim() < 1 or z.shape[-1] < 1:
+        raise ValueError(f"z must be a floating tensor [..., K] with K >= 1, got {z.dtype} {tuple(z.shape)}")
+    return _Entmax.apply(z, _check_alpha(alpha))
+
+
+def sparsemax(z: torch.Tensor) -> torch.Tensor:
+    """Sparsemax along the last dim (Martins & Astudillo, ICML 2016): the Euclidean projection onto the simplex;
+    :func:`entmax` with alpha = 2."""
+    return entmax(z, 2.0)
+
+
+def _gumbel_like(shape, device, generator, seed, offset) -> torch.Tensor:
+    u = _F.uniform(shape, generator=generator, seed=seed, offset=offset, device=device)
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_entmax(logits: torch.Tensor, alpha: float = 1.5, tau: float = 1.0, n: int = 1, hard: bool = False, *,
+                  generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                  offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` Gumbel-entmax samples ``entmax_alpha((log_softmax(logits) + G) / tau)`` (Paulus, Choi, Tarlow, Krause
+    & Maddison, NeurIPS 2020, "Gradient estimation with stochastic softmax tricks", appendix): a pathwise, biased
+    relaxation of the categorical; sparse (exact zeros) unlike Gumbel-softmax. With ``hard``, the forward value is
+    the one-hot argmax of the perturbed logits (the argmax of the entmax) and the gradient the relaxed one
+    (straight-through). ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; Gumbel noise from the
+    Philox stream (:func:`fastgrad.functional.uniform`)."""
+    logits = _F._check_logits(logits, values=True)
+    alpha = _check_alpha(alpha)
+    n = _F._check_n(n)
+    tau = _F._check_tau(tau, logits.dtype)
+    acc = _checks.acc_dtype(logits.dtype)
+    g = _gumbel_like((n,) + tuple(logits.shape), logits.device, generator, seed, offset).to(acc)
+    z = (torch.log_softmax(logits.to(acc), -1) + g) / tau
+    y = _Entmax.apply(z, alpha)
+    if hard:
+        one = torch.nn.functional.one_hot(z.argmax(-1), logits.shape[-1]).to(acc)
+        y = one + (y - y.detach())
+    return y.to(logits.dtype)
+
+
+# -- straight-through beyond Gumbel-softmax -------------------------------------------------------------------
+def _softmax_jvp_surrogate(pi: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A zero-valued tensor whose Jacobian w.r.t. ``logits`` is the softmax Jacobian at the constant ``pi``:
+    ``pi * (d - <pi, d>)`` with ``d = logits - sg(logits)`` (masked categories, ``-inf``, get no gradient)."""
+    safe = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
+    d = safe - safe.detach()
+    pi = pi.detach()
+    return pi * (d - (pi * d).sum(-1, keepdim=True))
+
+
+def reinmax(logits: torch.Tensor, n: int = 1, tau: float = 1.0, *, generator: Optional[torch.Generator] = None,
+            seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` one-hot categorical samples with the ReinMax gradient (Liu, Zhao, Yu, Gao, Han & Ye, NeurIPS 2023,
+    "Bridging discrete and backpropagation: straight-through and beyond"): the forward value is the sample ``D``;
+    the backward is Heun's second-order approximation ``2 J(pi_1) - J(pi_0) / 2`` with ``pi_0 = softmax(logits)``,
+    ``pi_1 = (D + softmax(logits / tau)) / 2`` and ``J(pi) = diag(pi) - pi pi^T`` (the paper's algorithm 2).
+    Biased (second order in the step), one cost evaluation per sample, the cost of straight-through; the paper
+    recommends tau >= 1. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype."""
+    logits = _F._check_logits(logits, values=True)
+    tau = _F._check_tau(tau, logits.dtype)
+    _, one = _F.sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
+    acc = _checks.acc_dtype(logits.dtype)
+    la = logits.to(acc)
+    one = one.to(acc)
+    pi0 = torch.softmax(la, -1).detach()
+    pi1 = (one + torch.softmax(la / tau, -1).detach()) / 2
+    grad = 2 * _softmax_jvp_surrogate(pi1, la) - 0.5 * _softmax_jvp_surrogate(pi0.expand_as(pi1), la)
+    return (one + grad).to(logits.dtype)
+
+
+def gumbel_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 10, *,
+               generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+               offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` one-hot categorical samples with the Gumbel-Rao gradient (Paulus, Maddison & Krause, ICLR 2021,
+    "Rao-Blackwellizing the straight-through Gumbel-softmax gradient estimator"): the forward value is the sample
+    ``D``; the backward is the straight-through Gumbel-softmax Jacobian averaged over ``m`` Gumbel perturbations
+    conditioned on their argmax being ``D`` (:func:`fastgrad.functional.conditional_gumbel_categorical`):
+    ``grad ~ d f / d D * mean_m d softmax(z~_m / tau) / d logits``. Biased as straight-through Gumbel-softmax is, with
+    lower variance; one cost evaluation per sample. ``logits`` ``[..., K]`` -> ``[n, ..., K]``."""
+    logits = _F._check_logits(logits, values=True)
+    tau = _F._check_tau(tau, logits.dtype)
+    n, m = _F._check_n(n), _F._check_n(m, "m")
+    idx, one = _F.sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
+    if seed is not None:  # the conditional noise follows the sampler's on the same stream
+        offset = (offset or 0) + _philox.counters_used(idx.numel())
+    b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape)).reshape((m * n,) + tuple(idx.shape[1:]))
+    z = _F.conditional_gumbel_categorical(logits, b, generator=generator, seed=seed, offset=offset)     # [m n, ..., K], reparameterized
+    y = torch.softmax(z / tau, -1).view((m, n) + tuple(logits.shape)).mean(0)
+    return (one.to(y.dtype) + (y - y.detach())).to(logits.dtype)
+
+
+# -- IndeCateR --------------------------------------------------------------------------------------------------
+def indecater_samples(samples: torch.Tensor, K: int) -> torch.Tensor:
+    """The ``D K`` neighbours of each sample that IndeCateR evaluates: ``samples`` int64 ``[S, ..., D]`` ->
+    ``[S, D, K, ..., D]``, entry ``[s, d, c]`` equal to sample ``s`` with variable ``d`` set to ``c``."""
+    if not isinstance(samples, torch.Tensor) or samples.dtype != torch.int64 or samples.dim() < 2:
+        raise ValueError(f"samples must be an int64 tensor [S, ..., D], got {getattr(samples, 'dtype', None)} "
+                         f"{tuple(getattr(samples, 'shape', ()))}")
+    K = _F._check_n(K, "K")
+    S, Dn = samples.shape[0], samples.shape[-1]
+    mid = tuple(samples.shape[1:-1])
+    out = samples.view((S, 1, 1) + mid + (Dn,)).expand((S, Dn, K) + mid + (Dn,)).clone()
+    d = torch.arange(Dn, device=samples.device).view((1, Dn, 1) + (1,) * len(mid) + (1,))
+    c = torch.arange(K, device=samples.device).view((1, 1, K) + (1,) * len(mid) + (1,))
+    col = torch.arange(Dn, device=samples.device).view((1, 1, 1) + (1,) * len(mid) + (Dn,))
+    return torch.where(col == d, c.expand_as(out), out)
+
+
+def indecater_weights(logits: torch.Tensor, S: int) -> torch.Tensor:
+    """The plate weights of IndeCateR's ``S D K`` evaluations (De Smet, Sansone & Zuidberg Dos Martires, NeurIPS
+    2023, "Differentiable sampling of categorical distributions using the CatLog-derivative trick"):
+    ``logits`` ``[..., D, K]`` -> ``[S, D, K, ...]``, value ``p_d(c) / (S D)`` (so the weighted sum of the costs is
+    the mean over ``d`` of ``D`` unbiased estimates of ``E[f]``) and gradient ``grad p_d(c) / S`` (the CatLog
+    estimator ``sum_d sum_c grad p_d(c) mean_s f(x_-d^(s), c)``: unbiased, Rao-Blackwellized per variable)."""
+    logits = _F._check_logits(logits, min_dim=2, values=False)
+    S = _F._check_n(S, "S")
+    p = torch.softmax(logits.to(_checks.acc_dtype(logits.dtype)), -1)   # [..., D, K]
+    Dn = p.shape[-2]
+    w = p.detach() / (S * Dn) + (p - p.detach()) / S
+    lead = p.dim() - 2
+    w = w.permute((lead, lead + 1) + tuple(range(lead)))                 # [D, K, ...]
+    return w.unsqueeze(0).expand((S,) + tuple(w.shape))
+
+
+def indecater_surrogate(logits: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """IndeCateR as a surrogate: ``cost`` ``[S, D, K, ...]`` of the :func:`indecater_samples` neighbours ->
+    ``[...]`` with value the estimate of ``E[f]`` and gradient the CatLog estimator (see
+    :func:`indecater_weights`)."""
+    cost = _F._check_real(cost, "cost")
+    if cost.dim() < 3:
+        raise ValueError(f"cost must be [S, D, K, ...], got shape {tuple(cost.shape)}")
+    w = indecater_weights(logits, cost.shape[0])
+    if tuple(cost.shape) != tuple(w.shape):
+        raise ValueError(f"cost must be of shape {tuple(w.shape)} ([S, D, K, ...]), got {tuple(cost.shape)}")
+    return (w * cost.detach().to(w.dtype)).sum((0, 1, 2))

@@ -1,0 +1,347 @@
+"""Sampling without replacement over joint configurations, and the estimators built on it.
+
+The math of the without-replacement family lives here once; :mod:`fastgrad.functional` re-exports it and the graph
+API (:mod:`fastgrad.method.without_replacement`) calls it.
+
+Conventions: ``logits`` ``[R, D, K]`` are the rows of ``R`` independent groups of ``D`` independent categoricals of
+``K`` classes each; a *configuration* is one value per categorical (``K**D`` of them per row). Sets of ``k``
+configurations are ``[k, R, D]`` int64 indices with their joint log-probabilities ``[k, R]``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from . import functional as _F
+from .ops import _checks, _philox
+
+
+# -- stochastic beam search -----------------------------------------------------------------------------------
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _truncated_gumbel(phi: torch.Tensor, g: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Gumbels ``g`` (location ``phi``), shifted so that their maximum becomes ``top``: the children's perturbed
+    values conditioned on their parent's (Kool, van Hoof & Welling 2019, "Stochastic beams and where to find them",
+    eq. 23, in the stable form of their appendix B). ``g``/``phi`` ``[R, b, K]``, ``top`` ``[R, b, 1]``."""
+    z = g.amax(-1, keepdim=True)
+    v = top - g + _log1mexp(g - z)
+    out = top - torch.relu(v) - torch.log1p(torch.exp(-v.abs()))
+    # a padded parent (top = -inf) has only impossible children; a child of zero probability stays impossible
+    return torch.where(torch.isfinite(top) & torch.isfinite(g), out, torch.full_like(out, -math.inf))
+
+
+def _gumbel(seed: int, offset: int, shape, device, dtype) -> torch.Tensor:
+    u = _philox.uniform(seed, offset, math.prod(shape), device).view(shape).to(dtype)
+    return -torch.log(-torch.log(u))
+
+
+def _beam(logp: torch.Tensor, k: int, seed: Optional[int], offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over the ``D`` categoricals of every row (``logp`` ``[R, D, K]`` normalized log-probabilities in
+    the accumulation dtype): with ``seed``, stochastic beam search (the ``k`` configurations of largest perturbed
+    joint log-probability: a sample without replacement, in the order of successive draws); without, the ``k``
+    most probable configurations (exact for independent categoricals: a prefix of a top-k configuration is a top-k
+    prefix). Returns ``(indices [R, k, D], perturbed or joint log-probabilities [R, k])``."""
+    R, D, K = logp.shape
+    if seed is not None:  # the first categorical: exactly the Gumbel-top-k op (same stream, same sets)
+        idx, val = _F.gumbel_topk(logp[:, 0], min(k, K), seed=seed, offset=offset)
+        offset += _philox.counters_used(R * K)
+    else:
+        val, idx = torch.topk(logp[:, 0], min(k, K), dim=-1)
+    beam_idx = idx.unsqueeze(-1)                     # [R, b, d]
+    beam_lp = logp[:, 0].gather(-1, idx)             # [R, b] joint log-prob of the prefix
+    beam_val = val.to(logp.dtype)                    # [R, b] its perturbed value (or the log-prob itself)
+    for d in range(1, D):
+        b = beam_idx.shape[1]
+        child_lp = beam_lp.unsqueeze(-1) + logp[:, d].unsqueeze(1)  # [R, b, K]
+        if seed is not None:
+            g = child_lp + _gumbel(seed, offset, (R, b, K), logp.device, logp.dtype)
+            offset += _philox.counters_used(R * b * K)
+            child_val = _truncated_gumbel(child_lp, g, beam_val.unsqueeze(-1))
+        else:
+            child_val = child_lp
+        m = min(k, b * K)
+        beam_val, flat = torch.topk(child_val.reshape(R, b * K), m, dim=-1)
+        parent = torch.div(flat, K, rounding_mode="floor")
+        beam_idx = torch.cat([beam_idx.gather(1, parent.unsqueeze(-1).expand(-1, -1, d)),
+                              (flat % K).unsqueeze(-1)], -1)
+        beam_lp = child_lp.reshape(R, b * K).gather(-1, flat)
+    return beam_idx, beam_val
+
+
+def _check_set_logits(logits: object, k: object) -> Tuple[torch.Tensor, int]:
+    logits = _F._check_logits(logits, min_dim=3, values=True)
+    k = _F._check_n(k, "k")
+    if logits.shape[0] and logits.numel():
+        # the number of configurations of nonzero probability, in logs (K**D overflows)
+        finite = torch.isfinite(logits).sum(-1).clamp(min=1).double().log().sum(-1)
+        if float(finite.min()) < math.log(k) - 1e-9:
+            raise ValueError(f"k = {k} exceeds the number of configurations of nonzero probability of a row "
+                             f"(at most K**D = {logits.shape[-1]}**{logits.shape[-2]})")
+    return logits, k
+
+
+def sample_set(logits: torch.Tensor, k: int, *, generator: Optional[torch.Generator] = None,
+               seed: Optional[int] = None, offset: Optional[int] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` distinct joint configurations of every row, sampled without replacement by stochastic beam search
+    (Kool, van Hoof & Welling, ICML 2019): exactly Gumbel-top-k over the ``K**D`` configurations, which are never
+    enumerated (``O(D k K)`` work per row).
+
+    Args:
+        logits: ``[R, D, K]`` float (``R`` rows of ``D`` independent categoricals; ``-inf`` = zero probability).
+        k: 1 <= k <= the number of configurations of nonzero probability of every row.
+
+    Returns:
+        ``(indices, log_p, perturbed)``: int64 ``[k, R, D]`` in the order of successive draws, their joint
+        log-probabilities ``[k, R]`` (differentiable w.r.t. ``logits``, accumulation dtype) and perturbed joint
+        log-probabilities ``[k, R]`` (decreasing; the k-th is the threshold ``kappa`` of priority sampling). With
+        ``D = 1`` the sets are :func:`fastgrad.functional.gumbel_topk`'s for the same seed.
+    """
+    logits, k = _check_set_logits(logits, k)
+    seed, offset = _philox.draw_seed_offset(0, generator, seed, offset)
+    acc = _checks.acc_dtype(logits.dtype)
+    logp = torch.log_softmax(logits.to(acc), -1)
+    with torch.no_grad():
+        idx, val = _beam(logp.detach(), k, seed, offset)
+    idx = idx.permute(1, 0, 2)
+    return idx, joint_log_prob(logp, idx), val.t()
+
+
+def top_set(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most probable joint configurations of every row (beam search, exact for independent
+    categoricals): ``(indices [k, R, D], log_p [k, R])`` in decreasing probability, log-probabilities
+    differentiable. Ties are broken by :func:`torch.topk`."""
+    logits, k = _check_set_logits(logits, k)
+    logp = torch.log_softmax(logits.to(_checks.acc_dtype(logits.dtype)), -1)
+    with torch.no_grad():
+        idx, _ = _beam(logp.detach(), k, None, 0)
+    idx = idx.permute(1, 0, 2)
+    return idx, joint_log_prob(logp, idx)
+
+
+def joint_log_prob(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``sum_d logp[r, d, idx[n, r, d]]``: ``logp`` ``[R, D, K]`` normalized, ``idx`` ``[n, R, D]`` -> ``[n, R]``."""
+    return logp.unsqueeze(0).expand(idx.shape + logp.shape[-1:]).gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+# -- the unordered-set ratios ---------------------------------------------------------------------------------
+def _check_set_log_p(log_p: object, name: str = "log_p") -> torch.Tensor:
+    if not isinstance(log_p, torch.Tensor) or not log_p.is_floating_point():
+        raise TypeError(f"{name} must be a floating torch.Tensor, got {type(log_p).__name__}")
+    if log_p.dim() < 1 or log_p.shape[0] < 1:
+        raise ValueError(f"{name} must be [k, ...] with k >= 1, got shape {tuple(log_p.shape)}")
+    _checks.finite(log_p, name)
+    slack = 8 * log_p.shape[0] * torch.finfo(log_p.dtype).eps  # rounding of probabilities that sum to 1
+    log_p_d = log_p.detach()
+    if log_p.numel() and float(log_p_d.max()) > slack:
+        raise ValueError(f"{name} must be log-probabilities (<= 0)")
+    if log_p.numel() and float(torch.logsumexp(log_p_d.double(), 0).max()) > slack:
+        raise ValueError(f"{name}: the probabilities of a set must sum to at most 1 (distinct configurations)")
+    return log_p
+
+
+def _log_integrals(log_p: torch.Tensor, num_points: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log I(A)`` for ``A`` = the whole set, the set less one element and less two, where
+    ``I(A) = int_0^inf b exp(-b t) prod_{i in A} (1 - exp(-p_i t)) dt`` and ``b = 1 - sum_S p``: the probability
+    that Gumbel-top-|A| of the distribution restricted to ``D \\ (S \\ A)`` is the set ``A`` (Kool, van Hoof &
+    Welling, ICLR 2020, eq. 7, with ``u = exp(-b t)``). Computed in float64 on a log-spaced grid ``t = e^s`` by the
+    trapezoid rule: the integrand is log-concave in ``s`` with its mode in ``[-log b, -log b + log(k + 1)]`` and
+    decays faster than ``e^{s - s*} e^{k+1}`` to the left and doubly exponentially to the right, so a window of
+    ``k + 40`` nats on the left and ``log(k + 1) + 5`` on the right holds all of it to float64 precision.
+
+    ``log_p`` ``[k, B]`` -> ``([B], [k, B], [k, k, B])``; the two-out entry ``[i, i]`` is the one-out ``i``."""
+    k = log_p.shape[0]
+    lp = log_p.double().t().clamp(max=0.0)                             # [B, k]
+    log_b = _log1mexp(torch.logsumexp(lp, -1).clamp(max=0.0))          # [B]
+    # b = 0 (the set holds all the mass) is the limit b -> 0: every ratio is 1 there; 700 nats is that limit
+    log_b = torch.where(torch.isfinite(log_b), log_b, torch.full_like(log_b, -700.0))
+    lo, hi = -log_b - (k + 40.0), -log_b + math.log(k + 1) + 5.0
+    grid = torch.linspace(0.0, 1.0, num_points, dtype=torch.float64, device=lp.device)
+    s = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * grid                # [B, N]
+    y = lp.unsqueeze(-1) + s.unsqueeze(1)                              # [B, k, N]: log(p_i t)
+    term = torch.where(y < -20.0, y - 0.5 * torch.exp(y), _log1mexp(-torch.exp(y.clamp(max=700.0))))
+    base = s - torch.exp(log_b.unsqueeze(-1) + s)                      # [B, N]: log(t e^{-b t})
+    full = term.sum(1)                                                 # [B, N]
+    one = full.unsqueeze(1) - term                                     # [B, k, N]
+    two = one.unsqueeze(2) - term.unsqueeze(1)                         # [B, k, k, N]
+    eye = torch.eye(k, dtype=torch.bool, device=lp.device).view(1, k, k, 1)
+    two = torch.where(eye, one.unsqueeze(2).expand_as(two), two)
+    h = (hi - lo) / (num_points - 1)                                   # [B]
+    wts = torch.zeros(num_points, dtype=torch.float64, device=lp.device)  # log trapezoid weights: 1/2 at the ends
+    wts[0] = wts[-1] = math.log(0.5)
+
+    def integral(log_f: torch.Tensor) -> torch.Tensor:  # the trapezoid rule in logs, over the last dim
+        hh = h.view((-1,) + (1,) * (log_f.dim() - 2))
+        return torch.logsumexp(log_f + wts, -1) + torch.log(hh)
+
+    b1 = base.unsqueeze(1)
+    return (integral(base + full), integral(b1 + one).t(),
+            integral(b1.unsqueeze(1) + two).permute(1, 2, 0))
+
+
+def unordered_set_log_ratios(log_p: torch.Tensor, num_points: int = 1000, exact: bool = False
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The leave-one-out and leave-two-out ratios of the unordered-set estimator (Kool, van Hoof & Welling, ICLR
+    2020, "Estimating gradients for discrete random variables by sampling without replacement"), in logs.
+
+    For a set ``S`` of ``k`` distinct configurations with log-probabilities ``log_p``:
+    ``log_r1[i] = log p^{D\\i}(S\\i) - log p(S)`` (``R(S, s_i)``) and, for ``i != j``,
+    ``log_r2[i, j] = log p^{D\\{i,j}}(S\\{i,j}) - log p^{D\\i}(S\\i)`` (``R^{D\\s_i}(S, s_j)``), with
+    ``log_r2[i, i] = 0``; ``p^{A}(T)`` is the probability that Gumbel-top-|T| of the distribution restricted to ``A``
+    draws the set ``T`` in any order.
+
+    Args:
+        log_p: ``[k, ...]`` joint log-probabilities of the set's configurations (constants).
+        num_points: grid size of the numerical integral (float64 trapezoid rule on a window fitted per row; its
+            error is below 1e-12 relative from about 200 points).
+        exact: sum over the ``k!`` orderings instead (for tests and k <= 7).
+
+    Returns ``(log_r1 [k, ...], log_r2 [k, k, ...])`` float64, detached.
+    """
+    log_p = _check_set_log_p(log_p)
+    num_points = _F._check_n(num_points, "num_points")
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    k, batch = log_p.shape[0], log_p.shape[1:]
+    lp = log_p.detach().reshape(k, -1)
+    if exact:
+        if k > 7:
+            raise ValueError(f"exact=True sums over k! orderings; use it for k <= 7, got k = {k}")
+        one, two, full = _exact_log_probs(lp)
+    else:
+        full, one, two = _log_integrals(lp, num_points)
+    log_r1 = one - full
+    log_r2 = two - one.unsqueeze(1)
+    eye = torch.eye(k, dtype=torch.bool, device=lp.device).unsqueeze(-1)
+    log_r2 = log_r2.masked_fill(eye, 0.0)
+    return log_r1.view((k,) + batch), log_r2.view((k, k) + batch)
+
+
+def _set_log_prob(lp: torch.Tensor, members, removed) -> torch.Tensor:
+    """``log p^{D \\ removed}(members)`` by the sum over orderings (float64, ``lp`` ``[k, B]``)."""
+    B = lp.shape[1]
+    if not members:
+        return torch.zeros(B, dtype=torch.float64, device=lp.device)
+    log_rest = _log1mexp(torch.logsumexp(lp[list(removed)], 0).clamp(max=0.0)) if removed else 0.0
+    terms = []
+    for order in itertools.permutations(members):
+        acc, used = torch.zeros(B, dtype=torch.float64, device=lp.device), []
+        for i in order:
+            left = log_rest if not used else _log1mexp(
+                torch.logsumexp(lp[list(removed) + used], 0).clamp(max=0.0))
+            acc = acc + lp[i] - left
+            used.append(i)
+        terms.append(acc)
+    return torch.logsumexp(torch.stack(terms), 0)
+
+
+def _exact_log_probs(lp: torch.Tensor):
+    lp = lp.double()
+    k = lp.shape[0]
+    idx = list(range(k))
+    full = _set_log_prob(lp, idx, [])
+    one = torch.stack([_set_log_prob(lp, [j for j in idx if j != i], [i]) for i in idx])
+    two = torch.stack([torch.stack([one[i] if i == j else
+                                    _set_log_prob(lp, [l for l in idx if l not in (i, j)], [i, j])
+                                    for j in idx]) for i in idx])
+    return one, two, full
+
+
+# -- estimators -------------------------------------------------------------------------------------------------
+def _check_set_cost(cost: object, log_p: torch.Tensor) -> torch.Tensor:
+    cost = _F._check_real(cost, "cost")
+    return _F._expand_to(cost, tuple(log_p.shape), "cost", "the set's log-probabilities")
+
+
+def unordered_set_weights(log_p: torch.Tensor, num_points: int = 1000, exact: bool = False) -> torch.Tensor:
+    """``p(s) R(S, s)``: the weights of the unordered-set estimator ``sum_{s in S} p(s) R(S, s) f(s)`` of ``E[f]``
+    (unbiased; Kool et al. 2020, eq. 9), ``[k, ...]`` float64 detached."""
+    log_r1, _ = unordered_set_log_ratios(log_p, num_points, exact)
+    return (log_p.detach().double() + log_r1).exp()
+
+
+def unordered_set_surrogate(log_p: torch.Tensor, cost: torch.Tensor, use_baseline: bool = True,
+                            num_points: int = 1000, exact: bool = False,
+                            log_ratios: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """The unordered-set policy gradient estimator (Kool, van Hoof & Welling, ICLR 2020), as a surrogate.
+
+    ``sum_{s in S} grad p(s) R(S, s) [f(s) - b(S, s)]`` with, when ``use_baseline``, the built-in baseline
+    ``b(S, s) = sum_{s' in S} p(s') R^{D\\s}(S, s') f(s')`` (``p(s) f(s)`` plus the unordered-set estimate of the
+    rest of the expectation from ``S \\ s``: its expected contribution is ``E[f] sum_s grad p(s) = 0``). Unbiased for
+    ``grad E[f]``; with the baseline it needs ``k >= 2``. ``k`` cost evaluations.
+
+    Args:
+        log_p: ``[k, ...]`` joint log-probabilities of a :func:`sample_set` set, differentiable.
+        cost: broadcastable to ``[k, ...]``, constants.
+        log_ratios: :func:`unordered_set_log_ratios` of ``log_p`` when already computed (the graph API computes
+            them once for the plate weights).
+    Returns ``[...]``: value ``sum_s p(s) R(S, s) f(s)`` (the estimate of ``E[f]``), gradient the estimator's.
+    """
+    cost = _check_set_cost(cost, log_p).detach().double()
+    if use_baseline and log_p.shape[0] < 2:
+        raise ValueError("the unordered-set baseline leaves one sample out: it needs k >= 2")
+    log_r1, log_r2 = log_ratios if log_ratios is not None else unordered_set_log_ratios(log_p, num_points, exact)
+    lpd = log_p.detach().double()
+    w = (lpd + log_r1).exp()                                              # [k, ...]
+    adv = cost
+    if use_baseline:
+        base = ((lpd.unsqueeze(0) + log_r2).exp() * cost.unsqueeze(0)).sum(1)  # b[i] = sum_j p_j R2[i, j] f_j
+        adv = cost - base
+    value = (w * cost).sum(0)
+    score = (w * adv).to(log_p.dtype) * (log_p - log_p.detach())
+    return value.to(log_p.dtype) + score.sum(0)
+
+
+def priority_weights(log_p: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """``p_i / q_i`` with ``q_i = 1 - exp(-exp(log p_i - kappa))``: the importance weights of priority sampling
+    with threshold ``kappa`` (the k-th perturbed log-probability; Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE
+    samples, get a baseline for free!"). float64, detached; ``log_p`` ``[n, ...]``, ``kappa`` ``[...]``."""
+    lp = log_p.detach().double()
+    log_q = _log1mexp(-torch.exp(lp - kappa.detach().double()))
+    return (lp - log_q).exp()
+
+
+def sf_wor_surrogate(log_p: torch.Tensor, perturbed: torch.Tensor, cost: torch.Tensor, use_baseline: bool = True,
+                     normalized: bool = True) -> torch.Tensor:
+    """The score function without replacement (Kool, van Hoof & Welling, ICLR 2019 DeepRL workshop, "Buy 4
+    REINFORCE samples, get a baseline for free!") on a set of ``k`` samples of which the first ``k - 1`` are used
+    and the k-th supplies the threshold ``kappa`` (Storchastic's convention: its cost is evaluated, weight 0).
+
+    With ``iw_i = p_i / q_i(kappa)``, ``W = sum_i iw_i`` and ``B = sum_i iw_i f_i`` over the ``k - 1`` samples, the
+    gradient is ``sum_i a_i grad log p_i`` with:
+      * ``use_baseline=False``: ``a_i = iw_i f_i`` (eq. 9; ``/ W`` when ``normalized``: biased, consistent);
+      * ``use_baseline=True, normalized=False``: ``a_i = iw_i [f_i (1 - p_i + iw_i) - B]`` (eq. 10, unbiased; not
+        robust to a shift of the cost);
+      * ``use_baseline=True, normalized=True``: ``a_i = iw_i / W^i (f_i - B / W)`` with ``W^i = W - iw_i + p_i``
+        (eq. 11, biased, consistent, invariant to a shift of the cost; Storchastic's default).
+    ``k`` cost evaluations (the last one unused). ``log_p``/``perturbed`` ``[k, ...]`` from :func:`sample_set`,
+    ``cost`` broadcastable to ``[k, ...]``; returns ``[...]``: value ``sum_i iw_i f_i`` (``/ W``), gradient the
+    estimator's.
+    """
+    cost = _check_set_cost(cost, log_p).detach().double()
+    k = log_p.shape[0]
+    if k < 2:
+        raise ValueError("the score function without replacement uses k - 1 samples and the k-th as threshold: "
+                         "it needs k >= 2")
+    if not isinstance(perturbed, torch.Tensor) or perturbed.shape != log_p.shape:
+        raise ValueError(f"perturbed must be a tensor of the shape of log_p {tuple(log_p.shape)}")
+    iw = priority_weights(log_p[:-1], perturbed[-1])                     # [k-1, ...]
+    f = cost[:-1]
+    p = log_p[:-1].detach().double().exp()
+    W = iw.sum(0)
+    B = (iw * f).sum(0)
+    if not use_baseline:
+        a = iw * f / W if normalized else iw * f
+    elif normalized:
+        a = iw / (W - iw + p) * (f - B / W)
+    else:
+        a = iw * (f * (1 - p + iw) - B)
+    value = (iw * f).sum(0) / W if normalized else (iw * f).sum(0)
+    lp = log_p[:-1]
+    return value.to(log_p.dtype) + (a.to(log_p.dtype) * (lp - lp.detach())).sum(0)

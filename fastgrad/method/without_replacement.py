@@ -1,0 +1,303 @@
+"""Estimators on sets sampled without replacement: ScoreFunctionWOR, UnorderedSetEstimator, RaoBlackwellSF and
+UnorderedSetGumbelSoftmax. The math is in :mod:`fastgrad.functional` (``sample_set``, ``unordered_set_surrogate``,
+``sf_wor_surrogate``; implemented in :mod:`fastgrad._wor`).
+
+The sets are of *joint* configurations: every non-plate batch dimension of the distribution is one more
+independent latent, and a set holds ``k`` distinct joint values of all of them (Storchastic's
+``SampleWithoutReplacement``), drawn by stochastic beam search without enumerating the ``K**D`` configurations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import distributions as D
+
+from .. import functional as F
+from .._tensor import StochasticTensor
+from ._base import Draw, Method, Params, aligned_cost, check_n_samples, reduce_term
+from .gumbel_softmax import check_schedule
+
+
+class _Rows:
+    """An enumerable distribution as rows of independent categoricals: ``logits`` ``[R, D, K]`` (differentiable),
+    the plate shape, the latents' shape, and how to turn configuration indices back into samples."""
+
+    def __init__(self, method: Method, params: Params):
+        d = params.distr
+        npl = len(params.plates)
+        if isinstance(d, (D.OneHotCategorical, D.Categorical)) and not isinstance(d, D.RelaxedOneHotCategorical):
+            logits = params.logits()
+        elif isinstance(d, D.Bernoulli):
+            bl = params.bernoulli_logits()
+            logits = torch.stack([torch.zeros_like(bl), bl], -1)
+        else:
+            raise ValueError(f"{type(method).__name__} samples without replacement from an enumerable distribution "
+                             f"(Categorical, OneHotCategorical or Bernoulli), got {type(d).__name__}")
+        self.kind = type(d)
+        self.pshape = tuple(logits.shape[:npl])
+        self.extra = tuple(logits.shape[npl:-1])
+        self.K = logits.shape[-1]
+        self.logits = logits.reshape(math.prod(self.pshape), math.prod(self.extra), self.K)
+
+    def value(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``idx`` ``[n, R, D]`` -> samples ``[n, plates..., latents...(, K)]`` as the distribution writes them."""
+        v = idx.reshape((idx.shape[0],) + self.pshape + self.extra)
+        if issubclass(self.kind, D.OneHotCategorical):
+            return torch.nn.functional.one_hot(v, self.K).to(dtype)
+        if issubclass(self.kind, D.Bernoulli):
+            return v.to(dtype)
+        return v
+
+    def log_prob(self, idx: torch.Tensor) -> torch.Tensor:
+        """Joint log-probabilities ``[n, plates...]`` of configurations ``idx`` ``[n, R, D]``, differentiable."""
+        lp = F.joint_log_prob(torch.log_softmax(self.logits, -1), idx)
+        return lp.view((idx.shape[0],) + self.pshape)
+
+    def plate_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape((t.shape[0],) + self.pshape)
+
+
+def _check_k(k: object) -> int:
+    return check_n_samples(k) if not isinstance(k, bool) and isinstance(k, int) else _raise_k(k)
+
+
+def _raise_k(k: object) -> int:
+    raise TypeError(f"k must be an int, got {type(k).__name__}")
+
+
+def _no_eos(eos: object) -> None:
+    if eos is not None:
+        raise ValueError("eos: variable-length sequences are not supported; pass eos=None")
+
+
+def _draw_set(rows: _Rows, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return F.sample_set(rows.logits.detach(), k)
+
+
+class ScoreFunctionWOR(Method):
+    """The score function on ``k`` samples without replacement with the built-in baseline (Kool, van Hoof & Welling,
+    ICLR 2019 DeepRL workshop, "Buy 4 REINFORCE samples, get a baseline for free!"); math in
+    :func:`fastgrad.functional.sf_wor_surrogate`.
+
+    Storchastic's conventions: the plate has ``k`` entries; the first ``k - 1`` are weighted by their importance
+    weights ``p / q(kappa)`` (divided by their sum when ``biased``), the k-th weighs 0 and only supplies the
+    threshold ``kappa`` (its cost is still evaluated). Unbiased when ``biased=False``; ``biased=True`` (the
+    normalized estimator, the default) is consistent and exactly invariant to a shift of the cost. ``k`` cost
+    evaluations per draw. Categorical, OneHotCategorical and Bernoulli distributions, several latents jointly.
+    Unlike Storchastic 0.3.7, the cost enters once (doubling the cost doubles the gradient).
+    """
+
+    uses_score = True
+
+    def __init__(self, plate_name: str, k: int, biased: bool = True, use_baseline: bool = True):
+        super().__init__(plate_name, _check_k(k))
+        if self.n_samples < 2:
+            raise ValueError(f"ScoreFunctionWOR needs k >= 2 (the k-th sample is the threshold), got {k}")
+        self.k = self.n_samples
+        self.biased = bool(biased)
+        self.use_baseline = bool(use_baseline)
+
+    def _sample(self, params: Params) -> Draw:
+        rows = _Rows(self, params)
+        idx, log_p, pert = _draw_set(rows, self.k)
+        iw = F.priority_weights(log_p[:-1], pert[-1])
+        if self.biased:
+            iw = iw / iw.sum(0)
+        weight = torch.cat([iw, torch.zeros_like(iw[:1])], 0).to(rows.logits.dtype)
+        return Draw(rows.value(idx, rows.logits.dtype), self.k, rows.plate_view(weight),
+                    state=(rows, idx, rows.plate_view(pert)))
+
+    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
+        _, (rows, idx, pert) = sample._info
+        _, w = aligned_cost(sample, cost)
+        surrogate = F.sf_wor_surrogate(rows.log_prob(idx), pert, w, self.use_baseline, self.biased)
+        return reduce_term(sample, _on_first(surrogate, sample))
+
+    def extra_repr(self) -> str:
+        return f"plate_name={self.plate_name!r}, k={self.k}, biased={self.biased}, use_baseline={self.use_baseline}"
+
+
+class UnorderedSetEstimator(Method):
+    """The unordered-set policy gradient estimator (Kool, van Hoof & Welling, ICLR 2020, "Estimating gradients for
+    discrete random variables by sampling without replacement"); math in
+    :func:`fastgrad.functional.unordered_set_surrogate`.
+
+    The plate has ``k`` entries weighted ``p(s) R(S, s)`` (the unbiased unordered-set estimate of the expectation);
+    with ``use_baseline`` (needs k >= 2) each sample's score carries the built-in leave-one-out baseline. Unbiased;
+    ``k`` cost evaluations per draw; Categorical, OneHotCategorical and Bernoulli, several latents jointly.
+
+    ``exact_integration=True`` computes ``R`` by the sum over the ``k!`` orderings (k <= 7) instead of the float64
+    integral on ``num_int_points`` points; ``a`` (the integration shift of Storchastic's integral) is accepted for
+    compatibility and not needed (the window of the integral is fitted per set); ``eos`` must be None.
+    """
+
+    uses_score = True
+
+    def __init__(self, plate_name: str, k: int, use_baseline: bool = True, exact_integration: bool = False,
+                 num_int_points: int = 1000, a: float = 5.0, eos: Any = None):
+        super().__init__(plate_name, _check_k(k))
+        _no_eos(eos)
+        self.k = self.n_samples
+        self.use_baseline = bool(use_baseline)
+        if self.use_baseline and self.k < 2:
+            raise ValueError("UnorderedSetEstimator's baseline leaves one sample out: use_baseline=True needs k >= 2")
+        self.exact_integration = bool(exact_integration)
+        if self.exact_integration and self.k > 7:
+            raise ValueError(f"exact_integration sums over k! orderings: k <= 7, got {self.k}")
+        self.num_int_points = check_n_samples(num_int_points) if not isinstance(num_int_points, bool) else \
+            _raise_k(num_int_points)
+        if self.num_int_points < 2:
+            raise ValueError(f"num_int_points must be >= 2, got {num_int_points}")
+        self.a = float(a)
+
+    def _sample(self, params: Params) -> Draw:
+        rows = _Rows(self, params)
+        idx, log_p, _ = _draw_set(rows, self.k)
+        ratios = F.unordered_set_log_ratios(log_p.detach(), self.num_int_points, self.exact_integration)
+        w = (log_p.detach().double() + ratios[0]).exp()  # p(s) R(S, s): unordered_set_weights, ratios kept
+        return Draw(rows.value(idx, rows.logits.dtype), self.k, rows.plate_view(w.to(rows.logits.dtype)),
+                    state=(rows, idx, ratios))
+
+    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
+        _, (rows, idx, ratios) = sample._info
+        _, w = aligned_cost(sample, cost)
+        lp = rows.log_prob(idx)
+        ratios = tuple(r.view(r.shape[: r.dim() - 1] + w.shape[1:]) for r in ratios)
+        surrogate = F.unordered_set_surrogate(lp, w, self.use_baseline, self.num_int_points, self.exact_integration,
+                                              log_ratios=ratios)
+        return reduce_term(sample, _on_first(surrogate, sample))
+
+    def extra_repr(self) -> str:
+        return f"plate_name={self.plate_name!r}, k={self.k}, use_baseline={self.use_baseline}"
+
+
+def _on_first(per_set: torch.Tensor, sample: StochasticTensor) -> torch.Tensor:
+    """A per-set surrogate ``[plates...]`` as a per-element term ``[n, plates...]`` that :func:`reduce_term` (which
+    reduces the sample's plates with their weights) turns back into ``per_set``: all of it on an entry of nonzero
+    weight, divided by that weight."""
+    plate = sample.plates[0]
+    n = sample._tensor.shape[0]
+    if plate._weight is None:
+        return per_set.unsqueeze(0).expand((n,) + per_set.shape) * 1.0
+    w = plate._weight._tensor.detach().to(per_set.dtype).expand((n,) + per_set.shape)
+    j = w.abs().argmax(0, keepdim=True)  # the entry of largest weight: never 0 (the weights sum to > 0)
+    out = torch.zeros_like(w)
+    return out.scatter(0, j, (per_set.unsqueeze(0) / w.gather(0, j)))
+
+
+class RaoBlackwellSF(Method):
+    """Sum-and-sample (Liu, Regier, Tripuraneni, Jordan & McAuliffe, ICML 2019, "Rao-Blackwellized stochastic
+    gradients for discrete distributions"): the ``n_samples - 1`` most probable configurations are summed exactly
+    (plate weights ``p(c)``, differentiable) and one more is sampled from the distribution restricted to the rest
+    (weight ``1 - sum p(c)``, score function). Unbiased; ``n_samples`` cost evaluations; Categorical,
+    OneHotCategorical and Bernoulli, several latents jointly (the top set by beam search, exact for independent
+    latents; the sampled one is the first of a Gumbel-top-``n_samples`` set outside it, an exact draw from the
+    rest).
+
+    Beyond Storchastic (keyword-only): ``summed="sampled"`` sums a *sampled* set (the first ``n_samples - 1`` of a
+    Gumbel-top-k set; Kool et al. 2020's ``sasbl``), and ``use_baseline=True`` subtracts from the sampled term the
+    probability-weighted mean cost of the summed set ``b`` (and ``b`` from the summed terms, which keeps it
+    unbiased: ``E[grad log p | not summed] (1 - P) = -grad P``).
+    """
+
+    uses_score = True
+
+    def __init__(self, plate_name: str, n_samples: int, *, summed: str = "top", use_baseline: bool = False):
+        super().__init__(plate_name, n_samples)
+        if self.n_samples < 2:
+            raise ValueError(f"RaoBlackwellSF needs n_samples >= 2 (n_samples - 1 summed, one sampled), got "
+                             f"{n_samples}")
+        if summed not in ("top", "sampled"):
+            raise ValueError(f"summed must be 'top' or 'sampled', got {summed!r}")
+        self.summed = summed
+        self.use_baseline = bool(use_baseline)
+
+    def _sample(self, params: Params) -> Draw:
+        rows = _Rows(self, params)
+        k = self.n_samples
+        sidx, _, _ = _draw_set(rows, k)                                  # [k, R, D]
+        if self.summed == "sampled":
+            idx = sidx
+        else:
+            top, _ = F.top_set(rows.logits.detach(), k - 1)                # [k-1, R, D]
+            inside = (sidx.unsqueeze(1) == top.unsqueeze(0)).all(-1).any(1)  # [k, R]: drawn config in the top set
+            first_out = (~inside).to(torch.int8).argmax(0)                 # [R]: k-1 top configs leave one outside
+            rest = sidx.gather(0, first_out.view(1, -1, 1).expand(1, *sidx.shape[1:]))
+            idx = torch.cat([top, rest], 0)
+        lp = rows.log_prob(idx)                                             # [k, plates...], differentiable
+        p = lp[:-1].exp()
+        weight = torch.cat([p, (1 - p.sum(0, keepdim=True)).detach().clamp(min=0)], 0)
+        return Draw(rows.value(idx, rows.logits.dtype), k, weight.to(rows.logits.dtype), state=(rows, idx))
+
+    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
+        _, (rows, idx) = sample._info
+        _, w = aligned_cost(sample, cost)  # [k, plates...]
+        lp = rows.log_prob(idx)
+        pw = sample.plates[0]._weight._tensor.detach()  # [p_1..p_{k-1}, 1 - P]
+        score = torch.zeros_like(w)
+        adv = w[-1]
+        if self.use_baseline:
+            summed = pw[:-1].sum(0)
+            b = (pw[:-1] * w[:-1]).sum(0) / summed.clamp(min=torch.finfo(summed.dtype).tiny)
+            adv = adv - b
+            score[:-1] = -b * pw[:-1]
+        score[-1] = pw[-1] * adv
+        # each term is divided by its plate weight: reduce_term multiplies it back in
+        safe = torch.where(pw > 0, pw, torch.ones_like(pw))
+        term = torch.where(pw > 0, score / safe, torch.zeros_like(score)).to(lp.dtype) * lp
+        return reduce_term(sample, term)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", summed={self.summed!r}, use_baseline={self.use_baseline}"
+
+
+class UnorderedSetGumbelSoftmax(Method):
+    """Storchastic's ``UnorderedSetGumbelSoftmax`` (no paper defines it): a set of ``k`` configurations without
+    replacement, each replaced by a relaxed sample ``softmax(z~ / temperature)`` with ``z~`` the Gumbel-perturbed
+    log-probabilities conditioned on their argmax being that configuration (per latent; REBAR's conditional Gumbel,
+    :func:`fastgrad.functional.conditional_gumbel_categorical`), plate weights ``p(s) R(S, s)`` detached.
+
+    What it estimates: the pathwise gradient of ``sum_s p(s) R(S, s) f(relaxed s)``. It is **biased** twice over:
+    the relaxation (as Gumbel-softmax's, vanishing only as the temperature goes to 0) and the dropped gradient of
+    the weights ``p(s) R(S, s)``, which depend on the parameters (the score-function part of the unordered-set
+    estimator is missing). The conditional draw ignores the without-replacement constraint (each relaxed sample is
+    conditioned on its own configuration only). One cost evaluation per set member; OneHotCategorical and
+    Bernoulli. The temperature anneals as :class:`GumbelSoftmax`'s (Storchastic's sampler kept it fixed).
+    """
+
+    def __init__(self, plate_name: str, k: int, initial_temperature: float = 1.0, min_temperature: float = 1.0e-4,
+                 annealing_rate: float = 1.0e-5, eos: Any = None):
+        super().__init__(plate_name, _check_k(k))
+        _no_eos(eos)
+        self.k = self.n_samples
+        check_schedule(initial_temperature, min_temperature, annealing_rate)
+        self.register_buffer("temperature", torch.tensor(float(initial_temperature)))
+        self.register_buffer("min_temperature", torch.tensor(float(min_temperature)))
+        self.register_buffer("annealing_rate", torch.tensor(float(annealing_rate)))
+
+    def _sample(self, params: Params) -> Draw:
+        rows = _Rows(self, params)
+        if issubclass(rows.kind, D.Categorical):
+            raise ValueError("UnorderedSetGumbelSoftmax relaxes one-hot samples: use OneHotCategorical or Bernoulli, "
+                             "not Categorical")
+        idx, log_p, _ = _draw_set(rows, self.k)
+        w = F.unordered_set_weights(log_p.detach())
+        z = F.conditional_gumbel_categorical(rows.logits, idx)            # [k, R, D, K], differentiable
+        y = torch.softmax(z / self.temperature.to(z.dtype), -1).to(rows.logits.dtype)
+        y = y.reshape((self.k,) + rows.pshape + rows.extra + (rows.K,))
+        if issubclass(rows.kind, D.Bernoulli):
+            y = y[..., 1]
+        return Draw(y, self.k, rows.plate_view(w.to(rows.logits.dtype)))
+
+    def _update_parameters(self) -> None:
+        with torch.no_grad():
+            self.temperature.copy_(torch.clamp(self.temperature * (1 - self.annealing_rate),
+                                               min=self.min_temperature))
+
+    def extra_repr(self) -> str:
+        return f"plate_name={self.plate_name!r}, k={self.k}"
+
+
+GumbelSoftmaxWOR = UnorderedSetGumbelSoftmax  # Storchastic's name of the sampler this method is built on

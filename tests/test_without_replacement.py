@@ -1,0 +1,399 @@
+"""Sampling without replacement over joint configurations and the estimators on it (ScoreFunctionWOR,
+UnorderedSetEstimator, RaoBlackwellSF, UnorderedSetGumbelSoftmax): the sampler as a distribution (chi-square
+against exact without-replacement probabilities), the unordered-set ratios against the sum over orderings,
+unbiasedness against exact enumeration, homogeneity, shift invariance, variance order, bad input."""
+import itertools
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
+
+import fastgrad as storch
+import fastgrad.functional as F
+
+from ._stats import assert_lower_total_variance, assert_unbiased
+
+
+def _chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+    n = counts.sum()
+    probs = probs.double() / probs.double().sum()
+    keep = probs * n > 5  # pool the rare cells
+    obs = torch.cat([counts[keep], counts[~keep].sum().view(1)]).double()
+    exp = torch.cat([probs[keep], probs[~keep].sum().view(1)]).double() * n
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def _ordered_prob(p: torch.Tensor, order) -> float:
+    out, left = 1.0, 1.0
+    for i in order:
+        out *= float(p[i]) / left
+        left -= float(p[i])
+    return out
+
+
+# -- the sampler --------------------------------------------------------------------------------------------------
+def test_joint_sets_follow_the_without_replacement_distribution():
+    # 2 categoricals of 3 classes (one of zero probability in the second): 6 configurations of nonzero probability
+    logits = torch.tensor([[0.3, -0.5, 1.0], [0.2, -math.inf, -1.0]])
+    p1, p2 = logits.softmax(-1)
+    configs = list(itertools.product(range(3), range(3)))
+    pj = torch.tensor([float(p1[a] * p2[b]) for a, b in configs])
+    R, k = 200_000, 3
+    idx, lp, pert = F.sample_set(logits.expand(R, 2, 3), k, seed=11)
+    assert idx.shape == (k, R, 2) and (pert[:-1] >= pert[1:]).all()
+    code = idx[..., 0] * 3 + idx[..., 1]                                   # [k, R]
+    assert (idx[..., 1] != 1).all()                                        # zero probability: never drawn
+    assert (code[0] != code[1]).all() and (code[1] != code[2]).all() and (code[0] != code[2]).all()
+    torch.testing.assert_close(lp, pj.log()[code].to(lp.dtype))
+    # ordered triples over the 6 possible configurations
+    support = [i for i in range(9) if pj[i] > 0]
+    triples = list(itertools.permutations(support, 3))
+    key = {t: j for j, t in enumerate(triples)}
+    flat = code.t().tolist()
+    counts = torch.zeros(len(triples))
+    for row in flat:
+        counts[key[tuple(row)]] += 1
+    probs = torch.tensor([_ordered_prob(pj, t) for t in triples])
+    assert abs(float(probs.sum()) - 1) < 1e-6
+    assert _chi2_p(counts, probs) > 1e-3
+
+
+def test_one_latent_is_gumbel_topk_and_k_equal_K_is_a_permutation():
+    logits = torch.randn(50, 7)
+    idx, _, pert = F.sample_set(logits.unsqueeze(1), 4, seed=3, offset=5)
+    ref_idx, ref_val = F.gumbel_topk(logits, 4, seed=3, offset=5)
+    assert torch.equal(idx[..., 0].t(), ref_idx)
+    torch.testing.assert_close(pert.t(), ref_val)
+    full, _, _ = F.sample_set(logits.unsqueeze(1), 7, seed=0)
+    assert torch.equal(full[..., 0].sort(0).values, torch.arange(7).view(7, 1).expand(7, 50))
+
+
+def test_k_one_is_the_categorical_distribution():
+    logits = torch.tensor([[0.5, -0.2], [1.0, 0.1]])  # 4 joint configurations
+    R = 100_000
+    idx, _, _ = F.sample_set(logits.expand(R, 2, 2), 1, seed=1)
+    code = (idx[0, :, 0] * 2 + idx[0, :, 1])
+    p = logits.softmax(-1)
+    pj = torch.tensor([float(p[0, a] * p[1, b]) for a in range(2) for b in range(2)])
+    assert _chi2_p(torch.bincount(code, minlength=4).float(), pj) > 1e-3
+
+
+def test_same_seed_same_sets_and_top_set_is_the_exact_top():
+    logits = torch.randn(5, 3, 4)
+    a = F.sample_set(logits, 6, seed=9)
+    b = F.sample_set(logits, 6, seed=9)
+    assert torch.equal(a[0], b[0])
+    top, lp = F.top_set(logits, 5)
+    logp = logits.log_softmax(-1)
+    allc = torch.tensor(list(itertools.product(range(4), repeat=3)))        # [64, 3]
+    joint = logp[:, torch.arange(3), allc].sum(-1)                          # [5, 64]
+    torch.testing.assert_close(lp.t(), joint.topk(5, -1).values)
+
+
+def test_sampler_bad_input():
+    with pytest.raises(ValueError, match="k = 10 exceeds"):
+        F.sample_set(torch.zeros(2, 2, 3), 10)
+    with pytest.raises(ValueError, match="k = 3 exceeds"):
+        F.sample_set(torch.tensor([[[0.0, -math.inf], [0.0, 0.0]]]), 3)
+    with pytest.raises(TypeError, match="k must be an int"):
+        F.sample_set(torch.zeros(2, 2, 3), 2.0)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        F.sample_set(torch.zeros(2, 2, 3), 0)
+    with pytest.raises(ValueError, match="at least 3 dimension"):
+        F.sample_set(torch.zeros(2, 3), 1)
+    with pytest.raises(ValueError, match="logits"):
+        F.sample_set(torch.tensor([[[0.0, math.nan]]]), 1)
+
+
+# -- the unordered-set ratios ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 8.0])
+def test_log_ratios_match_the_sum_over_orderings(k, scale):
+    torch.manual_seed(k)
+    logits = torch.randn(8, 1, 10, dtype=torch.float64) * scale
+    _, lp, _ = F.sample_set(logits, k)
+    e1, e2 = F.unordered_set_log_ratios(lp, exact=True)
+    i1, i2 = F.unordered_set_log_ratios(lp)
+    # the exact sum loses digits in 1 - sum(p) when the set holds nearly all the mass; the integral does not
+    tol = 1e-9 if scale < 5 else 1e-6
+    torch.testing.assert_close(i1, e1, rtol=0, atol=tol)
+    torch.testing.assert_close(i2, e2, rtol=0, atol=tol)
+
+
+def test_log_ratios_for_tiny_and_complete_sets():
+    tiny = torch.tensor([[-300.0], [-301.0], [-302.5]], dtype=torch.float64)   # a deep joint configuration
+    for a, b in zip(F.unordered_set_log_ratios(tiny), F.unordered_set_log_ratios(tiny, exact=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    whole = torch.tensor([[0.5], [0.3], [0.2]]).log()                        # float32: the whole support
+    r1, r2 = F.unordered_set_log_ratios(whole)
+    torch.testing.assert_close(r1, torch.zeros_like(r1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(r2, torch.zeros_like(r2), rtol=0, atol=1e-5)
+    # the weights p(s) R(S, s) of the estimator of E[f] sum to one in expectation; for the whole support exactly
+    torch.testing.assert_close(F.unordered_set_weights(whole).sum(0), torch.ones(1, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+
+
+def test_log_ratios_bad_input():
+    with pytest.raises(ValueError, match="log-probabilities"):
+        F.unordered_set_log_ratios(torch.tensor([[0.5], [-1.0]]))
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        F.unordered_set_log_ratios(torch.tensor([[0.6], [0.6]]).log())
+    with pytest.raises(ValueError, match="finite"):
+        F.unordered_set_log_ratios(torch.tensor([[math.nan], [-1.0]]))
+    with pytest.raises(ValueError, match="num_points must be >= 2"):
+        F.unordered_set_log_ratios(torch.tensor([[-1.0]]), num_points=1)
+    with pytest.raises(ValueError, match="k <= 7"):
+        F.unordered_set_log_ratios(torch.full((8, 1), -3.0), exact=True)
+
+
+# -- estimators against exact enumeration -------------------------------------------------------------------------
+T2 = torch.tensor([0.6, 0.51, 0.48])
+
+
+def f_t2(b):
+    return ((b - T2) ** 2).sum(-1)
+
+
+def f_cat(x):  # 3 categoricals x 4 classes, non-separable
+    xf = x.to(torch.float32)
+    return ((xf - torch.tensor([1.0, 2.0, 0.5])) ** 2).sum(-1) * 0.2 + 0.3 * (x[..., 0] == x[..., 1]).float() \
+        - 0.1 * xf[..., 0] * xf[..., 2]
+
+
+THETA_CAT = torch.tensor([[0.3, -0.2, 0.5, 0.0], [1.0, 0.2, -0.5, -1.0], [0.1, 0.1, -0.3, 0.4]])
+
+
+def exact_cat_grad(f, theta):
+    th = theta.clone().double().requires_grad_()
+    logp = th.log_softmax(-1)
+    allc = torch.tensor(list(itertools.product(range(4), repeat=3)))
+    lp = logp[torch.arange(3), allc].sum(-1)
+    (g,) = torch.autograd.grad((lp.exp() * f(allc).double()).sum(), th)
+    return g
+
+
+def grads_bernoulli_shared(make, reps, scale=1.0, shift=0.0, eta0=0.0):
+    out = []
+    for _ in range(reps):
+        eta = torch.tensor(eta0, requires_grad=True)
+        z = make()(Bernoulli(logits=eta.expand(3)))
+        storch.add_cost(f_t2(z) * scale + shift, "c")
+        storch.backward()
+        out.append(eta.grad.clone())
+    return torch.stack(out).double().view(-1, 1)
+
+
+def grads_cat(make, reps, scale=1.0, shift=0.0, one_hot=False, theta=THETA_CAT):
+    out = []
+    for _ in range(reps):
+        th = theta.clone().requires_grad_()
+        if one_hot:
+            z = make()(OneHotCategorical(logits=th))
+            x = z.argmax(-1) if isinstance(z, torch.Tensor) else z
+            cost = f_cat(x) * scale + shift
+        else:
+            z = make()(Categorical(logits=th))
+            cost = f_cat(z) * scale + shift
+        storch.add_cost(cost, "c")
+        storch.backward()
+        out.append(th.grad.clone().flatten())
+    return torch.stack(out).double()
+
+
+UNBIASED = {
+    "unordered-set": lambda: storch.method.UnorderedSetEstimator("z", k=4),
+    "unordered-set-no-baseline": lambda: storch.method.UnorderedSetEstimator("z", k=4, use_baseline=False),
+    "unordered-set-exact": lambda: storch.method.UnorderedSetEstimator("z", k=3, exact_integration=True),
+    "sf-wor-unbiased": lambda: storch.method.ScoreFunctionWOR("z", k=4, biased=False),
+    "sf-wor-unbiased-no-baseline": lambda: storch.method.ScoreFunctionWOR("z", k=4, biased=False,
+                                                                          use_baseline=False),
+    "rao-blackwell": lambda: storch.method.RaoBlackwellSF("z", 4),
+    "rao-blackwell-sampled-baseline": lambda: storch.method.RaoBlackwellSF("z", 4, summed="sampled",
+                                                                           use_baseline=True),
+    "rao-blackwell-top-baseline": lambda: storch.method.RaoBlackwellSF("z", 3, use_baseline=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNBIASED))
+def test_unbiased_on_the_shared_logit_bernoulli_toy(name):
+    torch.manual_seed(21)
+    eta0 = 0.4
+    g = grads_bernoulli_shared(UNBIASED[name], 800, eta0=eta0)
+    s = torch.sigmoid(torch.tensor(eta0, dtype=torch.float64))
+    exact = (s * (1 - s) * (1 - 2 * T2.double()).sum()).view(1)
+    assert_unbiased(g, exact)
+
+
+@pytest.mark.parametrize("name", sorted(UNBIASED))
+def test_unbiased_on_three_categoricals(name):
+    torch.manual_seed(22)
+    g = grads_cat(UNBIASED[name], 800)
+    assert_unbiased(g, exact_cat_grad(f_cat, THETA_CAT).flatten())
+
+
+@pytest.mark.parametrize("name", ["unordered-set", "rao-blackwell"])
+def test_unbiased_on_the_vae_style_encoder_gradient(name):
+    # a linear encoder over a data plate, 3 Bernoulli latents per datum, gradient w.r.t. its weights
+    torch.manual_seed(7)
+    x = torch.randn(4, 5)
+    W0 = torch.randn(5, 3) * 0.5
+    T3 = torch.tensor([0.6, 0.51, 0.48])
+
+    def f3(b):
+        return ((b - T3) ** 2).sum(-1) + 0.5 * b[..., 0] * b[..., 1] * b[..., 2]
+
+    def once():
+        W = W0.clone().requires_grad_()
+        z = UNBIASED[name]()(Bernoulli(logits=storch.denote_independent(x, 0, "data") @ W))
+        storch.add_cost(f3(z), "c")
+        storch.backward()
+        return W.grad.clone()
+
+    g = torch.stack([once() for _ in range(800)]).double()
+    W = W0.clone().double().requires_grad_()
+    p = torch.sigmoid(x.double() @ W)
+    total = 0
+    for cfg in itertools.product((0.0, 1.0), repeat=3):
+        b = torch.tensor(cfg, dtype=torch.float64)
+        total = total + torch.prod(p * b + (1 - p) * (1 - b), -1) * f3(b.float()).double()
+    (exact,) = torch.autograd.grad(total.mean(), W)
+    assert_unbiased(g, exact)
+
+
+ALL = dict(UNBIASED, **{
+    "sf-wor-normalized": lambda: storch.method.ScoreFunctionWOR("z", k=4),
+    "sf-wor-normalized-no-baseline": lambda: storch.method.ScoreFunctionWOR("z", k=4, use_baseline=False),
+})
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_cost_times_two_doubles_the_gradient(name):
+    torch.manual_seed(3)
+    a = grads_cat(ALL[name], 4)
+    torch.manual_seed(3)
+    b = grads_cat(ALL[name], 4, scale=2.0)
+    torch.testing.assert_close(b, 2 * a, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["unordered-set", "sf-wor-normalized", "rao-blackwell-sampled-baseline",
+                                  "rao-blackwell-top-baseline"])
+def test_cost_plus_constant_leaves_the_gradient(name):
+    # the built-in baselines: every gradient sample is unchanged by a shift (the normalized SF-WOR exactly, the
+    # others because their baselines carry the constant with weights that sum to one per sample)
+    torch.manual_seed(4)
+    a = grads_cat(ALL[name], 4)
+    torch.manual_seed(4)
+    b = grads_cat(ALL[name], 4, shift=10.0)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_normalized_sf_wor_is_biased_but_close():
+    # eq. 11 is consistent, not unbiased: its bias is small against its spread at k = 4 (Kool et al. 2019)
+    torch.manual_seed(5)
+    g = grads_cat(ALL["sf-wor-normalized"], 400)
+    exact = exact_cat_grad(f_cat, THETA_CAT).flatten()
+    assert ((g.mean(0) - exact).abs() < 0.5 * g.std(0) + 1e-3).all()
+
+
+def test_unordered_set_beats_the_score_function_at_equal_evaluations():
+    # a low-entropy distribution (the logits x 3), where samples with replacement repeat themselves: measured
+    # total variance 0.104 (unordered set, k = 4) against 0.148 (4 samples, leave-one-out baseline)
+    torch.manual_seed(6)
+    us = grads_cat(UNBIASED["unordered-set"], 800, theta=THETA_CAT * 3)
+    sf = grads_cat(lambda: storch.method.ScoreFunction("z", n_samples=4, baseline_factory="batch_average"), 800,
+                   theta=THETA_CAT * 3)
+    assert_lower_total_variance(us, sf)
+
+
+def test_forward_value_is_the_estimate_of_the_expectation():
+    # backward() reports the plate-weighted cost: the unordered-set estimate, unbiased for E[f]
+    torch.manual_seed(8)
+    vals = []
+    for _ in range(400):
+        th = THETA_CAT.clone()
+        z = storch.method.UnorderedSetEstimator("z", k=4)(Categorical(logits=th))
+        storch.add_cost(f_cat(z), "c")
+        vals.append(float(storch.backward()))
+    logp = THETA_CAT.double().log_softmax(-1)
+    allc = torch.tensor(list(itertools.product(range(4), repeat=3)))
+    exact = (logp[torch.arange(3), allc].sum(-1).exp() * f_cat(allc).double()).sum()
+    v = torch.tensor(vals, dtype=torch.float64).view(-1, 1)
+    assert_unbiased(v, exact.view(1))
+
+
+def test_storchastic_plate_conventions():
+    th = THETA_CAT.clone().requires_grad_()
+    z = storch.method.ScoreFunctionWOR("z", k=4, biased=False)(Categorical(logits=th))
+    assert z.shape[0] == 4 and z.n == 4
+    w = z.plates[0]._weight._tensor
+    assert float(w[-1]) == 0 and (w[:-1] > 0).all()   # the k-th sample only supplies the threshold
+    storch.reset()
+    z = storch.method.RaoBlackwellSF("z", 4)(Categorical(logits=th))
+    w = z.plates[0]._weight._tensor
+    lp = th.log_softmax(-1)[torch.arange(3), z._tensor].sum(-1)
+    torch.testing.assert_close(w[:-1], lp[:-1].exp())                   # summed: p(c), differentiable
+    assert w.requires_grad
+    torch.testing.assert_close(w[-1], 1 - lp[:-1].exp().sum(), rtol=1e-5, atol=1e-6)
+    top = lp[:-1]
+    assert (top[:-1] >= top[1:]).all()                                    # the most probable, in order
+    storch.reset()
+    with pytest.raises(TypeError):
+        storch.method.RaoBlackwellSF("z", k=4)                            # Storchastic's name is n_samples
+
+
+def test_unordered_set_gumbel_softmax_is_relaxed_and_pathwise():
+    torch.manual_seed(9)
+    th = THETA_CAT.clone().requires_grad_()
+    m = storch.method.UnorderedSetGumbelSoftmax("z", k=3, initial_temperature=0.5)
+    z = m(OneHotCategorical(logits=th))
+    y = z._tensor
+    assert y.shape == (3, 3, 4) and torch.allclose(y.sum(-1), torch.ones(3, 3))
+    # each relaxed sample's argmax is its configuration of the without-replacement set: distinct rows
+    cfg = y.argmax(-1)
+    assert len({tuple(r) for r in cfg.tolist()}) == 3
+    storch.add_cost((z * torch.arange(4.0)).sum(-1).sum(-1), "c")
+    storch.backward()
+    assert th.grad is not None and th.grad.abs().sum() > 0
+    assert storch.method.GumbelSoftmaxWOR is storch.method.UnorderedSetGumbelSoftmax
+
+
+@pytest.mark.parametrize("make", [
+    lambda: storch.method.ScoreFunctionWOR("z", k=4),
+    lambda: storch.method.UnorderedSetEstimator("z", k=4),
+    lambda: storch.method.RaoBlackwellSF("z", 4),
+])
+def test_methods_refuse_what_they_cannot_enumerate(make):
+    with pytest.raises(ValueError, match="enumerable distribution"):
+        make()(Normal(torch.zeros(3), torch.ones(3)))
+    with pytest.raises(ValueError, match="exceeds"):
+        make()(Categorical(logits=torch.zeros(3)))              # 3 configurations, k = 4
+    # nothing left behind: the next step is a fresh one
+    th = torch.zeros(2, 3, requires_grad=True)
+    z = make()(Categorical(logits=th))
+    storch.add_cost(z.float().sum(-1), "c")
+    storch.backward()
+    assert th.grad is not None
+
+
+def test_constructor_bad_input():
+    with pytest.raises(TypeError, match="k must be an int"):
+        storch.method.ScoreFunctionWOR("z", k=2.5)
+    with pytest.raises(ValueError, match="k >= 2"):
+        storch.method.ScoreFunctionWOR("z", k=1)
+    with pytest.raises(ValueError, match="k >= 2"):
+        storch.method.UnorderedSetEstimator("z", k=1)
+    storch.method.UnorderedSetEstimator("z", k=1, use_baseline=False)
+    with pytest.raises(ValueError, match="eos"):
+        storch.method.UnorderedSetEstimator("z", k=3, eos=0)
+    with pytest.raises(ValueError, match="k <= 7"):
+        storch.method.UnorderedSetEstimator("z", k=8, exact_integration=True)
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        storch.method.RaoBlackwellSF("z", 1)
+    with pytest.raises(ValueError, match="summed"):
+        storch.method.RaoBlackwellSF("z", 3, summed="best")
+    with pytest.raises(ValueError, match="Categorical"):
+        storch.method.UnorderedSetGumbelSoftmax("z", k=2)(Categorical(logits=torch.zeros(3)))
