@@ -178,8 +178,13 @@ def gumbel_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 10, 
     if seed is not None:  # the conditional noise follows the sampler's on the same stream
         offset = (offset or 0) + _philox.counters_used(idx.numel())
     b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape)).reshape((m * n,) + tuple(idx.shape[1:]))
-    z = _F.conditional_gumbel_categorical(logits, b, generator=generator, seed=seed, offset=offset)     # [m n, ..., K], reparameterized
-    y = torch.softmax(z / tau, -1).view((m, n) + tuple(logits.shape)).mean(0)
+    with torch.no_grad():
+        z = _F.conditional_gumbel_categorical(logits, b, generator=generator, seed=seed, offset=offset)  # [m n, ..., K]
+    # the straight-through Jacobian is that of softmax((logits + G) / tau) with the noise G held fixed, at the
+    # conditional draws (not the derivative of the conditional sampler, which is REBAR's)
+    acc = z.dtype
+    safe = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)).to(acc)
+    y = torch.softmax((z + (safe - safe.detach())) / tau, -1).view((m, n) + tuple(logits.shape)).mean(0)
     return (one.to(y.dtype) + (y - y.detach())).to(logits.dtype)
 
 

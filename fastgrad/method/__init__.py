@@ -4,6 +4,7 @@ from .arm import ARM, ARMS, DisARM
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .relax import LAX, REBAR, RELAX
+from .relaxed import GumbelEntmax, GumbelRao, GumbelSparseMax, IndeCateR, ReinMax
 from .reparameterization import Infer, Reparameterization
 from .score_function import ScoreFunction
 from .vimco import VIMCO
@@ -12,4 +13,5 @@ from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctio
 
 __all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
            "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
-           "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR"]
+           "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax", "ReinMax",
+           "GumbelRao", "IndeCateR"]

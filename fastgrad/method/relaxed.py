@@ -1,0 +1,158 @@
+"""Pathwise estimators beyond Gumbel-softmax: Gumbel-entmax and Gumbel-sparsemax (sparse relaxations), ReinMax and
+Gumbel-Rao (straight-through with better backward passes), and IndeCateR (per-variable exact sums). The math is in
+:mod:`fastgrad.functional` (``gumbel_entmax``, ``reinmax``, ``gumbel_rao``, ``indecater_weights``)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import distributions as D
+
+from .. import functional as F
+from .._relaxations import _check_alpha as check_alpha
+from ._base import Draw, Method, Params
+from .gumbel_softmax import check_schedule
+from .without_replacement import _Rows
+
+
+def _monte_carlo_only(sampling_method: Any) -> None:
+    if sampling_method is not None:
+        raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+
+
+def _check_temperature(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite float, got {v!r}")
+    return float(v)
+
+
+class GumbelEntmax(Method):
+    """Gumbel-entmax: ``entmax_alpha((log p + Gumbel) / temperature)`` samples of a ``OneHotCategorical`` (Paulus et
+    al., NeurIPS 2020, "Gradient estimation with stochastic softmax tricks", appendix; entmax: Peters, Niculae &
+    Martins 2019). A pathwise, biased relaxation with exact zeros; one cost evaluation per sample. With
+    ``straight_through`` the forward value is the one-hot argmax and the gradient the relaxed one (Storchastic
+    0.3.7 ignores the flag). Storchastic's signature: the third positional argument is ``alpha``; the temperature
+    anneals as :class:`GumbelSoftmax`'s, by default not at all (``annealing_rate=0``). ``adaptive=True`` (a learned
+    alpha) is not supported."""
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, alpha: float = 1.5, adaptive: bool = False,
+                 n_samples: int = 1, straight_through: bool = False, initial_temperature: float = 1.0,
+                 min_temperature: float = 1.0e-4, annealing_rate: float = 0.0):
+        super().__init__(plate_name, n_samples)
+        _monte_carlo_only(sampling_method)
+        if adaptive:
+            raise ValueError("adaptive=True (a learned alpha) is not supported; pass a fixed alpha")
+        self.alpha = check_alpha(alpha)
+        check_schedule(initial_temperature, min_temperature, annealing_rate)
+        self.straight_through = bool(straight_through)
+        self.register_buffer("temperature", torch.tensor(float(initial_temperature)))
+        self.register_buffer("min_temperature", torch.tensor(float(min_temperature)))
+        self.register_buffer("annealing_rate", torch.tensor(float(annealing_rate)))
+
+    def _sample(self, params: Params) -> Draw:
+        if not isinstance(params.distr, D.OneHotCategorical):
+            raise ValueError(f"{type(self).__name__} relaxes a OneHotCategorical (entmax is over the categories), got "
+                             f"{type(params.distr).__name__}")
+        y = F.gumbel_entmax(params.logits(), self.alpha, float(self.temperature), self.n_samples,
+                            self.straight_through)
+        return Draw(y, self.n_samples)
+
+    def _update_parameters(self) -> None:
+        with torch.no_grad():
+            self.temperature.copy_(torch.clamp(self.temperature * (1 - self.annealing_rate),
+                                               min=self.min_temperature))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", alpha={self.alpha}, straight_through={self.straight_through}"
+
+
+class GumbelSparseMax(GumbelEntmax):
+    """Gumbel-sparsemax: :class:`GumbelEntmax` with ``alpha = 2`` (sparsemax, Martins & Astudillo 2016)."""
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
+                 straight_through: bool = False, initial_temperature: float = 1.0, min_temperature: float = 1.0e-4,
+                 annealing_rate: float = 0.0):
+        super().__init__(plate_name, sampling_method, 2.0, n_samples=n_samples, straight_through=straight_through,
+                         initial_temperature=initial_temperature, min_temperature=min_temperature,
+                         annealing_rate=annealing_rate)
+
+
+def _one_hot_logits(method: Method, params: Params):
+    """Logits ``[..., K]`` of a OneHotCategorical, or ``[..., 2]`` (``[0, l]``) of a Bernoulli, and how to map a
+    one-hot sample back."""
+    d = params.distr
+    if isinstance(d, D.OneHotCategorical):
+        return params.logits(), lambda y: y
+    if isinstance(d, D.Bernoulli):
+        bl = params.bernoulli_logits()
+        return torch.stack([torch.zeros_like(bl), bl], -1), lambda y: y[..., 1]
+    raise ValueError(f"{type(method).__name__} needs a OneHotCategorical or Bernoulli distribution, got "
+                     f"{type(d).__name__}")
+
+
+class ReinMax(Method):
+    """ReinMax (Liu et al., NeurIPS 2023, "Bridging discrete and backpropagation: straight-through and beyond"):
+    hard samples forward, a second-order (Heun) straight-through backward; math in
+    :func:`fastgrad.functional.reinmax`. Biased; one cost evaluation per sample; OneHotCategorical and Bernoulli.
+    ``temperature`` (>= 1 recommended by the paper) enters the backward only."""
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0):
+        super().__init__(plate_name, n_samples)
+        _monte_carlo_only(sampling_method)
+        self.temperature = _check_temperature("temperature", temperature)
+
+    def _sample(self, params: Params) -> Draw:
+        logits, back = _one_hot_logits(self, params)
+        return Draw(back(F.reinmax(logits, self.n_samples, self.temperature)), self.n_samples)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", temperature={self.temperature}"
+
+
+class GumbelRao(Method):
+    """Gumbel-Rao (Paulus, Maddison & Krause, ICLR 2021, "Rao-Blackwellizing the straight-through Gumbel-softmax
+    gradient estimator"): hard samples forward, the straight-through Gumbel-softmax Jacobian averaged over
+    ``conditional_samples`` Gumbels conditioned on the sample; math in :func:`fastgrad.functional.gumbel_rao`. The
+    same expectation as straight-through Gumbel-softmax at the same temperature (so as biased), lower variance; one
+    cost evaluation per sample; OneHotCategorical and Bernoulli."""
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
+                 conditional_samples: int = 10):
+        super().__init__(plate_name, n_samples)
+        _monte_carlo_only(sampling_method)
+        self.temperature = _check_temperature("temperature", temperature)
+        self.conditional_samples = F._check_n(conditional_samples, "conditional_samples")
+
+    def _sample(self, params: Params) -> Draw:
+        logits, back = _one_hot_logits(self, params)
+        y = F.gumbel_rao(logits, self.n_samples, self.temperature, self.conditional_samples)
+        return Draw(back(y), self.n_samples)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", temperature={self.temperature}, " \
+                                      f"conditional_samples={self.conditional_samples}"
+
+
+class IndeCateR(Method):
+    """IndeCateR (De Smet, Sansone & Zuidberg Dos Martires, NeurIPS 2023, "Differentiable sampling of categorical
+    distributions using the CatLog-derivative trick"): for each of ``n_samples`` samples and each of the ``D``
+    independent latents, the cost is evaluated at all ``K`` values of that latent with the others kept, and the
+    gradient is ``sum_d sum_c grad p_d(c) mean_s f(x_-d, c)``; math in :func:`fastgrad.functional.indecater_weights`.
+    Unbiased, Rao-Blackwellized per latent; ``n_samples * D * K`` cost evaluations, all in one call of the user's
+    cost (the plate holds the ``S D K`` neighbours, ordered ``[s, d, c]``, weighted so that the plate-reduced cost is
+    the estimate of ``E[f]``). Categorical, OneHotCategorical and Bernoulli (``K = 2``)."""
+
+    def __init__(self, plate_name: str, n_samples: int = 1):
+        super().__init__(plate_name, n_samples)
+
+    def _sample(self, params: Params) -> Draw:
+        rows = _Rows(self, params)
+        S = self.n_samples
+        logits = rows.logits                                                    # [R, D, K]
+        x = F.sample_categorical(logits.detach(), S)                            # [S, R, D]
+        nb = F.indecater_samples(x, rows.K)                                     # [S, D, K, R, D]
+        n = S * logits.shape[1] * rows.K
+        idx = nb.reshape((n,) + tuple(nb.shape[3:]))                            # [S D K, R, D]
+        w = F.indecater_weights(logits, S).reshape((n,) + rows.pshape)          # [S D K, plates...]
+        return Draw(rows.value(idx, logits.dtype), n, w.to(logits.dtype))
