@@ -1,5 +1,6 @@
 """The seed VAE demo end to end, short, on the vendored MNIST."""
 import json
+import math
 
 import pytest
 
@@ -135,3 +136,22 @@ def test_demo_latent_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         discrete_vae.parse_args(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor", "gumbel-entmax",
+                                    "gumbel-sparsemax", "indecater", "reinmax", "gumbel-rao"])
+def test_demo_without_replacement_and_relaxed_estimators(tmp_path, method):
+    s = discrete_vae.main(["--method", method, "--n-samples", "3", "--max-steps", "40", "--eval-every", "30",
+                           "--eval-samples", "3", "--test-size", "100", "--no-progress", "--out-dir", str(tmp_path)])
+    assert s["args"]["latents"] == "categorical" and s["steps"] == 40
+    assert s["first_elbo"] > 500 and s["last_elbo_mean100"] < s["first_elbo"] - 80  # it learns
+    ev = s["evaluations"][0]
+    assert ev["grad_variance"] > 0 and ev["grad_bias"] is not None and math.isfinite(ev["grad_bias"])
+
+
+def test_demo_set_and_entmax_argument_errors(capsys):
+    for argv, message in ((["--method", "unordered-set"], "needs --n-samples >= 2"),
+                          (["--method", "gumbel-entmax", "--latents", "bernoulli"], "needs --latents categorical")):
+        with pytest.raises(SystemExit) as info:
+            discrete_vae.parse_args(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err

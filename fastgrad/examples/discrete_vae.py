@@ -30,8 +30,11 @@ import fastgrad as storch
 from .mnist import batches, load_mnist
 
 METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm", "arms", "relax",
-           "rebar")
+           "rebar", "sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor", "gumbel-entmax",
+           "gumbel-sparsemax", "indecater", "reinmax", "gumbel-rao")
 BINARY_METHODS = ("arm", "disarm", "arms", "relax", "rebar")  # Bernoulli latents only
+CATEGORICAL_METHODS = ("gumbel-entmax", "gumbel-sparsemax")  # entmax is over the categories
+SET_METHODS = ("sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor")  # --n-samples is the set size k
 BASELINES = ("none", "batch_average", "moving_average")
 
 
@@ -127,6 +130,24 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
         return storch.method.RELAX("z", n_samples=n_samples, in_dim=latent_dim)
     if name == "rebar":
         return storch.method.REBAR("z", n_samples=n_samples)
+    if name == "sf-wor":
+        return storch.method.ScoreFunctionWOR("z", k=n_samples)
+    if name == "unordered-set":
+        return storch.method.UnorderedSetEstimator("z", k=n_samples)
+    if name == "rao-blackwell":
+        return storch.method.RaoBlackwellSF("z", n_samples)
+    if name == "gumbel-softmax-wor":
+        return storch.method.UnorderedSetGumbelSoftmax("z", k=n_samples)
+    if name == "gumbel-entmax":
+        return storch.method.GumbelEntmax("z", n_samples=n_samples)
+    if name == "gumbel-sparsemax":
+        return storch.method.GumbelSparseMax("z", n_samples=n_samples)
+    if name == "indecater":
+        return storch.method.IndeCateR("z", n_samples=n_samples)
+    if name == "reinmax":
+        return storch.method.ReinMax("z", n_samples=n_samples)
+    if name == "gumbel-rao":
+        return storch.method.GumbelRao("z", n_samples=n_samples)
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
 
 
@@ -282,6 +303,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  "categorical")
     if args.latent_dim < 1:
         ap.error("--latent-dim must be >= 1")
+    if args.method in CATEGORICAL_METHODS and args.latents != "categorical":
+        ap.error(f"--method {args.method} needs --latents categorical (entmax relaxes one-hot categoricals)")
+    if args.method in SET_METHODS and args.n_samples < 2:
+        ap.error(f"--method {args.method} needs --n-samples >= 2 (the size of the set sampled without "
+                 "replacement)")
     if args.method == "arms" and args.n_samples < 2:
         ap.error("--method arms needs --n-samples >= 2 (mutually antithetic samples)")
     if args.baseline == "batch_average" and args.n_samples < 2:
