@@ -1,0 +1,163 @@
+"""Gradient variance and bias of every categorical estimator on the seed VAE, against the number of cost evaluations.
+
+    python benchmarks/estimator_variance.py --out benchmarks/results/estimator_variance_cpu.json --plot
+
+At fixed checkpoints of the tutorial's model (its initialization, and after ``--train-steps`` steps of exact
+(Expect) training) and one fixed batch, each estimator gives ``--n-grads`` estimates of the encoder-output gradient
+``z.param_grads["probs"]``; the JSON records their total variance and the squared bias of their mean against the exact
+gradient (Expect), the seed tutorial's two numbers, at budgets of 4, 8 and 20 decoder evaluations per data point
+(IndeCateR costs D K = 20 per sample: only that budget). The squared bias includes the noise of the mean, about
+variance / n_grads: an unbiased estimator's "bias" is that floor, not zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import fastgrad as storch  # noqa: E402
+from fastgrad.examples.discrete_vae import DiscreteVAE, generative_story  # noqa: E402
+
+M = storch.method
+# name -> (constructor of a budget of E evaluations, or None where E does not fit)
+ESTIMATORS = {
+    "score-function (loo)": lambda E: M.ScoreFunction("z", n_samples=E, baseline_factory="batch_average"),
+    "sf-wor (normalized)": lambda E: M.ScoreFunctionWOR("z", k=E),
+    "sf-wor (unbiased)": lambda E: M.ScoreFunctionWOR("z", k=E, biased=False),
+    "unordered-set": lambda E: M.UnorderedSetEstimator("z", k=E),
+    "rao-blackwell": lambda E: M.RaoBlackwellSF("z", E),
+    "rao-blackwell (sampled, baseline)": lambda E: M.RaoBlackwellSF("z", E, summed="sampled", use_baseline=True),
+    "indecater": lambda E: M.IndeCateR("z", n_samples=E // 20) if E % 20 == 0 else None,
+    "gumbel-softmax": lambda E: M.GumbelSoftmax("z", n_samples=E),
+    "straight-through": lambda E: M.GumbelSoftmax("z", n_samples=E, straight_through=True),
+    "gumbel-softmax-wor": lambda E: M.UnorderedSetGumbelSoftmax("z", k=E),
+    "gumbel-entmax": lambda E: M.GumbelEntmax("z", n_samples=E),
+    "gumbel-sparsemax": lambda E: M.GumbelSparseMax("z", n_samples=E),
+    "reinmax": lambda E: M.ReinMax("z", n_samples=E),
+    "gumbel-rao": lambda E: M.GumbelRao("z", n_samples=E),
+}
+BUDGETS = (4, 8, 20)
+
+
+def param_grad(method, model, batch) -> torch.Tensor:
+    z = generative_story(method, model, batch)
+    storch.backward()
+    g = z.param_grads["probs"]._tensor.detach().clone()
+    model.zero_grad()
+    return g
+
+
+def checkpoint_stats(model, batch, n_grads: int, names) -> list:
+    exact = param_grad(M.Expect("z"), model, batch)
+    rows = []
+    for name in names:
+        for E in BUDGETS:
+            method = ESTIMATORS[name](E)
+            if method is None:
+                continue
+            t0 = time.perf_counter()
+            g = torch.stack([param_grad(method, model, batch) for _ in range(n_grads)]).double()
+            sec = (time.perf_counter() - t0) / n_grads
+            var = float(g.var(0).sum())
+            bias = float(((g.mean(0) - exact.double()) ** 2).sum())
+            rows.append({"estimator": name, "evaluations": E, "grad_variance": var, "grad_bias": bias,
+                         "noise_floor": var / n_grads, "seconds_per_estimate": sec})
+            print(f"  {name:34s} E={E:3d} variance {var:.3e} bias^2 {bias:.3e} ({sec * 1e3:.1f} ms)", flush=True)
+    return rows
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cps = result["checkpoints"]
+    fig, axes = plt.subplots(2, len(cps), figsize=(6 * len(cps), 8), squeeze=False)
+    for j, cp in enumerate(cps):
+        for name in dict.fromkeys(r["estimator"] for r in cp["rows"]):
+            rs = [r for r in cp["rows"] if r["estimator"] == name]
+            style = "o-" if len(rs) > 1 else "s"
+            axes[0][j].plot([r["evaluations"] for r in rs], [r["grad_variance"] for r in rs], style, label=name)
+            axes[1][j].plot([r["evaluations"] for r in rs], [r["grad_bias"] for r in rs], style, label=name)
+        for i, what in enumerate(("total gradient variance", "squared bias vs Expect")):
+            ax = axes[i][j]
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(BUDGETS)
+            ax.set_xticklabels([str(b) for b in BUDGETS])
+            ax.set_xlabel("decoder evaluations per data point")
+            ax.set_ylabel(what)
+            ax.set_title(f"seed VAE, {cp['name']}")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--estimators", default=",".join(ESTIMATORS))
+    ap.add_argument("--n-grads", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--train-steps", type=int, default=300, help="Expect steps before the second checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", action="store_true", help="also write the .png beside --out")
+    args = ap.parse_args(argv)
+    names = [n for n in args.estimators.split(",") if n]
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown:
+        ap.error(f"unknown estimators {unknown}; choose from {list(ESTIMATORS)}")
+    torch.set_num_threads(args.threads)
+    from fastgrad.examples.mnist import load_mnist
+
+    torch.manual_seed(args.seed)
+    x, _ = load_mnist("train")
+    order = torch.randperm(x.shape[0])
+    batch = x[order[: args.batch_size]].view(-1, 784)
+    model = DiscreteVAE()
+    checkpoints = []
+    print("checkpoint: initialization", flush=True)
+    checkpoints.append({"name": "initialization", "step": 0, "rows": checkpoint_stats(model, batch, args.n_grads,
+                                                                                       names)})
+    if args.train_steps:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        exact = M.Expect("z")
+        for step in range(args.train_steps):
+            b = x[order[(step * args.batch_size) % x.shape[0]:][: args.batch_size]].view(-1, 784)
+            opt.zero_grad()
+            generative_story(exact, model, b)
+            storch.backward()
+            opt.step()
+        print(f"checkpoint: after {args.train_steps} Expect steps", flush=True)
+        checkpoints.append({"name": f"after {args.train_steps} steps", "step": args.train_steps,
+                            "rows": checkpoint_stats(model, batch, args.n_grads, names)})
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE.parent).stdout.strip()
+    result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+              "commit": commit, "args": vars(args),
+              "machine": {"node": platform.node(), "processor": platform.processor(), "torch": torch.__version__,
+                          "threads": args.threads},
+              "checkpoints": checkpoints}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        if args.plot:
+            plot(result, os.path.splitext(args.out)[0] + ".png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
