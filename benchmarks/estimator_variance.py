@@ -36,7 +36,7 @@ ESTIMATORS = {
     "sf-wor (unbiased)": lambda E: M.ScoreFunctionWOR("z", k=E, biased=False),
     "unordered-set": lambda E: M.UnorderedSetEstimator("z", k=E),
     "rao-blackwell": lambda E: M.RaoBlackwellSF("z", E),
-    "rao-blackwell (sampled, baseline)": lambda E: M.RaoBlackwellSF("z", E, summed="sampled", use_baseline=True),
+    "rao-blackwell (sampled + baseline)": lambda E: M.RaoBlackwellSF("z", E, summed="sampled", use_baseline=True),
     "indecater": lambda E: M.IndeCateR("z", n_samples=E // 20) if E % 20 == 0 else None,
     "gumbel-softmax": lambda E: M.GumbelSoftmax("z", n_samples=E),
     "straight-through": lambda E: M.GumbelSoftmax("z", n_samples=E, straight_through=True),
