@@ -48,6 +48,8 @@ __all__ = [
     "disarm_surrogate",
     "arms_sample",
     "arms_surrogate",
+    "double_cv_parts",
+    "double_cv_surrogate",
     "conditional_gumbel_bernoulli",
     "conditional_gumbel_categorical",
     "relax_bernoulli_sample",
@@ -694,6 +696,59 @@ def arms_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) ->
     p = torch.sigmoid(t.detach())
     coef = (f - loo) * (b.to(acc) - p) / (1 - _arms_correlation(p, n))
     return coef * t
+
+
+# -- Double control variates -----------------------------------------------------------------------------------
+def double_cv_parts(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, cost_grad: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two parts of the double-control-variate estimator (Titsias & Shi, AISTATS 2022, "Double control variates
+    for gradient estimation in discrete latent variable models") for ``n >= 2`` independent
+    ``Bernoulli(theta = sigmoid(logits))`` samples: the estimate is ``rloo + alpha * cv`` for any ``alpha``, with,
+    per latent,
+
+        ``rloo = mean_k (f_k - LOO_k f) (b_k - theta)`` (leave-one-out REINFORCE) and
+        ``cv = -mean_k (c_k - LOO_k c) (b_k - theta) + mean_k(g_k) theta (1 - theta)``,
+
+    where ``g_k = d f / d b`` at ``b_k``, ``gbar_-k`` the mean of the other samples' ``g`` and ``c_k = <gbar_-k, b_k -
+    theta>`` (summed over the latents: the first-order estimate of ``f_k - E f``). ``cv`` has mean zero (``c_k`` is
+    linear in ``b_k`` with a coefficient free of ``b_k``, so its score term has the closed-form mean added back; the
+    ``c_j`` inside ``LOO_k`` are linear in ``b_j`` with mean 0), so the estimate is unbiased for every ``alpha``
+    chosen independently of the samples. ``n`` cost evaluations and ``n`` cost gradients: the cost must be
+    differentiable at relaxed (real-valued) ``b``.
+
+    Args: ``logits`` ``[...]``, ``b`` ``[n, ...]``, ``cost`` ``[n, *batch]`` (broadcast over the trailing latent dims
+    of ``b``), ``cost_grad`` ``[n, ...]``. Returns ``(rloo, cv)``, both ``[...]``, detached, accumulation dtype."""
+    logits = _check_bernoulli_logits(logits)
+    if not isinstance(b, torch.Tensor) or b.dim() < 1 or b.shape[0] < 2 or tuple(b.shape[1:]) != tuple(logits.shape):
+        raise ValueError(f"b must have shape [n >= 2, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    n = b.shape[0]
+    cost = _check_real(cost, "cost")
+    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > b.dim():
+        raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
+    cost_grad = _check_real(cost_grad, "cost_grad")
+    if tuple(cost_grad.shape) != tuple(b.shape):
+        raise ValueError(f"cost_grad must have the shape of b {tuple(b.shape)}, got {tuple(cost_grad.shape)}")
+    acc = _checks.acc_dtype(logits.dtype)
+    lat = tuple(range(cost.dim(), b.dim()))
+    f = cost.detach().to(acc).reshape(tuple(cost.shape) + (1,) * len(lat))
+    g = cost_grad.detach().to(acc)
+    theta = torch.sigmoid(logits.detach().to(acc))
+    centered = b.detach().to(acc) - theta
+    loo = lambda x: (x.sum(0, keepdim=True) - x) / (n - 1)  # noqa: E731
+    c = (loo(g) * centered).sum(lat, keepdim=True) if lat else loo(g) * centered
+    rloo = ((f - loo(f)) * centered).mean(0)
+    cv = -((c - loo(c)) * centered).mean(0) + g.mean(0) * theta * (1 - theta)
+    return rloo, cv
+
+
+def double_cv_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, cost_grad: torch.Tensor,
+                        alpha: float = 1.0) -> torch.Tensor:
+    """Double control variates as a surrogate ``[...]`` whose gradient w.r.t. ``logits`` is
+    ``rloo + alpha * cv`` of :func:`double_cv_parts` (``alpha = 0``: RLOO; ``alpha = 1``: the whole first-order
+    term, the best choice for a cost linear in ``b``; Titsias & Shi learn one scalar, with the opposite sign)."""
+    rloo, cv = double_cv_parts(logits, b, cost, cost_grad)
+    return (rloo + alpha * cv) * logits.to(rloo.dtype)
 
 
 # -- the LM head fused with the log-probability and the policy-gradient losses ----------------------------------
