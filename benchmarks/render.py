@@ -3,7 +3,8 @@
     python benchmarks/render.py
 
 Reads ``results/ops_*.json`` (pytest-benchmark JSON of ``test_ops_bench.py``), ``results/vae_step_*.json``
-(``vae_step.py``) and ``results/quality_*.json`` (``quality.py``).
+(``vae_step.py``), ``results/quality_*.json`` (``quality.py``), and the estimator studies
+``estimator_variance_*.json``, ``kool_bernoulli_toy_*.json``, ``indecater_synthetic_*.json``.
 """
 from __future__ import annotations
 
@@ -243,6 +244,74 @@ def _plots() -> list:
     return made
 
 
+def _cmd(data: dict) -> str:
+    m = data.get("machine", {})
+    return (f"`{data.get('command', '')}` at commit `{str(data.get('commit', ''))[:10]}`, torch {m.get('torch', '?')}, "
+            f"{m.get('processor') or m.get('node', '?')}.")
+
+
+def _estimator_variance_table(path: Path) -> list:
+    data = json.loads(path.read_text())
+    lines = [f"### {path.name}", "", "Seed VAE, one fixed batch of 64: total variance of the encoder-output gradient "
+             "estimate and squared bias of the mean of " + str(data["args"]["n_grads"]) + " estimates against Expect "
+             "(the bias includes the noise floor, about variance / n_grads), at 4, 8 and 20 decoder evaluations per "
+             "data point. " + _cmd(data) + " The ms per estimate were measured while other jobs shared the 2 cores: "
+             "not a benchmark.", ""]
+    for cp in data["checkpoints"]:
+        names = list(dict.fromkeys(r["estimator"] for r in cp["rows"]))
+        budgets = sorted({r["evaluations"] for r in cp["rows"]})
+        lines += [f"Checkpoint: {cp['name']}.", "", "| estimator | " + " | ".join(f"E = {b}: variance, bias^2"
+                                                                            for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for n in names:
+            cells = []
+            for b in budgets:
+                r = [x for x in cp["rows"] if x["estimator"] == n and x["evaluations"] == b]
+                cells.append(f"{r[0]['grad_variance']:.3g}, {r[0]['grad_bias']:.3g}" if r else "-")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _kool_table(path: Path) -> list:
+    data = json.loads(path.read_text())
+    ps = sorted({r["p"] for r in data["rows"]})
+    show = [p for p in ps if any(abs(p - q) < 1e-9 for q in (0.05, 0.25, 0.5, 0.75, 0.95))]
+    lines = [f"### {path.name}", "", "Kool et al. 2020's toy: 3 Bernoullis sharing one logit, f(b) = sum (b - t)^2, "
+             "t = (0.6, 0.51, 0.48), k = 4 cost evaluations (IndeCateR 6), " + str(data["args"]["reps"]) +
+             " estimates per point. Cells: variance of the gradient estimate; last column: the largest |z| of the "
+             "mean against the exact gradient over all " + str(len(ps)) + " points. " + _cmd(data), "",
+             "| estimator | " + " | ".join(f"p = {p:.2f}" for p in show) + " | max abs z |",
+             "|---|" + "---|" * (len(show) + 1)]
+    for n in data["estimators"]:
+        rs = {r["p"]: r for r in data["rows"] if r["estimator"] == n}
+        zs = [abs(r["z"]) for r in rs.values() if r["z"] == r["z"] and abs(r["z"]) != float("inf")]
+        lines.append(f"| {n} | " + " | ".join(f"{rs[p]['variance']:.2e}" for p in show) +
+                     f" | {max(zs) if zs else float('nan'):.1f} |")
+    lines += ["", "The paper (section 6.1, figure 2) shows the unordered-set estimator with its baseline as low as the "
+              "best unbiased estimator at every p and far below sampling with replacement near p = 0 or 1. Measured "
+              "here: it has the lowest variance of the sampling estimators at every p (about 1.8x below 4-sample "
+              "leave-one-out at p = 0.5, 24x at p = 0.05); the normalized score function without replacement is "
+              "biased (its |z|), the unbiased one (eq. 10) is not robust to the cost's offset, and IndeCateR is exact "
+              "on this separable cost (variance at float rounding).", ""]
+    return lines
+
+
+def _indecater_table(path: Path) -> list:
+    data = json.loads(path.read_text())
+    lines = [f"### {path.name}", "", "IndeCateR's synthetic test (De Smet et al. 2023, section 5.1): f(x) = sum_d "
+             "|x_d - b_d|; bias = mean(1 - cos(estimate, exact)), variance of the cosine over " +
+             str(data["args"]["runs"]) + " runs. " + _cmd(data), "",
+             "| (D, C) | estimator | cost evaluations | bias | variance of cos |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| ({r['D']}, {r['C']}) | {r['estimator']} | {r['evaluations']} | {r['bias']:.2e} | "
+                     f"{r['cos_variance']:.2e} |")
+    lines += ["", "The paper reports IndeCateR's bias and variance orders of magnitude below REINFORCE, RLOO and "
+              "Gumbel-softmax with 1000 samples at a fraction of their evaluations. Measured here: the same; on this "
+              "separable cost IndeCateR's per-variable sums are the exact gradient, so what remains is rounding.", ""]
+    return lines
+
+
 def main() -> None:
     lines = ["# Benchmark results", "", "Generated by `benchmarks/render.py` from the JSON files in this folder.", ""]
     for p in sorted(RES.glob("vae_step_*.json")):
@@ -257,6 +326,12 @@ def main() -> None:
         lines += _ops_table(p)
     for p in sorted(RES.glob("linear_loss_*.json")):
         lines += _lm_table(p)
+    for p in sorted(RES.glob("estimator_variance_*.json")):
+        lines += _estimator_variance_table(p)
+    for p in sorted(RES.glob("kool_bernoulli_toy_*.json")):
+        lines += _kool_table(p)
+    for p in sorted(RES.glob("indecater_synthetic_*.json")):
+        lines += _indecater_table(p)
     for name in _plots():
         lines += [f"![{name}]({name})", ""]
     (RES / "README.md").write_text("\n".join(lines))

@@ -16,7 +16,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from .._tensor import StochasticTensor
-from ._base import Draw, Method, Params, aligned_cost, check_n_samples, reduce_term
+from ._base import Draw, Method, Params, aligned_cost, reduce_term
 from .gumbel_softmax import check_schedule
 
 
@@ -59,12 +59,8 @@ class _Rows:
         return t.reshape((t.shape[0],) + self.pshape)
 
 
-def _check_k(k: object) -> int:
-    return check_n_samples(k) if not isinstance(k, bool) and isinstance(k, int) else _raise_k(k)
-
-
-def _raise_k(k: object) -> int:
-    raise TypeError(f"k must be an int, got {type(k).__name__}")
+def _check_k(k: object, name: str = "k") -> int:
+    return F._check_n(k, name)
 
 
 def _no_eos(eos: object) -> None:
@@ -146,8 +142,7 @@ class UnorderedSetEstimator(Method):
         self.exact_integration = bool(exact_integration)
         if self.exact_integration and self.k > 7:
             raise ValueError(f"exact_integration sums over k! orderings: k <= 7, got {self.k}")
-        self.num_int_points = check_n_samples(num_int_points) if not isinstance(num_int_points, bool) else \
-            _raise_k(num_int_points)
+        self.num_int_points = _check_k(num_int_points, "num_int_points")
         if self.num_int_points < 2:
             raise ValueError(f"num_int_points must be >= 2, got {num_int_points}")
         self.a = float(a)

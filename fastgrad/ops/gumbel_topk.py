@@ -8,9 +8,10 @@ Welling 2019, "Stochastic beams and where to find them"), and the values are wha
 without-replacement estimators need (the k-th and (k+1)-th perturbed values are the thresholds). Categories of
 zero probability (``-inf`` logits) are never chosen; k larger than a row's number of finite logits is a ValueError.
 
-Backends: the C++ CPU kernel (one logsumexp pass, one noise-and-select pass, nothing ``[R, K]`` allocated) and the
-pure-torch reference (CPU fallback, test oracle, and the GPU path for now: it materializes the ``[R, K]`` noise;
-no CUDA or Triton kernel yet). Not differentiable: the indices are samples and the values are used as constants.
+Backends: the C++ CPU kernel (one logsumexp pass, one noise-and-select pass, nothing ``[R, K]`` allocated), the
+Triton kernel (GPU; k selection passes, nothing ``[R, K]`` stored) and the pure-torch reference (CPU fallback, test
+oracle; the CUDA backend falls back to it: it materializes the ``[R, K]`` noise). Not differentiable: the indices are
+samples and the values are used as constants.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Tuple
 
 import torch
 
-from . import _backend, _checks, _philox
+from . import _checks, _philox, _registry
 
 
 def reference(logits: torch.Tensor, k: int, seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -39,28 +40,20 @@ def check(backend: str, logits, k, seed, offset) -> None:
     if k > K:
         raise ValueError(f"k must lie in [1, K] = [1, {K}], got {k}")
     _checks.seed_offset(seed, offset)
-    if backend != "cpp" and not _checks._skip_values(logits):  # the C++ kernel checks what it reads
+    if backend not in ("cpp",) and not _checks._skip_values(logits):  # the C++ kernel checks what it reads
         _checks.logits_rows(logits)
         if int(torch.isfinite(logits).sum(-1).min()) < k:
             raise ValueError("k must not exceed the number of categories with nonzero probability (finite logits) "
                              "in any row")
 
 
-def _impl(logits, k, seed, offset):
-    b = _backend.choose(logits.device)
-    check(b, logits, k, seed, offset)
-    if b == "cpp":
-        return torch.ops.fastgrad_C.gumbel_topk.default(logits, k, seed, offset)
-    return reference(logits, k, seed, offset)
-
-
-def _fake(logits, k, seed, offset):
+def fake(logits, k, seed, offset):
     R = logits.shape[0]
     return (logits.new_empty((R, k), dtype=torch.int64),
             logits.new_empty((R, k), dtype=_checks.acc_dtype(logits.dtype)))
 
 
 # logits [R, K] float (contiguous) -> (indices int64 [R, k], perturbed values [R, k] float32/float64), decreasing
-gumbel_topk = torch.library.custom_op("fastgrad::gumbel_topk", _impl, mutates_args=(),
-                                      schema="(Tensor logits, int k, int seed, int offset) -> (Tensor, Tensor)")
-gumbel_topk.register_fake(_fake)
+OP = _registry.define("gumbel_topk", "(Tensor logits, int k, int seed, int offset) -> (Tensor, Tensor)",
+                      reference, check, fake, kernels=("cpp", "triton"))
+gumbel_topk = OP.call
