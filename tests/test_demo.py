@@ -115,7 +115,7 @@ def test_plot_runs_overlays_two_runs(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("method", ["arm", "disarm", "arms", "relax", "rebar", "double-cv"])
+@pytest.mark.parametrize("method", ["arm", "disarm", "arms", "relax", "rebar", "double-cv", "rodeo"])
 def test_demo_binary_estimators_on_bernoulli_latents(tmp_path, method):
     s = discrete_vae.main(["--method", method, "--n-samples", "2", "--latent-dim", "50", "--max-steps", "60",
                            "--eval-every", "50", "--eval-samples", "3", "--test-size", "200", "--no-progress",

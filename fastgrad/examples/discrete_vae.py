@@ -31,8 +31,8 @@ from .mnist import batches, load_mnist
 
 METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm", "arms", "relax",
            "rebar", "sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor", "gumbel-entmax",
-           "gumbel-sparsemax", "indecater", "reinmax", "gumbel-rao", "double-cv")
-BINARY_METHODS = ("arm", "disarm", "arms", "relax", "rebar", "double-cv")  # Bernoulli latents only
+           "gumbel-sparsemax", "indecater", "reinmax", "gumbel-rao", "double-cv", "rodeo")
+BINARY_METHODS = ("arm", "disarm", "arms", "relax", "rebar", "double-cv", "rodeo")  # Bernoulli latents only
 CATEGORICAL_METHODS = ("gumbel-entmax", "gumbel-sparsemax")  # entmax is over the categories
 SET_METHODS = ("sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor")  # --n-samples is the set size k
 BASELINES = ("none", "batch_average", "moving_average")
@@ -150,6 +150,8 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
         return storch.method.GumbelRao("z", n_samples=n_samples)
     if name == "double-cv":
         return storch.method.DoubleCV("z", n_samples=n_samples)
+    if name == "rodeo":
+        return storch.method.RODEO("z", n_samples=n_samples)
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
 
 
@@ -310,7 +312,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.method in SET_METHODS and args.n_samples < 2:
         ap.error(f"--method {args.method} needs --n-samples >= 2 (the size of the set sampled without "
                  "replacement)")
-    if args.method in ("arms", "double-cv") and args.n_samples < 2:
+    if args.method in ("arms", "double-cv", "rodeo") and args.n_samples < 2:
         ap.error(f"--method {args.method} needs --n-samples >= 2 (its samples are each other's baselines)")
     if args.baseline == "batch_average" and args.n_samples < 2:
         ap.error("--baseline batch_average needs --n-samples >= 2")
