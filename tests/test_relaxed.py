@@ -140,14 +140,13 @@ def _st_and_gr_grads(reps, m):
     torch.manual_seed(5)
     c = torch.tensor([0.3, -1.0, 0.8, 0.1])
     base = torch.tensor([0.2, -0.3, 0.5, 0.0])
-    st, gr = [], []
-    for _ in range(reps):
-        for out, fn in ((st, lambda l: F.gumbel_softmax(l, 0.5, 1, True)), (gr, lambda l: F.gumbel_rao(l, 1, 0.5, m))):
-            lg = base.clone().requires_grad_()
-            y = fn(lg)
-            ((y * c).sum(-1) ** 2).sum().backward()   # a cost nonlinear in the one-hot sample
-            out.append(lg.grad.clone())
-    return torch.stack(st).double(), torch.stack(gr).double()
+    out = []
+    for fn in (lambda l: F.gumbel_softmax(l, 0.5, 1, True), lambda l: F.gumbel_rao(l, 1, 0.5, m)):
+        lg = base.expand(reps, 4).clone().requires_grad_()  # one row per independent estimate
+        y = fn(lg)
+        ((y * c).sum(-1) ** 2).sum().backward()   # a cost nonlinear in the one-hot sample
+        out.append(lg.grad.double())
+    return out[0], out[1]
 
 
 def test_gumbel_rao_has_straight_through_mean_and_lower_variance():
@@ -199,14 +198,14 @@ def exact_cat_grad():
 
 
 def indecater_grads(reps, S=1, scale=1.0):
-    out, vals = [], []
-    for _ in range(reps):
-        th = THETA.clone().requires_grad_()
-        z = storch.method.IndeCateR("z", n_samples=S)(Categorical(logits=th))
-        storch.add_cost(f_cat(z) * scale, "c")
-        vals.append(float(storch.backward()))
-        out.append(th.grad.clone().flatten())
-    return torch.stack(out).double(), torch.tensor(vals, dtype=torch.float64)
+    """``reps`` independent estimates (and forward values) from one step over a plate of repetitions."""
+    th = THETA.expand(reps, 3, 4).clone().requires_grad_()
+    z = storch.method.IndeCateR("z", n_samples=S)(Categorical(logits=storch.denote_independent(th, 0, "reps")))
+    cost = f_cat(z) * scale
+    vals = (z.plates[0]._weight._tensor.detach().double() * cost._tensor.double()).sum(0)
+    storch.add_cost(cost, "c")
+    storch.backward()
+    return th.grad.flatten(1).double() * reps, vals
 
 
 def test_indecater_neighbours():
@@ -238,14 +237,12 @@ def test_indecater_homogeneous_and_beats_the_score_function_at_equal_evaluations
     torch.testing.assert_close(b, 2 * a, rtol=1e-5, atol=1e-8)
     torch.manual_seed(14)
     ind, _ = indecater_grads(300)                                # 12 evaluations per estimate
-    sf = []
-    for _ in range(300):
-        th = THETA.clone().requires_grad_()
-        z = storch.method.ScoreFunction("z", n_samples=12, baseline_factory="batch_average")(Categorical(logits=th))
-        storch.add_cost(f_cat(z), "c")
-        storch.backward()
-        sf.append(th.grad.clone().flatten())
-    assert_lower_total_variance(ind, torch.stack(sf).double())
+    th = THETA.expand(300, 3, 4).clone().requires_grad_()
+    z = storch.method.ScoreFunction("z", n_samples=12, baseline_factory="batch_average")(
+        Categorical(logits=storch.denote_independent(th, 0, "reps")))
+    storch.add_cost(f_cat(z), "c")
+    storch.backward()
+    assert_lower_total_variance(ind, th.grad.flatten(1).double() * 300)
 
 
 def test_indecater_on_bernoulli_and_plates():

@@ -177,31 +177,21 @@ def exact_cat_grad(f, theta):
 
 
 def grads_bernoulli_shared(make, reps, scale=1.0, shift=0.0, eta0=0.0):
-    out = []
-    for _ in range(reps):
-        eta = torch.tensor(eta0, requires_grad=True)
-        z = make()(Bernoulli(logits=eta.expand(3)))
-        storch.add_cost(f_t2(z) * scale + shift, "c")
-        storch.backward()
-        out.append(eta.grad.clone())
-    return torch.stack(out).double().view(-1, 1)
+    """``reps`` independent estimates from one step: the repetitions are a plate, each row its own logit."""
+    eta = torch.full((reps, 1), eta0, requires_grad=True)
+    z = make()(Bernoulli(logits=storch.denote_independent(eta.expand(reps, 3), 0, "reps")))
+    storch.add_cost(f_t2(z) * scale + shift, "c")
+    storch.backward()
+    return eta.grad.double() * reps  # backward() averages over the plate of repetitions
 
 
-def grads_cat(make, reps, scale=1.0, shift=0.0, one_hot=False, theta=THETA_CAT):
-    out = []
-    for _ in range(reps):
-        th = theta.clone().requires_grad_()
-        if one_hot:
-            z = make()(OneHotCategorical(logits=th))
-            x = z.argmax(-1) if isinstance(z, torch.Tensor) else z
-            cost = f_cat(x) * scale + shift
-        else:
-            z = make()(Categorical(logits=th))
-            cost = f_cat(z) * scale + shift
-        storch.add_cost(cost, "c")
-        storch.backward()
-        out.append(th.grad.clone().flatten())
-    return torch.stack(out).double()
+def grads_cat(make, reps, scale=1.0, shift=0.0, theta=THETA_CAT):
+    """``reps`` independent estimates from one step over a plate of repetitions (see grads_bernoulli_shared)."""
+    th = theta.expand((reps,) + tuple(theta.shape)).clone().requires_grad_()
+    z = make()(Categorical(logits=storch.denote_independent(th, 0, "reps")))
+    storch.add_cost(f_cat(z) * scale + shift, "c")
+    storch.backward()
+    return th.grad.flatten(1).double() * reps
 
 
 UNBIASED = {
@@ -246,14 +236,13 @@ def test_unbiased_on_the_vae_style_encoder_gradient(name):
     def f3(b):
         return ((b - T3) ** 2).sum(-1) + 0.5 * b[..., 0] * b[..., 1] * b[..., 2]
 
-    def once():
-        W = W0.clone().requires_grad_()
-        z = UNBIASED[name]()(Bernoulli(logits=storch.denote_independent(x, 0, "data") @ W))
-        storch.add_cost(f3(z), "c")
-        storch.backward()
-        return W.grad.clone()
-
-    g = torch.stack([once() for _ in range(800)]).double()
+    reps = 800  # independent estimates from one step: a plate of repetitions, each with its own copy of W
+    W = W0.expand(reps, 5, 3).clone().requires_grad_()
+    logits = storch.denote_independent(storch.denote_independent(x @ W, 0, "reps"), 1, "data")
+    z = UNBIASED[name]()(Bernoulli(logits=logits))
+    storch.add_cost(f3(z), "c")
+    storch.backward()
+    g = W.grad.double() * reps
     W = W0.clone().double().requires_grad_()
     p = torch.sigmoid(x.double() @ W)
     total = 0
@@ -312,12 +301,14 @@ def test_unordered_set_beats_the_score_function_at_equal_evaluations():
 def test_forward_value_is_the_estimate_of_the_expectation():
     # backward() reports the plate-weighted cost: the unordered-set estimate, unbiased for E[f]
     torch.manual_seed(8)
-    vals = []
-    for _ in range(400):
-        th = THETA_CAT.clone()
-        z = storch.method.UnorderedSetEstimator("z", k=4)(Categorical(logits=th))
-        storch.add_cost(f_cat(z), "c")
-        vals.append(float(storch.backward()))
+    reps = 2000
+    th = storch.denote_independent(THETA_CAT.expand(reps, 3, 4), 0, "reps")
+    z = storch.method.UnorderedSetEstimator("z", k=4)(Categorical(logits=th))
+    cost = f_cat(z)
+    # per repetition, the plate-weighted cost: what backward() reports for one draw
+    vals = (z.plates[0]._weight._tensor.double() * cost._tensor.double()).sum(0)
+    storch.add_cost(cost, "c")
+    assert abs(float(storch.backward()) - float(vals.mean())) < 1e-4
     logp = THETA_CAT.double().log_softmax(-1)
     allc = torch.tensor(list(itertools.product(range(4), repeat=3)))
     exact = (logp[torch.arange(3), allc].sum(-1).exp() * f_cat(allc).double()).sum()
