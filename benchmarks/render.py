@@ -260,16 +260,20 @@ def _estimator_variance_table(path: Path) -> list:
     for cp in data["checkpoints"]:
         names = list(dict.fromkeys(r["estimator"] for r in cp["rows"]))
         budgets = sorted({r["evaluations"] for r in cp["rows"]})
-        lines += [f"Checkpoint: {cp['name']}.", "", "| estimator | " + " | ".join(f"E = {b}: variance, bias^2"
-                                                                            for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
-        for n in names:
-            cells = []
-            for b in budgets:
-                r = [x for x in cp["rows"] if x["estimator"] == n and x["evaluations"] == b]
-                cells.append(f"{r[0]['grad_variance']:.3g}, {r[0]['grad_bias']:.3g}" if r else "-")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines.append("")
+        for key, what in (("grad", "probs gradient (the tutorial's numbers)"),
+                          ("logit_grad", "gradient carried to the encoder's logits")):
+            if f"{key}_variance" not in cp["rows"][0]:
+                continue
+            lines += [f"Checkpoint: {cp['name']}, {what}.", "",
+                      "| estimator | " + " | ".join(f"E = {b}: variance, bias^2" for b in budgets) + " |",
+                      "|---|" + "---|" * len(budgets)]
+            for n in names:
+                cells = []
+                for b in budgets:
+                    r = [x for x in cp["rows"] if x["estimator"] == n and x["evaluations"] == b]
+                    cells.append(f"{r[0][key + '_variance']:.3g}, {r[0][key + '_bias']:.3g}" if r else "-")
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            lines.append("")
     return lines
 
 
