@@ -138,7 +138,22 @@ def _storch_method(storch, method: str):
         return storch.method.GumbelSoftmax("z", n_samples=1)
     if method == "straight_through":
         return storch.method.GumbelSoftmax("z", n_samples=1, straight_through=True)
-    return storch.method.Expect("z")
+    if method == "expect":
+        return storch.method.Expect("z")
+    # the estimators of the without-replacement and relaxed family, under the names both libraries share
+    if method == "sf_wor4":
+        return storch.method.ScoreFunctionWOR("z", k=4)
+    if method == "unordered_set4":
+        return storch.method.UnorderedSetEstimator("z", k=4)
+    if method == "rao_blackwell4":
+        return storch.method.RaoBlackwellSF("z", 4)
+    if method == "gumbel_wor4":
+        return storch.method.UnorderedSetGumbelSoftmax("z", k=4)
+    if method == "gumbel_sparsemax":
+        return storch.method.GumbelSparseMax("z")
+    if method == "gumbel_entmax":
+        return storch.method.GumbelEntmax("z")
+    raise ValueError(f"unknown method {method!r}")
 
 
 def storch_like(storch, method: str, model, data: torch.Tensor) -> Callable[[], float]:

@@ -155,7 +155,7 @@ def _log_integrals(log_p: torch.Tensor, num_points: int) -> Tuple[torch.Tensor, 
     decays faster than ``e^{s - s*} e^{k+1}`` to the left and doubly exponentially to the right, so a window of
     ``k + 40`` nats on the left and ``log(k + 1) + 5`` on the right holds all of it to float64 precision.
 
-    ``log_p`` ``[k, B]`` -> ``([B], [k, B], [k, k, B])``; the two-out entry ``[i, i]`` is the one-out ``i``."""
+    ``log_p`` ``[k, B]`` -> ``([B], [k, B], [k, k, B])``; the two-out diagonal ``[i, i]`` is meaningless."""
     k = log_p.shape[0]
     lp = log_p.double().t().clamp(max=0.0)                             # [B, k]
     log_b = _log1mexp(torch.logsumexp(lp, -1).clamp(max=0.0))          # [B]
@@ -169,9 +169,7 @@ def _log_integrals(log_p: torch.Tensor, num_points: int) -> Tuple[torch.Tensor, 
     base = s - torch.exp(log_b.unsqueeze(-1) + s)                      # [B, N]: log(t e^{-b t})
     full = term.sum(1)                                                 # [B, N]
     one = full.unsqueeze(1) - term                                     # [B, k, N]
-    two = one.unsqueeze(2) - term.unsqueeze(1)                         # [B, k, k, N]
-    eye = torch.eye(k, dtype=torch.bool, device=lp.device).view(1, k, k, 1)
-    two = torch.where(eye, one.unsqueeze(2).expand_as(two), two)
+    two = one.unsqueeze(2) - term.unsqueeze(1)                         # [B, k, k, N] (diagonal unused)
     h = (hi - lo) / (num_points - 1)                                   # [B]
     wts = torch.zeros(num_points, dtype=torch.float64, device=lp.device)  # log trapezoid weights: 1/2 at the ends
     wts[0] = wts[-1] = math.log(0.5)
@@ -185,7 +183,7 @@ def _log_integrals(log_p: torch.Tensor, num_points: int) -> Tuple[torch.Tensor, 
             integral(b1.unsqueeze(1) + two).permute(1, 2, 0))
 
 
-def unordered_set_log_ratios(log_p: torch.Tensor, num_points: int = 1000, exact: bool = False
+def unordered_set_log_ratios(log_p: torch.Tensor, num_points: int = 200, exact: bool = False
                              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The leave-one-out and leave-two-out ratios of the unordered-set estimator (Kool, van Hoof & Welling, ICLR
     2020, "Estimating gradients for discrete random variables by sampling without replacement"), in logs.
@@ -198,8 +196,9 @@ def unordered_set_log_ratios(log_p: torch.Tensor, num_points: int = 1000, exact:
 
     Args:
         log_p: ``[k, ...]`` joint log-probabilities of the set's configurations (constants).
-        num_points: grid size of the numerical integral (float64 trapezoid rule on a window fitted per row; its
-            error is below 1e-12 relative from about 200 points).
+        num_points: grid size of the numerical integral (float64 trapezoid rule on a window fitted per row: the
+            integrand is analytic and decays at both ends, so the error falls exponentially with the points; at 200
+            it is below 1e-10 in ``log R`` against the sum over orderings, tests/test_without_replacement.py).
         exact: sum over the ``k!`` orderings instead (for tests and k <= 7).
 
     Returns ``(log_r1 [k, ...], log_r2 [k, k, ...])`` float64, detached.
@@ -259,7 +258,7 @@ def _check_set_cost(cost: object, log_p: torch.Tensor) -> torch.Tensor:
     return _F._expand_to(cost, tuple(log_p.shape), "cost", "the set's log-probabilities")
 
 
-def unordered_set_weights(log_p: torch.Tensor, num_points: int = 1000, exact: bool = False) -> torch.Tensor:
+def unordered_set_weights(log_p: torch.Tensor, num_points: int = 200, exact: bool = False) -> torch.Tensor:
     """``p(s) R(S, s)``: the weights of the unordered-set estimator ``sum_{s in S} p(s) R(S, s) f(s)`` of ``E[f]``
     (unbiased; Kool et al. 2020, eq. 9), ``[k, ...]`` float64 detached."""
     log_r1, _ = unordered_set_log_ratios(log_p, num_points, exact)
@@ -267,7 +266,7 @@ def unordered_set_weights(log_p: torch.Tensor, num_points: int = 1000, exact: bo
 
 
 def unordered_set_surrogate(log_p: torch.Tensor, cost: torch.Tensor, use_baseline: bool = True,
-                            num_points: int = 1000, exact: bool = False,
+                            num_points: int = 200, exact: bool = False,
                             log_ratios: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """The unordered-set policy gradient estimator (Kool, van Hoof & Welling, ICLR 2020), as a surrogate.
 
