@@ -41,7 +41,6 @@ class Op:
     check: Callable[..., Any]
     fake: Callable[..., Any]
     backward: Optional[Backward] = None
-    kernels: tuple = ("cpp", "cuda", "triton")  # the backends with a kernel of their own; others run the reference
     op: Any = None  # torch.ops.fastgrad.<name> (the registered custom op)
     backward_op: Any = None  # torch.ops.fastgrad.<name>_backward
     call: Callable[..., Any] = None  # what fastgrad.functional calls (see define)
@@ -67,8 +66,6 @@ def run(op: Op, name: str, reference: Callable[..., Any], check: Callable[..., A
     ``check(backend, *args)`` enforces the op's input contract first (:mod:`fastgrad.ops._checks`), the same on
     every backend; it may return a callable that checks the output (e.g. the per-row logsumexp)."""
     b = _backend.choose(args[0].device)
-    if b not in op.kernels:
-        b = "reference"
     post = check(b, *args)
     out = reference(*args) if b == "reference" else op.kernel(b, name)(*args)
     if post is not None:
@@ -77,15 +74,14 @@ def run(op: Op, name: str, reference: Callable[..., Any], check: Callable[..., A
 
 
 def define(name: str, schema: str, reference: Callable[..., Any], check: Callable[..., Any],
-           fake: Callable[..., Any], backward: Optional[Backward] = None,
-           kernels: tuple = ("cpp", "cuda", "triton")) -> Op:
+           fake: Callable[..., Any], backward: Optional[Backward] = None) -> Op:
     """Register ``torch.ops.fastgrad.<name>`` (and ``<name>_backward``) and build ``Op.call``.
 
     ``Op.call`` is the registered op under ``torch.compile`` and for meta tensors (its fake runs). In eager mode
     it calls the backend directly, through a ``torch.autograd.Function`` built from the same ``setup`` and
     ``formula``: torch.library's Python dispatch costs 30-70 us per call, most of an op's time at the seed VAE's
     sizes."""
-    o = Op(name, schema, reference, check, fake, backward, kernels)
+    o = Op(name, schema, reference, check, fake, backward)
 
     def impl(*args: Any) -> Any:
         return run(o, name, reference, check, *args)
