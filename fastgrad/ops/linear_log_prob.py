@@ -31,7 +31,7 @@ import torch
 
 from . import _backend, _checks
 
-LOSSES = ("reinforce", "ppo_clip")
+LOSSES = ("reinforce", "ppo_clip", "cispo")
 KLS = ("k1", "k2", "k3")
 _CPU_SLAB_BYTES = 256 << 20  # CPU: a [chunk, V] fp32 slab of about this size (chunk 128..512)
 _WEIGHT_BLOCK_BYTES = 64 << 20  # half-precision weights are converted to fp32 in vocabulary blocks this large
@@ -381,6 +381,8 @@ def token_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], advantages: 
     * ``"ppo_clip"``: ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``r = exp(logp - old_logp)``
       (Schulman et al. 2017; decoupled clip bounds as in DAPO, Yu et al. 2025); ``old_logp=None`` is on-policy
       (``r = 1`` with the gradient of ``exp(logp - sg(logp))``).
+    * ``"cispo"``: ``-sg(clip(r, 1 - eps_low, 1 + eps_high)) A logp`` (MiniMax-M1, Chen et al. 2025: the importance
+      weight is clipped and detached instead of the update, so every token keeps its gradient).
     * KL to the reference policy, ``beta * kl``: ``"k1"`` ``logp - ref``, ``"k2"`` ``(logp - ref)^2 / 2``,
       ``"k3"`` ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's estimators, as in GRPO, Shao et al. 2024).
     * entropy bonus: ``-entropy_coef * H``.
@@ -389,6 +391,11 @@ def token_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], advantages: 
         ratio = torch.ones_like(logp)
         l_t = -advantages * logp
         clipped = torch.zeros_like(logp)
+    elif loss == "cispo":
+        old = logp.detach() if old_logp is None else old_logp
+        ratio = torch.exp(logp.detach() - old)
+        l_t = -ratio.clamp(1 - eps_low, 1 + eps_high) * advantages * logp
+        clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).to(logp.dtype)
     else:
         old = logp.detach() if old_logp is None else old_logp
         ratio = torch.exp(logp - old)
@@ -414,6 +421,9 @@ def token_loss_grad(logp: torch.Tensor, advantages: torch.Tensor, old_logp: Opti
     check these against autograd through :func:`token_loss`)."""
     if loss == "reinforce":
         c = -advantages
+    elif loss == "cispo":
+        old = logp if old_logp is None else old_logp
+        c = -advantages * torch.exp(logp - old).clamp(1 - eps_low, 1 + eps_high)
     else:
         old = logp if old_logp is None else old_logp
         ratio = torch.exp(logp - old)
