@@ -329,7 +329,8 @@ def _double_cv_table(path: Path) -> list:
         by = {x["step"]: x for x in r["rows"]}
         lines.append(f"| {r['method']} | " + " | ".join(f"{by[st]['log_variance']:.2f}" for st in show) +
                      f" | {r['rows'][-1]['loss']:.6f} |")
-    lines += ["", "The paper (figure 1) shows Double CV's variance below RLOO's and DisARM's on this toy. Measured here: "
+    lines += ["", "The paper (figure 1) shows Double CV's variance below RLOO's and DisARM's on this toy. "
+              "Measured here: "
               "with its scalar set online (fastgrad's moving-average choice of the variance-minimizing value), "
               "DoubleCV starts at RLOO's variance and falls several orders of magnitude below it as training moves "
               "the probabilities away from 1/2, where the samples' gradients linearize the cost well; DisARM and "
@@ -343,7 +344,8 @@ def _method_step_table(path: Path) -> list:
              "estimators both libraries ship, under the same Storchastic names and arguments; each library in a "
              f"process of its own, alternating within each of {data['args']['rounds']} rounds. Cells: median step "
              "time; ratio: median over rounds of Storchastic's time over fastgrad's in the same round (min-max). "
-             + _cmd(data), "", "| method | fastgrad | Storchastic 0.3.7 | Storchastic / fastgrad |", "|---|---|---|---|"]
+             + _cmd(data), "", "| method | fastgrad | Storchastic 0.3.7 | Storchastic / fastgrad |",
+             "|---|---|---|---|"]
     for method, row in data["table"].items():
         g, st, r = row.get("graph"), row.get("storchastic"), row.get("ratio")
         lines.append(f"| {method} | {g['median_ms']:.1f} ms | " + (f"{st['median_ms']:.1f} ms" if st else "-") +

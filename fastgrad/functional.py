@@ -909,7 +909,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
 
     ``loss = sum_t w_t l_t`` with the per-token loss ``l_t`` of :func:`fastgrad.ops.linear_log_prob.token_loss`
     (``"reinforce"``: ``-A logp``; ``"ppo_clip"``: PPO/GRPO's clipped ratio, ``eps_low``/``eps_high`` as in DAPO;
-    ``"cispo"``: MiniMax-M1's clipped, detached importance weight times ``-A logp``; plus ``beta`` times the ``kl`` estimator to ``ref_logp`` and ``-entropy_coef`` times the entropy) and token
+    ``"cispo"``: MiniMax-M1's clipped, detached importance weight times ``-A logp``; plus ``beta`` times the
+    ``kl`` estimator to ``ref_logp`` and ``-entropy_coef`` times the entropy) and token
     weights ``w_t = mask_t / Z``:
 
     * ``normalize="token"`` (DAPO, BNPO): ``Z = num_items`` (global number of loss tokens; default the local

@@ -14,5 +14,5 @@ from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctio
 
 __all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
            "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
-           "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax", "ReinMax",
-           "GumbelRao", "IndeCateR", "DoubleCV", "RODEO"]
+           "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax",
+           "ReinMax", "GumbelRao", "IndeCateR", "DoubleCV", "RODEO"]
