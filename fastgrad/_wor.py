@@ -48,9 +48,13 @@ def _beam(logp: torch.Tensor, k: int, seed: Optional[int], offset: int) -> Tuple
     most probable configurations (exact for independent categoricals: a prefix of a top-k configuration is a top-k
     prefix). Returns ``(indices [R, k, D], perturbed or joint log-probabilities [R, k])``."""
     R, D, K = logp.shape
-    if seed is not None:  # the first categorical: exactly the Gumbel-top-k op (same stream, same sets)
-        idx, val = _F.gumbel_topk(logp[:, 0], min(k, K), seed=seed, offset=offset)
+    if seed is not None and D == 1:  # one categorical: the fused Gumbel-top-k op (k <= its nonzero categories)
+        idx, val = _F.gumbel_topk(logp[:, 0], k, seed=seed, offset=offset)
+    elif seed is not None:  # the first of several: the same noise (stream element r * K + i), padded past the
+        # nonzero categories with impossible prefixes (-inf), which the later steps never extend
+        g = logp[:, 0] + _gumbel(seed, offset, (R, K), logp.device, logp.dtype)
         offset += _philox.counters_used(R * K)
+        val, idx = torch.topk(g, min(k, K), dim=-1)
     else:
         val, idx = torch.topk(logp[:, 0], min(k, K), dim=-1)
     beam_idx = idx.unsqueeze(-1)                     # [R, b, d]

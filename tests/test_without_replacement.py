@@ -62,6 +62,19 @@ def test_joint_sets_follow_the_without_replacement_distribution():
     assert _chi2_p(counts, probs) > 1e-3
 
 
+def test_zero_probability_categories_in_the_first_latent_pad_the_beam():
+    # 2 of 3 categories possible in the first latent, k = 4 > 2: the beam is padded with impossible prefixes first
+    logits = torch.tensor([[0.0, -math.inf, 0.5], [0.1, 0.2, -0.3]])
+    idx, lp, _ = F.sample_set(logits.expand(5000, 2, 3), 4, seed=2)
+    assert (idx[..., 0] != 1).all() and torch.isfinite(lp).all()
+    code = idx[..., 0] * 3 + idx[..., 1]
+    assert all(len(set(c)) == 4 for c in code.t().tolist())
+    # the first draw is a draw from the joint distribution
+    p1, p2 = logits.softmax(-1)
+    pj = torch.tensor([float(p1[a] * p2[b]) for a in range(3) for b in range(3)])
+    assert _chi2_p(torch.bincount(code[0], minlength=9).float()[pj > 0], pj[pj > 0]) > 1e-3
+
+
 def test_one_latent_is_gumbel_topk_and_k_equal_K_is_a_permutation():
     logits = torch.randn(50, 7)
     idx, _, pert = F.sample_set(logits.unsqueeze(1), 4, seed=3, offset=5)

@@ -70,6 +70,7 @@ class DoubleCV(Method):
         self._pending = []
 
     def _sample(self, params: Params) -> Draw:
+        self._pending = []  # moments of a step that raised before its update are dropped, not carried over
         return sample_relaxable(self, params)
 
     def _surrogate(self, sample, cost) -> torch.Tensor:
