@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 

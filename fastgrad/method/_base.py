@@ -20,6 +20,12 @@ def check_n_samples(n_samples: object) -> int:
     return check_count(n_samples, "n_samples")
 
 
+def refuse_sampling_method(sampling_method: object, what: str = "Monte Carlo sampling") -> None:
+    """Storchastic's ``sampling_method`` argument: accepted in every constructor, only ``None`` supported."""
+    if sampling_method is not None:
+        raise ValueError(f"sampling_method: only None ({what}) is supported")
+
+
 def check_plate_name(plate_name: object) -> str:
     if not isinstance(plate_name, str) or not plate_name:
         raise TypeError(f"plate_name must be a non-empty str, got {plate_name!r}")

@@ -8,7 +8,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params, aligned_cost, reduce_term
+from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
 
 
 def bernoulli_logits(method: Method, params: Params) -> torch.Tensor:
@@ -31,8 +31,7 @@ class ARM(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (antithetic Monte Carlo pairs) is supported")
+        refuse_sampling_method(sampling_method, "antithetic Monte Carlo pairs")
 
     def _sample(self, params: Params) -> Draw:
         logits = bernoulli_logits(self, params)
@@ -77,8 +76,7 @@ class ARMS(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 2):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (a Dirichlet copula over the samples) is supported")
+        refuse_sampling_method(sampling_method, "a Dirichlet copula over the samples")
         if self.n_samples < 2:
             raise ValueError(f"ARMS needs n_samples >= 2 (mutually antithetic samples), got {self.n_samples}")
 

@@ -7,7 +7,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .. import functional as F
-from ._base import Draw, Method, Params, aligned_cost, reduce_term
+from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
 from .arm import bernoulli_logits
 from .relax import RELAX
 
@@ -55,8 +55,7 @@ class DoubleCV(Method):
     def __init__(self, plate_name: str, n_samples: int = 2, alpha: Optional[float] = None, decay: float = 0.99,
                  sampling_method: Any = None):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         if self.n_samples < 2:
             raise ValueError(f"DoubleCV needs n_samples >= 2 (its baselines leave one sample out), got {n_samples}")
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
@@ -135,8 +134,7 @@ class RODEO(Method):
     def __init__(self, plate_name: str, n_samples: int = 2, control: Optional[torch.nn.Module] = None,
                  sampling_method: Any = None):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         if self.n_samples < 2:
             raise ValueError(f"RODEO needs n_samples >= 2 (its baselines leave one sample out), got {n_samples}")
         if control is not None and not isinstance(control, torch.nn.Module):

@@ -10,14 +10,20 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params
+from ._base import Draw, Method, Params, refuse_sampling_method
+
+
+def check_temperature(name: str, v: object) -> float:
+    """A temperature: a positive finite float (a ValueError naming ``name`` otherwise)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite float, got {v!r}")
+    return float(v)
 
 
 def check_schedule(initial_temperature: object, min_temperature: object, annealing_rate: object) -> None:
     """The temperature schedule of the relaxed estimators: positive finite temperatures, a rate in [0, 1)."""
-    for name, v in (("initial_temperature", initial_temperature), ("min_temperature", min_temperature)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive finite float, got {v!r}")
+    check_temperature("initial_temperature", initial_temperature)
+    check_temperature("min_temperature", min_temperature)
     if isinstance(annealing_rate, bool) or not isinstance(annealing_rate, (int, float)) \
             or not 0 <= annealing_rate < 1:
         raise ValueError(f"annealing_rate must be in [0, 1), got {annealing_rate!r}")
@@ -35,8 +41,7 @@ class GumbelSoftmax(Method):
                  straight_through: bool = False, initial_temperature: float = 1.0,
                  min_temperature: float = 1.0e-4, annealing_rate: float = 1.0e-5):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         check_schedule(initial_temperature, min_temperature, annealing_rate)
         self.straight_through = bool(straight_through)
         self.register_buffer("temperature", torch.tensor(float(initial_temperature)))

@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params, aligned_cost, reduce_term
+from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
 
 
 class RELAX(Method):
@@ -45,8 +45,7 @@ class RELAX(Method):
                  c_phi: Optional[torch.nn.Module] = None, in_dim: Optional[int] = None, rebar: bool = False,
                  train_eta: bool = True):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
             raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
         if c_phi is None and in_dim is not None:
@@ -179,8 +178,7 @@ class LAX(Method):
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  c_phi: Optional[torch.nn.Module] = None, in_dim: Optional[int] = None):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
             raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
         if c_phi is None:

@@ -3,7 +3,6 @@ Gumbel-Rao (straight-through with better backward passes), and IndeCateR (per-va
 :mod:`fastgrad.functional` (``gumbel_entmax``, ``reinmax``, ``gumbel_rao``, ``indecater_weights``)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,20 +10,11 @@ from torch import distributions as D
 
 from .. import functional as F
 from .._relaxations import _check_alpha as check_alpha
-from ._base import Draw, Method, Params
-from .gumbel_softmax import check_schedule
+from ._base import Draw, Method, Params, refuse_sampling_method
+from .gumbel_softmax import check_schedule, check_temperature
 from .without_replacement import _Rows
 
 
-def _monte_carlo_only(sampling_method: Any) -> None:
-    if sampling_method is not None:
-        raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
-
-
-def _check_temperature(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite float, got {v!r}")
-    return float(v)
 
 
 class GumbelEntmax(Method):
@@ -40,7 +30,7 @@ class GumbelEntmax(Method):
                  n_samples: int = 1, straight_through: bool = False, initial_temperature: float = 1.0,
                  min_temperature: float = 1.0e-4, annealing_rate: float = 0.0):
         super().__init__(plate_name, n_samples)
-        _monte_carlo_only(sampling_method)
+        refuse_sampling_method(sampling_method)
         if adaptive:
             raise ValueError("adaptive=True (a learned alpha) is not supported; pass a fixed alpha")
         self.alpha = check_alpha(alpha)
@@ -99,8 +89,8 @@ class ReinMax(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0):
         super().__init__(plate_name, n_samples)
-        _monte_carlo_only(sampling_method)
-        self.temperature = _check_temperature("temperature", temperature)
+        refuse_sampling_method(sampling_method)
+        self.temperature = check_temperature("temperature", temperature)
 
     def _sample(self, params: Params) -> Draw:
         logits, back = _one_hot_logits(self, params)
@@ -120,8 +110,8 @@ class GumbelRao(Method):
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
                  conditional_samples: int = 10):
         super().__init__(plate_name, n_samples)
-        _monte_carlo_only(sampling_method)
-        self.temperature = _check_temperature("temperature", temperature)
+        refuse_sampling_method(sampling_method)
+        self.temperature = check_temperature("temperature", temperature)
         self.conditional_samples = F._check_n(conditional_samples, "conditional_samples")
 
     def _sample(self, params: Params) -> Draw:

@@ -5,7 +5,7 @@ from typing import Any, Optional, Type
 
 from torch import distributions as D
 
-from ._base import Draw, Method, Params
+from ._base import Draw, Method, Params, refuse_sampling_method
 from .gumbel_softmax import GumbelSoftmax
 from .score_function import ScoreFunction
 
@@ -15,8 +15,7 @@ class Reparameterization(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
 
     def _sample(self, params: Params):
         d = params.raw_distribution()
@@ -35,8 +34,7 @@ class Infer(Method):
     def __init__(self, plate_name: str, distribution_type: Optional[Type[D.Distribution]] = None,
                  sampling_method: Any = None, n_samples: int = 1):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         self.distribution_type = distribution_type
         self._choices = {}
 

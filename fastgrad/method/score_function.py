@@ -11,7 +11,8 @@ from torch import distributions as D
 from .. import functional as F
 from .._graph import reduce_plates
 from .._tensor import Tensor
-from ._base import Draw, Method, Params, aligned_cost, extra_dims, reduce_term
+from ._base import (Draw, Method, Params, aligned_cost, extra_dims, reduce_term,
+                    refuse_sampling_method)
 
 _BASELINES = ("none", "batch_average", "moving_average")
 
@@ -60,8 +61,7 @@ class ScoreFunction(Method):
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  baseline_factory: Union[None, str, Callable] = None, exponential_decay: float = 0.95):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         self._baseline_fn: Optional[Callable] = None
         self.baseline = "none"
         if isinstance(baseline_factory, str):

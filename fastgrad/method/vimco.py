@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import functional as F
-from ._base import Draw, Method, Params, aligned_cost, reduce_term
+from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
 from .score_function import sample_log_prob, sample_plain
 
 
@@ -30,8 +30,7 @@ class VIMCO(Method):
 
     def __init__(self, plate_name: str, n_samples: int = 2, sampling_method: Any = None):
         super().__init__(plate_name, n_samples)
-        if sampling_method is not None:
-            raise ValueError("sampling_method: only None (Monte Carlo sampling) is supported")
+        refuse_sampling_method(sampling_method)
         if self.n_samples < 2:
             raise ValueError(f"VIMCO needs n_samples >= 2 (its baselines leave one sample out), got {self.n_samples}")
 

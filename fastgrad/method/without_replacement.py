@@ -9,7 +9,7 @@ independent latent, and a set holds ``k`` distinct joint values of all of them (
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import torch
 from torch import distributions as D
