@@ -1,5 +1,8 @@
 """Storchastic's ``storch.sampling``: where fastgrad's samplers live (each backend draws the same samples for the
-same Philox seed/offset; see :mod:`fastgrad.functional`). The without-replacement sampler joins them here."""
-from .functional import enumerate_configurations, gumbel_softmax, sample_categorical
+same Philox seed/offset; see :mod:`fastgrad.functional`): Monte Carlo, Gumbel-softmax, enumeration, and sampling
+without replacement (Gumbel-top-k per row; stochastic beam search over the joint configurations of several latents,
+which Storchastic's ``SampleWithoutReplacement`` does; the methods of :mod:`fastgrad.method.without_replacement` call
+it)."""
+from .functional import enumerate_configurations, gumbel_softmax, gumbel_topk, sample_categorical, sample_set, top_set
 
-__all__ = ["sample_categorical", "gumbel_softmax", "enumerate_configurations"]
+__all__ = ["sample_categorical", "gumbel_softmax", "enumerate_configurations", "gumbel_topk", "sample_set", "top_set"]
