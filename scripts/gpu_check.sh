@@ -72,7 +72,10 @@ else
   step build 300 "$PY" setup.py -q build_ext --inplace
   step build_check 60 "$PY" -c "import fastgrad.ops._backend as b; assert b.has_cuda_kernels(), 'no CUDA kernels'; \
 print('CUDA kernels built')"
-  TESTS=(tests)
+  # the kernels' tests (every backend against the reference, on CUDA tensors); the estimator statistics are pure
+  # torch above the ops and run in CI on the CPU: the whole suite (~700 tests) would not fit the step's limit
+  TESTS=(tests/test_ops.py tests/test_contract.py tests/test_functional.py tests/test_gumbel_topk.py
+         tests/test_linear_loss.py tests/test_fuzz.py)
   # Triton compiles each kernel variant on first use: spread the suite over 4 processes where xdist is installed
   "$PY" -c "import xdist" 2>/dev/null && TESTS+=(-n 4)
 fi
