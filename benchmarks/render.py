@@ -350,9 +350,11 @@ def _method_step_table(path: Path) -> list:
         g, st, r = row.get("graph"), row.get("storchastic"), row.get("ratio")
         lines.append(f"| {method} | {g['median_ms']:.1f} ms | " + (f"{st['median_ms']:.1f} ms" if st else "-") +
                      " | " + (f"x{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" if r else "-") + " |")
+    for key, err in sorted(data.get("failures", {}).items()):
+        lines.append(f"- `{key}` fails: `{err}`")
     lines += ["", "Storchastic's ScoreFunctionWOR computes a wrong gradient (the cost enters twice) and its "
               "GumbelSparseMax/GumbelEntmax ignore straight_through: their times are what a user switching pays, not "
-              "the same computation.", ""]
+              "the same computation. The bern_* rows run the demo's story with 200 Bernoulli latents.", ""]
     return lines
 
 

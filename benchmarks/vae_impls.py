@@ -18,11 +18,12 @@ import torch.nn.functional as TF
 METHODS = ("sf1", "sf10_batch_average", "gumbel", "straight_through", "expect")
 
 
-def make_model(seed: int = 0):
-    from fastgrad.examples.discrete_vae import DiscreteVAE
+def make_model(seed: int = 0, method: str = ""):
+    """The tutorial's model; for the ``bern_*`` methods the demo's 200-Bernoulli-latent VAE."""
+    from fastgrad.examples.discrete_vae import BernoulliVAE, DiscreteVAE
 
     torch.manual_seed(seed)
-    return DiscreteVAE()
+    return BernoulliVAE() if method.startswith("bern_") else DiscreteVAE()
 
 
 def _kl(probs: torch.Tensor) -> torch.Tensor:
@@ -153,20 +154,31 @@ def _storch_method(storch, method: str):
         return storch.method.GumbelSparseMax("z")
     if method == "gumbel_entmax":
         return storch.method.GumbelEntmax("z")
+    # binary estimators on the demo's 200 Bernoulli latents (make_model gives that model for these names)
+    if method == "bern_arm":
+        return storch.method.ARM("z", n_samples=1)
+    if method == "bern_disarm":
+        return storch.method.DisARM("z", n_samples=1)
+    if method == "bern_relax":
+        return storch.method.RELAX("z", n_samples=1, in_dim=200)
+    if method == "bern_rebar":
+        return storch.method.REBAR("z", n_samples=1)
     raise ValueError(f"unknown method {method!r}")
 
 
 def storch_like(storch, method: str, model, data: torch.Tensor) -> Callable[[], float]:
     """The tutorial's training step for any Storchastic-compatible module (fastgrad or storchastic): the demo's
-    ``generative_story`` (the tutorial's code), then ``backward`` and Adam."""
-    from fastgrad.examples.discrete_vae import generative_story
+    ``generative_story`` (the tutorial's code; ``bernoulli_story`` for the ``bern_*`` methods), then ``backward``
+    and Adam."""
+    from fastgrad.examples.discrete_vae import bernoulli_story, generative_story
 
+    story = bernoulli_story if method.startswith("bern_") else generative_story
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     m = _storch_method(storch, method)
 
     def step(batch: torch.Tensor = data) -> float:
         opt.zero_grad()
-        generative_story(m, model, batch, storch)
+        story(m, model, batch, storch)
         elbo = storch.backward()
         opt.step()
         return elbo.item()

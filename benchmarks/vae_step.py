@@ -61,7 +61,7 @@ def _faults() -> int:
 
 def worker(impl: str, method: str, steps: int, warmup: int, threads: int) -> dict:
     vae_impls, data = _setup(threads)
-    model = vae_impls.make_model(0)
+    model = vae_impls.make_model(0, method)
     step = vae_impls.IMPLS[impl](method, model, data)
     for _ in range(warmup):
         step()
@@ -79,7 +79,7 @@ def worker_interleaved(method: str, impls: list, steps: int, warmup: int, thread
     """fastgrad and plain torch in one process (neither patches torch), step by step in turn: paired step
     times, far less exposed to the machine's drift than separate processes."""
     vae_impls, data = _setup(threads)
-    fns = {i: vae_impls.IMPLS[i](method, vae_impls.make_model(0), data) for i in impls}
+    fns = {i: vae_impls.IMPLS[i](method, vae_impls.make_model(0, method), data) for i in impls}
     times = {i: [] for i in impls}
     faults = {i: 0 for i in impls}
     for k in range(warmup + steps):

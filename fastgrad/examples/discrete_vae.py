@@ -80,8 +80,9 @@ class BernoulliVAE(nn.Module):
         return self.dec(z)
 
 
-def bernoulli_story(method: storch.method.Method, model: BernoulliVAE, data: torch.Tensor):
-    """The tutorial's story with Bernoulli latents and a uniform Bernoulli prior."""
+def bernoulli_story(method: storch.method.Method, model: BernoulliVAE, data: torch.Tensor, storch=storch):
+    """The tutorial's story with Bernoulli latents and a uniform Bernoulli prior (``storch``: the module to run it
+    with, as for :func:`generative_story`)."""
     x = storch.denote_independent(data.view(-1, 784), 0, "data")
     q = Bernoulli(logits=model.encode(x))
     z = method(q)
