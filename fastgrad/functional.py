@@ -642,6 +642,29 @@ def vimco_surrogate(log_q: torch.Tensor, log_w: torch.Tensor, dim: int = 0) -> t
     return bound + score - score.detach()
 
 
+def _check_samples_and_cost(logits: object, b: object, cost: object, min_b_dim: int = 1
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of the multi-sample binary estimators: Bernoulli ``logits`` ``[...]``, samples ``b``
+    ``[n >= 2, ...]`` and a real ``cost`` ``[n, *batch]`` (broadcast over ``b``'s trailing latent dims)."""
+    logits = _check_bernoulli_logits(logits)
+    if not isinstance(b, torch.Tensor) or b.dim() < min_b_dim or b.shape[0] < 2 \
+            or tuple(b.shape[1:]) != tuple(logits.shape):
+        raise ValueError(f"b must have shape [n >= 2, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    n = b.shape[0]
+    cost = _check_real(cost, "cost")
+    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > b.dim():
+        raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
+    return logits, cost
+
+
+def _check_cost_grad(cost_grad: object, b: torch.Tensor) -> torch.Tensor:
+    cost_grad = _check_real(cost_grad, "cost_grad")
+    if tuple(cost_grad.shape) != tuple(b.shape):
+        raise ValueError(f"cost_grad must have the shape of b {tuple(b.shape)}, got {tuple(cost_grad.shape)}")
+    return cost_grad
+
+
 # -- ARMS ---------------------------------------------------------------------------------------------------------
 def arms_sample(logits: torch.Tensor, n: int = 2, *, generator: Optional[torch.Generator] = None,
                 seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
@@ -682,14 +705,8 @@ def arms_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) ->
 
     Args: ``logits`` ``[...]``, ``b`` ``[n, ...]`` from :func:`arms_sample`, ``cost`` ``[n, *batch]`` (broadcast
     over the trailing latent dims). Returns ``[n, ...]``."""
-    logits = _check_bernoulli_logits(logits)
-    if not isinstance(b, torch.Tensor) or b.dim() < 1 or b.shape[0] < 2 or tuple(b.shape[1:]) != tuple(logits.shape):
-        raise ValueError(f"b must have shape [n >= 2, {', '.join(map(str, logits.shape))}], got "
-                         f"{tuple(getattr(b, 'shape', ()))}")
+    logits, cost = _check_samples_and_cost(logits, b, cost)
     n = b.shape[0]
-    cost = _check_real(cost, "cost")
-    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > b.dim():
-        raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
     acc = _checks.acc_dtype(logits.dtype)
     f = cost.detach().to(acc).reshape(tuple(cost.shape) + (1,) * (b.dim() - cost.dim()))
     loo = (f.sum(0, keepdim=True) - f) / (n - 1)
@@ -719,17 +736,9 @@ def double_cv_parts(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, c
 
     Args: ``logits`` ``[...]``, ``b`` ``[n, ...]``, ``cost`` ``[n, *batch]`` (broadcast over the trailing latent dims
     of ``b``), ``cost_grad`` ``[n, ...]``. Returns ``(rloo, cv)``, both ``[...]``, detached, accumulation dtype."""
-    logits = _check_bernoulli_logits(logits)
-    if not isinstance(b, torch.Tensor) or b.dim() < 1 or b.shape[0] < 2 or tuple(b.shape[1:]) != tuple(logits.shape):
-        raise ValueError(f"b must have shape [n >= 2, {', '.join(map(str, logits.shape))}], got "
-                         f"{tuple(getattr(b, 'shape', ()))}")
+    logits, cost = _check_samples_and_cost(logits, b, cost)
     n = b.shape[0]
-    cost = _check_real(cost, "cost")
-    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > b.dim():
-        raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
-    cost_grad = _check_real(cost_grad, "cost_grad")
-    if tuple(cost_grad.shape) != tuple(b.shape):
-        raise ValueError(f"cost_grad must have the shape of b {tuple(b.shape)}, got {tuple(cost_grad.shape)}")
+    cost_grad = _check_cost_grad(cost_grad, b)
     acc = _checks.acc_dtype(logits.dtype)
     lat = tuple(range(cost.dim(), b.dim()))
     f = cost.detach().to(acc).reshape(tuple(cost.shape) + (1,) * len(lat))
@@ -773,17 +782,11 @@ def rodeo_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, c
     ``alpha``, ``beta`` and ``control``'s parameters, so the estimate's variance can be differentiated.
 
     Args: ``logits`` ``[*batch, D]``, ``b`` ``[n, *batch, D]``, ``cost`` ``[n, *batch]``, ``cost_grad`` like ``b``."""
-    logits = _check_bernoulli_logits(logits)
-    if not isinstance(b, torch.Tensor) or b.dim() < 2 or b.shape[0] < 2 or tuple(b.shape[1:]) != tuple(logits.shape):
-        raise ValueError(f"b must have shape [n >= 2, {', '.join(map(str, logits.shape))}], got "
-                         f"{tuple(getattr(b, 'shape', ()))}")
+    logits, cost = _check_samples_and_cost(logits, b, cost, min_b_dim=2)
     n = b.shape[0]
-    cost = _check_real(cost, "cost")
-    if tuple(cost.shape) != tuple(b.shape[:-1]):
+    if tuple(cost.shape) != tuple(b.shape[:-1]):  # the latents: exactly the last dim
         raise ValueError(f"cost must have shape {tuple(b.shape[:-1])} ([n, *batch]), got {tuple(cost.shape)}")
-    cost_grad = _check_real(cost_grad, "cost_grad")
-    if tuple(cost_grad.shape) != tuple(b.shape):
-        raise ValueError(f"cost_grad must have the shape of b {tuple(b.shape)}, got {tuple(cost_grad.shape)}")
+    cost_grad = _check_cost_grad(cost_grad, b)
     if not callable(control):
         raise TypeError(f"control must be a callable (a torch.nn.Module), got {type(control).__name__}")
     acc = _checks.acc_dtype(logits.dtype)
