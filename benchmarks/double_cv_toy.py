@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import fastgrad as storch  # noqa: E402
+from benchmarks._results import write_result  # noqa: E402
 
 M = storch.method
 D, T = 200, 0.499
@@ -129,18 +126,7 @@ def main(argv=None) -> dict:
         lv = [x["log_variance"] for x in r["rows"]]
         print(f"{r['method']:16s} final loss {r['rows'][-1]['loss']:.6f} mean log-variance {sum(lv) / len(lv):+.2f}",
               flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE.parent).stdout.strip()
-    result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-              "commit": commit, "args": vars(args),
-              "machine": {"node": platform.node(), "processor": platform.processor(), "torch": torch.__version__},
-              "runs": runs}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
-        if args.plot:
-            plot(result, os.path.splitext(args.out)[0] + ".png")
-    return result
+    return write_result(argv, args, {"runs": runs}, plot)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,6 @@ estimator's "bias" is that floor, not zero.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import fastgrad as storch  # noqa: E402
+from benchmarks._results import write_result  # noqa: E402
 from fastgrad.examples.discrete_vae import DiscreteVAE, generative_story  # noqa: E402
 
 M = storch.method
@@ -161,19 +158,7 @@ def main(argv=None) -> dict:
         print(f"checkpoint: after {args.train_steps} Expect steps", flush=True)
         checkpoints.append({"name": f"after {args.train_steps} steps", "step": args.train_steps,
                             "rows": checkpoint_stats(model, batch, args.n_grads, names)})
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE.parent).stdout.strip()
-    result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-              "commit": commit, "args": vars(args),
-              "machine": {"node": platform.node(), "processor": platform.processor(), "torch": torch.__version__,
-                          "threads": args.threads},
-              "checkpoints": checkpoints}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        if args.plot:
-            plot(result, os.path.splitext(args.out)[0] + ".png")
-    return result
+    return write_result(argv, args, {"checkpoints": checkpoints}, plot, threads=args.threads)
 
 
 if __name__ == "__main__":

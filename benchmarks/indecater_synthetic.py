@@ -12,10 +12,6 @@ variance far below the others at fewer evaluations; since f is separable, IndeCa
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import fastgrad.functional as F  # noqa: E402
+from benchmarks._results import write_result  # noqa: E402
 
 SETTINGS = ((12, 3), (6, 10), (3, 100))
 
@@ -82,18 +79,7 @@ def main(argv=None) -> dict:
                          "bias": float((1 - cos).mean()), "cos_variance": float(cos.var())})
             print(f"(D, C) = ({D}, {C}) {name:15s} evals {evals:5d} bias {rows[-1]['bias']:.2e} "
                   f"var {rows[-1]['cos_variance']:.2e}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE.parent).stdout.strip()
-    result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-              "commit": commit, "args": vars(args),
-              "machine": {"node": platform.node(), "processor": platform.processor(), "torch": torch.__version__},
-              "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        if args.plot:
-            plot(result, os.path.splitext(args.out)[0] + ".png")
-    return result
+    return write_result(argv, args, {"rows": rows}, plot)
 
 
 def plot(result: dict, path: str) -> None:

@@ -13,11 +13,7 @@ gradient, and the command line, commit and machine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import fastgrad as storch  # noqa: E402
+from benchmarks._results import write_result  # noqa: E402
 
 M = storch.method
 T = torch.tensor([0.6, 0.51, 0.48])
@@ -76,18 +73,7 @@ def main(argv=None) -> dict:
             rows.append({"p": p, "estimator": name, "variance": float(g.var()), "mean": float(g.mean()),
                          "exact": exact, "z": z})
         print(f"p={p:.2f} " + " ".join(f"{r['variance']:.1e}" for r in rows[-len(ESTIMATORS):]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE.parent).stdout.strip()
-    result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-              "commit": commit, "args": vars(args),
-              "machine": {"node": platform.node(), "processor": platform.processor(), "torch": torch.__version__},
-              "estimators": list(ESTIMATORS), "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        if args.plot:
-            plot(result, os.path.splitext(args.out)[0] + ".png")
-    return result
+    return write_result(argv, args, {"estimators": list(ESTIMATORS), "rows": rows}, plot)
 
 
 def plot(result: dict, path: str) -> None:

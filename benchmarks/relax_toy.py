@@ -11,11 +11,8 @@ slower (figure only, no table). The optimum is b = 0 (f(0) = 0.249 < f(1) = 0.25
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import warnings
 
@@ -25,6 +22,7 @@ from torch.distributions import Bernoulli
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastgrad as storch  # noqa: E402
+from benchmarks._results import write_result  # noqa: E402
 
 T = 0.499
 
@@ -122,17 +120,7 @@ def main(argv=None):
         last = r["rows"][-1]
         print(f"{r['method']:10s} final loss {last['loss']:.6f} theta {last['theta']:+.3f} "
               f"mean log-variance {sum(x['log_variance'] for x in r['rows']) / len(r['rows']):+.2f}")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-              "commit": commit, "args": vars(args),
-              "machine": {"node": platform.node(), "processor": platform.processor(), "torch": torch.__version__},
-              "runs": runs}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        if args.plot:
-            plot(result, os.path.splitext(args.out)[0] + ".png")
-    return result
+    return write_result(argv, args, {"runs": runs}, plot)
 
 
 if __name__ == "__main__":
