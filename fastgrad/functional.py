@@ -1039,3 +1039,6 @@ from ._relaxations import (entmax, gumbel_entmax, gumbel_rao, indecater_samples,
 
 __all__ += ["entmax", "sparsemax", "gumbel_entmax", "reinmax", "gumbel_rao", "indecater_samples",
             "indecater_weights", "indecater_surrogate"]
+from ._coupled import categorical_disarm_sample, categorical_disarm_surrogate, stick_breaking_logits  # noqa: E402
+
+__all__ += ["stick_breaking_logits", "categorical_disarm_sample", "categorical_disarm_surrogate"]

@@ -32,3 +32,17 @@ def assert_lower_total_variance(low: torch.Tensor, high: torch.Tensor, sigmas: f
         return d.mean(), d.std() / math.sqrt(g.shape[0])
     (v_l, s_l), (v_h, s_h) = total(low), total(high)
     assert v_l < v_h - sigmas * math.sqrt(s_l ** 2 + s_h ** 2), (float(v_l), float(v_h))
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square p-value of ``counts`` against cell probabilities ``probs``, the rare cells (expected
+    count <= 5) pooled into one."""
+    from scipy.stats import chisquare
+    n = counts.sum()
+    probs = probs.double() / probs.double().sum()
+    keep = probs * n > 5  # pool the rare cells
+    obs = torch.cat([counts[keep], counts[~keep].sum().view(1)]).double()
+    exp = torch.cat([probs[keep], probs[~keep].sum().view(1)]).double() * n
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
-from torch.distributions import Bernoulli, Independent, OneHotCategorical
+from torch.distributions import Bernoulli, Independent, Normal, OneHotCategorical
 
 import fastgrad as storch
 import fastgrad.functional as F
@@ -146,8 +146,10 @@ def test_storchastic_plate_conventions(name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_bad_input(name):
+    # DisARM also takes categoricals (tests/test_categorical_disarm.py); none takes a continuous distribution
+    wrong = Normal(torch.zeros(2), 1.0) if name == "DisARM" else OneHotCategorical(logits=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="Bernoulli"):
-        METHODS[name]("z")(OneHotCategorical(logits=torch.zeros(2, 3)))
+        METHODS[name]("z")(wrong)
     with pytest.raises(ValueError, match="n_samples"):
         METHODS[name]("z", n_samples=0)
     with pytest.raises(ValueError, match="sampling_method"):

@@ -1,13 +1,14 @@
-"""ARM, DisARM and ARMS: antithetic Bernoulli samples. The math is :func:`fastgrad.functional.arm_surrogate` and
-:func:`fastgrad.functional.disarm_surrogate`."""
+"""ARM, DisARM and ARMS: antithetic samples. The math is :func:`fastgrad.functional.arm_surrogate`,
+:func:`fastgrad.functional.disarm_surrogate` and, for categoricals, :func:`fastgrad.functional.categorical_disarm_surrogate`."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import distributions as D
 
 from .. import functional as F
+from .._coupled import _check_order as check_order
 from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
 
 
@@ -42,15 +43,14 @@ class ARM(Method):
         weight = torch.cat([half, torch.zeros_like(half)], 0)  # [2n, 1...]: the antithetic half weighs 0
         return Draw(b, 2 * n, weight, state=u)
 
-    def _pair_term(self, logits: torch.Tensor, b: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.arm_surrogate(logits, u, w)
+    def _pair_term(self, params: Params, b: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.arm_surrogate(params.bernoulli_logits(), u, w)
 
     def _surrogate(self, sample, cost) -> torch.Tensor:
         params, u = sample._info
         _, w = aligned_cost(sample, cost)  # [2n, plates...]
-        logits = params.bernoulli_logits()
         npl = len(sample.plates)
-        term = self._pair_term(logits, sample._tensor, u, w)  # [n, plates..., latents...]
+        term = self._pair_term(params, sample._tensor, u, w)  # [n, plates..., latents...]
         if term.dim() > npl:
             term = term.sum(tuple(range(npl, term.dim())))
         # the antithetic half carries no weight of its own: the pair's term sits on its first sample
@@ -59,12 +59,52 @@ class ARM(Method):
 
 class DisARM(ARM):
     """DisARM (Dong, Mnih & Tucker, NeurIPS 2020): ARM with its noise integrated out; unbiased, variance never
-    above ARM's at the same 2 evaluations per pair; Bernoulli only. Same plate conventions as :class:`ARM`.
-    (Storchastic's DisARM returns bool samples and adds the antithetic cost instead of subtracting it.)"""
+    above ARM's at the same 2 evaluations per pair. Same plate conventions as :class:`ARM`.
+    (Storchastic's DisARM returns bool samples and adds the antithetic cost instead of subtracting it.)
 
-    def _pair_term(self, logits, b, u, w):
-        return F.disarm_surrogate(logits, b, w)
+    Bernoulli distributions, and beyond Storchastic Categorical and OneHotCategorical ones: the coupled estimator
+    of Dong, Mnih & Tucker (NeurIPS 2021), DisARM on the stick-breaking decisions of each categorical, with the
+    classes in ``logits_order`` (:func:`fastgrad.functional.categorical_disarm_surrogate`);
+    ``importance_weighting=True`` is their DisARM-IW. Both unbiased, 2 cost evaluations per pair."""
 
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, *,
+                 importance_weighting: bool = False, logits_order: Optional[str] = "ascending"):
+        super().__init__(plate_name, sampling_method, n_samples)
+        self.importance_weighting = bool(importance_weighting)
+        self.logits_order = check_order(logits_order)
+        if self.importance_weighting and self.logits_order != "ascending":
+            raise ValueError("importance_weighting needs logits_order='ascending' (the weighted estimator is "
+                             "biased in another order)")
+
+    def _sample(self, params: Params) -> Draw:
+        if isinstance(params.distr, D.Bernoulli):
+            return super()._sample(params)
+        logits = _categorical_logits(self, params)
+        n = self.n_samples
+        z, u = F.categorical_disarm_sample(logits.detach(), n, order=self.logits_order)
+        if isinstance(params.distr, D.OneHotCategorical):
+            z = torch.nn.functional.one_hot(z, logits.shape[-1]).to(logits.dtype)
+        npl = len(params.plates)
+        half = torch.full((n,) + (1,) * npl, 1.0 / n, dtype=logits.dtype, device=logits.device)
+        return Draw(z, 2 * n, torch.cat([half, torch.zeros_like(half)], 0), state=u)
+
+    def _pair_term(self, params, b, u, w):
+        if isinstance(params.distr, D.Bernoulli):
+            return F.disarm_surrogate(params.bernoulli_logits(), b, w)
+        return F.categorical_disarm_surrogate(params.logits(), u, w, order=self.logits_order,
+                                              importance_weighting=self.importance_weighting)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", importance_weighting={self.importance_weighting}, "
+                f"logits_order={self.logits_order!r}")
+
+
+def _categorical_logits(method: Method, params: Params) -> torch.Tensor:
+    d = params.distr
+    if not isinstance(d, (D.Categorical, D.OneHotCategorical)) or isinstance(d, D.RelaxedOneHotCategorical):
+        raise ValueError(f"{type(method).__name__} needs a Bernoulli, Categorical or OneHotCategorical "
+                         f"distribution, got {type(d).__name__}")
+    return params.logits()
 
 
 class ARMS(Method):
