@@ -31,9 +31,11 @@ from .mnist import batches, load_mnist
 
 METHODS = ("score-function", "gumbel-softmax", "straight-through", "expect", "arm", "disarm", "arms", "relax",
            "rebar", "sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor", "gumbel-entmax",
-           "gumbel-sparsemax", "indecater", "reinmax", "gumbel-rao", "double-cv", "rodeo")
-BINARY_METHODS = ("arm", "disarm", "arms", "relax", "rebar", "double-cv", "rodeo")  # Bernoulli latents only
-CATEGORICAL_METHODS = ("gumbel-entmax", "gumbel-sparsemax")  # entmax is over the categories
+           "gumbel-sparsemax", "indecater", "reinmax", "gumbel-rao", "double-cv", "rodeo", "disarm-iw", "vimco")
+BINARY_METHODS = ("arm", "arms", "relax", "rebar", "double-cv", "rodeo")  # Bernoulli latents only
+BERNOULLI_BY_DEFAULT = BINARY_METHODS + ("disarm",)  # disarm also takes --latents categorical (stick breaking)
+CATEGORICAL_METHODS = ("gumbel-entmax", "gumbel-sparsemax", "disarm-iw")  # over the categories
+SAMPLE_BASELINE_METHODS = ("arms", "double-cv", "rodeo", "vimco")  # the samples are each other's baselines
 SET_METHODS = ("sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor")  # --n-samples is the set size k
 BASELINES = ("none", "batch_average", "moving_average")
 
@@ -93,6 +95,34 @@ def bernoulli_story(method: storch.method.Method, model: BernoulliVAE, data: tor
     return z
 
 
+def vimco_story(method: storch.method.Method, model: nn.Module, data: torch.Tensor):
+    """``--method vimco``: VIMCO trains the importance-weighted bound, so the story registers one cost per sample,
+    ``-log w = BCE + log q(z) - log p(z)`` (the tutorial's KL term is the expectation of its last two terms)."""
+    x = storch.denote_independent(data.view(-1, 784), 0, "data")
+    # log q(z) - log p(z) written out (torch.distributions' argument validation refuses plate tensors)
+    if isinstance(model, BernoulliVAE):
+        logits = model.encode(x)
+        z = method(Bernoulli(logits=logits))
+        z_in = z
+        log_ratio = -torch.nn.functional.binary_cross_entropy_with_logits(logits, z, reduction="none") \
+            + math.log(2.0)
+    else:
+        logits = model.encode(x).reshape(-1, 2, 10)
+        z = method(OneHotCategorical(probs=logits.softmax(dim=-1)))
+        z_in = z.reshape(z.shape[:-2] + (2 * 10,))
+        log_ratio = (z * logits.log_softmax(dim=-1)).sum(-1) + math.log(10.0)
+    bce = torch.nn.BCELoss(reduction="none")(model.decode(z_in), x).sum(-1)
+    storch.add_cost(bce + log_ratio.sum(-1), "neg-log-weight")
+    return z
+
+
+def story_for(method: storch.method.Method, model: nn.Module):
+    """The step to run: the tutorial's story (categorical or Bernoulli latents), or VIMCO's."""
+    if isinstance(method, storch.method.VIMCO):
+        return vimco_story
+    return bernoulli_story if isinstance(model, BernoulliVAE) else generative_story
+
+
 def generative_story(method: storch.method.Method, model: DiscreteVAE, data: torch.Tensor, storch=storch):
     """The tutorial's code, unchanged but for ``import fastgrad as storch``. ``storch``: the module to run it
     with (benchmarks pass Storchastic itself: the one copy of the tutorial's step in the repository)."""
@@ -125,6 +155,10 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
         return storch.method.ARM("z", n_samples=n_samples)
     if name == "disarm":
         return storch.method.DisARM("z", n_samples=n_samples)
+    if name == "disarm-iw":
+        return storch.method.DisARM("z", n_samples=n_samples, importance_weighting=True)
+    if name == "vimco":
+        return storch.method.VIMCO("z", n_samples=n_samples)
     if name == "arms":
         return storch.method.ARMS("z", n_samples=n_samples)
     if name == "relax":  # Storchastic's default control network on the relaxed latents
@@ -158,11 +192,12 @@ def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
 
 def evaluate(method, model, data, optimizer, n_grads: int = 100) -> Dict[str, float]:
     """The tutorial's evaluation: ELBO, gradient variance and bias against the exact (Expect) gradient. With
-    Bernoulli latents there is no exact gradient (2**200 configurations): the bias is not computed."""
+    Bernoulli latents there is no exact gradient (2**200 configurations), and VIMCO estimates the gradient of
+    another objective (the importance-weighted bound): the bias is not computed."""
     bernoulli = isinstance(model, BernoulliVAE)
-    story, key = (bernoulli_story, "logits") if bernoulli else (generative_story, "probs")
+    story, key = story_for(method, model), "logits" if bernoulli else "probs"
     expected_gradient = None
-    if not bernoulli:
+    if not bernoulli and not isinstance(method, storch.method.VIMCO):
         optimizer.zero_grad()
         z = generative_story(storch.method.Expect("z"), model, data)
         storch.backward()
@@ -274,7 +309,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--latents", choices=("categorical", "bernoulli"), default=None,
                     help="2x10 categorical (the tutorial) or --latent-dim Bernoulli latents; default: bernoulli "
-                    "for arm/disarm, else categorical")
+                    "for the binary estimators and disarm, else categorical")
     ap.add_argument("--latent-dim", type=int, default=200, help="Bernoulli latents (with --latents bernoulli)")
     ap.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files or a torchvision root "
                     "(default: the copy vendored in the repository, or FASTGRAD_MNIST)")
@@ -300,7 +335,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.method == "expect" and args.n_samples != 1:
         ap.error("--n-samples does not apply to --method expect (it enumerates all 100 configurations)")
     if args.latents is None:
-        args.latents = "bernoulli" if args.method in BINARY_METHODS else "categorical"
+        args.latents = "bernoulli" if args.method in BERNOULLI_BY_DEFAULT else "categorical"
     if args.method in BINARY_METHODS and args.latents != "bernoulli":
         ap.error(f"--method {args.method} needs --latents bernoulli (it estimates gradients of binary latents)")
     if args.method == "expect" and args.latents == "bernoulli":
@@ -309,11 +344,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.latent_dim < 1:
         ap.error("--latent-dim must be >= 1")
     if args.method in CATEGORICAL_METHODS and args.latents != "categorical":
-        ap.error(f"--method {args.method} needs --latents categorical (entmax relaxes one-hot categoricals)")
+        ap.error(f"--method {args.method} needs --latents categorical (it works over the categories)")
     if args.method in SET_METHODS and args.n_samples < 2:
         ap.error(f"--method {args.method} needs --n-samples >= 2 (the size of the set sampled without "
                  "replacement)")
-    if args.method in ("arms", "double-cv", "rodeo") and args.n_samples < 2:
+    if args.method in SAMPLE_BASELINE_METHODS and args.n_samples < 2:
         ap.error(f"--method {args.method} needs --n-samples >= 2 (its samples are each other's baselines)")
     if args.baseline == "batch_average" and args.n_samples < 2:
         ap.error("--baseline batch_average needs --n-samples >= 2")
@@ -397,7 +432,7 @@ def _train(args, method, model, optimizer, images, gen, total, bar, rows, evals,
             if step >= total:
                 break
             optimizer.zero_grad()
-            (bernoulli_story if isinstance(model, BernoulliVAE) else generative_story)(method, model, data)
+            story_for(method, model)(method, model, data)
             elbo = storch.backward()
             optimizer.step()
             rows.append({"step": step, "epoch": epoch + 1, "elbo": elbo.item()})
