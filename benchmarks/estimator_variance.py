@@ -36,6 +36,8 @@ ESTIMATORS = {
     "unordered-set": lambda E: M.UnorderedSetEstimator("z", k=E),
     "rao-blackwell": lambda E: M.RaoBlackwellSF("z", E),
     "rao-blackwell (sampled + baseline)": lambda E: M.RaoBlackwellSF("z", E, summed="sampled", use_baseline=True),
+    "disarm (stick breaking)": lambda E: M.DisARM("z", n_samples=E // 2),  # E / 2 antithetic pairs
+    "disarm-iw": lambda E: M.DisARM("z", n_samples=E // 2, importance_weighting=True),
     "indecater": lambda E: M.IndeCateR("z", n_samples=E // 20) if E % 20 == 0 else None,
     "gumbel-softmax": lambda E: M.GumbelSoftmax("z", n_samples=E),
     "straight-through": lambda E: M.GumbelSoftmax("z", n_samples=E, straight_through=True),
