@@ -904,7 +904,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                        ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, kl: str = "k3",
                        loss: str = "reinforce", eps_low: float = 0.2, eps_high: float = 0.2,
                        entropy_coef: float = 0.0, normalize: str = "token", num_items: Optional[float] = None,
-                       max_length: Optional[int] = None, bias: Optional[torch.Tensor] = None,
+                       max_length: Optional[int] = None, clip_ratio_c: Optional[float] = None,
+                       bias: Optional[torch.Tensor] = None,
                        temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                        chunk_size: Optional[int] = None, memory_budget: Optional[int] = None):
     """Policy-gradient loss of sampled tokens through the LM head: the loss and its gradients in one pass over
@@ -912,9 +913,13 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
 
     ``loss = sum_t w_t l_t`` with the per-token loss ``l_t`` of :func:`fastgrad.ops.linear_log_prob.token_loss`
     (``"reinforce"``: ``-A logp``; ``"ppo_clip"``: PPO/GRPO's clipped ratio, ``eps_low``/``eps_high`` as in DAPO;
-    ``"cispo"``: MiniMax-M1's clipped, detached importance weight times ``-A logp``; plus ``beta`` times the
-    ``kl`` estimator to ``ref_logp`` and ``-entropy_coef`` times the entropy) and token
-    weights ``w_t = mask_t / Z``:
+    ``"cispo"``: MiniMax-M1's clipped, detached importance weight times ``-A logp``; ``"gspo"``: GSPO's
+    sequence-level ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", the GSPO-token form):
+    ``s_b = exp(mean_t (logp - old_logp))`` over each sequence's loss tokens, clipped like PPO's ratio and shared by
+    every token of the sequence, ``l_t = -min(s_b A, clip(s_b) A)`` with gradient ``-A s_b grad logp_t`` where the
+    sequence is not clipped; the paper averages per sequence: use ``normalize="sequence"``. It costs one more GEMM
+    (the sequence ratios need every log-prob before the first gradient). Plus ``beta`` times the ``kl``
+    estimator to ``ref_logp`` and ``-entropy_coef`` times the entropy) and token weights ``w_t = mask_t / Z``:
 
     * ``normalize="token"`` (DAPO, BNPO): ``Z = num_items`` (global number of loss tokens; default the local
       ``mask.sum()``);
@@ -933,6 +938,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             out before the GEMMs).
         old_logp / ref_logp: fp32 per-token log-probs of the behaviour / reference policy (``old_logp=None``:
             on-policy, ratio 1). ``beta > 0`` requires ``ref_logp``.
+        clip_ratio_c: dual-clip PPO's bound ``c > 1`` (Ye et al. 2020; verl's ``clip_ratio_c``, typically 3): with
+            ``"ppo_clip"`` or ``"gspo"``, tokens with ``A < 0`` lose at most ``-c A``. None: off.
 
     Returns:
         ``(loss, stats)``: the fp32 scalar loss (differentiable w.r.t. hidden, weight, bias; its backward scales the
@@ -953,6 +960,16 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         raise ValueError(f"beta, eps_low and eps_high must be >= 0, got {beta}, {eps_low}, {eps_high}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's per-token log-probs)")
+    if loss not in _lm.LOSSES + ("gspo",):
+        raise ValueError(f"loss must be one of {_lm.LOSSES + ('gspo',)}, got {loss!r}")
+    if loss == "gspo" and len(lead) != 2:
+        raise ValueError(f"loss='gspo' needs [B, T] inputs (its ratio is per sequence), got index {lead}")
+    if clip_ratio_c is not None:
+        if isinstance(clip_ratio_c, bool) or not isinstance(clip_ratio_c, (int, float)) \
+                or not math.isfinite(clip_ratio_c) or not clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c must be a finite float > 1 (dual-clip PPO's bound), got {clip_ratio_c!r}")
+        if loss not in ("ppo_clip", "gspo"):
+            raise ValueError(f"clip_ratio_c applies to loss='ppo_clip' or 'gspo', not {loss!r}")
     adv = _per_token(advantages, "advantages", lead, allow_sequence=True)
     if adv is None:
         raise TypeError("advantages must be a floating torch.Tensor, got None")
@@ -984,11 +1001,22 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                 raise ValueError(f"max_length must be a positive int, got {max_length!r}")
             z = (lead[0] if len(lead) == 2 else 1) * (max_length or lead[-1])
         tw = mf / z
+    op_loss = loss
+    if loss == "gspo":
+        # PPO-clip on a shifted old_logp, old'_t = logp_t - log s_b, whose token ratio is the sequence's ratio s_b:
+        # the same value, clip decisions and gradient -A s_b grad logp_t as GSPO-token
+        with torch.no_grad():
+            live = torch.where(m, index, int(ignore_index)).reshape(-1, 1).contiguous()  # loss tokens only
+            lp0 = _lm.linear_log_prob(h2, w, b, live, t, int(ignore_index), False, chunk)[0].view(lead)
+        dl = (lp0 - old.view(lead)) * mf if old is not None else torch.zeros_like(mf)
+        log_s = dl.sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1)
+        old = torch.where(m, lp0 - log_s, 0).reshape(-1).contiguous()
+        op_loss = "ppo_clip"
     needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     total, logp, ent, st, *_ = _lm.linear_policy_loss(
         h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), old, ref, t, int(ignore_index),
-        loss, float(eps_low), float(eps_high), float(beta), kl, float(entropy_coef), bool(return_entropy), chunk,
-        needs)
+        op_loss, float(eps_low), float(eps_high), float(beta), kl, float(entropy_coef), bool(return_entropy), chunk,
+        needs, float(clip_ratio_c or 0.0))
     mflat = mf.reshape(-1)
     count = mflat.sum().clamp(min=1)
     stats = {

@@ -35,7 +35,7 @@ def oracle_log_prob(h, w, b, idx, T=1.0, ignore=-100):
 
 
 def oracle_policy_loss(h, w, b, idx, adv, mask, T=1.0, old=None, ref=None, beta=0.0, kl="k3", loss="reinforce",
-                       eps_low=0.2, eps_high=0.2, entropy_coef=0.0, normalize="token"):
+                       eps_low=0.2, eps_high=0.2, entropy_coef=0.0, normalize="token", clip_ratio_c=None):
     """[B, T] inputs; TRL-style: per-token loss, masked, then the normalization."""
     logp, ent = oracle_log_prob(h, w, b, idx, T)
     A = adv.double() if adv.dim() == 2 else adv.double()[:, None].expand(idx.shape)
@@ -46,8 +46,15 @@ def oracle_policy_loss(h, w, b, idx, adv, mask, T=1.0, old=None, ref=None, beta=
         per_token = -torch.clamp(torch.exp(logp.detach() - o), 1 - eps_low, 1 + eps_high) * A * logp
     else:
         o = logp.detach() if old is None else old.double()
-        r = torch.exp(logp - o)
+        if loss == "gspo":  # GSPO-token: the sequence's ratio, detached, times exp(logp - sg(logp))
+            md = mask.double()
+            log_s = ((logp.detach() - o) * md).sum(1, keepdim=True) / md.sum(1, keepdim=True).clamp(min=1)
+            r = torch.exp(log_s + logp - logp.detach())
+        else:
+            r = torch.exp(logp - o)
         per_token = torch.max(-A * r, -A * torch.clamp(r, 1 - eps_low, 1 + eps_high))
+        if clip_ratio_c is not None:  # dual clip, verl's form: for A < 0 at most -c A
+            per_token = torch.where(A < 0, torch.min(per_token, -A * clip_ratio_c), per_token)
     if beta:
         x = ref.double() - logp
         per_token = per_token + beta * {"k1": -x, "k2": 0.5 * x * x, "k3": torch.exp(x) - x - 1}[kl]
@@ -244,6 +251,12 @@ LOSS_CASES = [
     dict(loss="ppo_clip", normalize="token", beta=0.05, kl="k2", per_token_adv=True),
     dict(loss="cispo", normalize="token", old=True, eps_low=0.1, eps_high=0.3),
     dict(loss="cispo", normalize="sequence", old=True, beta=0.1, kl="k3", entropy_coef=0.01),
+    dict(loss="ppo_clip", normalize="token", old=True, clip_ratio_c=1.3),
+    dict(loss="ppo_clip", normalize="sequence", old=True, clip_ratio_c=1.3, beta=0.1, kl="k3", per_token_adv=True),
+    dict(loss="gspo", normalize="sequence", old=True),
+    dict(loss="gspo", normalize="sequence", old=True, eps_low=0.05, eps_high=0.05, clip_ratio_c=1.1, beta=0.1),
+    dict(loss="gspo", normalize="token", old=True, per_token_adv=True, entropy_coef=0.02),
+    dict(loss="gspo", normalize="sequence"),
 ]
 
 
@@ -290,8 +303,10 @@ def test_policy_loss_matches_oracle(backend, case):
     torch.testing.assert_close(stats["entropy"].reshape(-1)[m].double(), oent[m], atol=1e-5, rtol=0)
     assert float(stats["logp"].reshape(-1)[~m].abs().sum()) == 0  # masked tokens: not computed
     if use_old:
-        r = torch.exp(olp[m] - old.reshape(-1)[m].double())
-        torch.testing.assert_close(stats["ratio_mean"].double(), r.mean(), atol=1e-5, rtol=0)
+        d = (olp - old.reshape(-1).double()) * m
+        if c["loss"] == "gspo":  # every token carries its sequence's ratio
+            d = (d.view(B, T).sum(1, keepdim=True) / m.view(B, T).sum(1, keepdim=True)).expand(B, T).reshape(-1)
+        torch.testing.assert_close(stats["ratio_mean"].double(), torch.exp(d[m]).mean(), atol=1e-5, rtol=0)
 
 
 def test_closed_form_coefficients_equal_autograd_of_the_loss():
@@ -312,6 +327,51 @@ def test_closed_form_coefficients_equal_autograd_of_the_loss():
                 c, gh = lm.token_loss_grad(lp, adv, o, ref, loss, 0.2, 0.3, 0.1, kl, 0.05)
                 torch.testing.assert_close(c, gx, atol=1e-12, rtol=0)
                 torch.testing.assert_close(torch.full_like(ge, gh), ge, atol=1e-12, rtol=0)
+
+
+def test_dual_clip_coefficients_equal_autograd_of_the_loss():
+    g = torch.Generator().manual_seed(7)
+    n = 400
+    lp = -torch.rand(n, generator=g, dtype=torch.float64) * 3
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    old = lp + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)  # wide ratios: every branch is visited
+    x = lp.clone().requires_grad_(True)
+    l_t, st = lm.token_loss(x, None, adv, old, None, "ppo_clip", 0.2, 0.3, 0.0, "k3", 0.0, 2.0)
+    (gx,) = torch.autograd.grad(l_t.sum(), x)
+    c, _ = lm.token_loss_grad(lp, adv, old, None, "ppo_clip", 0.2, 0.3, 0.0, "k3", 0.0, 2.0)
+    torch.testing.assert_close(c, gx, atol=1e-12, rtol=0)
+    r = torch.exp(lp - old)
+    dual = (adv < 0) & (r > 2.0)
+    assert dual.sum() > 10 and (c[dual] == 0).all() and torch.equal(l_t.detach()[dual], -2.0 * adv[dual])
+    assert (st[1][dual] == 1).all()  # counted as clipped
+    l0, _ = lm.token_loss(x, None, adv, old, None, "ppo_clip", 0.2, 0.3, 0.0, "k3", 0.0)
+    assert torch.equal(l_t.detach()[~dual], l0.detach()[~dual])
+
+
+def test_gspo_is_the_sequence_objective_of_the_paper():
+    # Zheng et al. 2025, eq. (GSPO): J = mean_b min(s_b A_b, clip(s_b) A_b), s_b = (pi(y_b) / pi_old(y_b))^(1/|y_b|),
+    # differentiated through s_b itself (not the token-level form the fused loss uses)
+    h, w, b, idx, mask, old, ref = _policy_inputs(B=4, T=6, bias=True)
+    B, T = idx.shape
+    adv = torch.randn(B, generator=torch.Generator().manual_seed(8))
+    m = mask & (idx != -100)
+
+    def paper(h, w, b):
+        lp, _ = oracle_log_prob(h, w, b, idx, 1.0)
+        md = m.double()
+        s = torch.exp(((lp - old.double()) * md).sum(1) / md.sum(1))
+        A = adv.double()
+        return -torch.min(s * A, torch.clamp(s, 0.9, 1.1) * A).mean()
+
+    def fused(h, w, b):
+        return F.linear_policy_loss(h, w, idx, adv, mask=mask, bias=b, old_logp=old, loss="gspo", eps_low=0.1,
+                                    eps_high=0.1, normalize="sequence", chunk_size=5)[0]
+
+    lf, gf = _grads(fused, h, w, b)
+    lo, go = _grads(paper, h, w, b)
+    assert abs(float(lf) - float(lo)) <= 1e-5 * max(1.0, abs(float(lo)))
+    for a, o in zip(gf, go):
+        assert _rel(a, o) < 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -372,6 +432,10 @@ def test_gradcheck_float64(backend):
         for case in LOSS_CASES:
             if case["loss"] == "cispo":  # a stop-gradient surrogate: finite differences see the detached weight move
                 continue
+            if case["loss"] == "gspo" and case.get("per_token_adv"):
+                # GSPO-token with per-token advantages is defined by its gradient (the sequence ratio is detached);
+                # with per-sequence advantages its value is GSPO's objective and the gradient is that value's
+                continue
             c = dict(case)
             pt = c.pop("per_token_adv", False)
             use_old = c.pop("old", False)
@@ -379,7 +443,7 @@ def test_gradcheck_float64(backend):
 
             # on-policy PPO (old_logp=None) is a stop-gradient surrogate, ratio exp(logp - sg(logp)) = 1: its value
             # does not move with the inputs, so finite differences cannot see its gradient (the oracle test does)
-            use_old = use_old or c["loss"] == "ppo_clip"
+            use_old = use_old or c["loss"] in ("ppo_clip", "gspo")
 
             def loss_fn(h, w, b, c=c, a=a, use_old=use_old):
                 # x 2: an upstream gradient other than 1 keeps the stored gradients (gradcheck backwards repeatedly)
@@ -509,6 +573,11 @@ def test_bad_input_is_a_clear_error():
         (lambda: F.linear_policy_loss(h.reshape(B * T, H), w, idx.reshape(-1), torch.randn(B * T),
                                       normalize="sequence"), ValueError, "needs \\[B, T\\]"),
         (lambda: F.linear_policy_loss(h, w, idx, adv, num_items=0), ValueError, "num_items"),
+        (lambda: F.linear_policy_loss(h, w, idx, adv, loss="ppo_clip", clip_ratio_c=1.0), ValueError,
+         "clip_ratio_c must be a finite float > 1"),
+        (lambda: F.linear_policy_loss(h, w, idx, adv, clip_ratio_c=3.0), ValueError, "applies to loss='ppo_clip'"),
+        (lambda: F.linear_policy_loss(h.reshape(B * T, H), w, idx.reshape(-1), torch.randn(B * T), loss="gspo"),
+         ValueError, "loss='gspo' needs \\[B, T\\]"),
         (lambda: F.linear_log_prob(h, w, idx, temperature=0.0), ValueError, "temperature"),
         (lambda: F.linear_log_prob(h, w, idx, chunk_size=0), ValueError, "chunk_size"),
         (lambda: F.linear_policy_loss(h, w, idx, adv * float("nan")), ValueError, "advantages must be finite"),

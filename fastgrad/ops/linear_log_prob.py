@@ -373,14 +373,16 @@ linear_log_prob.register_autograd(_log_prob_formula, setup_context=_log_prob_set
 # -- linear_policy_loss ---------------------------------------------------------------------------------------
 def token_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], advantages: torch.Tensor,
                old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], loss: str, eps_low: float,
-               eps_high: float, beta: float, kl: str, entropy_coef: float):
+               eps_high: float, beta: float, kl: str, entropy_coef: float, clip_ratio_c: float = 0.0):
     """Per-token policy loss ``l_t`` (before the token weights) and its statistics ``[3, n]`` (KL to the reference,
     clipped indicator, importance ratio), as differentiable functions of ``logp`` and ``entropy``:
 
     * ``"reinforce"``: ``-A logp`` (Williams 1992; RLOO and GRPO's unclipped on-policy form, by the advantages).
     * ``"ppo_clip"``: ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``r = exp(logp - old_logp)``
       (Schulman et al. 2017; decoupled clip bounds as in DAPO, Yu et al. 2025); ``old_logp=None`` is on-policy
-      (``r = 1`` with the gradient of ``exp(logp - sg(logp))``).
+      (``r = 1`` with the gradient of ``exp(logp - sg(logp))``). ``clip_ratio_c > 1``: dual-clip PPO (Ye et al.
+      2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning"): for ``A < 0`` the loss is
+      also capped at ``-c A``, so a token whose ratio exploded (``r > c``) stops pushing; ``0`` turns it off.
     * ``"cispo"``: ``-sg(clip(r, 1 - eps_low, 1 + eps_high)) A logp`` (MiniMax-M1, Chen et al. 2025: the importance
       weight is clipped and detached instead of the update, so every token keeps its gradient).
     * KL to the reference policy, ``beta * kl``: ``"k1"`` ``logp - ref``, ``"k2"`` ``(logp - ref)^2 / 2``,
@@ -401,8 +403,13 @@ def token_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], advantages: 
         ratio = torch.exp(logp - old)
         clip = ratio.clamp(1 - eps_low, 1 + eps_high)
         l_t = -torch.minimum(ratio * advantages, clip * advantages)
-        clipped = (((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))).to(
-            logp.dtype)
+        clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+        if clip_ratio_c:
+            cap = -clip_ratio_c * advantages
+            dual = (advantages < 0) & (l_t > cap)
+            l_t = torch.where(dual, cap, l_t)
+            clipped = clipped | dual
+        clipped = clipped.to(logp.dtype)
     kl_t = torch.zeros_like(logp)
     if ref_logp is not None:
         d = logp - ref_logp
@@ -416,7 +423,7 @@ def token_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], advantages: 
 
 def token_loss_grad(logp: torch.Tensor, advantages: torch.Tensor, old_logp: Optional[torch.Tensor],
                     ref_logp: Optional[torch.Tensor], loss: str, eps_low: float, eps_high: float, beta: float,
-                    kl: str, entropy_coef: float) -> Tuple[torch.Tensor, float]:
+                    kl: str, entropy_coef: float, clip_ratio_c: float = 0.0) -> Tuple[torch.Tensor, float]:
     """``(dl_t/dlogp [n], dl_t/dH)`` of :func:`token_loss` in closed form (the ops run below autograd; the tests
     check these against autograd through :func:`token_loss`)."""
     if loss == "reinforce":
@@ -430,6 +437,9 @@ def token_loss_grad(logp: torch.Tensor, advantages: torch.Tensor, old_logp: Opti
         clip = ratio.clamp(1 - eps_low, 1 + eps_high)
         # -min(rA, clip(r)A): the unclipped branch carries -A r; the clipped one is constant in logp
         c = torch.where(ratio * advantages <= clip * advantages, -advantages * ratio, 0)
+        if clip_ratio_c:  # the dual clip's cap -c A is constant in logp
+            ppo = -torch.minimum(ratio * advantages, clip * advantages)
+            c = torch.where((advantages < 0) & (ppo > -clip_ratio_c * advantages), 0, c)
     if ref_logp is not None and beta != 0:
         d = logp - ref_logp
         c = c + beta * (torch.ones_like(d) if kl == "k1" else (d if kl == "k2" else 1 - torch.exp(-d)))
@@ -437,17 +447,18 @@ def token_loss_grad(logp: torch.Tensor, advantages: torch.Tensor, old_logp: Opti
 
 
 def _loss_coefficients(logp, entropy, token_weight, advantages, old_logp, ref_logp, loss, eps_low, eps_high, beta,
-                       kl, entropy_coef):
+                       kl, entropy_coef, clip_ratio_c):
     """(sum_t w_t l_t, dL/dlogp [M], dL/dH [M] or None, stats [3, M]) for one block."""
     l_t, stats = token_loss(logp, entropy, advantages, old_logp, ref_logp, loss, eps_low, eps_high, beta, kl,
-                            entropy_coef)
-    c, g = token_loss_grad(logp, advantages, old_logp, ref_logp, loss, eps_low, eps_high, beta, kl, entropy_coef)
+                            entropy_coef, clip_ratio_c)
+    c, g = token_loss_grad(logp, advantages, old_logp, ref_logp, loss, eps_low, eps_high, beta, kl, entropy_coef,
+                           clip_ratio_c)
     return ((token_weight * l_t).sum(), c * token_weight,
             g * token_weight if entropy_coef != 0 else None, stats)
 
 
 def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature, ignore_index,
-                 loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask):
+                 loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask, clip_ratio_c=0.0):
     _check_head(hidden, weight, bias, index, temperature, chunk, index_dim=1)
     V = weight.shape[0]
     N = hidden.shape[0]
@@ -485,7 +496,7 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
         lp = lp.squeeze(1)
         part_loss, c, g, st = _loss_coefficients(
             lp, e if want_entropy else None, w[sel], adv[sel], None if old is None else old[sel],
-            None if ref is None else ref[sel], loss, eps_low, eps_high, beta, kl, entropy_coef)
+            None if ref is None else ref[sel], loss, eps_low, eps_high, beta, kl, entropy_coef, clip_ratio_c)
         total += part_loss
         logp[sel] = lp
         stats[:, sel] = st
@@ -501,7 +512,8 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
 
 
 def _policy_fake(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature,
-                 ignore_index, loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask):
+                 ignore_index, loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask,
+                 clip_ratio_c=0.0):
     acc = _checks.acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     need_x, need_w, need_b = output_mask
@@ -518,7 +530,7 @@ linear_policy_loss = torch.library.custom_op(
     schema="(Tensor hidden, Tensor weight, Tensor? bias, Tensor index, Tensor advantages, Tensor token_weight, "
            "Tensor? old_logp, Tensor? ref_logp, float temperature, int ignore_index, str loss, float eps_low, "
            "float eps_high, float beta, str kl, float entropy_coef, bool want_entropy, int chunk, "
-           "bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+           "bool[] output_mask, float clip_ratio_c=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 linear_policy_loss.register_fake(_policy_fake)
 
 
@@ -533,7 +545,7 @@ def _policy_setup(ctx, inputs, output):
 
 
 def _policy_formula(ctx, grad_loss, *_unused):
-    grads = [None] * 19
+    grads = [None] * 20  # one per input of the schema
     if grad_loss is None:
         return tuple(grads)
     if ctx.grads is None:
