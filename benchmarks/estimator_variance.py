@@ -36,8 +36,8 @@ ESTIMATORS = {
     "unordered-set": lambda E: M.UnorderedSetEstimator("z", k=E),
     "rao-blackwell": lambda E: M.RaoBlackwellSF("z", E),
     "rao-blackwell (sampled + baseline)": lambda E: M.RaoBlackwellSF("z", E, summed="sampled", use_baseline=True),
-    "disarm (stick breaking)": lambda E: M.DisARM("z", n_samples=E // 2),  # E / 2 antithetic pairs
-    "disarm-iw": lambda E: M.DisARM("z", n_samples=E // 2, importance_weighting=True),
+    "disarm (stick breaking)": lambda E: M.DisARM("z", n_samples=E // 2) if E % 2 == 0 else None,  # E / 2 pairs
+    "disarm-iw": lambda E: M.DisARM("z", n_samples=E // 2, importance_weighting=True) if E % 2 == 0 else None,
     "indecater": lambda E: M.IndeCateR("z", n_samples=E // 20) if E % 20 == 0 else None,
     "gumbel-softmax": lambda E: M.GumbelSoftmax("z", n_samples=E),
     "straight-through": lambda E: M.GumbelSoftmax("z", n_samples=E, straight_through=True),
@@ -65,14 +65,14 @@ def to_logits(g: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return probs * (g - (probs * g).sum(-1, keepdim=True))
 
 
-def checkpoint_stats(model, batch, n_grads: int, names) -> list:
+def checkpoint_stats(model, batch, n_grads: int, names, budgets=BUDGETS) -> list:
     exact = param_grad(M.Expect("z"), model, batch)
     with torch.no_grad():
         probs = model.encode(batch.view(-1, 784)).reshape(-1, 2, 10).softmax(-1).double()
     exact_l = to_logits(exact.double(), probs)
     rows = []
     for name in names:
-        for E in BUDGETS:
+        for E in budgets:
             method = ESTIMATORS[name](E)
             if method is None:
                 continue
@@ -110,8 +110,9 @@ def plot(result: dict, path: str) -> None:
             ax = axes[i][j]
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xticks(BUDGETS)
-            ax.set_xticklabels([str(b) for b in BUDGETS])
+            ticks = sorted({r["evaluations"] for r in cp["rows"]})
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([str(b) for b in ticks])
             ax.set_xlabel("decoder evaluations per data point")
             ax.set_ylabel(what)
             ax.set_title(f"seed VAE, {cp['name']}")
@@ -129,10 +130,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-steps", type=int, default=300, help="Expect steps before the second checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="decoder evaluations per data point")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", action="store_true", help="also write the .png beside --out")
     args = ap.parse_args(argv)
     names = [n for n in args.estimators.split(",") if n]
+    budgets = tuple(int(b) for b in args.budgets.split(",") if b)
+    if not budgets or min(budgets) < 1:
+        ap.error("--budgets must be positive ints")
     unknown = [n for n in names if n not in ESTIMATORS]
     if unknown:
         ap.error(f"unknown estimators {unknown}; choose from {list(ESTIMATORS)}")
@@ -147,7 +152,7 @@ def main(argv=None) -> dict:
     checkpoints = []
     print("checkpoint: initialization", flush=True)
     checkpoints.append({"name": "initialization", "step": 0, "rows": checkpoint_stats(model, batch, args.n_grads,
-                                                                                       names)})
+                                                                                       names, budgets)})
     if args.train_steps:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         exact = M.Expect("z")
@@ -159,7 +164,7 @@ def main(argv=None) -> dict:
             opt.step()
         print(f"checkpoint: after {args.train_steps} Expect steps", flush=True)
         checkpoints.append({"name": f"after {args.train_steps} steps", "step": args.train_steps,
-                            "rows": checkpoint_stats(model, batch, args.n_grads, names)})
+                            "rows": checkpoint_stats(model, batch, args.n_grads, names, budgets)})
     return write_result(argv, args, {"checkpoints": checkpoints}, plot, threads=args.threads)
 
 

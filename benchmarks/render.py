@@ -250,12 +250,17 @@ def _cmd(data: dict) -> str:
             f"{m.get('processor') or m.get('node', '?')}.")
 
 
+def _budgets(data: dict) -> str:
+    b = sorted({r["evaluations"] for cp in data["checkpoints"] for r in cp["rows"]})
+    return ", ".join(map(str, b[:-1])) + (" and " if len(b) > 1 else "") + str(b[-1])
+
+
 def _estimator_variance_table(path: Path) -> list:
     data = json.loads(path.read_text())
     lines = [f"### {path.name}", "", "Seed VAE, one fixed batch of 64: total variance of the encoder-output gradient "
              "estimate and squared bias of the mean of " + str(data["args"]["n_grads"]) + " estimates against Expect "
-             "(the bias includes the noise floor, about variance / n_grads), at 4, 8 and 20 decoder evaluations per "
-             "data point. " + _cmd(data) + " The ms per estimate were measured while other jobs shared the 2 cores: "
+             "(the bias includes the noise floor, about variance / n_grads), at " + _budgets(data) + " decoder "
+             "evaluations per data point. " + _cmd(data) + " The ms per estimate were measured while other jobs shared the 2 cores: "
              "not a benchmark.", ""]
     for cp in data["checkpoints"]:
         names = list(dict.fromkeys(r["estimator"] for r in cp["rows"]))
