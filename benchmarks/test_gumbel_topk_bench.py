@@ -3,7 +3,8 @@ replacement=False)`` and ``torch.topk(logits + Gumbel noise, k)`` with the noise
 
 Smoke sizes by default; FASTGRAD_BENCH_FULL=1 for the issue's: 131072 rows (4096 x 32), K = 128, k = 8, and
 8192 rows, K = 128000 (vocabulary scale), k = 16. Peak RSS growth per call shows the ``[R, K]`` noise tensor the
-torch versions allocate and fastgrad does not.
+torch versions allocate and fastgrad does not. Bytes moved at least: the fp32 logits read once and the int64
+indices written (the same for every implementation); the copy roofline row is measured in the same run.
 
     FASTGRAD_BENCH_FULL=1 .venv/bin/python -m pytest benchmarks/test_gumbel_topk_bench.py \\
         --benchmark-json benchmarks/results/gumbel_topk_cpu.json
@@ -16,6 +17,7 @@ import torch
 
 import fastgrad.functional as F
 from benchmarks.test_ops_bench import device_name, peak_rss_delta
+from benchmarks.test_ops_bench import test_bandwidth_copy  # noqa: F401  (the copy roofline, measured in this run)
 
 FULL = os.environ.get("FASTGRAD_BENCH_FULL") == "1"
 SHAPES = [(131072, 128, 8), (8192, 128000, 16)] if FULL else [(256, 128, 8), (16, 5000, 16)]
@@ -43,7 +45,8 @@ def test_sample_without_replacement(benchmark, shape, impl):
     R, K, k = shape
     benchmark.group = "x".join(map(str, shape))
     benchmark.extra_info.update(shape=list(shape), impl=impl, device="cpu", device_name=device_name("cpu"),
-                                threads=torch.get_num_threads(), command=" ".join(sys.argv))
+                                threads=torch.get_num_threads(), command=" ".join(sys.argv),
+                                bytes=R * K * 4 + R * k * 8)
     logits = torch.randn(R, K, generator=torch.Generator().manual_seed(0))
     fn = IMPLS[impl]
     out = fn(logits, k)

@@ -140,3 +140,19 @@ def test_backends_agree_over_several_blocks_of_rows_and_categories():
         assert torch.equal(i, outs["reference"][0]), b
         torch.testing.assert_close(v, outs["reference"][1], atol=1e-5, rtol=1e-5)
         assert not bool((i % 7 == 0).any())
+
+
+def test_categories_of_underflowing_probability_are_drawn_when_k_needs_them():
+    # probabilities below float32's range (e^-200) are still nonzero: with k = the number of finite logits every
+    # backend returns all of them (the C++ kernel's exponential-domain selection falls back to the log domain)
+    logits = torch.tensor([[0.0, -200.0, -float("inf"), -300.0, 1.0], [2.0, 0.5, -150.0, -float("inf"), -0.5]])
+    outs = {}
+    for b in AGREE:
+        with fastgrad.ops._backend.backend(b):
+            outs[b] = tuple(t.cpu() for t in F.gumbel_topk(logits.to(DEVICE), 4, seed=9, offset=0))
+    idx, val = outs["reference"]
+    assert set(idx[0].tolist()) == {0, 1, 3, 4} and set(idx[1].tolist()) == {0, 1, 2, 4}
+    assert bool(torch.isfinite(val).all())
+    for b, (i, v) in outs.items():
+        assert torch.equal(i, idx), b
+        torch.testing.assert_close(v, val, atol=1e-4, rtol=1e-5)

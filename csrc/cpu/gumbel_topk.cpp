@@ -1,7 +1,8 @@
 // k distinct categories per row by Gumbel-top-k (Vieira 2014; Kool, van Hoof & Welling 2019): the indices of the k
 // largest perturbed log-probabilities phi_i = log_softmax(l)_i + G_i, G_i = -log(-log u_i), u_i the uniform of
 // stream element r * K + i. One pass for the logsumexp, one for the noise and the selection (a sorted array of the
-// k best, entered only by elements above the current k-th: O(K) compares plus O(k) per insertion); nothing [R, K]
+// k best, entered only by elements above the current k-th: O(K) compares plus O(k) per insertion; float rows compare
+// in the exponential domain, one vector log per element); nothing [R, K]
 // is allocated. Validates what it reads: a row whose logsumexp is not finite, or with fewer than k categories of
 // nonzero probability, is a ValueError.
 #include <atomic>
@@ -25,6 +26,50 @@ acc exp_sum(acc* buf, int64_t len) {
     acc s = 0;
     for (int64_t j = 0; j < len; ++j) s += std::exp(buf[j]);
     return s;
+  }
+}
+
+// Select in the exponential domain: phi_i = log_softmax(l)_i - log(a_i), a_i = -log u_i, is largest where the key
+// a_i / w_i is smallest (w_i = e^(l_i - m)): one vector log per element instead of two, a divide for the elements
+// that beat the current k-th key, and phi (one scalar log) only for the k chosen. The order is phi's up to float
+// rounding. A category whose w underflows to 0 never enters. Float rows only; returns whether it filled all k into
+// topi/topv (buf holds e^(l - m) on entry when K <= C).
+template <typename scalar_t, typename acc>
+bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc lse, uint64_t s, uint64_t off,
+                       uint64_t e0, acc* buf, acc* u, float* scratch, acc* topv, int64_t* topi, int64_t k) {
+  if constexpr (std::is_same_v<acc, float>) {
+    int64_t filled = 0;
+    float worst = INFINITY;  // the k-th smallest key once k are held
+    for (int64_t j0 = 0; j0 < K; j0 += C) {
+      const int64_t len = std::min(C, K - j0);
+      if (K > C) {
+        for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(row[j0 + j]) - m;
+        exp_inplace(buf, len);
+      }
+      fill_uniform(s, off, e0 + j0, len, u, scratch);
+      log_inplace(u, len);  // log u <= 0
+      for (int64_t j = 0; j < len; ++j) {
+        const float w = buf[j];
+        const float a = -u[j];
+        if (!(a < worst * w)) continue;  // w = 0 (zero or underflowed probability) never passes
+        const float key = a / w;
+        int64_t pos = filled < k ? filled++ : k - 1;  // insert into the sorted (ascending) keys
+        while (pos > 0 && topv[pos - 1] > key) {
+          topv[pos] = topv[pos - 1];
+          topi[pos] = topi[pos - 1];
+          --pos;
+        }
+        topv[pos] = key;
+        topi[pos] = j0 + j;
+        if (filled == k) worst = topv[k - 1];
+      }
+    }
+    if (filled < k) return false;
+    for (int64_t t = 0; t < k; ++t)  // phi = l - lse - log(a) = (m - lse) - log(key)
+      topv[t] = (m - lse) - std::log(topv[t]);
+    return true;
+  } else {
+    return false;
   }
 }
 
@@ -67,24 +112,31 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
           bad_row.store(true, std::memory_order_relaxed);
           continue;
         }
-        int64_t filled = 0;
-        acc thr = -INFINITY;  // the k-th best so far once k are held
+        int64_t filled = k;
         const uint64_t e0 = static_cast<uint64_t>(r) * static_cast<uint64_t>(K);
-        for (int64_t j0 = 0; j0 < K; j0 += C) {
-          const int64_t len = std::min(C, K - j0);
-          perturbed_row<scalar_t, acc>(row + j0, len, s, off, e0 + j0, u.data(), buf.data(), scratch.data(), lse);
-          for (int64_t j = 0; j < len; ++j) {
-            const acc z = buf[j];
-            if (!(z > thr) || z == -INFINITY) continue;  // -inf: a zero-probability category, never chosen
-            int64_t pos = filled < k ? filled++ : k - 1;  // insert into the sorted (descending) top-k
-            while (pos > 0 && topv[pos - 1] < z) {
-              topv[pos] = topv[pos - 1];
-              topi[pos] = topi[pos - 1];
-              --pos;
+        // float rows: the exponential-domain selection; a row it leaves with fewer than k (or a double row) goes
+        // through the log domain
+        if (!exp_domain_select<scalar_t, acc>(row, K, C, m, lse, s, off, e0, buf.data(), u.data(), scratch.data(),
+                                              topv.data(), topi.data(), k)) {
+          filled = 0;
+          acc thr = -INFINITY;  // the k-th best so far once k are held
+          for (int64_t j0 = 0; j0 < K; j0 += C) {
+            const int64_t len = std::min(C, K - j0);
+            perturbed_row<scalar_t, acc>(row + j0, len, s, off, e0 + j0, u.data(), buf.data(), scratch.data(),
+                                         lse);
+            for (int64_t j = 0; j < len; ++j) {
+              const acc z = buf[j];
+              if (!(z > thr) || z == -INFINITY) continue;  // -inf: a zero-probability category, never chosen
+              int64_t pos = filled < k ? filled++ : k - 1;  // insert into the sorted (descending) top-k
+              while (pos > 0 && topv[pos - 1] < z) {
+                topv[pos] = topv[pos - 1];
+                topi[pos] = topi[pos - 1];
+                --pos;
+              }
+              topv[pos] = z;
+              topi[pos] = j0 + j;
+              if (filled == k) thr = topv[k - 1];
             }
-            topv[pos] = z;
-            topi[pos] = j0 + j;
-            if (filled == k) thr = topv[k - 1];
           }
         }
         if (filled < k) {
