@@ -130,40 +130,32 @@ def plain_distributions(method: str, model, data: torch.Tensor) -> Callable[[], 
     return step
 
 
-def _storch_method(storch, method: str):
-    if method == "sf1":
-        return storch.method.ScoreFunction("z", n_samples=1, baseline_factory="None")
-    if method == "sf10_batch_average":
-        return storch.method.ScoreFunction("z", n_samples=10, baseline_factory="batch_average")
-    if method == "gumbel":
-        return storch.method.GumbelSoftmax("z", n_samples=1)
-    if method == "straight_through":
-        return storch.method.GumbelSoftmax("z", n_samples=1, straight_through=True)
-    if method == "expect":
-        return storch.method.Expect("z")
+# method name -> its constructor in a Storchastic-compatible module ``M`` (fastgrad.method or storch.method)
+_STORCH_METHODS = {
+    "sf1": lambda M: M.ScoreFunction("z", n_samples=1, baseline_factory="None"),
+    "sf10_batch_average": lambda M: M.ScoreFunction("z", n_samples=10, baseline_factory="batch_average"),
+    "gumbel": lambda M: M.GumbelSoftmax("z", n_samples=1),
+    "straight_through": lambda M: M.GumbelSoftmax("z", n_samples=1, straight_through=True),
+    "expect": lambda M: M.Expect("z"),
     # the estimators of the without-replacement and relaxed family, under the names both libraries share
-    if method == "sf_wor4":
-        return storch.method.ScoreFunctionWOR("z", k=4)
-    if method == "unordered_set4":
-        return storch.method.UnorderedSetEstimator("z", k=4)
-    if method == "rao_blackwell4":
-        return storch.method.RaoBlackwellSF("z", 4)
-    if method == "gumbel_wor4":
-        return storch.method.UnorderedSetGumbelSoftmax("z", k=4)
-    if method == "gumbel_sparsemax":
-        return storch.method.GumbelSparseMax("z")
-    if method == "gumbel_entmax":
-        return storch.method.GumbelEntmax("z")
+    "sf_wor4": lambda M: M.ScoreFunctionWOR("z", k=4),
+    "unordered_set4": lambda M: M.UnorderedSetEstimator("z", k=4),
+    "rao_blackwell4": lambda M: M.RaoBlackwellSF("z", 4),
+    "gumbel_wor4": lambda M: M.UnorderedSetGumbelSoftmax("z", k=4),
+    "gumbel_sparsemax": lambda M: M.GumbelSparseMax("z"),
+    "gumbel_entmax": lambda M: M.GumbelEntmax("z"),
     # binary estimators on the demo's 200 Bernoulli latents (make_model gives that model for these names)
-    if method == "bern_arm":
-        return storch.method.ARM("z", n_samples=1)
-    if method == "bern_disarm":
-        return storch.method.DisARM("z", n_samples=1)
-    if method == "bern_relax":
-        return storch.method.RELAX("z", n_samples=1, in_dim=200)
-    if method == "bern_rebar":
-        return storch.method.REBAR("z", n_samples=1)
-    raise ValueError(f"unknown method {method!r}")
+    "bern_arm": lambda M: M.ARM("z", n_samples=1),
+    "bern_disarm": lambda M: M.DisARM("z", n_samples=1),
+    "bern_relax": lambda M: M.RELAX("z", n_samples=1, in_dim=200),
+    "bern_rebar": lambda M: M.REBAR("z", n_samples=1),
+}
+
+
+def _storch_method(storch, method: str):
+    if method not in _STORCH_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(_STORCH_METHODS)}")
+    return _STORCH_METHODS[method](storch.method)
 
 
 def storch_like(storch, method: str, model, data: torch.Tensor) -> Callable[[], float]:

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from . import _state
-from ._tensor import CostTensor, IndependentTensor, Plate, StochasticTensor, Tensor, align, apply
+from ._tensor import CostTensor, IndependentTensor, Plate, Tensor, align, apply
 
 __all__ = ["denote_independent", "add_cost", "backward", "surrogate_loss", "reset", "costs", "gather_samples",
            "variance", "reduce_plates", "NoCostError"]

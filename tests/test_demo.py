@@ -164,3 +164,13 @@ def test_demo_set_and_entmax_argument_errors(capsys):
         with pytest.raises(SystemExit) as info:
             discrete_vae.parse_args(argv)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_method_choice_constructs():
+    import fastgrad as storch
+
+    assert set(discrete_vae._CONSTRUCTORS) == set(discrete_vae.METHODS)
+    for name in discrete_vae.METHODS:
+        assert isinstance(discrete_vae.make_method(name, 2), storch.method.Method)
+    with pytest.raises(ValueError, match="method must be one of"):
+        discrete_vae.make_method("reinforce")

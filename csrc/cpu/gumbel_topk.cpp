@@ -29,6 +29,20 @@ acc exp_sum(acc* buf, int64_t len) {
   }
 }
 
+// Insert (v, i) into the k best held, sorted so that better(topv[t], topv[t + 1]) (the caller has checked that v
+// beats the k-th once k are held): O(k) moves.
+template <typename T, typename Better>
+inline void insert_best(T* topv, int64_t* topi, int64_t& filled, int64_t k, T v, int64_t i, Better better) {
+  int64_t pos = filled < k ? filled++ : k - 1;
+  while (pos > 0 && better(v, topv[pos - 1])) {
+    topv[pos] = topv[pos - 1];
+    topi[pos] = topi[pos - 1];
+    --pos;
+  }
+  topv[pos] = v;
+  topi[pos] = i;
+}
+
 // Select in the exponential domain: phi_i = log_softmax(l)_i - log(a_i), a_i = -log u_i, is largest where the key
 // a_i / w_i is smallest (w_i = e^(l_i - m)): one vector log per element instead of two, a divide for the elements
 // that beat the current k-th key, and phi (one scalar log) only for the k chosen. The order is phi's up to float
@@ -52,15 +66,7 @@ bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc lse
         const float w = buf[j];
         const float a = -u[j];
         if (!(a < worst * w)) continue;  // w = 0 (zero or underflowed probability) never passes
-        const float key = a / w;
-        int64_t pos = filled < k ? filled++ : k - 1;  // insert into the sorted (ascending) keys
-        while (pos > 0 && topv[pos - 1] > key) {
-          topv[pos] = topv[pos - 1];
-          topi[pos] = topi[pos - 1];
-          --pos;
-        }
-        topv[pos] = key;
-        topi[pos] = j0 + j;
+        insert_best(topv, topi, filled, k, a / w, j0 + j, [](float x, float y) { return x < y; });  // ascending
         if (filled == k) worst = topv[k - 1];
       }
     }
@@ -127,14 +133,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
             for (int64_t j = 0; j < len; ++j) {
               const acc z = buf[j];
               if (!(z > thr) || z == -INFINITY) continue;  // -inf: a zero-probability category, never chosen
-              int64_t pos = filled < k ? filled++ : k - 1;  // insert into the sorted (descending) top-k
-              while (pos > 0 && topv[pos - 1] < z) {
-                topv[pos] = topv[pos - 1];
-                topi[pos] = topi[pos - 1];
-                --pos;
-              }
-              topv[pos] = z;
-              topi[pos] = j0 + j;
+              insert_best(topv.data(), topi.data(), filled, k, z, j0 + j, [](acc x, acc y) { return x > y; });
               if (filled == k) thr = topv[k - 1];
             }
           }

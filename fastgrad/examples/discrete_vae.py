@@ -141,53 +141,39 @@ def generative_story(method: storch.method.Method, model: DiscreteVAE, data: tor
     return z
 
 
+# --method name -> its constructor (n: --n-samples, baseline: --baseline, D: --latent-dim)
+_CONSTRUCTORS = {
+    "score-function": lambda n, baseline, D: storch.method.ScoreFunction("z", n_samples=n, baseline_factory=baseline),
+    "gumbel-softmax": lambda n, baseline, D: storch.method.GumbelSoftmax("z", n_samples=n),
+    "straight-through": lambda n, baseline, D: storch.method.GumbelSoftmax("z", n_samples=n, straight_through=True),
+    "expect": lambda n, baseline, D: storch.method.Expect("z"),
+    "arm": lambda n, baseline, D: storch.method.ARM("z", n_samples=n),
+    "disarm": lambda n, baseline, D: storch.method.DisARM("z", n_samples=n),
+    "disarm-iw": lambda n, baseline, D: storch.method.DisARM("z", n_samples=n, importance_weighting=True),
+    "vimco": lambda n, baseline, D: storch.method.VIMCO("z", n_samples=n),
+    "arms": lambda n, baseline, D: storch.method.ARMS("z", n_samples=n),
+    # Storchastic's default control network on the relaxed latents
+    "relax": lambda n, baseline, D: storch.method.RELAX("z", n_samples=n, in_dim=D),
+    "rebar": lambda n, baseline, D: storch.method.REBAR("z", n_samples=n),
+    "sf-wor": lambda n, baseline, D: storch.method.ScoreFunctionWOR("z", k=n),
+    "unordered-set": lambda n, baseline, D: storch.method.UnorderedSetEstimator("z", k=n),
+    "rao-blackwell": lambda n, baseline, D: storch.method.RaoBlackwellSF("z", n),
+    "gumbel-softmax-wor": lambda n, baseline, D: storch.method.UnorderedSetGumbelSoftmax("z", k=n),
+    "gumbel-entmax": lambda n, baseline, D: storch.method.GumbelEntmax("z", n_samples=n),
+    "gumbel-sparsemax": lambda n, baseline, D: storch.method.GumbelSparseMax("z", n_samples=n),
+    "indecater": lambda n, baseline, D: storch.method.IndeCateR("z", n_samples=n),
+    "reinmax": lambda n, baseline, D: storch.method.ReinMax("z", n_samples=n),
+    "gumbel-rao": lambda n, baseline, D: storch.method.GumbelRao("z", n_samples=n),
+    "double-cv": lambda n, baseline, D: storch.method.DoubleCV("z", n_samples=n),
+    "rodeo": lambda n, baseline, D: storch.method.RODEO("z", n_samples=n),
+}
+
+
 def make_method(name: str, n_samples: int = 1, baseline: Optional[str] = None,
                 latent_dim: int = 200) -> storch.method.Method:
-    if name == "score-function":
-        return storch.method.ScoreFunction("z", n_samples=n_samples, baseline_factory=baseline)
-    if name == "gumbel-softmax":
-        return storch.method.GumbelSoftmax("z", n_samples=n_samples)
-    if name == "straight-through":
-        return storch.method.GumbelSoftmax("z", n_samples=n_samples, straight_through=True)
-    if name == "expect":
-        return storch.method.Expect("z")
-    if name == "arm":
-        return storch.method.ARM("z", n_samples=n_samples)
-    if name == "disarm":
-        return storch.method.DisARM("z", n_samples=n_samples)
-    if name == "disarm-iw":
-        return storch.method.DisARM("z", n_samples=n_samples, importance_weighting=True)
-    if name == "vimco":
-        return storch.method.VIMCO("z", n_samples=n_samples)
-    if name == "arms":
-        return storch.method.ARMS("z", n_samples=n_samples)
-    if name == "relax":  # Storchastic's default control network on the relaxed latents
-        return storch.method.RELAX("z", n_samples=n_samples, in_dim=latent_dim)
-    if name == "rebar":
-        return storch.method.REBAR("z", n_samples=n_samples)
-    if name == "sf-wor":
-        return storch.method.ScoreFunctionWOR("z", k=n_samples)
-    if name == "unordered-set":
-        return storch.method.UnorderedSetEstimator("z", k=n_samples)
-    if name == "rao-blackwell":
-        return storch.method.RaoBlackwellSF("z", n_samples)
-    if name == "gumbel-softmax-wor":
-        return storch.method.UnorderedSetGumbelSoftmax("z", k=n_samples)
-    if name == "gumbel-entmax":
-        return storch.method.GumbelEntmax("z", n_samples=n_samples)
-    if name == "gumbel-sparsemax":
-        return storch.method.GumbelSparseMax("z", n_samples=n_samples)
-    if name == "indecater":
-        return storch.method.IndeCateR("z", n_samples=n_samples)
-    if name == "reinmax":
-        return storch.method.ReinMax("z", n_samples=n_samples)
-    if name == "gumbel-rao":
-        return storch.method.GumbelRao("z", n_samples=n_samples)
-    if name == "double-cv":
-        return storch.method.DoubleCV("z", n_samples=n_samples)
-    if name == "rodeo":
-        return storch.method.RODEO("z", n_samples=n_samples)
-    raise ValueError(f"method must be one of {METHODS}, got {name!r}")
+    if name not in _CONSTRUCTORS:
+        raise ValueError(f"method must be one of {METHODS}, got {name!r}")
+    return _CONSTRUCTORS[name](n_samples, baseline, latent_dim)
 
 
 def evaluate(method, model, data, optimizer, n_grads: int = 100) -> Dict[str, float]:
