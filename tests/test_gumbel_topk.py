@@ -156,3 +156,29 @@ def test_categories_of_underflowing_probability_are_drawn_when_k_needs_them():
     for b, (i, v) in outs.items():
         assert torch.equal(i, idx), b
         torch.testing.assert_close(v, val, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_one_block_rows_are_the_exact_top_k_of_the_stream(k):
+    # rows of at most 1024 categories with k <= 8 take the C++ kernel's branch-free selection (lane minima bound,
+    # rank of the candidates); rows built to leave it (a lane of zero probabilities; more than 64 candidates) take
+    # the general loop. Every backend must return exactly the top-k of phi from the Philox stream.
+    g = torch.Generator().manual_seed(5)
+    K = 1024
+    plain = torch.randn(64, K, generator=g) * 3
+    flat = torch.zeros(8, K)
+    dead_lane = torch.randn(8, K, generator=g)
+    dead_lane[:, 3::8] = float("-inf")
+    crowded = torch.full((8, K), float("-inf"))  # lane 0 finite; lanes 1-7 one improbable element each
+    crowded[:, 0::8] = torch.randn(8, K // 8, generator=g)
+    crowded[:, 1:8] = -20.0
+    for logits in (plain, plain[:, :128].contiguous(), plain[:, :13].contiguous(), flat, dead_lane, crowded):
+        R, KK = logits.shape
+        u = fastgrad.ops._philox.uniform(21, 4, R * KK).view(R, KK).double()
+        phi = torch.log_softmax(logits.double(), -1) - torch.log(-torch.log(u))
+        want = phi.topk(k, -1)
+        for b in AGREE:
+            with fastgrad.ops._backend.backend(b):
+                idx, val = (t.cpu() for t in F.gumbel_topk(logits.to(DEVICE), k, seed=21, offset=4))
+            assert torch.equal(idx, want.indices), (b, KK)
+            torch.testing.assert_close(val.double(), want.values, atol=1e-5, rtol=1e-5)

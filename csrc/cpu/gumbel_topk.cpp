@@ -5,6 +5,7 @@
 // in the exponential domain, one vector log per element); nothing [R, K]
 // is allocated. Validates what it reads: a row whose logsumexp is not finite, or with fewer than k categories of
 // nonzero probability, is a ValueError.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -43,6 +44,50 @@ inline void insert_best(T* topv, int64_t* topi, int64_t& filled, int64_t k, T v,
   topi[pos] = i;
 }
 
+// One block (K <= C, e^(l - m) in w), 2 <= k <= 8: the k smallest keys without a branch per element. The minima of
+// the 16 lanes (lane = j mod 16) are 16 distinct elements, so their k-th smallest T bounds the k-th smallest key:
+// every key <= T is a candidate (about 1.5 k of them for K = 128), compacted without branches, then each
+// candidate's rank (ties to the smaller index, as insert_best) places it. Returns false where T is not finite (a
+// lane of zero probabilities) or more than 64 keys pass: the caller's loop handles that row. keys: K >= 16 floats
+// holding log u on entry, overwritten.
+inline bool few_smallest_keys(float* keys, const float* w, int64_t K, int64_t k, int32_t* cand, float* ckey,
+                              float* topv, int64_t* topi) {
+  constexpr int64_t L = 16;
+  for (int64_t j = 0; j < K; ++j) keys[j] = -keys[j] / w[j];  // a / w, +inf where w = 0
+  float lm[L];
+  for (int64_t g = 0; g < L; ++g) lm[g] = INFINITY;
+  int64_t j = 0;
+  for (; j + L <= K; j += L)
+    for (int64_t g = 0; g < L; ++g) lm[g] = std::min(lm[g], keys[j + g]);
+  for (; j < K; ++j) lm[j - (K / L) * L] = std::min(lm[j - (K / L) * L], keys[j]);
+  std::nth_element(lm, lm + (k - 1), lm + L);
+  const float T = lm[k - 1];
+  if (!(T < INFINITY)) return false;
+  int64_t c = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    cand[c] = static_cast<int32_t>(i);
+    c += keys[i] <= T;
+  }
+  if (c > 64) return false;  // the rank pass is O(c^2): a row with many near-equal keys takes the caller's loop
+  const int64_t cp = (c + 7) / 8 * 8;  // padded with +inf: fixed-length, vectorized counting
+  for (int64_t i = 0; i < cp; ++i) ckey[i] = i < c ? keys[cand[i]] : INFINITY;
+  for (int64_t i = 0; i < c; ++i) {
+    const float v = ckey[i];
+    int32_t r = 0, eq = 0;
+    for (int64_t t = 0; t < cp; ++t) {
+      r += ckey[t] < v;
+      eq += ckey[t] == v;
+    }
+    if (eq > 1)  // an exact tie: the candidates before i (ascending index) rank below
+      for (int64_t t = 0; t < i; ++t) r += ckey[t] == v;
+    if (r < k) {
+      topv[r] = v;
+      topi[r] = cand[i];
+    }
+  }
+  return true;
+}
+
 // Select in the exponential domain: phi_i = log_softmax(l)_i - log(a_i), a_i = -log u_i, is largest where the key
 // a_i / w_i is smallest (w_i = e^(l_i - m)): one vector log per element instead of two, a divide for the elements
 // that beat the current k-th key, and phi (one scalar log) only for the k chosen. The order is phi's up to float
@@ -50,8 +95,18 @@ inline void insert_best(T* topv, int64_t* topi, int64_t& filled, int64_t k, T v,
 // topi/topv (buf holds e^(l - m) on entry when K <= C).
 template <typename scalar_t, typename acc>
 bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc lse, uint64_t s, uint64_t off,
-                       uint64_t e0, acc* buf, acc* u, float* scratch, acc* topv, int64_t* topi, int64_t k) {
+                       uint64_t e0, acc* buf, acc* u, float* scratch, acc* topv, int64_t* topi, int64_t k,
+                       int32_t* cand, float* ckey) {
   if constexpr (std::is_same_v<acc, float>) {
+    if (K <= C && K >= 16 && k >= 2 && k <= 8) {  // k = 1: the loop below (a rare branch) is faster
+      fill_uniform(s, off, e0, K, u, scratch);
+      log_inplace(u, K);
+      if (few_smallest_keys(u, buf, K, k, cand, ckey, topv, topi)) {
+        log_inplace(topv, k);
+        for (int64_t t = 0; t < k; ++t) topv[t] = (m - lse) - topv[t];
+        return true;
+      }
+    }
     int64_t filled = 0;
     float worst = INFINITY;  // the k-th smallest key once k are held
     for (int64_t j0 = 0; j0 < K; j0 += C) {
@@ -104,6 +159,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
       std::vector<float> scratch(uniform_scratch(C));
       std::vector<acc> topv(k);
       std::vector<int64_t> topi(k);
+      std::vector<int32_t> cand(C);  // few_smallest_keys' candidates
+      std::vector<float> ckey(C);
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = lp + r * K;
         acc m = -INFINITY, se = 0;
@@ -123,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
         // float rows: the exponential-domain selection; a row it leaves with fewer than k (or a double row) goes
         // through the log domain
         if (!exp_domain_select<scalar_t, acc>(row, K, C, m, lse, s, off, e0, buf.data(), u.data(), scratch.data(),
-                                              topv.data(), topi.data(), k)) {
+                                              topv.data(), topi.data(), k, cand.data(), ckey.data())) {
           filled = 0;
           acc thr = -INFINITY;  // the k-th best so far once k are held
           for (int64_t j0 = 0; j0 < K; j0 += C) {
