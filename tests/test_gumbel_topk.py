@@ -156,6 +156,14 @@ def test_categories_of_underflowing_probability_are_drawn_when_k_needs_them():
     for b, (i, v) in outs.items():
         assert torch.equal(i, idx), b
         torch.testing.assert_close(v, val, atol=1e-4, rtol=1e-5)
+    # the same rows spread over several 1024-blocks (the kernel then sums the exponentials during the selection)
+    wide = torch.full((2, 2500), -float("inf"))
+    wide[:, [3, 1100, 2047, 2499, 700]] = logits
+    for b in AGREE:
+        with fastgrad.ops._backend.backend(b):
+            i, v = (t.cpu() for t in F.gumbel_topk(wide.to(DEVICE), 4, seed=9, offset=0))
+        assert set(i[0].tolist()) == {3, 1100, 2499, 700} and set(i[1].tolist()) == {3, 1100, 2047, 700}, b
+        assert bool(torch.isfinite(v).all())
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])

@@ -90,22 +90,19 @@ inline bool few_smallest_keys(float* keys, const float* w, int64_t K, int64_t k,
 
 // Select in the exponential domain: phi_i = log_softmax(l)_i - log(a_i), a_i = -log u_i, is largest where the key
 // a_i / w_i is smallest (w_i = e^(l_i - m)): one vector log per element instead of two, a divide for the elements
-// that beat the current k-th key, and phi (one scalar log) only for the k chosen. The order is phi's up to float
-// rounding. A category whose w underflows to 0 never enters. Float rows only; returns whether it filled all k into
-// topi/topv (buf holds e^(l - m) on entry when K <= C).
+// that beat the current k-th key. The order is phi's up to float rounding. A category whose w underflows to 0 never
+// enters. Float rows only. On entry with K <= C, buf holds w and se their sum; with K > C each block's w is made
+// here and added to se (the logsumexp and the selection share one exp per element). Returns whether all k were
+// filled: topv then holds the k smallest keys, ascending (the caller turns them into phi once lse is known).
 template <typename scalar_t, typename acc>
-bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc lse, uint64_t s, uint64_t off,
+bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc& se, uint64_t s, uint64_t off,
                        uint64_t e0, acc* buf, acc* u, float* scratch, acc* topv, int64_t* topi, int64_t k,
                        int32_t* cand, float* ckey) {
   if constexpr (std::is_same_v<acc, float>) {
     if (K <= C && K >= 16 && k >= 2 && k <= 8) {  // k = 1: the loop below (a rare branch) is faster
       fill_uniform(s, off, e0, K, u, scratch);
       log_inplace(u, K);
-      if (few_smallest_keys(u, buf, K, k, cand, ckey, topv, topi)) {
-        log_inplace(topv, k);
-        for (int64_t t = 0; t < k; ++t) topv[t] = (m - lse) - topv[t];
-        return true;
-      }
+      if (few_smallest_keys(u, buf, K, k, cand, ckey, topv, topi)) return true;
     }
     int64_t filled = 0;
     float worst = INFINITY;  // the k-th smallest key once k are held
@@ -114,6 +111,7 @@ bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc lse
       if (K > C) {
         for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(row[j0 + j]) - m;
         exp_inplace(buf, len);
+        se += sum_of(buf, len);
       }
       fill_uniform(s, off, e0 + j0, len, u, scratch);
       log_inplace(u, len);  // log u <= 0
@@ -125,13 +123,21 @@ bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc lse
         if (filled == k) worst = topv[k - 1];
       }
     }
-    if (filled < k) return false;
-    for (int64_t t = 0; t < k; ++t)  // phi = l - lse - log(a) = (m - lse) - log(key)
-      topv[t] = (m - lse) - std::log(topv[t]);
-    return true;
+    return filled == k;
   } else {
     return false;
   }
+}
+
+// keys (ascending) -> phi = l - lse - log(a) = (m - lse) - log(key), in place
+template <typename acc>
+void keys_to_phi(acc* v, int64_t k, acc shift) {
+  if constexpr (std::is_same_v<acc, float>) {
+    log_inplace(v, k);
+  } else {
+    for (int64_t t = 0; t < k; ++t) v[t] = std::log(v[t]);
+  }
+  for (int64_t t = 0; t < k; ++t) v[t] = shift - v[t];
 }
 
 }  // namespace
@@ -165,22 +171,29 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
         const scalar_t* row = lp + r * K;
         acc m = -INFINITY, se = 0;
         for (int64_t j = 0; j < K; ++j) m = std::max(m, static_cast<acc>(row[j]));
-        for (int64_t j0 = 0; j0 < K; j0 += C) {
-          const int64_t len = std::min(C, K - j0);
-          for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc>(row[j0 + j]) - m;
-          se += exp_sum(buf.data(), len);
+        const uint64_t e0 = static_cast<uint64_t>(r) * static_cast<uint64_t>(K);
+        // float rows: the exponential-domain selection (which, for K > C, also sums the exponentials); a row it
+        // leaves with fewer than k (or a double row) goes through the log domain
+        constexpr bool exp_domain = std::is_same_v<acc, float>;
+        if (!exp_domain || K <= C) {
+          for (int64_t j0 = 0; j0 < K; j0 += C) {
+            const int64_t len = std::min(C, K - j0);
+            for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc>(row[j0 + j]) - m;
+            se += exp_sum(buf.data(), len);
+          }
         }
+        const bool selected = exp_domain && exp_domain_select<scalar_t, acc>(
+            row, K, C, m, se, s, off, e0, buf.data(), u.data(), scratch.data(), topv.data(), topi.data(), k,
+            cand.data(), ckey.data());
         const acc lse = m + std::log(se);
         if (!std::isfinite(lse)) {
           bad_row.store(true, std::memory_order_relaxed);
           continue;
         }
         int64_t filled = k;
-        const uint64_t e0 = static_cast<uint64_t>(r) * static_cast<uint64_t>(K);
-        // float rows: the exponential-domain selection; a row it leaves with fewer than k (or a double row) goes
-        // through the log domain
-        if (!exp_domain_select<scalar_t, acc>(row, K, C, m, lse, s, off, e0, buf.data(), u.data(), scratch.data(),
-                                              topv.data(), topi.data(), k, cand.data(), ckey.data())) {
+        if (selected) {
+          keys_to_phi(topv.data(), k, m - lse);
+        } else {
           filled = 0;
           acc thr = -INFINITY;  // the k-th best so far once k are held
           for (int64_t j0 = 0; j0 < K; j0 += C) {
