@@ -129,6 +129,18 @@ bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc& se
   }
 }
 
+// max of a row (float: vectorized); a NaN is caught by the caller's non-finite lse either way
+template <typename scalar_t, typename acc>
+acc row_max(const scalar_t* row, int64_t K) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return max_of(row, K);
+  } else {
+    acc m = -INFINITY;
+    for (int64_t j = 0; j < K; ++j) m = std::max(m, static_cast<acc>(row[j]));
+    return m;
+  }
+}
+
 // keys (ascending) -> phi = l - lse - log(a) = (m - lse) - log(key), in place
 template <typename acc>
 void keys_to_phi(acc* v, int64_t k, acc shift) {
@@ -169,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
       std::vector<float> ckey(C);
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = lp + r * K;
-        acc m = -INFINITY, se = 0;
-        for (int64_t j = 0; j < K; ++j) m = std::max(m, static_cast<acc>(row[j]));
+        acc se = 0;
+        const acc m = row_max<scalar_t, acc>(row, K);
         const uint64_t e0 = static_cast<uint64_t>(r) * static_cast<uint64_t>(K);
         // float rows: the exponential-domain selection (which, for K > C, also sums the exponentials); a row it
         // leaves with fewer than k (or a double row) goes through the log domain
