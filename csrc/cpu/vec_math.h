@@ -31,28 +31,39 @@ inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
 }
 }  // namespace detail
 
-// u[4 * l + w] = uniform of word w of philox(seed, ctr + l), l < 8: 32 stream elements, AVX2 throughout
-inline void uniform32(uint64_t seed, uint64_t ctr, float* u) {
+// u[32 * h + 4 * l + w] = uniform of word w of philox(seed, ctr + 8 * h + l), l < 8, h < N: 32 N stream elements,
+// AVX2 throughout. The N groups' rounds are interleaved: one group's 10 rounds are a chain of dependent multiplies
+// (latency-bound), two keep the multiplier busy.
+template <int N>
+inline void uniform32xN(uint64_t seed, uint64_t ctr, float* u) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const uint64_t base_hi = ctr >> 32;
-  const uint32_t base_lo = static_cast<uint32_t>(ctr);
-  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base_lo)), lane);
-  // carry into the high word where the low word wrapped
-  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(base_lo)),
-                                                              _mm256_set1_epi32(INT32_MIN)),
-                                             _mm256_xor_si256(c0, _mm256_set1_epi32(INT32_MIN)));
-  __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base_hi))), wrapped);
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  __m256i c0[N], c1[N], c2[N], c3[N];
+  for (int h = 0; h < N; ++h) {
+    const uint64_t base = ctr + 8 * static_cast<uint64_t>(h);
+    const uint64_t base_hi = base >> 32;
+    const uint32_t base_lo = static_cast<uint32_t>(base);
+    c0[h] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base_lo)), lane);
+    // carry into the high word where the low word wrapped
+    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(base_lo)),
+                                                                _mm256_set1_epi32(INT32_MIN)),
+                                               _mm256_xor_si256(c0[h], _mm256_set1_epi32(INT32_MIN)));
+    c1[h] = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base_hi))), wrapped);
+    c2[h] = _mm256_setzero_si256();
+    c3[h] = _mm256_setzero_si256();
+  }
   const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int i = 0; i < 10; ++i) {
-    __m256i hi0, lo0, hi1, lo1;
-    detail::mulhilo8(c0, m0, hi0, lo0);
-    detail::mulhilo8(c2, m1, hi1, lo1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c3 = lo0;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int h = 0; h < N; ++h) {
+      __m256i hi0, lo0, hi1, lo1;
+      detail::mulhilo8(c0[h], m0, hi0, lo0);
+      detail::mulhilo8(c2[h], m1, hi1, lo1);
+      c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), key0);
+      c1[h] = lo1;
+      c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), key1);
+      c3[h] = lo0;
+    }
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
@@ -63,19 +74,25 @@ inline void uniform32(uint64_t seed, uint64_t ctr, float* u) {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(x, 9), 1), one)),
                          scale);
   };
-  const __m256 a = to_f(c0), b = to_f(c1), c = to_f(c2), d = to_f(c3);
-  // transpose (word, counter) -> stream order a0 b0 c0 d0 a1 b1 c1 d1 ...
-  const __m256 ab_lo = _mm256_unpacklo_ps(a, b), ab_hi = _mm256_unpackhi_ps(a, b);
-  const __m256 cd_lo = _mm256_unpacklo_ps(c, d), cd_hi = _mm256_unpackhi_ps(c, d);
-  const __m256 t0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab_lo), _mm256_castps_pd(cd_lo)));
-  const __m256 t1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab_lo), _mm256_castps_pd(cd_lo)));
-  const __m256 t2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab_hi), _mm256_castps_pd(cd_hi)));
-  const __m256 t3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab_hi), _mm256_castps_pd(cd_hi)));
-  _mm256_storeu_ps(u, _mm256_permute2f128_ps(t0, t1, 0x20));
-  _mm256_storeu_ps(u + 8, _mm256_permute2f128_ps(t2, t3, 0x20));
-  _mm256_storeu_ps(u + 16, _mm256_permute2f128_ps(t0, t1, 0x31));
-  _mm256_storeu_ps(u + 24, _mm256_permute2f128_ps(t2, t3, 0x31));
+  for (int h = 0; h < N; ++h) {
+    const __m256 a = to_f(c0[h]), b = to_f(c1[h]), c = to_f(c2[h]), d = to_f(c3[h]);
+    // transpose (word, counter) -> stream order a0 b0 c0 d0 a1 b1 c1 d1 ...
+    const __m256 ab_lo = _mm256_unpacklo_ps(a, b), ab_hi = _mm256_unpackhi_ps(a, b);
+    const __m256 cd_lo = _mm256_unpacklo_ps(c, d), cd_hi = _mm256_unpackhi_ps(c, d);
+    const __m256 t0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab_lo), _mm256_castps_pd(cd_lo)));
+    const __m256 t1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab_lo), _mm256_castps_pd(cd_lo)));
+    const __m256 t2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab_hi), _mm256_castps_pd(cd_hi)));
+    const __m256 t3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab_hi), _mm256_castps_pd(cd_hi)));
+    float* o = u + 32 * h;
+    _mm256_storeu_ps(o, _mm256_permute2f128_ps(t0, t1, 0x20));
+    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(t2, t3, 0x20));
+    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(t0, t1, 0x31));
+    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(t2, t3, 0x31));
+  }
 }
+inline void uniform32(uint64_t seed, uint64_t ctr, float* u) { uniform32xN<1>(seed, ctr, u); }
+// 64 stream elements from 16 counters: u[4 * l + w] = uniform of word w of philox(seed, ctr + l), l < 16
+inline void uniform64(uint64_t seed, uint64_t ctr, float* u) { uniform32xN<2>(seed, ctr, u); }
 #else
 inline void uniform32(uint64_t seed, uint64_t ctr, float* u) {
   uint32_t w[4];
@@ -83,6 +100,10 @@ inline void uniform32(uint64_t seed, uint64_t ctr, float* u) {
     philox4x32_10(seed, ctr + l, w);
     for (int j = 0; j < 4; ++j) u[4 * l + j] = uint_to_uniform(w[j]);
   }
+}
+inline void uniform64(uint64_t seed, uint64_t ctr, float* u) {
+  uniform32(seed, ctr, u);
+  uniform32(seed, ctr + 8, u + 32);
 }
 #endif
 
@@ -94,11 +115,12 @@ inline void fill_uniform(uint64_t seed, uint64_t offset, uint64_t e0, int64_t K,
   if (K <= 0) return;
   const uint64_t first = e0 >> 2, last = (e0 + K - 1) >> 2;
   const int64_t nctr = static_cast<int64_t>(last - first + 1);
-  if ((e0 & 3) == 0 && (K & 31) == 0) {  // aligned: write straight into u
-    for (int64_t c = 0; c < nctr; c += 8) uniform32(seed, offset + first + c, u + 4 * c);
-    return;
-  }
-  for (int64_t c = 0; c < nctr; c += 8) uniform32(seed, offset + first + c, scratch + 4 * c);
+  // 16 counters at a time, then 8 (the scratch size rounds the counters up to a multiple of 8)
+  float* dst = (e0 & 3) == 0 && (K & 31) == 0 ? u : scratch;  // aligned: write straight into u
+  int64_t c = 0;
+  for (; c + 16 <= nctr; c += 16) uniform64(seed, offset + first + c, dst + 4 * c);
+  for (; c < nctr; c += 8) uniform32(seed, offset + first + c, dst + 4 * c);
+  if (dst == u) return;
   const float* w = scratch + (e0 & 3);
   for (int64_t k = 0; k < K; ++k) u[k] = w[k];
 }
