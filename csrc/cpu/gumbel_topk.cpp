@@ -1,10 +1,11 @@
 // k distinct categories per row by Gumbel-top-k (Vieira 2014; Kool, van Hoof & Welling 2019): the indices of the k
 // largest perturbed log-probabilities phi_i = log_softmax(l)_i + G_i, G_i = -log(-log u_i), u_i the uniform of
-// stream element r * K + i. One pass for the logsumexp, one for the noise and the selection (a sorted array of the
-// k best, entered only by elements above the current k-th: O(K) compares plus O(k) per insertion; float rows compare
-// in the exponential domain, one vector log per element); nothing [R, K]
-// is allocated. Validates what it reads: a row whose logsumexp is not finite, or with fewer than k categories of
-// nonzero probability, is a ValueError.
+// stream element r * K + i. A max pass, then one pass that makes the exponentials (summed for the logsumexp), the
+// noise and the selection. Float rows select in the exponential domain (one vector log per element): rows of one
+// block with 2 <= k <= 8 without a branch per element (few_smallest_keys), the others through a sorted array of the
+// k best entered only by elements that beat the current k-th; double rows, and float rows whose probabilities
+// underflow, in the log domain. Nothing [R, K] is allocated. Validates what it reads: a row whose logsumexp is not
+// finite, or with fewer than k categories of nonzero probability, is a ValueError.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

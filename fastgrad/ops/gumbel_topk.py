@@ -8,7 +8,7 @@ Welling 2019, "Stochastic beams and where to find them"), and the values are wha
 without-replacement estimators need (the k-th and (k+1)-th perturbed values are the thresholds). Categories of
 zero probability (``-inf`` logits) are never chosen; k larger than a row's number of finite logits is a ValueError.
 
-Backends: the C++ CPU kernel (one logsumexp pass, one noise-and-select pass, nothing ``[R, K]`` allocated), the CUDA
+Backends: the C++ CPU kernel (a max pass, one exp-noise-and-select pass, nothing ``[R, K]`` allocated), the CUDA
 and Triton kernels (GPU; k selection passes recomputing the noise, nothing ``[R, K]`` stored; compiled and, for
 Triton, run under the interpreter here, never yet on a GPU) and the pure-torch reference (CPU fallback and test
 oracle; it materializes the ``[R, K]`` noise). Not differentiable: the indices are samples and the values are used as
