@@ -166,27 +166,46 @@ def test_categories_of_underflowing_probability_are_drawn_when_k_needs_them():
         assert bool(torch.isfinite(v).all())
 
 
+def _one_block_branch(phi: torch.Tensor, k: int, lanes: int = 16) -> list:
+    """Which branch of the C++ kernel's one-block selection each row takes (an emulation of its bound, so that the
+    test below can check its rows reach every branch): 'fast', 'no bound' (the k-th smallest lane minimum of the
+    keys is infinite) or 'crowded' (more than 64 keys at or below it)."""
+    key = torch.exp(-phi)  # the kernel's key a / w is e^(-phi) up to a per-row factor: the same order and bound
+    lm = torch.full((key.shape[0], lanes), float("inf"), dtype=key.dtype)
+    for g in range(lanes):
+        lm[:, g] = key[:, g::lanes].min(-1).values
+    T = lm.sort(-1).values[:, k - 1]
+    c = (key <= T[:, None]).sum(-1)
+    return ["no bound" if not torch.isfinite(t) else "crowded" if n > 64 else "fast" for t, n in zip(T, c)]
+
+
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_one_block_rows_are_the_exact_top_k_of_the_stream(k):
-    # rows of at most 1024 categories with k <= 8 take the C++ kernel's branch-free selection (lane minima bound,
-    # rank of the candidates); rows built to leave it (a lane of zero probabilities; more than 64 candidates) take
-    # the general loop. Every backend must return exactly the top-k of phi from the Philox stream.
+    # rows of at most 1024 categories with 2 <= k <= 8 take the C++ kernel's branch-free selection (a bound from the
+    # minima of 16 lanes j mod 16, then the candidates' ranks); rows built to leave it (too few lanes with nonzero
+    # probability for the bound; more than 64 candidates) take the general loop. Every backend must return exactly
+    # the top-k of phi from the Philox stream.
     g = torch.Generator().manual_seed(5)
     K = 1024
     plain = torch.randn(64, K, generator=g) * 3
     flat = torch.zeros(8, K)
-    dead_lane = torch.randn(8, K, generator=g)
-    dead_lane[:, 3::8] = float("-inf")
-    crowded = torch.full((8, K), float("-inf"))  # lane 0 finite; lanes 1-7 one improbable element each
-    crowded[:, 0::8] = torch.randn(8, K // 8, generator=g)
-    crowded[:, 1:8] = -20.0
-    for logits in (plain, plain[:, :128].contiguous(), plain[:, :13].contiguous(), flat, dead_lane, crowded):
+    dead_lanes = torch.randn(8, K, generator=g)
+    dead_lanes[:, torch.arange(K) % 16 >= max(k - 1, 1)] = float("-inf")  # k - 1 lanes of nonzero probability
+    crowded = torch.full((8, K), float("-inf"))  # lane 0 finite, lanes 1-15 one improbable element each
+    crowded[:, 0::16] = torch.randn(8, K // 16, generator=g) - 10.0
+    crowded[:, 1:16] = -40.0
+    branches = set()
+    for logits in (plain, plain[:, :128].contiguous(), plain[:, :13].contiguous(), flat, dead_lanes, crowded):
         R, KK = logits.shape
         u = fastgrad.ops._philox.uniform(21, 4, R * KK).view(R, KK).double()
         phi = torch.log_softmax(logits.double(), -1) - torch.log(-torch.log(u))
         want = phi.topk(k, -1)
+        if KK >= 16:
+            branches.update(_one_block_branch(phi, k))
         for b in AGREE:
             with fastgrad.ops._backend.backend(b):
                 idx, val = (t.cpu() for t in F.gumbel_topk(logits.to(DEVICE), k, seed=21, offset=4))
             assert torch.equal(idx, want.indices), (b, KK)
             torch.testing.assert_close(val.double(), want.values, atol=1e-5, rtol=1e-5)
+    if k >= 2:  # (k = 1 always takes the loop)
+        assert branches == {"fast", "no bound", "crowded"}
