@@ -18,9 +18,11 @@
 namespace fastgrad {
 namespace {
 
-// sum_j e^(buf_j), buf overwritten (float: vectorized)
-template <typename acc>
-acc exp_sum(acc* buf, int64_t len) {
+// sum of e^(row - m) over one block of len elements. Float: vectorized, and buf holds the exponentials afterwards
+// (the exponential-domain selection reads them); double: buf is scratch.
+template <typename scalar_t, typename acc>
+acc block_exps(const scalar_t* row, int64_t len, acc m, acc* buf) {
+  for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc>(row[j]) - m;
   if constexpr (std::is_same_v<acc, float>) {
     exp_inplace(buf, len);
     return sum_of(buf, len);
@@ -60,7 +62,7 @@ inline bool few_smallest_keys(float* keys, const float* w, int64_t K, int64_t k,
   int64_t j = 0;
   for (; j + L <= K; j += L)
     for (int64_t g = 0; g < L; ++g) lm[g] = std::min(lm[g], keys[j + g]);
-  for (; j < K; ++j) lm[j - (K / L) * L] = std::min(lm[j - (K / L) * L], keys[j]);
+  for (; j < K; ++j) lm[j % L] = std::min(lm[j % L], keys[j]);
   std::nth_element(lm, lm + (k - 1), lm + L);
   const float T = lm[k - 1];
   if (!(T < INFINITY)) return false;
@@ -109,11 +111,7 @@ bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc& se
     float worst = INFINITY;  // the k-th smallest key once k are held
     for (int64_t j0 = 0; j0 < K; j0 += C) {
       const int64_t len = std::min(C, K - j0);
-      if (K > C) {
-        for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(row[j0 + j]) - m;
-        exp_inplace(buf, len);
-        se += sum_of(buf, len);
-      }
+      if (K > C) se += block_exps(row + j0, len, m, buf);
       fill_uniform(s, off, e0 + j0, len, u, scratch);
       log_inplace(u, len);  // log u <= 0
       for (int64_t j = 0; j < len; ++j) {
@@ -147,7 +145,7 @@ template <typename acc>
 void keys_to_phi(acc* v, int64_t k, acc shift) {
   if constexpr (std::is_same_v<acc, float>) {
     log_inplace(v, k);
-  } else {
+  } else {  // (double rows never select by keys; compiled for the dtype dispatch)
     for (int64_t t = 0; t < k; ++t) v[t] = std::log(v[t]);
   }
   for (int64_t t = 0; t < k; ++t) v[t] = shift - v[t];
@@ -189,11 +187,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
         // leaves with fewer than k (or a double row) goes through the log domain
         constexpr bool exp_domain = std::is_same_v<acc, float>;
         if (!exp_domain || K <= C) {
-          for (int64_t j0 = 0; j0 < K; j0 += C) {
-            const int64_t len = std::min(C, K - j0);
-            for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc>(row[j0 + j]) - m;
-            se += exp_sum(buf.data(), len);
-          }
+          for (int64_t j0 = 0; j0 < K; j0 += C) se += block_exps(row + j0, std::min(C, K - j0), m, buf.data());
         }
         const bool selected = exp_domain && exp_domain_select<scalar_t, acc>(
             row, K, C, m, se, s, off, e0, buf.data(), u.data(), scratch.data(), topv.data(), topi.data(), k,
