@@ -3,12 +3,13 @@ its steps, outputs and summary are exercised in every CI run."""
 import json
 import os
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_check_dry_run(tmp_path):
-    env = dict(os.environ, FASTGRAD_GPU_CHECK_DRY="1", OUT=str(tmp_path))
+    env = dict(os.environ, FASTGRAD_GPU_CHECK_DRY="1", OUT=str(tmp_path), PYTHON=sys.executable)
     env.pop("FASTGRAD_TEST_DEVICE", None)
     proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -29,7 +30,7 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def _dry(tmp_path, **env_vars):
-    env = dict(os.environ, FASTGRAD_GPU_CHECK_DRY="1", OUT=str(tmp_path), **env_vars)
+    env = dict(os.environ, FASTGRAD_GPU_CHECK_DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, **env_vars)
     env.pop("FASTGRAD_TEST_DEVICE", None)
     proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
