@@ -1,7 +1,6 @@
 """The functional estimators: definitions and unbiasedness against exact enumeration."""
 import itertools
 
-import pytest
 import torch
 
 import fastgrad.functional as F
