@@ -53,9 +53,9 @@ def record_launches() -> Iterator[List[Dict[str, Any]]]:
     orig = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        params = inspect.signature(self.fn).parameters
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _LAUNCH_OPTIONS and k not in params}
-        bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        sig = inspect.signature(self.fn)
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _LAUNCH_OPTIONS and k not in sig.parameters}
+        bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         rec = {"module": self.fn.__module__, "kernel": self.fn.__name__,
                "args": {k: _tag(v) for k, v in bound.arguments.items()}, "options": options}
