@@ -9,7 +9,7 @@ from torch import distributions as D
 
 from .. import _state
 from .._graph import reduce_plates
-from ..functional import _check_n as check_count
+from ..functional._validate import check_n as check_count
 from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
 
 _CATEGORICALS = (D.OneHotCategorical, D.Categorical, D.RelaxedOneHotCategorical)

@@ -8,7 +8,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from .._coupled import _check_order as check_order
+from ..functional._validate import check_order
 from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
 
 

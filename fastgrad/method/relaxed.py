@@ -9,7 +9,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from .._relaxations import _check_alpha as check_alpha
+from ..functional._validate import check_alpha, check_n
 from ._base import Draw, Method, Params, refuse_sampling_method
 from .gumbel_softmax import check_schedule, check_temperature
 from .without_replacement import _Rows
@@ -112,7 +112,7 @@ class GumbelRao(Method):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method)
         self.temperature = check_temperature("temperature", temperature)
-        self.conditional_samples = F._check_n(conditional_samples, "conditional_samples")
+        self.conditional_samples = check_n(conditional_samples, "conditional_samples")
 
     def _sample(self, params: Params) -> Draw:
         logits, back = _one_hot_logits(self, params)

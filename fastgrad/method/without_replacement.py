@@ -1,6 +1,6 @@
 """Estimators on sets sampled without replacement: ScoreFunctionWOR, UnorderedSetEstimator, RaoBlackwellSF and
 UnorderedSetGumbelSoftmax. The math is in :mod:`fastgrad.functional` (``sample_set``, ``unordered_set_surrogate``,
-``sf_wor_surrogate``; implemented in :mod:`fastgrad._wor`).
+``sf_wor_surrogate``; implemented in :mod:`fastgrad.functional.without_replacement`).
 
 The sets are of *joint* configurations: every non-plate batch dimension of the distribution is one more
 independent latent, and a set holds ``k`` distinct joint values of all of them (Storchastic's
@@ -15,6 +15,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
+from ..functional._validate import check_n
 from .._tensor import StochasticTensor
 from ._base import Draw, Method, Params, aligned_cost, reduce_term
 from .gumbel_softmax import check_schedule
@@ -60,7 +61,7 @@ class _Rows:
 
 
 def _check_k(k: object, name: str = "k") -> int:
-    return F._check_n(k, name)
+    return check_n(k, name)
 
 
 def _no_eos(eos: object) -> None:

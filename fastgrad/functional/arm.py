@@ -1,13 +1,12 @@
-"""Coupled (antithetic) estimators for categorical variables: DisARM through stick breaking.
+"""The antithetic binary estimators: ARM, DisARM and ARMS for Bernoulli variables, and DisARM for categoricals.
 
-Dong, Mnih & Tucker, NeurIPS 2021, "Coupled Gradient Estimators for Discrete Latent Variables". A categorical of
+Categorical DisARM: Dong, Mnih & Tucker, NeurIPS 2021, "Coupled Gradient Estimators for Discrete Latent Variables". A categorical of
 ``K`` classes is written as ``K - 1`` binary decisions taken in turn on the classes in a fixed order: at stage ``i``
 the class ``i`` is chosen with probability ``sigmoid(phi_i) = p_i / sum_{j >= i} p_j`` (stick breaking), so the
 stage logits are ``phi_i = theta_i - logsumexp_{j > i} theta_j``. Two samples are coupled by one uniform per stage,
-``u`` and ``1 - u`` (DisARM's antithetic pair), and the estimator is DisARM on the stage decisions. The math lives
-here once; :mod:`fastgrad.functional` re-exports it and :class:`fastgrad.method.DisARM` calls it.
+``u`` and ``1 - u`` (DisARM's antithetic pair), and the estimator is DisARM on the stage decisions.
 
-Conventions: ``logits`` ``[..., K]`` (any batch shape; every row one categorical), ``n`` antithetic pairs;
+Conventions of the categorical functions: ``logits`` ``[..., K]`` (any batch shape; every row one categorical), ``n`` antithetic pairs;
 samples ``[2n, ...]`` int64 labels (the ``n`` first samples, then their partners); noise ``u`` ``[n, ..., K - 1]``.
 """
 from __future__ import annotations
@@ -16,19 +15,119 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import functional as _F
-from .ops import _checks
-
-ORDERS = ("ascending", "descending", None)
-
-
-def _check_order(order: object) -> Optional[str]:
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of 'ascending', 'descending' or None (the classes' own order), "
-                         f"got {order!r}")
-    return order
+from ..ops import _checks
+from ._validate import check_bernoulli_logits, check_logits, check_n, check_order, check_samples_and_cost, pair_costs
+from .sampling import uniform
 
 
+def arm_sample(logits: torch.Tensor, n: int = 1, *, generator: Optional[torch.Generator] = None,
+               seed: Optional[int] = None, offset: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``n`` antithetic pairs of ``Bernoulli(sigmoid(logits))`` samples (Yin & Zhou 2019; Dong et al. 2020).
+
+    One uniform ``u`` per pair and latent: ``b = 1[u > sigmoid(-logits)]``, ``b~ = 1[u < sigmoid(logits)]`` (each
+    marginally Bernoulli(sigmoid(logits)); Storchastic's ``z = logits +- Logistic noise > 0``, the same draw).
+
+    Returns ``(b, u)``: ``b`` ``[2n, ...]`` in the logits' dtype (the n first samples, then their n antithetic
+    partners), ``u`` float32 ``[n, ...]``."""
+    logits = check_bernoulli_logits(logits)
+    n = check_n(n)
+    u = uniform((n,) + tuple(logits.shape), generator=generator, seed=seed, offset=offset, device=logits.device)
+    t = logits.detach().to(_checks.acc_dtype(logits.dtype))
+    b1 = u.to(t.dtype) > torch.sigmoid(-t)
+    b2 = u.to(t.dtype) < torch.sigmoid(t)
+    return torch.cat([b1, b2], 0).to(logits.dtype), u
+
+
+def arm_surrogate(logits: torch.Tensor, u: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """ARM (Yin & Zhou 2019, "ARM: Augment-REINFORCE-Merge Gradient for Stochastic Binary Networks"): the
+    per-pair surrogate whose gradient w.r.t. ``logits`` is ``(f(b) - f(b~)) (u - 1/2)`` per latent. Unbiased;
+    2 cost evaluations per pair; Bernoulli latents only.
+
+    Args: ``logits`` ``[...]``, ``u`` ``[n, ...]`` from :func:`arm_sample`, ``cost`` ``[2n, *batch]`` of the
+    samples ``b`` (broadcast over the trailing latent dims). Returns ``[n, ...]``: average over the pairs
+    (``.mean(0)``) and sum over the latents for the loss."""
+    logits = check_bernoulli_logits(logits)
+    if not isinstance(u, torch.Tensor) or tuple(u.shape[1:]) != tuple(logits.shape) or u.dim() < 1:
+        raise ValueError(f"u must have shape [n, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(u, 'shape', ()))}")
+    f1, f2 = pair_costs(cost, u.shape[0], u.dim())
+    coef = (f1 - f2).to(_checks.acc_dtype(logits.dtype)) * (u.to(_checks.acc_dtype(logits.dtype)) - 0.5)
+    return coef * logits.to(coef.dtype)
+
+
+def disarm_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """DisARM (Dong, Mnih & Tucker 2020, "DisARM: An Antithetic Gradient Estimator for Binary Latent
+    Variables"): ARM with the augmenting noise integrated out. The per-pair surrogate's gradient w.r.t.
+    ``logits`` is ``1/2 (f(b) - f(b~)) 1[b != b~] (-1)^b~ sigmoid(|logits|)`` per latent. Unbiased, variance
+    never above ARM's; 2 cost evaluations per pair; Bernoulli latents only. (Storchastic's DisARM adds the
+    antithetic cost where it must subtract it: its mean is 0.)
+
+    Args: ``logits`` ``[...]``, ``b`` ``[2n, ...]`` from :func:`arm_sample`, ``cost`` ``[2n, *batch]``. Returns
+    ``[n, ...]``."""
+    logits = check_bernoulli_logits(logits)
+    if not isinstance(b, torch.Tensor) or b.dim() < 1 or b.shape[0] % 2 or tuple(b.shape[1:]) != tuple(logits.shape):
+        raise ValueError(f"b must have shape [2n, {', '.join(map(str, logits.shape))}], got "
+                         f"{tuple(getattr(b, 'shape', ()))}")
+    n = b.shape[0] // 2
+    f1, f2 = pair_costs(cost, n, b.dim())
+    acc = _checks.acc_dtype(logits.dtype)
+    b1, b2 = b[:n].to(acc), b[n:].to(acc)
+    t = logits.to(acc)
+    coef = 0.5 * (f1 - f2).to(acc) * (b1 != b2).to(acc) * (1 - 2 * b2) * torch.sigmoid(t.detach().abs())
+    return coef * t
+
+
+def arms_sample(logits: torch.Tensor, n: int = 2, *, generator: Optional[torch.Generator] = None,
+                seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
+    """``n >= 2`` mutually antithetic ``Bernoulli(sigmoid(logits))`` samples (Dimitriev & Zhou 2021, "ARMS:
+    Antithetic-REINFORCE-Multi-Sample Gradient for Binary Variables"): per latent, ``d ~ Dirichlet(1, ..., 1)``
+    over the n samples (normalized exponentials of the Philox stream), ``u_k = (1 - d_k)**(n - 1)`` (each
+    uniform, jointly negatively dependent), ``b_k = 1[u_k < p]`` for ``p = sigmoid(logits) <= 1/2`` and
+    ``1[u_k > 1 - p]`` above. At n = 2 these are DisARM's pairs. Returns ``b`` ``[n, ...]`` in the logits' dtype."""
+    logits = check_bernoulli_logits(logits)
+    n = check_n(n)
+    if n < 2:
+        raise ValueError(f"ARMS needs n >= 2 mutually antithetic samples, got {n}")
+    acc = _checks.acc_dtype(logits.dtype)
+    v = uniform((n,) + tuple(logits.shape), generator=generator, seed=seed, offset=offset,
+                device=logits.device).to(acc)
+    e = -torch.log(v)
+    d = e / e.sum(0, keepdim=True)
+    u = (1 - d) ** (n - 1)
+    p = torch.sigmoid(logits.detach().to(acc))
+    b = torch.where(p <= 0.5, u < p, u > 1 - p)
+    return b.to(logits.dtype)
+
+
+def _arms_correlation(p: torch.Tensor, n: int) -> torch.Tensor:
+    """Pairwise correlation of two of the n samples under the Dirichlet copula: with ``q = min(p, 1 - p)``,
+    ``P(b_i = b_j = 1) = max(2 q**(1/(n-1)) - 1, 0)**(n-1)`` and ``rho = (P11 - q**2) / (q (1 - q))``."""
+    q = torch.minimum(p, 1 - p).clamp_min(torch.finfo(p.dtype).tiny ** 0.5)
+    p11 = (2 * q ** (1.0 / (n - 1)) - 1).clamp_min(0) ** (n - 1)
+    return (p11 - q * q) / (q * (1 - q))
+
+
+def arms_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """ARMS: the per-sample surrogate whose gradient w.r.t. ``logits`` is, per latent,
+    ``(f(b_k) - mean_{j != k} f(b_j)) (b_k - p) / (1 - rho)`` with ``rho`` the samples' pairwise correlation
+    (:func:`arms_sample`); average over the samples (``.mean(0)``). Unbiased (the leave-one-out baseline of
+    correlated samples is corrected by ``1 / (1 - rho)``); n cost evaluations; Bernoulli latents only; DisARM
+    at n = 2.
+
+    Args: ``logits`` ``[...]``, ``b`` ``[n, ...]`` from :func:`arms_sample`, ``cost`` ``[n, *batch]`` (broadcast
+    over the trailing latent dims). Returns ``[n, ...]``."""
+    logits, cost = check_samples_and_cost(logits, b, cost)
+    n = b.shape[0]
+    acc = _checks.acc_dtype(logits.dtype)
+    f = cost.detach().to(acc).reshape(tuple(cost.shape) + (1,) * (b.dim() - cost.dim()))
+    loo = (f.sum(0, keepdim=True) - f) / (n - 1)
+    t = logits.to(acc)
+    p = torch.sigmoid(t.detach())
+    coef = (f - loo) * (b.to(acc) - p) / (1 - _arms_correlation(p, n))
+    return coef * t
+
+
+# -- categorical DisARM (stick breaking) ---------------------------------------------------------------------
 def stick_breaking_logits(logits: torch.Tensor, order: Optional[str] = "ascending"
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The stage logits of the stick-breaking construction of ``Categorical(logits=logits)``.
@@ -38,8 +137,8 @@ def stick_breaking_logits(logits: torch.Tensor, order: Optional[str] = "ascendin
     Returns ``(phi [..., K - 1], perm [..., K])``: ``phi_i = l_i - logsumexp_{j > i} l_j`` with ``l`` the sorted
     logits (differentiable w.r.t. ``logits``; ``-inf`` for a class of probability 0), and ``perm[..., i]`` the class
     at position ``i``. Computed in the accumulation dtype (float32 for 16-bit logits)."""
-    order = _check_order(order)
-    logits = _F._check_logits(logits, values=False)
+    order = check_order(order)
+    logits = check_logits(logits, values=False)
     t = logits.to(_checks.acc_dtype(logits.dtype))
     K = t.shape[-1]
     if order is None:
@@ -85,10 +184,10 @@ def categorical_disarm_sample(logits: torch.Tensor, n: int = 1, *, order: Option
     One uniform per pair, row and stage from fastgrad's Philox stream (:func:`fastgrad.functional.uniform`); each
     sample is marginally exact. ``logits`` ``[..., K]`` -> ``(samples [2n, ...] int64, u [n, ..., K - 1] float32)``;
     pass ``u`` (and the same ``logits`` and ``order``) to :func:`categorical_disarm_surrogate`."""
-    logits = _F._check_logits(logits)
-    n = _F._check_n(n)
+    logits = check_logits(logits)
+    n = check_n(n)
     phi, perm = stick_breaking_logits(logits.detach(), order)
-    u = _F.uniform((n,) + tuple(phi.shape), generator=generator, seed=seed, offset=offset, device=logits.device)
+    u = uniform((n,) + tuple(phi.shape), generator=generator, seed=seed, offset=offset, device=logits.device)
     _, _, s1, s2 = _stages(phi, u)
     perm = perm.expand((n,) + tuple(perm.shape))
     z1 = torch.gather(perm, -1, s1.unsqueeze(-1)).squeeze(-1)
@@ -112,14 +211,14 @@ def categorical_disarm_surrogate(logits: torch.Tensor, u: torch.Tensor, cost: to
     Args: ``logits`` ``[..., K]``, ``u`` ``[n, ..., K - 1]`` from :func:`categorical_disarm_sample` (same ``order``),
     ``cost`` ``[2n, *batch]`` of the samples (broadcast over trailing latent dims). Returns ``[n, ...]``: average
     over the pairs and sum over the latents for the loss."""
-    order = _check_order(order)
+    order = check_order(order)
     if importance_weighting and order != "ascending":
         raise ValueError("importance_weighting needs order='ascending': in another order a coupled pair can miss "
                          "pairs of the independent one, and the weighted estimator is biased")
-    logits = _F._check_logits(logits, values=False)
+    logits = check_logits(logits, values=False)
     u = _check_u(u, logits)
     n = u.shape[0]
-    f1, f2 = _F._pair_costs(cost, n, u.dim() - 1)
+    f1, f2 = pair_costs(cost, n, u.dim() - 1)
     phi, perm = stick_breaking_logits(logits, order)
     b1, b2, s1, s2 = _stages(phi, u)
     acc = phi.dtype

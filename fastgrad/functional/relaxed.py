@@ -3,14 +3,13 @@ Gumbel-softmax (ReinMax, Gumbel-Rao), and IndeCateR's per-variable weights. :mod
 these; the graph API's methods call them."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
-from . import functional as _F
-from .ops import _checks, _philox
+from ..ops import _checks, _philox
+from ._validate import check_alpha, check_logits, check_n, check_real, check_tau
+from .sampling import conditional_gumbel_categorical, sample_categorical, uniform
 
 
 # -- alpha-entmax -------------------------------------------------------------------------------------------------
@@ -79,23 +78,15 @@ class _Entmax(torch.autograd.Function):
         return gs - s * (gs.sum(-1, keepdim=True) / s.sum(-1, keepdim=True)), None
 
 
-def _check_alpha(alpha: object) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise TypeError(f"alpha must be a finite float, got {alpha!r}")
-    if alpha <= 1:
-        raise ValueError(f"alpha must be > 1 (alpha = 1 is softmax; use gumbel_softmax), got {alpha}")
-    return float(alpha)
-
-
 def entmax(z: torch.Tensor, alpha: float = 1.5) -> torch.Tensor:
     """alpha-entmax along the last dim (Peters, Niculae & Martins, ACL 2019, "Sparse sequence-to-sequence models"):
     ``argmax_p <p, z> + H_alpha(p)`` over the simplex, ``[(alpha - 1) z - tau]_+^{1/(alpha - 1)}``; alpha = 2 is
     sparsemax, alpha -> 1 softmax. Exact by sorting for alpha in {1.5, 2}, by bisection otherwise (60 halvings);
     the backward is the closed-form Jacobian. ``z`` ``[..., K]`` finite float; alpha > 1."""
-    z = _F._check_real(z, "z")
+    z = check_real(z, "z")
     if not z.is_floating_point() or z.dim() < 1 or z.shape[-1] < 1:
         raise ValueError(f"z must be a floating tensor [..., K] with K >= 1, got {z.dtype} {tuple(z.shape)}")
-    return _Entmax.apply(z, _check_alpha(alpha))
+    return _Entmax.apply(z, check_alpha(alpha))
 
 
 def sparsemax(z: torch.Tensor) -> torch.Tensor:
@@ -105,7 +96,7 @@ def sparsemax(z: torch.Tensor) -> torch.Tensor:
 
 
 def _gumbel_like(shape, device, generator, seed, offset) -> torch.Tensor:
-    u = _F.uniform(shape, generator=generator, seed=seed, offset=offset, device=device)
+    u = uniform(shape, generator=generator, seed=seed, offset=offset, device=device)
     return -torch.log(-torch.log(u))
 
 
@@ -118,10 +109,10 @@ def gumbel_entmax(logits: torch.Tensor, alpha: float = 1.5, tau: float = 1.0, n:
     the one-hot argmax of the perturbed logits (the argmax of the entmax) and the gradient the relaxed one
     (straight-through). ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; Gumbel noise from the
     Philox stream (:func:`fastgrad.functional.uniform`)."""
-    logits = _F._check_logits(logits, values=True)
-    alpha = _check_alpha(alpha)
-    n = _F._check_n(n)
-    tau = _F._check_tau(tau, logits.dtype)
+    logits = check_logits(logits, values=True)
+    alpha = check_alpha(alpha)
+    n = check_n(n)
+    tau = check_tau(tau, logits.dtype)
     acc = _checks.acc_dtype(logits.dtype)
     g = _gumbel_like((n,) + tuple(logits.shape), logits.device, generator, seed, offset).to(acc)
     z = (torch.log_softmax(logits.to(acc), -1) + g) / tau
@@ -150,9 +141,9 @@ def reinmax(logits: torch.Tensor, n: int = 1, tau: float = 1.0, *, generator: Op
     ``pi_1 = (D + softmax(logits / tau)) / 2`` and ``J(pi) = diag(pi) - pi pi^T`` (the paper's algorithm 2).
     Biased (second order in the step), one cost evaluation per sample, the cost of straight-through; the paper
     recommends tau >= 1. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype."""
-    logits = _F._check_logits(logits, values=True)
-    tau = _F._check_tau(tau, logits.dtype)
-    _, one = _F.sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
+    logits = check_logits(logits, values=True)
+    tau = check_tau(tau, logits.dtype)
+    _, one = sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
     acc = _checks.acc_dtype(logits.dtype)
     la = logits.to(acc)
     one = one.to(acc)
@@ -171,15 +162,15 @@ def gumbel_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 10, 
     conditioned on their argmax being ``D`` (:func:`fastgrad.functional.conditional_gumbel_categorical`):
     ``grad ~ d f / d D * mean_m d softmax(z~_m / tau) / d logits``. Biased as straight-through Gumbel-softmax is, with
     lower variance; one cost evaluation per sample. ``logits`` ``[..., K]`` -> ``[n, ..., K]``."""
-    logits = _F._check_logits(logits, values=True)
-    tau = _F._check_tau(tau, logits.dtype)
-    n, m = _F._check_n(n), _F._check_n(m, "m")
-    idx, one = _F.sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
+    logits = check_logits(logits, values=True)
+    tau = check_tau(tau, logits.dtype)
+    n, m = check_n(n), check_n(m, "m")
+    idx, one = sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
     if seed is not None:  # the conditional noise follows the sampler's on the same stream
         offset = (offset or 0) + _philox.counters_used(idx.numel())
     b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape)).reshape((m * n,) + tuple(idx.shape[1:]))
     with torch.no_grad():
-        z = _F.conditional_gumbel_categorical(logits, b, generator=generator, seed=seed, offset=offset)  # [m n, ..., K]
+        z = conditional_gumbel_categorical(logits, b, generator=generator, seed=seed, offset=offset)  # [m n, ..., K]
     # the straight-through Jacobian is that of softmax((logits + G) / tau) with the noise G held fixed, at the
     # conditional draws (not the derivative of the conditional sampler, which is REBAR's)
     acc = z.dtype
@@ -195,7 +186,7 @@ def indecater_samples(samples: torch.Tensor, K: int) -> torch.Tensor:
     if not isinstance(samples, torch.Tensor) or samples.dtype != torch.int64 or samples.dim() < 2:
         raise ValueError(f"samples must be an int64 tensor [S, ..., D], got {getattr(samples, 'dtype', None)} "
                          f"{tuple(getattr(samples, 'shape', ()))}")
-    K = _F._check_n(K, "K")
+    K = check_n(K, "K")
     S, Dn = samples.shape[0], samples.shape[-1]
     mid = tuple(samples.shape[1:-1])
     out = samples.view((S, 1, 1) + mid + (Dn,)).expand((S, Dn, K) + mid + (Dn,)).clone()
@@ -211,8 +202,8 @@ def indecater_weights(logits: torch.Tensor, S: int) -> torch.Tensor:
     ``logits`` ``[..., D, K]`` -> ``[S, D, K, ...]``, value ``p_d(c) / (S D)`` (so the weighted sum of the costs is
     the mean over ``d`` of ``D`` unbiased estimates of ``E[f]``) and gradient ``grad p_d(c) / S`` (the CatLog
     estimator ``sum_d sum_c grad p_d(c) mean_s f(x_-d^(s), c)``: unbiased, Rao-Blackwellized per variable)."""
-    logits = _F._check_logits(logits, min_dim=2, values=False)
-    S = _F._check_n(S, "S")
+    logits = check_logits(logits, min_dim=2, values=False)
+    S = check_n(S, "S")
     p = torch.softmax(logits.to(_checks.acc_dtype(logits.dtype)), -1)   # [..., D, K]
     Dn = p.shape[-2]
     w = p.detach() / (S * Dn) + (p - p.detach()) / S
@@ -225,7 +216,7 @@ def indecater_surrogate(logits: torch.Tensor, cost: torch.Tensor) -> torch.Tenso
     """IndeCateR as a surrogate: ``cost`` ``[S, D, K, ...]`` of the :func:`indecater_samples` neighbours ->
     ``[...]`` with value the estimate of ``E[f]`` and gradient the CatLog estimator (see
     :func:`indecater_weights`)."""
-    cost = _F._check_real(cost, "cost")
+    cost = check_real(cost, "cost")
     if cost.dim() < 3:
         raise ValueError(f"cost must be [S, D, K, ...], got shape {tuple(cost.shape)}")
     w = indecater_weights(logits, cost.shape[0])

@@ -15,8 +15,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import functional as _F
-from .ops import _checks, _philox
+from ..ops import _checks, _philox
+from ._validate import check_logits, check_n, check_real, expand_to
+from .sampling import gumbel_topk
 
 
 # -- stochastic beam search -----------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def _beam(logp: torch.Tensor, k: int, seed: Optional[int], offset: int) -> Tuple
     prefix). Returns ``(indices [R, k, D], perturbed or joint log-probabilities [R, k])``."""
     R, D, K = logp.shape
     if seed is not None and D == 1:  # one categorical: the fused Gumbel-top-k op (k <= its nonzero categories)
-        idx, val = _F.gumbel_topk(logp[:, 0], k, seed=seed, offset=offset)
+        idx, val = gumbel_topk(logp[:, 0], k, seed=seed, offset=offset)
     elif seed is not None:  # the first of several: the same noise (stream element r * K + i), padded past the
         # nonzero categories with impossible prefixes (-inf), which the later steps never extend
         g = logp[:, 0] + _gumbel(seed, offset, (R, K), logp.device, logp.dtype)
@@ -79,8 +80,8 @@ def _beam(logp: torch.Tensor, k: int, seed: Optional[int], offset: int) -> Tuple
 
 
 def _check_set_logits(logits: object, k: object) -> Tuple[torch.Tensor, int]:
-    logits = _F._check_logits(logits, min_dim=3, values=True)
-    k = _F._check_n(k, "k")
+    logits = check_logits(logits, min_dim=3, values=True)
+    k = check_n(k, "k")
     if logits.shape[0] and logits.numel():
         # the number of configurations of nonzero probability, in logs (K**D overflows)
         finite = torch.isfinite(logits).sum(-1).clamp(min=1).double().log().sum(-1)
@@ -208,7 +209,7 @@ def unordered_set_log_ratios(log_p: torch.Tensor, num_points: int = 200, exact: 
     Returns ``(log_r1 [k, ...], log_r2 [k, k, ...])`` float64, detached.
     """
     log_p = _check_set_log_p(log_p)
-    num_points = _F._check_n(num_points, "num_points")
+    num_points = check_n(num_points, "num_points")
     if num_points < 2:
         raise ValueError(f"num_points must be >= 2, got {num_points}")
     k, batch = log_p.shape[0], log_p.shape[1:]
@@ -258,8 +259,8 @@ def _exact_log_probs(lp: torch.Tensor):
 
 # -- estimators -------------------------------------------------------------------------------------------------
 def _check_set_cost(cost: object, log_p: torch.Tensor) -> torch.Tensor:
-    cost = _F._check_real(cost, "cost")
-    return _F._expand_to(cost, tuple(log_p.shape), "cost", "the set's log-probabilities")
+    cost = check_real(cost, "cost")
+    return expand_to(cost, tuple(log_p.shape), "cost", "the set's log-probabilities")
 
 
 def unordered_set_weights(log_p: torch.Tensor, num_points: int = 200, exact: bool = False) -> torch.Tensor:
