@@ -182,7 +182,7 @@ def surrogate_loss(debug: bool = False) -> Tensor:
             for p in c.plates:
                 s = scored.get(id(p))
                 if s is not None:
-                    loss = loss + s.method._surrogate(s, c)
+                    loss = loss + s.method.surrogate(s, c)
         if debug:
             print(f"cost {c.name}: {float(red.detach()):.6g}")
     return Tensor(loss, ())

@@ -476,7 +476,11 @@ class Tensor:
 
     @_resets
     def __bool__(self) -> bool:
-        return bool(self._expose("boolean"))
+        # always, plates or not (as Storchastic): Python control flow on a tensor's value would hide the branch's
+        # dependence on it from the graph
+        raise IllegalStorchExposeError(
+            "It is not allowed to convert storch tensors to boolean: Python control flow on a tensor's value hides "
+            "that dependence from the graph. Unwrap it explicitly (._tensor) to use it as a boolean.")
 
     @_resets
     def __float__(self) -> float:
@@ -565,17 +569,18 @@ class StochasticTensor(Tensor):
     with respect to the distribution parameter ``name`` (e.g. ``"probs"``), as a :class:`Tensor`.
     """
 
-    __slots__ = ("distribution", "method", "n", "param_grads", "_info")
+    __slots__ = ("distribution", "method", "n", "param_grads", "draw", "params")
     _kind = "Stochastic"
 
     def __init__(self, tensor: torch.Tensor, plates: Sequence[Plate], name: str, n: int, distribution, method,
-                 info: Any = None):
+                 draw: Any = None, params: Any = None):
         super().__init__(tensor, plates, name)
         self.distribution = distribution
         self.method = method
         self.n = n
         self.param_grads: Dict[str, Tensor] = {}
-        self._info = info
+        self.draw = draw  # the method's Draw (fastgrad.method.Draw): what its surrogate needs
+        self.params = params  # the distribution's parameters as plain tensors (fastgrad.method._base.Params)
 
     @property
     def stochastic(self) -> bool:

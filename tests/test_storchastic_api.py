@@ -38,9 +38,15 @@ def test_illegal_expose_errors_where_storchastic_raises_them():
                    lambda: torch.allclose(x, x), lambda: torch.equal(x, x)):
         with pytest.raises(storch.exceptions.IllegalStorchExposeError):
             expose()
-    # values without plates are safe to expose
+    # values without plates are safe to expose as numbers, never as booleans (Python control flow on a value hides
+    # the dependence from the graph), as Storchastic's test_tensor.py::test_bool asks of a plate-less tensor
     r = storch.reduce_plates(x.sum(-1))
-    assert isinstance(float(r), float) and bool(r > 0)
+    assert isinstance(float(r), float) and float(r) > 0
+    a = storch.Tensor(torch.tensor([0.1, 0.2, 0.3, 0.4]), [], [], "test")
+    for t in (r > 0, a):
+        with pytest.raises(storch.IllegalStorchExposeError):
+            if t[0] < 0.3 if t.dim() else t:
+                pass
 
 
 def test_is_tensor_and_method_sample():

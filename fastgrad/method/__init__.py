@@ -6,7 +6,8 @@ from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .relax import LAX, REBAR, RELAX
 from .relaxed import GumbelEntmax, GumbelRao, GumbelSparseMax, IndeCateR, ReinMax
-from .reparameterization import Infer, Reparameterization
+from .infer import Infer
+from .reparameterization import Reparameterization
 from .score_function import ScoreFunction
 from .vimco import VIMCO
 from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctionWOR, UnorderedSetEstimator,

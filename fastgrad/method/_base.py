@@ -1,19 +1,25 @@
-"""Base class of gradient estimation methods, and the raw view of a distribution's parameters."""
+"""The estimator contract (:class:`Method`, :class:`Draw`), the raw view of a distribution's parameters
+(:class:`Params`), and the machinery estimator files share: the temperature schedule of the relaxations, the rows
+view of an enumerable distribution, plain Monte Carlo draws and their log-probabilities, and the variance-training
+step of the learned control variates. Every estimator file imports only this module and :mod:`fastgrad.functional`.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import distributions as D
 
 from .. import _state
+from .. import functional as F
 from .._graph import reduce_plates
 from ..functional._validate import check_n as check_count
 from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
 
 _CATEGORICALS = (D.OneHotCategorical, D.Categorical, D.RelaxedOneHotCategorical)
-
+ENUMERABLE = (D.Categorical, D.OneHotCategorical, D.Bernoulli)
 
 
 def check_n_samples(n_samples: object) -> int:
@@ -182,9 +188,41 @@ def reduce_term(sample: StochasticTensor, term: torch.Tensor) -> torch.Tensor:
 
 
 class Method(torch.nn.Module):
-    """A gradient estimator: ``method(distribution)`` samples and returns a :class:`StochasticTensor`."""
+    """A gradient estimator: ``method(distribution)`` samples and returns a :class:`StochasticTensor`.
 
+    **The estimator contract.** An estimator is its math in ``fastgrad/functional/<family>.py`` (plain functions
+    of tensors) and a subclass of this class in ``fastgrad/method/<family>.py`` that declares what it takes and
+    implements two methods:
+
+    * ``accepts`` (class attribute): the ``torch.distributions`` families it samples, as data (as
+      ``torch.distributions`` declares ``arg_constraints``). :meth:`forward` checks it once, on the distribution
+      inside any ``Independent``, and raises a ValueError naming them; ``()`` takes any distribution.
+      ``accepts_name`` words the error where the list of classes says less (e.g. "an enumerable distribution").
+    * ``min_samples``, ``min_samples_reason`` (class attributes): the least ``n_samples`` it is defined for (e.g.
+      2 for leave-one-out baselines), checked in ``__init__``.
+    * ``uses_score`` (class attribute): ``backward()`` hands every cost that depends on the sample to
+      :meth:`_surrogate`. ``detach_cost``: whether that cost arrives detached (``False`` for estimators that
+      differentiate the cost itself: REBAR, VIMCO, Double CV). ``create_graph``: ``backward()`` builds the
+      gradient's own graph (estimators that train a control variate on the gradient's variance).
+    * ``_sample(params: Params) -> Draw``: draw from the distribution whose parameters ``params`` holds; the
+      :class:`Draw` says the sample, the plate size, the plate weights, and the ``state`` the surrogate needs.
+      The framework keeps it on the sample: ``sample.draw`` (and ``sample.params``).
+    * ``_surrogate(sample, cost) -> term``: ``cost`` is the plain tensor ``[n, plates...]`` of the cost as the
+      sample sees it (reduced over plates the sample lacks, aligned and expanded to the sample's plates, by
+      :meth:`surrogate`); return the per-element term ``[n, plates...]`` whose gradient is the estimator's. The
+      framework zeroes its value and reduces it over the plates with their weights (:func:`reduce_term`).
+    * optionally ``_update_parameters()`` (after each ``backward()``: temperature schedules, baselines) or
+      ``_after_backward(samples)`` (with the step's samples and their ``param_grads``).
+
+    A constructor or call that raises leaves no state behind (:mod:`fastgrad._state`).
+    """
+
+    accepts: Tuple[Type[D.Distribution], ...] = ()
+    accepts_name: Optional[str] = None
+    min_samples = 1  # the least n_samples the estimator is defined for, and why (checked in __init__)
+    min_samples_reason = ""
     uses_score = False  # whether backward adds a score-function term for costs depending on the sample
+    detach_cost = True  # whether the cost reaches _surrogate detached
     create_graph = False  # whether backward() must build the gradient's own graph (variance-trained methods)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -204,9 +242,18 @@ class Method(torch.nn.Module):
         super().__init__()
         self.plate_name = check_plate_name(plate_name)
         self.n_samples = check_n_samples(n_samples)
+        if self.n_samples < self.min_samples:
+            raise ValueError(f"{type(self).__name__} needs n_samples >= {self.min_samples} "
+                             f"({self.min_samples_reason}), got {self.n_samples}")
 
     def forward(self, distr: D.Distribution) -> StochasticTensor:
         params = Params(distr)
+        if self.accepts and not isinstance(params.distr, self.accepts):
+            names = [c.__name__ for c in self.accepts]
+            listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+            what = f"{self.accepts_name} distribution ({listed})" if self.accepts_name else f"{listed} distribution"
+            raise ValueError(f"{type(self).__name__} needs a{'n' if what[0] in 'aeiou' else ''} {what}, got "
+                             f"{type(params.distr).__name__}")
         for p in params.plates:
             if p.name == self.plate_name:
                 raise ValueError(
@@ -220,7 +267,7 @@ class Method(torch.nn.Module):
         plates = (plate,) + params.plates
         if d.weight is not None:
             plate._weight = Tensor(d.weight, plates)
-        s = StochasticTensor(d.value, plates, self.plate_name, d.n, distr, self, info=(params, d.state))
+        s = StochasticTensor(d.value, plates, self.plate_name, d.n, distr, self, draw=d, params=params)
         params.hook_param_grads(s)
         _state.samples.append(s)
         return s
@@ -234,10 +281,17 @@ class Method(torch.nn.Module):
         """Draw from the distribution whose parameters are ``params``: a :class:`Draw`."""
         raise NotImplementedError
 
-    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
-        """For methods with ``uses_score``: the term ``backward()`` adds for a cost that depends on ``sample``
-        (value zero; its gradient is the estimator's). Use :func:`aligned_cost` and :func:`reduce_term`."""
+    def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
+        """For methods with ``uses_score``: the per-element term ``[n, plates...]`` for ``cost``, the plain tensor
+        ``[n, plates...]`` of a cost that depends on ``sample`` (see the class docstring)."""
         raise NotImplementedError
+
+    def surrogate(self, sample: StochasticTensor, cost: Tensor) -> torch.Tensor:
+        """The term ``backward()`` adds for ``cost`` (a registered cost carrying ``sample``'s plate): 0-dim, value
+        zero, its gradient the estimator's. Aligns the cost (:func:`aligned_cost`), calls :meth:`_surrogate` and
+        reduces its term (:func:`reduce_term`)."""
+        _, w = aligned_cost(sample, cost, detach=self.detach_cost)
+        return reduce_term(sample, self._surrogate(sample, w))
 
     def _after_backward(self, samples: List[StochasticTensor]) -> None:
         """Called once after each ``backward()`` in which this method sampled, with its samples of the step (their
@@ -254,3 +308,140 @@ class Method(torch.nn.Module):
 def extra_dims(params: Params, raw: torch.Tensor, event_dims: int) -> List[int]:
     """Sizes of the batch dims that are not plates (independent latents inside one draw)."""
     return list(raw.shape[len(params.plates): raw.dim() - event_dims])
+
+
+# -- what estimator files share --------------------------------------------------------------------------------
+def check_temperature(name: str, v: object) -> float:
+    """A temperature: a positive finite float (a ValueError naming ``name`` otherwise)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite float, got {v!r}")
+    return float(v)
+
+
+class TemperatureSchedule:
+    """Storchastic's annealing of a relaxation's temperature, mixed into a :class:`Method`: it starts at
+    ``initial_temperature`` and after each ``backward()`` is multiplied by ``1 - annealing_rate``, floored at
+    ``min_temperature``. The three are buffers (saved with the method's ``state_dict``)."""
+
+    def init_schedule(self, initial_temperature: object, min_temperature: object, annealing_rate: object) -> None:
+        check_temperature("initial_temperature", initial_temperature)
+        check_temperature("min_temperature", min_temperature)
+        if isinstance(annealing_rate, bool) or not isinstance(annealing_rate, (int, float)) \
+                or not 0 <= annealing_rate < 1:
+            raise ValueError(f"annealing_rate must be in [0, 1), got {annealing_rate!r}")
+        self.register_buffer("temperature", torch.tensor(float(initial_temperature)))
+        self.register_buffer("min_temperature", torch.tensor(float(min_temperature)))
+        self.register_buffer("annealing_rate", torch.tensor(float(annealing_rate)))
+
+    def _update_parameters(self) -> None:
+        with torch.no_grad():
+            self.temperature.copy_(torch.clamp(self.temperature * (1 - self.annealing_rate),
+                                               min=self.min_temperature))
+
+
+class Rows:
+    """An enumerable distribution (:data:`ENUMERABLE`) as rows of independent categoricals: ``logits``
+    ``[R, D, K]`` (differentiable; a Bernoulli as ``K = 2`` with logits ``[0, l]``), the plate shape, the latents'
+    shape, and how to turn configuration indices back into samples. The view of the set estimators and IndeCateR."""
+
+    def __init__(self, params: Params):
+        d = params.distr
+        npl = len(params.plates)
+        if isinstance(d, D.Bernoulli):
+            bl = params.bernoulli_logits()
+            logits = torch.stack([torch.zeros_like(bl), bl], -1)
+        else:
+            logits = params.logits()
+        self.kind = type(d)
+        self.pshape = tuple(logits.shape[:npl])
+        self.extra = tuple(logits.shape[npl:-1])
+        self.K = logits.shape[-1]
+        self.logits = logits.reshape(math.prod(self.pshape), math.prod(self.extra), self.K)
+
+    def value(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``idx`` ``[n, R, D]`` -> samples ``[n, plates..., latents...(, K)]`` as the distribution writes them."""
+        v = idx.reshape((idx.shape[0],) + self.pshape + self.extra)
+        if issubclass(self.kind, D.OneHotCategorical):
+            return torch.nn.functional.one_hot(v, self.K).to(dtype)
+        if issubclass(self.kind, D.Bernoulli):
+            return v.to(dtype)
+        return v
+
+    def log_prob(self, idx: torch.Tensor) -> torch.Tensor:
+        """Joint log-probabilities ``[n, plates...]`` of configurations ``idx`` ``[n, R, D]``, differentiable."""
+        lp = F.joint_log_prob(torch.log_softmax(self.logits, -1), idx)
+        return lp.view((idx.shape[0],) + self.pshape)
+
+    def plate_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape((t.shape[0],) + self.pshape)
+
+
+def sample_plain(params: Params, n: int) -> Draw:
+    """n Monte Carlo samples, not reparameterized: categorical families by the fused sampler (the indices kept as
+    the state, for the fused log-probability), others by ``distribution.sample``."""
+    if params.cat is not None and not isinstance(params.distr, D.RelaxedOneHotCategorical):
+        logits = params.logits().detach()
+        one_hot = isinstance(params.distr, D.OneHotCategorical)
+        out = F.sample_categorical(logits, n, one_hot=one_hot)
+        idx, value = out if one_hot else (out, out)
+        return Draw(value, n, state=idx)
+    with torch.no_grad():
+        value = params.raw_distribution().sample((n,))
+    return Draw(value, n)
+
+
+def sample_log_prob(sample: StochasticTensor) -> torch.Tensor:
+    """``log q(z)`` of a :func:`sample_plain` draw, summed over the latents inside one draw: ``[n, plates...]``
+    (differentiable w.r.t. the distribution's parameters)."""
+    params, idx = sample.params, sample.draw.state
+    npl = len(sample.plates)
+    if idx is not None:
+        logits = params.logits()
+        lp = F.categorical_log_prob(logits.expand(idx.shape[1:] + logits.shape[-1:]), idx)
+    else:
+        lp = params.raw_distribution().log_prob(sample._tensor)
+    return lp.sum(tuple(range(npl, lp.dim()))) if lp.dim() > npl else lp
+
+
+def sum_latents(t: torch.Tensor, npl: int) -> torch.Tensor:
+    """``t`` ``[n, plates..., latents...]`` summed over the latents inside one draw: ``[n, plates...]``."""
+    return t.sum(tuple(range(npl, t.dim()))) if t.dim() > npl else t
+
+
+def default_control(in_dim: object, what: str) -> torch.nn.Module:
+    """Storchastic's default control network for ``in_dim`` (its ``Dims``: an int, or a shape whose product is the
+    input width): ``Linear(in_dim, 50)-ReLU-Linear(50, 1)``."""
+    dims = (in_dim,) if isinstance(in_dim, int) and not isinstance(in_dim, bool) else in_dim
+    try:
+        ok = len(dims) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a positive int or a shape of positive ints, got {in_dim!r}")
+    width = math.prod(dims)
+    return torch.nn.Sequential(torch.nn.Flatten(-len(dims), -1) if len(dims) > 1 else torch.nn.Identity(),
+                               torch.nn.Linear(width, 50), torch.nn.ReLU(), torch.nn.Linear(50, 1))
+
+
+def train_on_second_moment(method: Method, samples: List[StochasticTensor]) -> None:
+    """The variance-training step of the learned control variates (RELAX, LAX, RODEO; Grathwohl et al. 2018): set
+    the ``.grad`` of the method's trainable parameters to the gradient of ``sum(param_grads ** 2)``, the estimate's
+    second moment (its mean does not depend on them when the estimator is unbiased), so an optimizer over
+    ``method.parameters()`` lowers its variance. ``backward()`` built the gradient's graph (``create_graph``)."""
+    control = [p for p in method.parameters() if p.requires_grad]
+    if not control:
+        return
+    loss = None
+    for s in samples:
+        for g in s.param_grads.values():
+            if g._tensor.requires_grad:
+                v = (g._tensor ** 2).sum()
+                loss = v if loss is None else loss + v
+    if loss is None:
+        return
+    grads = torch.autograd.grad(loss, control, allow_unused=True)
+    with torch.no_grad():
+        # replace, not add: the step's own backward() also reached these parameters through the surrogate,
+        # a gradient they must not follow (Storchastic clears it the same way)
+        for p, g in zip(control, grads):
+            p.grad = None if g is None else g.detach()

@@ -9,15 +9,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_order
-from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
-
-
-def bernoulli_logits(method: Method, params: Params) -> torch.Tensor:
-    """The logits of the Bernoulli the binary estimators take; any other distribution is a ValueError."""
-    if not isinstance(params.distr, D.Bernoulli):
-        raise ValueError(f"{type(method).__name__} needs a Bernoulli distribution, got "
-                         f"{type(params.distr).__name__}")
-    return params.bernoulli_logits()
+from ._base import Draw, Method, Params, refuse_sampling_method, sum_latents
 
 
 class ARM(Method):
@@ -28,6 +20,7 @@ class ARM(Method):
     half; samples are floats in the distribution's dtype.
     """
 
+    accepts = (D.Bernoulli,)
     uses_score = True
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1):
@@ -35,7 +28,7 @@ class ARM(Method):
         refuse_sampling_method(sampling_method, "antithetic Monte Carlo pairs")
 
     def _sample(self, params: Params) -> Draw:
-        logits = bernoulli_logits(self, params)
+        logits = params.bernoulli_logits()
         n = self.n_samples
         b, u = F.arm_sample(logits.detach(), n)
         npl = len(params.plates)
@@ -46,15 +39,11 @@ class ARM(Method):
     def _pair_term(self, params: Params, b: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.arm_surrogate(params.bernoulli_logits(), u, w)
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        params, u = sample._info
-        _, w = aligned_cost(sample, cost)  # [2n, plates...]
-        npl = len(sample.plates)
-        term = self._pair_term(params, sample._tensor, u, w)  # [n, plates..., latents...]
-        if term.dim() > npl:
-            term = term.sum(tuple(range(npl, term.dim())))
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
+        # cost [2n, plates...] -> the pair's term [n, plates...]
+        term = sum_latents(self._pair_term(sample.params, sample._tensor, sample.draw.state, cost), len(sample.plates))
         # the antithetic half carries no weight of its own: the pair's term sits on its first sample
-        return reduce_term(sample, torch.cat([term, torch.zeros_like(term)], 0))
+        return torch.cat([term, torch.zeros_like(term)], 0)
 
 
 class DisARM(ARM):
@@ -66,6 +55,8 @@ class DisARM(ARM):
     of Dong, Mnih & Tucker (NeurIPS 2021), DisARM on the stick-breaking decisions of each categorical, with the
     classes in ``logits_order`` (:func:`fastgrad.functional.categorical_disarm_surrogate`);
     ``importance_weighting=True`` is their DisARM-IW. Both unbiased, 2 cost evaluations per pair."""
+
+    accepts = (D.Bernoulli, D.Categorical, D.OneHotCategorical)
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, *,
                  importance_weighting: bool = False, logits_order: Optional[str] = "ascending"):
@@ -79,7 +70,7 @@ class DisARM(ARM):
     def _sample(self, params: Params) -> Draw:
         if isinstance(params.distr, D.Bernoulli):
             return super()._sample(params)
-        logits = _categorical_logits(self, params)
+        logits = params.logits()
         n = self.n_samples
         z, u = F.categorical_disarm_sample(logits.detach(), n, order=self.logits_order)
         if isinstance(params.distr, D.OneHotCategorical):
@@ -99,38 +90,25 @@ class DisARM(ARM):
                 f"logits_order={self.logits_order!r}")
 
 
-def _categorical_logits(method: Method, params: Params) -> torch.Tensor:
-    d = params.distr
-    if not isinstance(d, (D.Categorical, D.OneHotCategorical)) or isinstance(d, D.RelaxedOneHotCategorical):
-        raise ValueError(f"{type(method).__name__} needs a Bernoulli, Categorical or OneHotCategorical "
-                         f"distribution, got {type(d).__name__}")
-    return params.logits()
-
-
 class ARMS(Method):
     """ARMS (Dimitriev & Zhou, ICML 2021): ``n_samples >= 2`` mutually antithetic Bernoulli samples from a
     Dirichlet copula and a correlation-corrected leave-one-out baseline; unbiased, n cost evaluations, Bernoulli
     only; DisARM at n = 2. The plate has ``n_samples`` equally weighted entries (every sample is a real draw)."""
 
+    accepts = (D.Bernoulli,)
+    min_samples, min_samples_reason = 2, "mutually antithetic samples"
     uses_score = True
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 2):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method, "a Dirichlet copula over the samples")
-        if self.n_samples < 2:
-            raise ValueError(f"ARMS needs n_samples >= 2 (mutually antithetic samples), got {self.n_samples}")
 
     def _sample(self, params: Params) -> Draw:
-        return Draw(F.arms_sample(bernoulli_logits(self, params).detach(), self.n_samples), self.n_samples)
+        return Draw(F.arms_sample(params.bernoulli_logits().detach(), self.n_samples), self.n_samples)
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        params, _ = sample._info
-        _, w = aligned_cost(sample, cost)  # [n, plates...]
-        npl = len(sample.plates)
-        term = F.arms_surrogate(params.bernoulli_logits(), sample._tensor, w)
-        if term.dim() > npl:
-            term = term.sum(tuple(range(npl, term.dim())))
-        return reduce_term(sample, term)
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
+        term = F.arms_surrogate(sample.params.bernoulli_logits(), sample._tensor, cost)  # cost [n, plates...]
+        return sum_latents(term, len(sample.plates))
 
 
 __all__ = ["ARM", "DisARM", "ARMS"]

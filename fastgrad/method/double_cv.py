@@ -5,28 +5,27 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 import torch
+from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
-from .arm import bernoulli_logits
-from .relax import RELAX
+from ._base import Draw, Method, Params, refuse_sampling_method, train_on_second_moment
 
 
 def sample_relaxable(method: Method, params: Params) -> Draw:
     """``n`` independent Bernoulli samples as a leaf that requires grad: the user's cost is evaluated on it, and the
     cost's gradient at the samples is read off it."""
-    logits = bernoulli_logits(method, params)
+    logits = params.bernoulli_logits()
     p = torch.sigmoid(logits.detach())
     u = F.uniform((method.n_samples,) + tuple(logits.shape), device=logits.device).to(p.dtype)
     b = (u < p).to(logits.dtype).requires_grad_()
     return Draw(b, method.n_samples, state=b)
 
 
-def cost_and_gradient(method: Method, sample, cost) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(b, f [n, plates...], d f / d b)`` for a sample of :func:`sample_relaxable`; a ValueError when the cost
-    does not depend on the sample differentiably."""
-    _, b = sample._info
-    _, w = aligned_cost(sample, cost, detach=False)  # with the cost's graph to b
+def cost_and_gradient(method: Method, sample, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(b, f [n, plates...], d f / d b)`` for a sample of :func:`sample_relaxable` and its aligned cost ``w`` (not
+    detached: with the cost's graph to ``b``); a ValueError when the cost does not depend on the sample
+    differentiably."""
+    b = sample.draw.state
     g = torch.autograd.grad(w.sum(), b, retain_graph=True, allow_unused=True)[0] if w.requires_grad else None
     if g is None:
         raise ValueError(f"{type(method).__name__} needs a cost that is differentiable in the sample (it is "
@@ -50,14 +49,15 @@ class DoubleCV(Method):
     at 0 (RLOO). A float fixes it (``0``: RLOO; ``1``: the whole Taylor term). ``method.alpha`` is the current value.
     """
 
+    accepts = (D.Bernoulli,)
+    min_samples, min_samples_reason = 2, "its baselines leave one sample out"
     uses_score = True
+    detach_cost = False  # the cost's gradient at the samples is read through its graph
 
     def __init__(self, plate_name: str, n_samples: int = 2, alpha: Optional[float] = None, decay: float = 0.99,
                  sampling_method: Any = None):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method)
-        if self.n_samples < 2:
-            raise ValueError(f"DoubleCV needs n_samples >= 2 (its baselines leave one sample out), got {n_samples}")
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
             raise TypeError(f"alpha must be None (set online) or a float, got {type(alpha).__name__}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
@@ -72,10 +72,9 @@ class DoubleCV(Method):
         self._pending = []  # moments of a step that raised before its update are dropped, not carried over
         return sample_relaxable(self, params)
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        params = sample._info[0]
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
         b, w, g = cost_and_gradient(self, sample, cost)
-        logits = params.bernoulli_logits()
+        logits = sample.params.bernoulli_logits()
         rloo, cv = F.double_cv_parts(logits, b, w, g)
         if self.online:
             self._pending.append(torch.stack([(rloo * cv).sum(), (cv * cv).sum()]).double())
@@ -83,7 +82,7 @@ class DoubleCV(Method):
         npl = len(sample.plates)
         if term.dim() > npl - 1:
             term = term.sum(tuple(range(npl - 1, term.dim())))
-        return reduce_term(sample, term.unsqueeze(0).expand((self.n_samples,) + term.shape))
+        return term.unsqueeze(0).expand((self.n_samples,) + term.shape)
 
     def _update_parameters(self) -> None:
         if not self.online or not self._pending:
@@ -128,15 +127,16 @@ class RODEO(Method):
     ``method.parameters()`` in an optimizer).
     """
 
+    accepts = (D.Bernoulli,)
+    min_samples, min_samples_reason = 2, "its baselines leave one sample out"
     uses_score = True
+    detach_cost = False  # the cost's gradient at the samples is read through its graph
     create_graph = True
 
     def __init__(self, plate_name: str, n_samples: int = 2, control: Optional[torch.nn.Module] = None,
                  sampling_method: Any = None):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method)
-        if self.n_samples < 2:
-            raise ValueError(f"RODEO needs n_samples >= 2 (its baselines leave one sample out), got {n_samples}")
         if control is not None and not isinstance(control, torch.nn.Module):
             raise TypeError(f"control must be a torch.nn.Module, got {type(control).__name__}")
         self.control = control if control is not None else SteinControl()
@@ -149,10 +149,9 @@ class RODEO(Method):
             raise ValueError("RODEO needs Bernoulli latents along a last dimension (logits [..., D])")
         return d
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        params = sample._info[0]
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
         b, w, g = cost_and_gradient(self, sample, cost)
-        logits = params.bernoulli_logits()
+        logits = sample.params.bernoulli_logits()
         npl = len(sample.plates)
         # the latents inside one draw, flattened to the last dimension the Stein operator runs over
         lat = b.dim() - npl
@@ -163,7 +162,7 @@ class RODEO(Method):
             logits_f = logits
         term = F.rodeo_surrogate(logits_f, b, w, g, self.control, self.alpha, self.beta)  # [plates..., D]
         term = term.sum(-1)
-        return reduce_term(sample, term.unsqueeze(0).expand((self.n_samples,) + term.shape))
+        return term.unsqueeze(0).expand((self.n_samples,) + term.shape)
 
     def _after_backward(self, samples: List) -> None:
-        RELAX._after_backward(self, samples)
+        train_on_second_moment(self, samples)

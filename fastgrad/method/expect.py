@@ -18,6 +18,8 @@ class Expect(Method):
     data point, differentiable, so :func:`fastgrad.backward` gives the exact gradient.
     """
 
+    accepts = (D.OneHotCategorical, D.Categorical, D.Bernoulli)
+
     def __init__(self, plate_name: str, budget: int = 10000):
         super().__init__(plate_name, 1)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -31,14 +33,11 @@ class Expect(Method):
             logits = params.logits()
             extra = extra_dims(params, logits, 1)
             K = logits.shape[-1]
-        elif isinstance(d, D.Bernoulli):
+        else:
             bl = params.bernoulli_logits()
             logits = torch.stack([torch.zeros_like(bl), bl], -1)
             extra = extra_dims(params, bl, 0)
             K = 2
-        else:
-            raise ValueError(f"Expect can enumerate OneHotCategorical, Categorical and Bernoulli "
-                             f"distributions, got {type(d).__name__}")
         k = math.prod(extra)
         pshape = logits.shape[:npl]
         B = math.prod(pshape)

@@ -7,14 +7,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as TF
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
+from ._base import (Draw, Method, Params, default_control, refuse_sampling_method, sum_latents,
+                    train_on_second_moment)
 
 
 class RELAX(Method):
@@ -38,25 +39,25 @@ class RELAX(Method):
     entries are evaluated once, by the user.)
     """
 
+    accepts = (D.Bernoulli, D.OneHotCategorical, D.Categorical)
     uses_score = True
     create_graph = True
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
-                 c_phi: Optional[torch.nn.Module] = None, in_dim: Optional[int] = None, rebar: bool = False,
-                 train_eta: bool = True):
+                 c_phi: Optional[torch.nn.Module] = None, in_dim: Union[None, int, Sequence[int]] = None,
+                 rebar: bool = False, train_eta: bool = True):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method)
         if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
             raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
         if c_phi is None and in_dim is not None:
-            if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
-                raise ValueError(f"in_dim must be a positive int, got {in_dim!r}")
-            c_phi = torch.nn.Sequential(torch.nn.Linear(in_dim, 50), torch.nn.ReLU(), torch.nn.Linear(50, 1))
+            c_phi = default_control(in_dim, "in_dim")
         if c_phi is None and not rebar:
             raise ValueError("RELAX needs a control variate: pass c_phi (a torch.nn.Module), in_dim (for the default "
                              "network) or rebar=True")
         self.c_phi = c_phi
         self.rebar = bool(rebar)
+        self.detach_cost = not self.rebar  # REBAR differentiates the cost of its relaxed samples
         self.eta = torch.nn.Parameter(torch.tensor(1.0), requires_grad=bool(train_eta))
         self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(0.5)))
 
@@ -71,7 +72,7 @@ class RELAX(Method):
             logits = params.bernoulli_logits()
             b, z, zt = F.relax_bernoulli_sample(logits, n)
             relax, hard, idx = torch.sigmoid, b.to(z.dtype), None
-        elif isinstance(d, (D.OneHotCategorical, D.Categorical)) and params.cat is not None:
+        else:
             if self.rebar and not isinstance(d, D.OneHotCategorical):
                 raise ValueError("REBAR needs a OneHotCategorical (its relaxed samples are points of the simplex), "
                                  "got a Categorical")
@@ -84,9 +85,6 @@ class RELAX(Method):
             relax = lambda x: torch.softmax(x, -1)  # noqa: E731
             hard = TF.one_hot(idx, logits.shape[-1]).to(z.dtype)
             b = hard if isinstance(d, D.OneHotCategorical) else idx
-        else:
-            raise ValueError(f"{type(self).__name__} needs a Bernoulli, OneHotCategorical or Categorical "
-                             f"distribution, got {type(d).__name__}")
         if not self.rebar:
             return Draw(b, n, state=(z, zt, idx))
         tau = self.temperature.to(z.dtype)
@@ -104,12 +102,11 @@ class RELAX(Method):
             out = out.sum(tuple(range(npl, out.dim())))
         return out
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        params, (z, zt, idx) = sample._info
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
+        params, (z, zt, idx), w = sample.params, sample.draw.state, cost  # w: [n or 3n, plates...]
         n = self.n_samples
         npl = len(sample.plates)
         categorical = idx is not None
-        _, w = aligned_cost(sample, cost, detach=not self.rebar)  # [n or 3n, plates...]
         f_b = w[:n].detach()
         c_z = c_zt = c_zt_const = torch.zeros_like(f_b)
         if self.rebar:
@@ -124,31 +121,13 @@ class RELAX(Method):
             logp = logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         else:
             logp = F.bernoulli_log_prob(params.bernoulli_logits(), sample._tensor[:n]).to(z.dtype)
-        if logp.dim() > npl:
-            logp = logp.sum(tuple(range(npl, logp.dim())))
-        term = F.relax_surrogate_from_values(logp, f_b, c_z, c_zt, c_zt_const)  # [n, plates...]
+        term = F.relax_surrogate_from_values(sum_latents(logp, npl), f_b, c_z, c_zt, c_zt_const)  # [n, plates...]
         if self.rebar:
             term = torch.cat([term, torch.zeros_like(term), torch.zeros_like(term)], 0)
-        return reduce_term(sample, term)
+        return term
 
     def _after_backward(self, samples: List) -> None:
-        control = [p for p in self.parameters() if p.requires_grad]
-        if not control:
-            return
-        loss = None
-        for s in samples:
-            for g in s.param_grads.values():
-                if g._tensor.requires_grad:
-                    v = (g._tensor ** 2).sum()
-                    loss = v if loss is None else loss + v
-        if loss is None:
-            return
-        grads = torch.autograd.grad(loss, control, allow_unused=True)
-        with torch.no_grad():
-            # replace, not add: the step's own backward() also reached these parameters through the surrogate,
-            # a gradient they must not follow (Storchastic clears it the same way)
-            for p, g in zip(control, grads):
-                p.grad = None if g is None else g.detach()
+        train_on_second_moment(self, samples)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rebar={self.rebar}"
@@ -160,8 +139,9 @@ class REBAR(RELAX):
     OneHotCategorical.
     (Storchastic's REBAR is biased on Bernoulli: its conditional sampler never agrees with b = 1.)"""
 
-    def __init__(self, plate_name: str, c_phi: Optional[torch.nn.Module] = None, n_samples: int = 1):
-        super().__init__(plate_name, n_samples=n_samples, c_phi=c_phi, rebar=True)
+    def __init__(self, plate_name: str, c_phi: Optional[torch.nn.Module] = None, n_samples: int = 1,
+                 in_dim: Union[None, int, Sequence[int]] = None):
+        super().__init__(plate_name, n_samples=n_samples, c_phi=c_phi, in_dim=in_dim, rebar=True)
 
 
 class LAX(Method):
@@ -176,15 +156,15 @@ class LAX(Method):
     create_graph = True
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
-                 c_phi: Optional[torch.nn.Module] = None, in_dim: Optional[int] = None):
+                 c_phi: Optional[torch.nn.Module] = None, in_dim: Union[None, int, Sequence[int]] = None):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method)
         if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
             raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
         if c_phi is None:
-            if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
-                raise ValueError(f"LAX needs c_phi (a torch.nn.Module) or in_dim (a positive int), got {in_dim!r}")
-            c_phi = torch.nn.Sequential(torch.nn.Linear(in_dim, 50), torch.nn.ReLU(), torch.nn.Linear(50, 1))
+            if in_dim is None:
+                raise ValueError("LAX needs c_phi (a torch.nn.Module) or in_dim (a positive int or a shape), got None")
+            c_phi = default_control(in_dim, "in_dim")
         self.c_phi = c_phi
 
     def _sample(self, params: Params) -> Draw:
@@ -194,22 +174,18 @@ class LAX(Method):
         b = d.rsample((self.n_samples,))
         return Draw(b.detach(), self.n_samples, state=b)
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        params, b = sample._info
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
+        b = sample.draw.state
         npl = len(sample.plates)
-        _, w = aligned_cost(sample, cost)
-        lp = params.raw_distribution().log_prob(b.detach())
-        if lp.dim() > npl:
-            lp = lp.sum(tuple(range(npl, lp.dim())))
+        lp = sum_latents(sample.params.raw_distribution().log_prob(b.detach()), npl)
 
         def c(x):
-            out = self.c_phi(x)
-            return out.sum(tuple(range(npl, out.dim()))) if out.dim() > npl else out
+            return sum_latents(self.c_phi(x), npl)
 
-        term = (w.to(lp.dtype) - c(b.detach())) * lp + c(b)
-        return reduce_term(sample, term)
+        return (cost.to(lp.dtype) - c(b.detach())) * lp + c(b)
 
-    _after_backward = RELAX._after_backward
+    def _after_backward(self, samples: List) -> None:
+        train_on_second_moment(self, samples)
 
 
 __all__ = ["RELAX", "REBAR", "LAX"]

@@ -10,14 +10,10 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_alpha, check_n
-from ._base import Draw, Method, Params, refuse_sampling_method
-from .gumbel_softmax import check_schedule, check_temperature
-from .without_replacement import _Rows
+from ._base import Draw, Method, Params, Rows, TemperatureSchedule, check_temperature, refuse_sampling_method
 
 
-
-
-class GumbelEntmax(Method):
+class GumbelEntmax(TemperatureSchedule, Method):
     """Gumbel-entmax: ``entmax_alpha((log p + Gumbel) / temperature)`` samples of a ``OneHotCategorical`` (Paulus et
     al., NeurIPS 2020, "Gradient estimation with stochastic softmax tricks", appendix; entmax: Peters, Niculae &
     Martins 2019). A pathwise, biased relaxation with exact zeros; one cost evaluation per sample. With
@@ -25,6 +21,8 @@ class GumbelEntmax(Method):
     0.3.7 ignores the flag). Storchastic's signature: the third positional argument is ``alpha``; the temperature
     anneals as :class:`GumbelSoftmax`'s, by default not at all (``annealing_rate=0``). ``adaptive=True`` (a learned
     alpha) is not supported."""
+
+    accepts = (D.OneHotCategorical,)
 
     def __init__(self, plate_name: str, sampling_method: Any = None, alpha: float = 1.5, adaptive: bool = False,
                  n_samples: int = 1, straight_through: bool = False, initial_temperature: float = 1.0,
@@ -34,24 +32,13 @@ class GumbelEntmax(Method):
         if adaptive:
             raise ValueError("adaptive=True (a learned alpha) is not supported; pass a fixed alpha")
         self.alpha = check_alpha(alpha)
-        check_schedule(initial_temperature, min_temperature, annealing_rate)
+        self.init_schedule(initial_temperature, min_temperature, annealing_rate)
         self.straight_through = bool(straight_through)
-        self.register_buffer("temperature", torch.tensor(float(initial_temperature)))
-        self.register_buffer("min_temperature", torch.tensor(float(min_temperature)))
-        self.register_buffer("annealing_rate", torch.tensor(float(annealing_rate)))
 
     def _sample(self, params: Params) -> Draw:
-        if not isinstance(params.distr, D.OneHotCategorical):
-            raise ValueError(f"{type(self).__name__} relaxes a OneHotCategorical (entmax is over the categories), got "
-                             f"{type(params.distr).__name__}")
         y = F.gumbel_entmax(params.logits(), self.alpha, float(self.temperature), self.n_samples,
                             self.straight_through)
         return Draw(y, self.n_samples)
-
-    def _update_parameters(self) -> None:
-        with torch.no_grad():
-            self.temperature.copy_(torch.clamp(self.temperature * (1 - self.annealing_rate),
-                                               min=self.min_temperature))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha}, straight_through={self.straight_through}"
@@ -68,17 +55,13 @@ class GumbelSparseMax(GumbelEntmax):
                          annealing_rate=annealing_rate)
 
 
-def _one_hot_logits(method: Method, params: Params):
+def _one_hot_logits(params: Params):
     """Logits ``[..., K]`` of a OneHotCategorical, or ``[..., 2]`` (``[0, l]``) of a Bernoulli, and how to map a
     one-hot sample back."""
-    d = params.distr
-    if isinstance(d, D.OneHotCategorical):
+    if isinstance(params.distr, D.OneHotCategorical):
         return params.logits(), lambda y: y
-    if isinstance(d, D.Bernoulli):
-        bl = params.bernoulli_logits()
-        return torch.stack([torch.zeros_like(bl), bl], -1), lambda y: y[..., 1]
-    raise ValueError(f"{type(method).__name__} needs a OneHotCategorical or Bernoulli distribution, got "
-                     f"{type(d).__name__}")
+    bl = params.bernoulli_logits()
+    return torch.stack([torch.zeros_like(bl), bl], -1), lambda y: y[..., 1]
 
 
 class ReinMax(Method):
@@ -87,13 +70,15 @@ class ReinMax(Method):
     :func:`fastgrad.functional.reinmax`. Biased; one cost evaluation per sample; OneHotCategorical and Bernoulli.
     ``temperature`` (>= 1 recommended by the paper) enters the backward only."""
 
+    accepts = (D.OneHotCategorical, D.Bernoulli)
+
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method)
         self.temperature = check_temperature("temperature", temperature)
 
     def _sample(self, params: Params) -> Draw:
-        logits, back = _one_hot_logits(self, params)
+        logits, back = _one_hot_logits(params)
         return Draw(back(F.reinmax(logits, self.n_samples, self.temperature)), self.n_samples)
 
     def extra_repr(self) -> str:
@@ -107,6 +92,8 @@ class GumbelRao(Method):
     same expectation as straight-through Gumbel-softmax at the same temperature (so as biased), lower variance; one
     cost evaluation per sample; OneHotCategorical and Bernoulli."""
 
+    accepts = (D.OneHotCategorical, D.Bernoulli)
+
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
                  conditional_samples: int = 10):
         super().__init__(plate_name, n_samples)
@@ -115,7 +102,7 @@ class GumbelRao(Method):
         self.conditional_samples = check_n(conditional_samples, "conditional_samples")
 
     def _sample(self, params: Params) -> Draw:
-        logits, back = _one_hot_logits(self, params)
+        logits, back = _one_hot_logits(params)
         y = F.gumbel_rao(logits, self.n_samples, self.temperature, self.conditional_samples)
         return Draw(back(y), self.n_samples)
 
@@ -133,11 +120,13 @@ class IndeCateR(Method):
     cost (the plate holds the ``S D K`` neighbours, ordered ``[s, d, c]``, weighted so that the plate-reduced cost is
     the estimate of ``E[f]``). Categorical, OneHotCategorical and Bernoulli (``K = 2``)."""
 
+    accepts = (D.Categorical, D.OneHotCategorical, D.Bernoulli)
+
     def __init__(self, plate_name: str, n_samples: int = 1):
         super().__init__(plate_name, n_samples)
 
     def _sample(self, params: Params) -> Draw:
-        rows = _Rows(self, params)
+        rows = Rows(params)
         S = self.n_samples
         logits = rows.logits                                                    # [R, D, K]
         x = F.sample_categorical(logits.detach(), S)                            # [S, R, D]

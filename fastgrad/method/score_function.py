@@ -6,42 +6,13 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch import distributions as D
 
 from .. import functional as F
 from .._graph import reduce_plates
 from .._tensor import Tensor
-from ._base import (Draw, Method, Params, aligned_cost, extra_dims, reduce_term,
-                    refuse_sampling_method)
+from ._base import Method, Params, extra_dims, refuse_sampling_method, sample_plain, sum_latents
 
 _BASELINES = ("none", "batch_average", "moving_average")
-
-
-def sample_plain(params: Params, n: int) -> Draw:
-    """n Monte Carlo samples, not reparameterized: categorical families by the fused sampler (the indices kept as
-    the state, for the fused log-probability), others by ``distribution.sample``."""
-    if params.cat is not None and not isinstance(params.distr, D.RelaxedOneHotCategorical):
-        logits = params.logits().detach()
-        one_hot = isinstance(params.distr, D.OneHotCategorical)
-        out = F.sample_categorical(logits, n, one_hot=one_hot)
-        idx, value = out if one_hot else (out, out)
-        return Draw(value, n, state=idx)
-    with torch.no_grad():
-        value = params.raw_distribution().sample((n,))
-    return Draw(value, n)
-
-
-def sample_log_prob(sample) -> torch.Tensor:
-    """``log q(z)`` of a :func:`sample_plain` draw, summed over the latents inside one draw: ``[n, plates...]``
-    (differentiable w.r.t. the distribution's parameters)."""
-    params, idx = sample._info
-    npl = len(sample.plates)
-    if idx is not None:
-        logits = params.logits()
-        lp = F.categorical_log_prob(logits.expand(idx.shape[1:] + logits.shape[-1:]), idx)
-    else:
-        lp = params.raw_distribution().log_prob(sample._tensor)
-    return lp.sum(tuple(range(npl, lp.dim()))) if lp.dim() > npl else lp
 
 
 class ScoreFunction(Method):
@@ -83,24 +54,23 @@ class ScoreFunction(Method):
     def _sample(self, params: Params):
         return sample_plain(params, self.n_samples)
 
-    def _baseline(self, sample, cost: Tensor, weight: torch.Tensor):
+    def _baseline(self, sample, cost: torch.Tensor):
         if self.baseline == "batch_average":
             return "batch_average"
         if self.baseline == "moving_average":
-            avg = reduce_plates(cost)._tensor.detach()
+            avg = reduce_plates(Tensor(cost, sample.plates))._tensor.detach()
             self.moving_average = (self.exponential_decay * self.moving_average
                                    + (1 - self.exponential_decay) * avg.to(self.moving_average))
-            return self.moving_average.to(weight)
+            return self.moving_average.to(cost)
         if self.baseline == "custom":
-            b = self._baseline_fn(sample, cost)
+            b = self._baseline_fn(sample, Tensor(cost, sample.plates))
             return b._tensor if isinstance(b, Tensor) else b
         return None
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        params, idx = sample._info
-        c, w = aligned_cost(sample, cost)  # w: [n, plate dims...]
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
+        params, idx, w = sample.params, sample.draw.state, cost  # w: [n, plate dims...]
         npl = len(sample.plates)
-        baseline = self._baseline(sample, c, w)
+        baseline = self._baseline(sample, w)
         if idx is not None:
             logits = params.logits()
             extra = extra_dims(params, logits, 1)
@@ -108,16 +78,9 @@ class ScoreFunction(Method):
             if isinstance(baseline, torch.Tensor) and baseline.dim():
                 baseline = baseline.reshape(baseline.shape + (1,) * len(extra))
             term = F.score_function_surrogate(logits.expand(idx.shape[1:] + logits.shape[-1:]), idx, w, baseline)
-            if extra:  # independent latents inside one draw: their log-probs add up
-                term = term.sum(tuple(range(npl, term.dim())))
-        else:
-            d = params.raw_distribution()
-            lp = d.log_prob(sample._tensor)
-            ev = lp.dim() - npl
-            if ev > 0:
-                lp = lp.sum(tuple(range(npl, lp.dim())))
-            term = F.score_function_surrogate_from_log_prob(lp, w, baseline)
-        return reduce_term(sample, term)
+            return sum_latents(term, npl)  # independent latents inside one draw: their log-probs add up
+        lp = sum_latents(params.raw_distribution().log_prob(sample._tensor), npl)
+        return F.score_function_surrogate_from_log_prob(lp, w, baseline)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", baseline_factory={self.baseline!r}"

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 
 from .. import functional as F
-from ._base import Draw, Method, Params, aligned_cost, reduce_term, refuse_sampling_method
-from .score_function import sample_log_prob, sample_plain
+from ._base import Draw, Method, Params, refuse_sampling_method, sample_log_prob, sample_plain
 
 
 class VIMCO(Method):
@@ -26,22 +25,21 @@ class VIMCO(Method):
     registered cost is treated as its own ``-log w``.
     """
 
+    min_samples, min_samples_reason = 2, "its baselines leave one sample out"
     uses_score = True
+    detach_cost = False  # -log w_k keeps its pathwise graph
 
     def __init__(self, plate_name: str, n_samples: int = 2, sampling_method: Any = None):
         super().__init__(plate_name, n_samples)
         refuse_sampling_method(sampling_method)
-        if self.n_samples < 2:
-            raise ValueError(f"VIMCO needs n_samples >= 2 (its baselines leave one sample out), got {self.n_samples}")
 
     def _sample(self, params: Params) -> Draw:
         return sample_plain(params, self.n_samples)
 
-    def _surrogate(self, sample, cost) -> torch.Tensor:
-        _, w = aligned_cost(sample, cost, detach=False)  # [K, plates...]: -log w_k, with its pathwise graph
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
+        w = cost  # [K, plates...]: -log w_k, with its pathwise graph
         log_q = sample_log_prob(sample)
         bound = F.vimco_surrogate(log_q, -w, dim=0)  # [plates...]: value L, gradient VIMCO's
         # backward() already adds the plate mean of the cost (gradient mean_k grad(-log w_k)); this term turns the
         # total into -grad L: its gradient is that of (-L - mean_k cost_k), its value zero
-        term = (-bound - w.mean(0)).unsqueeze(0).expand(w.shape)
-        return reduce_term(sample, term)
+        return (-bound - w.mean(0)).unsqueeze(0).expand(w.shape)

@@ -8,7 +8,6 @@ independent latent, and a set holds ``k`` distinct joint values of all of them (
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Tuple
 
 import torch
@@ -17,47 +16,7 @@ from torch import distributions as D
 from .. import functional as F
 from ..functional._validate import check_n
 from .._tensor import StochasticTensor
-from ._base import Draw, Method, Params, aligned_cost, reduce_term
-from .gumbel_softmax import check_schedule
-
-
-class _Rows:
-    """An enumerable distribution as rows of independent categoricals: ``logits`` ``[R, D, K]`` (differentiable),
-    the plate shape, the latents' shape, and how to turn configuration indices back into samples."""
-
-    def __init__(self, method: Method, params: Params):
-        d = params.distr
-        npl = len(params.plates)
-        if isinstance(d, (D.OneHotCategorical, D.Categorical)) and not isinstance(d, D.RelaxedOneHotCategorical):
-            logits = params.logits()
-        elif isinstance(d, D.Bernoulli):
-            bl = params.bernoulli_logits()
-            logits = torch.stack([torch.zeros_like(bl), bl], -1)
-        else:
-            raise ValueError(f"{type(method).__name__} samples without replacement from an enumerable distribution "
-                             f"(Categorical, OneHotCategorical or Bernoulli), got {type(d).__name__}")
-        self.kind = type(d)
-        self.pshape = tuple(logits.shape[:npl])
-        self.extra = tuple(logits.shape[npl:-1])
-        self.K = logits.shape[-1]
-        self.logits = logits.reshape(math.prod(self.pshape), math.prod(self.extra), self.K)
-
-    def value(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``idx`` ``[n, R, D]`` -> samples ``[n, plates..., latents...(, K)]`` as the distribution writes them."""
-        v = idx.reshape((idx.shape[0],) + self.pshape + self.extra)
-        if issubclass(self.kind, D.OneHotCategorical):
-            return torch.nn.functional.one_hot(v, self.K).to(dtype)
-        if issubclass(self.kind, D.Bernoulli):
-            return v.to(dtype)
-        return v
-
-    def log_prob(self, idx: torch.Tensor) -> torch.Tensor:
-        """Joint log-probabilities ``[n, plates...]`` of configurations ``idx`` ``[n, R, D]``, differentiable."""
-        lp = F.joint_log_prob(torch.log_softmax(self.logits, -1), idx)
-        return lp.view((idx.shape[0],) + self.pshape)
-
-    def plate_view(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape((t.shape[0],) + self.pshape)
+from ._base import ENUMERABLE, Draw, Method, Params, Rows, TemperatureSchedule
 
 
 def _check_k(k: object, name: str = "k") -> int:
@@ -69,7 +28,7 @@ def _no_eos(eos: object) -> None:
         raise ValueError("eos: variable-length sequences are not supported; pass eos=None")
 
 
-def _draw_set(rows: _Rows, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _draw_set(rows: Rows, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return F.sample_set(rows.logits.detach(), k)
 
 
@@ -86,6 +45,7 @@ class ScoreFunctionWOR(Method):
     Unlike Storchastic 0.3.7, the cost enters once (doubling the cost doubles the gradient).
     """
 
+    accepts, accepts_name = ENUMERABLE, "enumerable"
     uses_score = True
 
     def __init__(self, plate_name: str, k: int, biased: bool = True, use_baseline: bool = True):
@@ -97,7 +57,7 @@ class ScoreFunctionWOR(Method):
         self.use_baseline = bool(use_baseline)
 
     def _sample(self, params: Params) -> Draw:
-        rows = _Rows(self, params)
+        rows = Rows(params)
         idx, log_p, pert = _draw_set(rows, self.k)
         iw = F.priority_weights(log_p[:-1], pert[-1])
         if self.biased:
@@ -106,11 +66,10 @@ class ScoreFunctionWOR(Method):
         return Draw(rows.value(idx, rows.logits.dtype), self.k, rows.plate_view(weight),
                     state=(rows, idx, rows.plate_view(pert)))
 
-    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
-        _, (rows, idx, pert) = sample._info
-        _, w = aligned_cost(sample, cost)
-        surrogate = F.sf_wor_surrogate(rows.log_prob(idx), pert, w, self.use_baseline, self.biased)
-        return reduce_term(sample, _on_first(surrogate, sample))
+    def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
+        rows, idx, pert = sample.draw.state
+        surrogate = F.sf_wor_surrogate(rows.log_prob(idx), pert, cost, self.use_baseline, self.biased)
+        return _on_first(surrogate, sample)
 
     def extra_repr(self) -> str:
         return f"plate_name={self.plate_name!r}, k={self.k}, biased={self.biased}, use_baseline={self.use_baseline}"
@@ -131,6 +90,7 @@ class UnorderedSetEstimator(Method):
     compatibility and not needed (the window of the integral is fitted per set); ``eos`` must be None.
     """
 
+    accepts, accepts_name = ENUMERABLE, "enumerable"
     uses_score = True
 
     def __init__(self, plate_name: str, k: int, use_baseline: bool = True, exact_integration: bool = False,
@@ -150,28 +110,27 @@ class UnorderedSetEstimator(Method):
         self.a = float(a)
 
     def _sample(self, params: Params) -> Draw:
-        rows = _Rows(self, params)
+        rows = Rows(params)
         idx, log_p, _ = _draw_set(rows, self.k)
         ratios = F.unordered_set_log_ratios(log_p.detach(), self.num_int_points, self.exact_integration)
         w = (log_p.detach().double() + ratios[0]).exp()  # p(s) R(S, s): unordered_set_weights, ratios kept
         return Draw(rows.value(idx, rows.logits.dtype), self.k, rows.plate_view(w.to(rows.logits.dtype)),
                     state=(rows, idx, ratios))
 
-    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
-        _, (rows, idx, ratios) = sample._info
-        _, w = aligned_cost(sample, cost)
+    def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
+        (rows, idx, ratios), w = sample.draw.state, cost
         lp = rows.log_prob(idx)
         ratios = tuple(r.view(r.shape[: r.dim() - 1] + w.shape[1:]) for r in ratios)
         surrogate = F.unordered_set_surrogate(lp, w, self.use_baseline, self.num_int_points, self.exact_integration,
                                               log_ratios=ratios)
-        return reduce_term(sample, _on_first(surrogate, sample))
+        return _on_first(surrogate, sample)
 
     def extra_repr(self) -> str:
         return f"plate_name={self.plate_name!r}, k={self.k}, use_baseline={self.use_baseline}"
 
 
 def _on_first(per_set: torch.Tensor, sample: StochasticTensor) -> torch.Tensor:
-    """A per-set surrogate ``[plates...]`` as a per-element term ``[n, plates...]`` that :func:`reduce_term` (which
+    """A per-set surrogate ``[plates...]`` as a per-element term ``[n, plates...]`` that the framework (which
     reduces the sample's plates with their weights) turns back into ``per_set``: all of it on an entry of nonzero
     weight, divided by that weight."""
     plate = sample.plates[0]
@@ -199,20 +158,19 @@ class RaoBlackwellSF(Method):
     unbiased: ``E[grad log p | not summed] (1 - P) = -grad P``).
     """
 
+    accepts, accepts_name = ENUMERABLE, "enumerable"
+    min_samples, min_samples_reason = 2, "n_samples - 1 summed, one sampled"
     uses_score = True
 
     def __init__(self, plate_name: str, n_samples: int, *, summed: str = "top", use_baseline: bool = False):
         super().__init__(plate_name, n_samples)
-        if self.n_samples < 2:
-            raise ValueError(f"RaoBlackwellSF needs n_samples >= 2 (n_samples - 1 summed, one sampled), got "
-                             f"{n_samples}")
         if summed not in ("top", "sampled"):
             raise ValueError(f"summed must be 'top' or 'sampled', got {summed!r}")
         self.summed = summed
         self.use_baseline = bool(use_baseline)
 
     def _sample(self, params: Params) -> Draw:
-        rows = _Rows(self, params)
+        rows = Rows(params)
         k = self.n_samples
         sidx, _, _ = _draw_set(rows, k)                                  # [k, R, D]
         if self.summed == "sampled":
@@ -228,9 +186,8 @@ class RaoBlackwellSF(Method):
         weight = torch.cat([p, (1 - p.sum(0, keepdim=True)).detach().clamp(min=0)], 0)
         return Draw(rows.value(idx, rows.logits.dtype), k, weight.to(rows.logits.dtype), state=(rows, idx))
 
-    def _surrogate(self, sample: StochasticTensor, cost) -> torch.Tensor:
-        _, (rows, idx) = sample._info
-        _, w = aligned_cost(sample, cost)  # [k, plates...]
+    def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
+        (rows, idx), w = sample.draw.state, cost  # w: [k, plates...]
         lp = rows.log_prob(idx)
         pw = sample.plates[0]._weight._tensor.detach()  # [p_1..p_{k-1}, 1 - P]
         score = torch.zeros_like(w)
@@ -241,16 +198,15 @@ class RaoBlackwellSF(Method):
             adv = adv - b
             score[:-1] = -b * pw[:-1]
         score[-1] = pw[-1] * adv
-        # each term is divided by its plate weight: reduce_term multiplies it back in
+        # each term is divided by its plate weight: the framework's reduction multiplies it back in
         safe = torch.where(pw > 0, pw, torch.ones_like(pw))
-        term = torch.where(pw > 0, score / safe, torch.zeros_like(score)).to(lp.dtype) * lp
-        return reduce_term(sample, term)
+        return torch.where(pw > 0, score / safe, torch.zeros_like(score)).to(lp.dtype) * lp
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", summed={self.summed!r}, use_baseline={self.use_baseline}"
 
 
-class UnorderedSetGumbelSoftmax(Method):
+class UnorderedSetGumbelSoftmax(TemperatureSchedule, Method):
     """Storchastic's ``UnorderedSetGumbelSoftmax`` (no paper defines it): a set of ``k`` configurations without
     replacement, each replaced by a relaxed sample ``softmax(z~ / temperature)`` with ``z~`` the Gumbel-perturbed
     log-probabilities conditioned on their argmax being that configuration (per latent; REBAR's conditional Gumbel,
@@ -264,21 +220,17 @@ class UnorderedSetGumbelSoftmax(Method):
     Bernoulli. The temperature anneals as :class:`GumbelSoftmax`'s (Storchastic's sampler kept it fixed).
     """
 
+    accepts = (D.OneHotCategorical, D.Bernoulli)
+
     def __init__(self, plate_name: str, k: int, initial_temperature: float = 1.0, min_temperature: float = 1.0e-4,
                  annealing_rate: float = 1.0e-5, eos: Any = None):
         super().__init__(plate_name, _check_k(k))
         _no_eos(eos)
         self.k = self.n_samples
-        check_schedule(initial_temperature, min_temperature, annealing_rate)
-        self.register_buffer("temperature", torch.tensor(float(initial_temperature)))
-        self.register_buffer("min_temperature", torch.tensor(float(min_temperature)))
-        self.register_buffer("annealing_rate", torch.tensor(float(annealing_rate)))
+        self.init_schedule(initial_temperature, min_temperature, annealing_rate)
 
     def _sample(self, params: Params) -> Draw:
-        rows = _Rows(self, params)
-        if issubclass(rows.kind, D.Categorical):
-            raise ValueError("UnorderedSetGumbelSoftmax relaxes one-hot samples: use OneHotCategorical or Bernoulli, "
-                             "not Categorical")
+        rows = Rows(params)
         idx, log_p, _ = _draw_set(rows, self.k)
         w = F.unordered_set_weights(log_p.detach())
         z = F.conditional_gumbel_categorical(rows.logits, idx)            # [k, R, D, K], differentiable
@@ -287,11 +239,6 @@ class UnorderedSetGumbelSoftmax(Method):
         if issubclass(rows.kind, D.Bernoulli):
             y = y[..., 1]
         return Draw(y, self.k, rows.plate_view(w.to(rows.logits.dtype)))
-
-    def _update_parameters(self) -> None:
-        with torch.no_grad():
-            self.temperature.copy_(torch.clamp(self.temperature * (1 - self.annealing_rate),
-                                               min=self.min_temperature))
 
     def extra_repr(self) -> str:
         return f"plate_name={self.plate_name!r}, k={self.k}"
