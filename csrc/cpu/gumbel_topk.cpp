@@ -3,12 +3,16 @@
 // stream element r * K + i. A max pass, then one pass that makes the exponentials (summed for the logsumexp), the
 // noise and the selection. Float rows select in the exponential domain (one vector log per element): rows of one
 // block with 2 <= k <= 8 without a branch per element (few_smallest_keys), the others through a sorted array of the
-// k best entered only by elements that beat the current k-th; double rows, and float rows whose probabilities
-// underflow, in the log domain. Nothing [R, K] is allocated. Validates what it reads: a row whose logsumexp is not
-// finite, or with fewer than k categories of nonzero probability, is a ValueError.
+// k best entered only by elements that beat the current k-th; double rows, float rows whose k-th key is too large
+// for the exponential domain (a pick with l - max below about -69: e^(l - m) near or below float's normal range,
+// where the key a / w loses precision or overflows), and every row with k > kSortK, in the log domain, the last by a
+// partial sort of the row's perturbed values: O(K + k log k), not O(K k). Nothing [R, K] is allocated. Validates
+// what it reads: a row whose logsumexp is not finite, or with fewer than k categories of nonzero probability, is a
+// ValueError.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -17,6 +21,13 @@
 
 namespace fastgrad {
 namespace {
+
+// Keys a / w below this come from w = e^(l - m) >= a_min / kKeyMax > 5.9e-38 (a = -log u >= 5.96e-8 for the
+// largest float u below 1), a normal float: exact up to rounding. A key of an element whose w is subnormal is at
+// least about 5e30, so a k-th key below kKeyMax also orders those correctly (they are never picked).
+constexpr float kKeyMax = 1e30f;
+// Above this k, the selection sorts the row's perturbed values once instead of inserting into a sorted k-array
+constexpr int64_t kSortK = 64;
 
 // sum of e^(row - m) over one block of len elements. Float: vectorized, and buf holds the exponentials afterwards
 // (the exponential-domain selection reads them); double: buf is scratch.
@@ -65,7 +76,7 @@ inline bool few_smallest_keys(float* keys, const float* w, int64_t K, int64_t k,
   for (; j < K; ++j) lm[j % L] = std::min(lm[j % L], keys[j]);
   std::nth_element(lm, lm + (k - 1), lm + L);
   const float T = lm[k - 1];
-  if (!(T < INFINITY)) return false;
+  if (!(T < kKeyMax)) return false;  // an infinite or imprecise key could be among the k: the log domain decides
   int64_t c = 0;
   for (int64_t i = 0; i < K; ++i) {
     cand[c] = static_cast<int32_t>(i);
@@ -122,7 +133,7 @@ bool exp_domain_select(const scalar_t* row, int64_t K, int64_t C, acc m, acc& se
         if (filled == k) worst = topv[k - 1];
       }
     }
-    return filled == k;
+    return filled == k && topv[k - 1] < kKeyMax;
   } else {
     return false;
   }
@@ -178,6 +189,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
       std::vector<int64_t> topi(k);
       std::vector<int32_t> cand(C);  // few_smallest_keys' candidates
       std::vector<float> ckey(C);
+      std::vector<std::pair<acc, int64_t>> all;  // k > kSortK: the row's perturbed values
+      if (k > kSortK) all.reserve(K);
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = lp + r * K;
         acc se = 0;
@@ -186,10 +199,10 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
         // float rows: the exponential-domain selection (which, for K > C, also sums the exponentials); a row it
         // leaves with fewer than k (or a double row) goes through the log domain
         constexpr bool exp_domain = std::is_same_v<acc, float>;
-        if (!exp_domain || K <= C) {
+        if (!exp_domain || K <= C || k > kSortK) {
           for (int64_t j0 = 0; j0 < K; j0 += C) se += block_exps(row + j0, std::min(C, K - j0), m, buf.data());
         }
-        const bool selected = exp_domain && exp_domain_select<scalar_t, acc>(
+        const bool selected = exp_domain && k <= kSortK && exp_domain_select<scalar_t, acc>(
             row, K, C, m, se, s, off, e0, buf.data(), u.data(), scratch.data(), topv.data(), topi.data(), k,
             cand.data(), ckey.data());
         const acc lse = m + std::log(se);
@@ -200,6 +213,26 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
         int64_t filled = k;
         if (selected) {
           keys_to_phi(topv.data(), k, m - lse);
+        } else if (k > kSortK) {
+          // every perturbed value with its index, the -inf ones (zero probability) left out, then the k best first
+          all.clear();
+          for (int64_t j0 = 0; j0 < K; j0 += C) {
+            const int64_t len = std::min(C, K - j0);
+            perturbed_row<scalar_t, acc>(row + j0, len, s, off, e0 + j0, u.data(), buf.data(), scratch.data(),
+                                         lse);
+            for (int64_t j = 0; j < len; ++j)
+              if (buf[j] != -INFINITY) all.emplace_back(buf[j], j0 + j);
+          }
+          filled = std::min<int64_t>(k, static_cast<int64_t>(all.size()));
+          // larger value first, ties to the smaller index (as insert_best)
+          auto better = [](const std::pair<acc, int64_t>& x, const std::pair<acc, int64_t>& y) {
+            return x.first > y.first || (x.first == y.first && x.second < y.second);
+          };
+          std::partial_sort(all.begin(), all.begin() + filled, all.end(), better);
+          for (int64_t t = 0; t < filled; ++t) {
+            topv[t] = all[t].first;
+            topi[t] = all[t].second;
+          }
         } else {
           filled = 0;
           acc thr = -INFINITY;  // the k-th best so far once k are held

@@ -139,6 +139,9 @@ def pair_costs(cost: torch.Tensor, n: int, ndim: int) -> Tuple[torch.Tensor, tor
     if cost.dim() > ndim:
         raise ValueError(f"cost has more dimensions than the samples ({cost.dim()} > {ndim})")
     c = cost.detach().reshape(tuple(cost.shape) + (1,) * (ndim - cost.dim()))  # per-sample cost over latents
+    if c.dtype in (torch.float16, torch.bfloat16):
+        # the estimators form f1 - f2: in half precision a difference of two finite costs can overflow (65504)
+        c = c.float()
     return c[:n], c[n:]
 
 

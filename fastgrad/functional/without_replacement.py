@@ -328,6 +328,7 @@ def sf_wor_surrogate(log_p: torch.Tensor, perturbed: torch.Tensor, cost: torch.T
     ``cost`` broadcastable to ``[k, ...]``; returns ``[...]``: value ``sum_i iw_i f_i`` (``/ W``), gradient the
     estimator's.
     """
+    log_p = _check_set_log_p(log_p)
     cost = _check_set_cost(cost, log_p).detach().double()
     k = log_p.shape[0]
     if k < 2:
@@ -335,6 +336,7 @@ def sf_wor_surrogate(log_p: torch.Tensor, perturbed: torch.Tensor, cost: torch.T
                          "it needs k >= 2")
     if not isinstance(perturbed, torch.Tensor) or perturbed.shape != log_p.shape:
         raise ValueError(f"perturbed must be a tensor of the shape of log_p {tuple(log_p.shape)}")
+    _checks.finite(perturbed, "perturbed")
     iw = priority_weights(log_p[:-1], perturbed[-1])                     # [k-1, ...]
     f = cost[:-1]
     p = log_p[:-1].detach().double().exp()
