@@ -10,7 +10,7 @@ import torch
 
 import fastgrad
 import fastgrad.functional as F
-from fastgrad.ops import linear_log_prob as lm
+from fastgrad.ops import linear_policy_loss as lm
 
 from ._stats import assert_unbiased
 from .conftest import INTERPRETED, available_backends

@@ -1,4 +1,6 @@
-"""Every backend of every op against the pure-torch reference, plus gradcheck, opcheck and torch.compile."""
+"""The original ops' own tests beyond the registry harness (tests/test_registry.py runs every backend of every
+registered op on its sample inputs against the reference, opcheck and bad inputs): their backward ops against the
+reference, float64 gradcheck, the samplers' statistics, torch.compile, the eager entries, the CPU output cache."""
 import math
 import os
 
@@ -139,7 +141,7 @@ def test_gradcheck_float64(backend):
     with fastgrad.backend(backend):
         # the registered ops and the eager entries fastgrad.functional calls
         for gumbel, surrogate, enumerate_ in ((gs.gumbel_softmax, ss.score_surrogate, el.enumerate_log_probs),
-                                              (gs.sample, ss.surrogate, el.log_probs)):
+                                              (gs.eager, ss.eager, el.eager)):
             l = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
             torch.autograd.gradcheck(lambda x: gumbel(x, 2, 0.8, False, 7, 1), (l,), fast_mode=fast)
             idx = torch.randint(0, 6, (3, 4))
@@ -147,23 +149,6 @@ def test_gradcheck_float64(backend):
             torch.autograd.gradcheck(lambda x, ww: surrogate(x, idx, ww)[0], (l, w), fast_mode=fast)
             l3 = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
             torch.autograd.gradcheck(enumerate_, (l3,), fast_mode=fast)
-
-
-def _samples():
-    l = torch.randn(5, 7)
-    yield torch.ops.fastgrad.categorical_sample.default, (l, 3, 11, 0, True)
-    yield torch.ops.fastgrad.gumbel_softmax.default, (l.clone().requires_grad_(), 3, 0.5, False, 11, 0)
-    yield torch.ops.fastgrad.gumbel_softmax.default, (l.clone().requires_grad_(), 3, 0.5, True, 11, 4)
-    yield torch.ops.fastgrad.score_surrogate.default, (l.clone().requires_grad_(), torch.randint(0, 7, (3, 5)),
-                                                       torch.randn(3, 5))
-    yield torch.ops.fastgrad.enumerate_log_probs.default, (torch.randn(4, 2, 3, requires_grad=True),)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    with fastgrad.backend(backend):
-        for op, args in _samples():
-            torch.library.opcheck(op, args)
 
 
 def test_same_seed_same_samples_across_calls_and_backends():
@@ -326,10 +311,10 @@ def test_eager_entries_match_the_registered_ops(backend):
     idx = torch.randint(0, 7, (3, 12), generator=g)
     w = torch.randn(3, 12, generator=g, dtype=torch.float64)
     cases = [
-        (lambda f, l: f(l, idx, w)[0], ss.surrogate, ss.score_surrogate),
-        (lambda f, l: f(l, 2, 0.7, False, 5, 11), gs.sample, gs.gumbel_softmax),
-        (lambda f, l: f(l, 2, 0.7, True, 5, 11), gs.sample, gs.gumbel_softmax),
-        (lambda f, l: f(l.view(4, 3, 7)), el.log_probs, el.enumerate_log_probs),
+        (lambda f, l: f(l, idx, w)[0], ss.eager, ss.score_surrogate),
+        (lambda f, l: f(l, 2, 0.7, False, 5, 11), gs.eager, gs.gumbel_softmax),
+        (lambda f, l: f(l, 2, 0.7, True, 5, 11), gs.eager, gs.gumbel_softmax),
+        (lambda f, l: f(l.view(4, 3, 7)), el.eager, el.enumerate_log_probs),
     ]
     with fastgrad.backend(backend):
         for call, eager, registered in cases:
@@ -342,7 +327,7 @@ def test_eager_entries_match_the_registered_ops(backend):
                 grads.append(l.grad)
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
             torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
-        a = cs.sample(l0.float(), 4, 9, 2, True)
+        a = cs.eager(l0.float(), 4, 9, 2, True)
         b = cs.categorical_sample(l0.float(), 4, 9, 2, True)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 

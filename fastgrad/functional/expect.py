@@ -25,7 +25,7 @@ def enumerate_log_probs(logits: torch.Tensor, budget: int = _enum.DEFAULT_BUDGET
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, k, K], got {tuple(logits.shape)}")
     check_budget(logits.shape[1], logits.shape[2], budget)
-    return _enum.log_probs(logits.contiguous())
+    return _enum.eager(logits.contiguous())
 
 
 def expectation(logits: torch.Tensor, cost: torch.Tensor, budget: int = _enum.DEFAULT_BUDGET) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The LM head fused with the log-probability and the policy-gradient losses (plain functions over the ops of
-:mod:`fastgrad.ops.linear_log_prob`)."""
+:mod:`fastgrad.ops.linear_log_prob` and :mod:`fastgrad.ops.linear_policy_loss`)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops import _checks
-from ..ops import linear_log_prob as _lm
+from ..ops import _lm_head
+from ..ops import linear_log_prob as _llp
+from ..ops import linear_policy_loss as _plp
 from ._validate import Baseline, check_real, expand_to
 from .score_function import subtract_baseline
 
@@ -39,7 +41,7 @@ def _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budg
     _checks.finite(h2, "hidden")
     chunk = chunk_size or 0
     if chunk == 0 and memory_budget is not None:
-        chunk = _lm.default_chunk(h2.shape[0], weight.shape[0], h2.device, memory_budget)
+        chunk = _lm_head.default_chunk(h2.shape[0], weight.shape[0], h2.device, memory_budget)
     return h2, weight.contiguous(), None if bias is None else bias.contiguous(), float(temperature), chunk
 
 
@@ -61,7 +63,7 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
             exponential pass per row only when asked, and no buffer otherwise).
         return_lse: also the logsumexp ``[...]`` of the (tempered) logits.
         chunk_size: rows per slab; None chooses from ``memory_budget`` (bytes of slab), or the default
-            (:func:`fastgrad.ops.linear_log_prob.default_chunk`).
+            (:func:`fastgrad.ops._lm_head.default_chunk`).
 
     Returns:
         fp32 (float64 for float64 inputs) ``logp`` of index's shape; with ``return_entropy``/``return_lse`` a tuple
@@ -69,7 +71,7 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
     """
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(hidden.shape[:-1])
-    logp, lse, ent = _lm.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t, int(ignore_index),
+    logp, lse, ent = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t, int(ignore_index),
                                          bool(return_entropy), chunk)
     out = [logp.view(lead)]
     if return_entropy:
@@ -107,7 +109,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     """Policy-gradient loss of sampled tokens through the LM head: the loss and its gradients in one pass over
     ``[chunk, V]`` slabs (3 GEMMs: logits, dX, dW); the logits never exist.
 
-    ``loss = sum_t w_t l_t`` with the per-token loss ``l_t`` of :func:`fastgrad.ops.linear_log_prob.token_loss`
+    ``loss = sum_t w_t l_t`` with the per-token loss ``l_t`` of :func:`fastgrad.ops.linear_policy_loss.token_loss`
     (``"reinforce"``: ``-A logp``; ``"ppo_clip"``: PPO/GRPO's clipped ratio, ``eps_low``/``eps_high`` as in DAPO;
     ``"cispo"``: MiniMax-M1's clipped, detached importance weight times ``-A logp``; ``"gspo"``: GSPO's
     sequence-level ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", the GSPO-token form):
@@ -156,8 +158,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         raise ValueError(f"beta, eps_low and eps_high must be >= 0, got {beta}, {eps_low}, {eps_high}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's per-token log-probs)")
-    if loss not in _lm.LOSSES + ("gspo",):
-        raise ValueError(f"loss must be one of {_lm.LOSSES + ('gspo',)}, got {loss!r}")
+    if loss not in tuple(_plp.LOSSES) + ("gspo",):
+        raise ValueError(f"loss must be one of {tuple(_plp.LOSSES) + ('gspo',)}, got {loss!r}")
     if loss == "gspo" and len(lead) != 2:
         raise ValueError(f"loss='gspo' needs [B, T] inputs (its ratio is per sequence), got index {lead}")
     if clip_ratio_c is not None:
@@ -203,13 +205,13 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         # the same value, clip decisions and gradient -A s_b grad logp_t as GSPO-token
         with torch.no_grad():
             live = torch.where(m, index, int(ignore_index)).reshape(-1, 1).contiguous()  # loss tokens only
-            lp0 = _lm.linear_log_prob(h2, w, b, live, t, int(ignore_index), False, chunk)[0].view(lead)
+            lp0 = _llp.linear_log_prob(h2, w, b, live, t, int(ignore_index), False, chunk)[0].view(lead)
         dl = (lp0 - old.view(lead)) * mf if old is not None else torch.zeros_like(mf)
         log_s = dl.sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1)
         old = torch.where(m, lp0 - log_s, 0).reshape(-1).contiguous()
         op_loss = "ppo_clip"
     needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
-    total, logp, ent, st, *_ = _lm.linear_policy_loss(
+    total, logp, ent, st, *_ = _plp.linear_policy_loss(
         h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), old, ref, t, int(ignore_index),
         op_loss, float(eps_low), float(eps_high), float(beta), kl, float(entropy_coef), bool(return_entropy), chunk,
         needs, float(clip_ratio_c or 0.0))
@@ -248,5 +250,5 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
     cost = check_real(cost, "cost")
     acc = _checks.acc_dtype(h2.dtype)
     a = subtract_baseline(expand_to(cost.to(acc), tuple(samples.shape), "cost", "the samples' shape"), baseline)
-    logp, _lse, _ent = _lm.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)
+    logp, _lse, _ent = _llp.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)
     return a * logp.t()

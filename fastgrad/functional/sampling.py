@@ -43,7 +43,7 @@ def sample_categorical(
     K = logits.shape[-1]
     rows = flat_rows(logits.detach())
     seed, offset = _philox.draw_seed_offset(n * rows.shape[0], generator, seed, offset)
-    idx, oh = _cs.sample(rows, n, seed, offset, bool(one_hot))
+    idx, oh = _cs.eager(rows, n, seed, offset, bool(one_hot))
     idx = idx.view((n,) + batch)
     if one_hot:
         return idx, oh.view((n,) + batch + (K,))
@@ -70,7 +70,7 @@ def gumbel_topk(logits: torch.Tensor, k: int, *, generator: Optional[torch.Gener
         raise ValueError(f"k must lie in [1, K] = [1, {logits.shape[-1]}], got {k}")
     rows = flat_rows(logits.detach())
     seed, offset = _philox.draw_seed_offset(rows.numel(), generator, seed, offset)
-    idx, val = _gtk.gumbel_topk(rows, k, seed, offset)
+    idx, val = _gtk.eager(rows, k, seed, offset)
     batch = logits.shape[:-1]
     return idx.view(batch + (idx.shape[-1],)), val.view(batch + (val.shape[-1],))
 
@@ -104,7 +104,7 @@ def gumbel_softmax(
     if isinstance(tau, torch.Tensor):
         y = _gumbel_softmax_learned_tau(rows, n, tau, bool(hard), seed, offset)
     else:
-        y = _gs.sample(rows, n, tau, bool(hard), seed, offset)
+        y = _gs.eager(rows, n, tau, bool(hard), seed, offset)
     return y.view((n,) + tuple(shape))
 
 

@@ -49,7 +49,7 @@ def subtract_baseline(cost: torch.Tensor, baseline: Baseline) -> torch.Tensor:
 def _score(logits: torch.Tensor, samples: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # index range and NaN/inf rows: checked by the op (the C++ kernel while it reads, other backends in Python)
     n = samples.shape[0]
-    out, _ = _ss.surrogate(flat_rows(logits), samples.reshape(n, -1).contiguous(), weight.reshape(n, -1).contiguous())
+    out, _ = _ss.eager(flat_rows(logits), samples.reshape(n, -1).contiguous(), weight.reshape(n, -1).contiguous())
     return out.view(samples.shape)
 
 

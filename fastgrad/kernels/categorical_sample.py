@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_tl, block, row_max
+
 from ._philox import philox_uniform
 
 
@@ -19,11 +21,7 @@ def _sample_kernel(logits_ptr, idx_ptr, oh_ptr, R, K, n, seed, offset, ONE_HOT: 
     s0 = tl.program_id(1).to(tl.int64) * BLOCK_N  # this program's chunk of draws
     row = logits_ptr + r * K
     ks = tl.arange(0, BLOCK_K)
-    m = tl.full([BLOCK_K], float("-inf"), ACC)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(ACC)
-        m = tl.maximum(m, x)
-    mx = tl.max(m, 0)
+    mx = row_max(row, K, ACC, BLOCK_K)
     total = tl.zeros([BLOCK_K], tl.float64)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(row + k0 + ks, mask=k0 + ks < K, other=float("-inf")).to(ACC)
@@ -62,10 +60,10 @@ def categorical_sample(logits: torch.Tensor, n: int, seed: int, offset: int, one
     oh = torch.empty((n, R, K) if one_hot else (0,), dtype=logits.dtype, device=logits.device)
     if R == 0:
         return idx, oh
-    BLOCK_K = min(triton.next_power_of_2(K), 1024)
+    BLOCK_K = block(K, 1024)
     # draws in chunks of at most 64 per program: the [BLOCK_N, BLOCK_K] compare tile stays in registers for any n
-    BLOCK_N = min(triton.next_power_of_2(n), 64)
-    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    BLOCK_N = block(n, 64)
+    acc = acc_tl(logits.dtype)
     _sample_kernel[(R, triton.cdiv(n, BLOCK_N))](logits, idx, oh, R, K, n, seed, offset, ONE_HOT=one_hot, ACC=acc,
                                                  BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     return idx, oh

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_torch
+
 
 @triton.jit
 def _fwd_kernel(lp_ptr, out_ptr, B, k, K, C, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -46,16 +48,12 @@ def _bwd_kernel(g_ptr, gsum_ptr, p_ptr, gl_ptr, B, k, K, C, BLOCK_B: tl.constexp
     tl.store(gl_ptr + (bs.to(tl.int64) * k + i) * K + j, (acc - p * s).to(gl_ptr.dtype.element_ty), mask=bmask)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def enumerate_log_probs(logits):
     B, k, K = logits.shape
     C = K**k
     out = torch.empty((C, B), dtype=logits.dtype, device=logits.device)
     if B:
-        lp = torch.log_softmax(logits.to(_acc(logits.dtype)), -1).contiguous()  # [B, k, K], tiny
+        lp = torch.log_softmax(logits.to(acc_torch(logits.dtype)), -1).contiguous()  # [B, k, K], tiny
         grid = (triton.cdiv(C, 32), triton.cdiv(B, 64))
         _fwd_kernel[grid](lp, out, B, k, K, C, BLOCK_C=32, BLOCK_B=64)
     return out
@@ -64,7 +62,7 @@ def enumerate_log_probs(logits):
 def enumerate_log_probs_backward(grad, logits):
     B, k, K = logits.shape
     C = grad.shape[0]
-    acc = _acc(logits.dtype)
+    acc = acc_torch(logits.dtype)
     gl = torch.empty(logits.shape, dtype=acc, device=logits.device)
     if B:
         p = torch.softmax(logits.to(acc), -1).contiguous()

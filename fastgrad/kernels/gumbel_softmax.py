@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_tl, block
+
 from ._philox import philox_uniform
 
 
@@ -81,16 +83,12 @@ def _bwd_kernel(grad_ptr, logits_ptr, gl_ptr, R, K, n, inv_tau, seed, offset, AC
             tl.store(gl_ptr + r * K + k0 + ks, (prev + y * (g - d) * inv_tau).to(gl_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def gumbel_softmax(logits, n, tau, hard, seed, offset):
     R, K = logits.shape
     out = torch.empty((n, R, K), dtype=logits.dtype, device=logits.device)
     if R and K:
-        BLOCK_K = min(triton.next_power_of_2(K), 1024)
-        _fwd_kernel[(n * R,)](logits, out, R, K, 1.0 / tau, seed, offset, HARD=hard, ACC=_acc(logits.dtype),
+        BLOCK_K = block(K, 1024)
+        _fwd_kernel[(n * R,)](logits, out, R, K, 1.0 / tau, seed, offset, HARD=hard, ACC=acc_tl(logits.dtype),
                               BLOCK_K=BLOCK_K)
     return out
 
@@ -101,7 +99,7 @@ def gumbel_softmax_backward(grad, logits, tau, seed, offset):
     gl = torch.empty_like(logits) if logits.dtype in (torch.float32, torch.float64) else \
         torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     if R and K:
-        BLOCK_K = min(triton.next_power_of_2(K), 1024)
-        _bwd_kernel[(R,)](grad, logits, gl, R, K, n, 1.0 / tau, seed, offset, ACC=_acc(logits.dtype),
+        BLOCK_K = block(K, 1024)
+        _bwd_kernel[(R,)](grad, logits, gl, R, K, n, 1.0 / tau, seed, offset, ACC=acc_tl(logits.dtype),
                           BLOCK_K=BLOCK_K)
     return gl.to(logits.dtype)

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_tl, acc_torch, block
+
 from ._philox import philox_uniform
 
 
@@ -61,14 +63,14 @@ def _topk_kernel(logits_ptr, idx_ptr, val_ptr, R, K, k, seed, offset, ACC: tl.co
 
 def gumbel_topk(logits: torch.Tensor, k: int, seed: int, offset: int):
     R, K = logits.shape
-    acc_t = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc_t = acc_torch(logits.dtype)
     idx = torch.empty((R, k), dtype=torch.int64, device=logits.device)
     val = torch.empty((R, k), dtype=acc_t, device=logits.device)
     if R == 0 or k == 0:
         return idx, val
-    BLOCK_K = min(triton.next_power_of_2(K), 512)
-    BLOCK_R = max(1, min(triton.next_power_of_2(R), 4096 // BLOCK_K))
-    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    BLOCK_K = block(K, 512)
+    BLOCK_R = block(R, 4096 // BLOCK_K)
+    acc = acc_tl(logits.dtype)
     _topk_kernel[(triton.cdiv(R, BLOCK_R),)](logits, idx, val, R, K, k, seed, offset, ACC=acc, BLOCK_R=BLOCK_R,
                                              BLOCK_K=BLOCK_K)
     return idx, val

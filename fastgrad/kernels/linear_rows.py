@@ -1,8 +1,9 @@
 """Triton row passes of the fused LM-head ops over a logits slab ``[M, V]`` (see ``csrc/cpu/linear_rows.cpp`` for
 the formulas): one program per row, the vocabulary visited in masked blocks (V need not be a multiple)."""
-import torch
 import triton
 import triton.language as tl
+
+from ._common import acc_tl, block, row_max
 
 
 @triton.jit
@@ -11,11 +12,7 @@ def _stats_kernel(z_ptr, idx_ptr, logp_ptr, lse_ptr, ent_ptr, V, S, inv_t, WANT_
     r = tl.program_id(0).to(tl.int64)
     row = z_ptr + r * V
     cols = tl.arange(0, BLOCK_V)
-    mx = tl.full([BLOCK_V], float("-inf"), ACC)
-    for v0 in range(0, V, BLOCK_V):
-        x = tl.load(row + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(ACC)
-        mx = tl.maximum(mx, x)
-    m = tl.max(mx, 0) * inv_t
+    m = row_max(row, V, ACC, BLOCK_V) * inv_t
     s = tl.zeros([BLOCK_V], ACC)
     t = tl.zeros([BLOCK_V], ACC)
     for v0 in range(0, V, BLOCK_V):
@@ -65,8 +62,7 @@ def _grad_kernel(z_ptr, idx_ptr, coef_ptr, g_ptr, lse_ptr, ent_ptr, V, S, inv_t,
 
 
 def _meta(slab, S):
-    acc = tl.float64 if slab.dtype == torch.float64 else tl.float32
-    return acc, min(triton.next_power_of_2(max(slab.shape[1], 1)), 2048), triton.next_power_of_2(max(S, 1))
+    return acc_tl(slab.dtype), block(slab.shape[1], 2048), block(S, 1 << 30)
 
 
 def rows_stats(slab, index, inv_t, want_entropy):

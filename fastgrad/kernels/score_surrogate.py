@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_tl, acc_torch, block
+
 
 @triton.jit
 def _fwd_kernel(logits_ptr, idx_ptr, w_ptr, out_ptr, lse_ptr, R, K, n, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -48,23 +50,19 @@ def _bwd_kernel(a_ptr, logits_ptr, idx_ptr, lse_ptr, gl_ptr, R, K, n, ACC: tl.co
         tl.store(gl_ptr + r * K + k0 + ks, (hit - asum * tl.exp(x - lse)).to(gl_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _blocks(K, n):
-    return min(triton.next_power_of_2(K), 2048), triton.next_power_of_2(max(n, 1))
+    return block(K, 2048), block(n, 1 << 30)
 
 
 def score_surrogate(logits, index, weight):
     R, K = logits.shape
     n = index.shape[0]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_torch(logits.dtype)
     out = torch.empty_like(weight)
     lse = torch.empty(R, dtype=acc, device=logits.device)
     if R:
         BLOCK_K, BLOCK_N = _blocks(K, n)
-        _fwd_kernel[(R,)](logits, index, weight, out, lse, R, K, n, ACC=_acc(logits.dtype), BLOCK_K=BLOCK_K,
+        _fwd_kernel[(R,)](logits, index, weight, out, lse, R, K, n, ACC=acc_tl(logits.dtype), BLOCK_K=BLOCK_K,
                           BLOCK_N=BLOCK_N)
     return out, lse
 
@@ -72,11 +70,11 @@ def score_surrogate(logits, index, weight):
 def score_surrogate_backward(grad, logits, index, weight, lse):
     R, K = logits.shape
     n = index.shape[0]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_torch(logits.dtype)
     a = (grad.to(acc) * weight.to(acc)).contiguous()
     gl = torch.empty_like(logits)
     if R:
         BLOCK_K, BLOCK_N = _blocks(K, n)
-        _bwd_kernel[(R,)](a, logits, index, lse.to(acc).contiguous(), gl, R, K, n, ACC=_acc(logits.dtype),
+        _bwd_kernel[(R,)](a, logits, index, lse.to(acc).contiguous(), gl, R, K, n, ACC=acc_tl(logits.dtype),
                           BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N)
     return gl

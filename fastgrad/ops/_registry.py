@@ -1,5 +1,9 @@
 """One declaration per op: :func:`define` registers ``torch.ops.fastgrad.<name>`` (schema, fake, autograd) and its
-backward op, and builds the callable :mod:`fastgrad.functional` uses. Follow an op to the kernel that runs:
+backward op, and builds the callable :mod:`fastgrad.functional` uses; :func:`define_driver` does the same for an op
+whose one Python implementation drives smaller kernels on every backend (the fused LM head). Every declaration
+enters :data:`REGISTRY` with the op's sample inputs, so the generic op tests (every backend against the reference,
+``opcheck``, the input contract, the differential fuzz, the Triton ahead-of-time compile) reach a new op without a
+list to edit. Follow an op to the kernel that runs:
 
     fastgrad.functional.<estimator>  ->  Op.call  ->  run(): Op.check, then one of
         "reference": Op.reference                          (fastgrad/ops/<name>.py, pure torch)
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,14 +37,23 @@ class Backward:
     formula: Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+# sample_inputs(device, dtype) -> [(args, kwargs-free label)]: valid calls of the op, edge shapes included, for
+# the generic op tests (extension-cpp's habit); dtype is the floating dtype of the op's main input
+SampleInputs = Callable[[torch.device, torch.dtype], List[Tuple[str, tuple]]]
+
+
 @dataclass
 class Op:
     name: str
     schema: str
     reference: Callable[..., Any]
-    check: Callable[..., Any]
+    check: Optional[Callable[..., Any]]
     fake: Callable[..., Any]
     backward: Optional[Backward] = None
+    sample_inputs: Optional[SampleInputs] = None
+    dtypes: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    kernels: Tuple[str, ...] = ("cpp", "cuda", "triton")  # backends with a kernel of the whole op
+    differentiable: bool = False  # whether autograd is registered
     op: Any = None  # torch.ops.fastgrad.<name> (the registered custom op)
     backward_op: Any = None  # torch.ops.fastgrad.<name>_backward
     call: Callable[..., Any] = None  # what fastgrad.functional calls (see define)
@@ -73,15 +86,20 @@ def run(op: Op, name: str, reference: Callable[..., Any], check: Callable[..., A
     return out
 
 
+REGISTRY: Dict[str, Op] = {}  # every op of fastgrad, by name, in declaration order
+
+
 def define(name: str, schema: str, reference: Callable[..., Any], check: Callable[..., Any],
-           fake: Callable[..., Any], backward: Optional[Backward] = None) -> Op:
+           fake: Callable[..., Any], backward: Optional[Backward] = None, *,
+           sample_inputs: Optional[SampleInputs] = None) -> Op:
     """Register ``torch.ops.fastgrad.<name>`` (and ``<name>_backward``) and build ``Op.call``.
 
     ``Op.call`` is the registered op under ``torch.compile`` and for meta tensors (its fake runs). In eager mode
     it calls the backend directly, through a ``torch.autograd.Function`` built from the same ``setup`` and
     ``formula``: torch.library's Python dispatch costs 30-70 us per call, most of an op's time at the seed VAE's
     sizes."""
-    o = Op(name, schema, reference, check, fake, backward)
+    o = Op(name, schema, reference, check, fake, backward, sample_inputs, differentiable=backward is not None)
+    REGISTRY[name] = o
 
     def impl(*args: Any) -> Any:
         return run(o, name, reference, check, *args)
@@ -123,4 +141,30 @@ def define(name: str, schema: str, reference: Callable[..., Any], check: Callabl
     call.__name__ = name
     call.__doc__ = reference.__doc__
     o.call = call
+    return o
+
+
+def define_driver(name: str, schema: str, impl: Callable[..., Any], fake: Callable[..., Any], *,
+                  reference: Callable[..., Any], setup: Optional[Callable[..., None]] = None,
+                  formula: Optional[Callable[..., Any]] = None, backward: Optional[Tuple[str, Callable[..., Any],
+                                                                                          Callable[..., Any]]] = None,
+                  sample_inputs: Optional[SampleInputs] = None,
+                  dtypes: Tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32, torch.float64)) -> Op:
+    """Register ``torch.ops.fastgrad.<name>`` whose implementation ``impl`` is one Python driver on every backend
+    (it picks the backend of the kernels it calls itself), with its fake and, when given, its autograd
+    (``setup``, ``formula(ctx, *grads)``) and a backward op ``(schema, impl, fake)`` registered as
+    ``<name>_backward`` (the formula calls it as ``Op.backward_op``). ``reference`` is the unfused computation the
+    tests compare against. ``Op.call`` is the registered op."""
+    o = Op(name, schema, reference, None, fake, None, sample_inputs, dtypes, kernels=(),
+           differentiable=formula is not None)
+    REGISTRY[name] = o
+    o.op = torch.library.custom_op(f"fastgrad::{name}", impl, mutates_args=(), schema=schema)
+    o.op.register_fake(fake)
+    if backward is not None:
+        bschema, bimpl, bfake = backward
+        o.backward_op = torch.library.custom_op(f"fastgrad::{name}_backward", bimpl, mutates_args=(), schema=bschema)
+        o.backward_op.register_fake(bfake)
+    if formula is not None:
+        o.op.register_autograd(formula, setup_context=setup)
+    o.call = o.op
     return o

@@ -93,10 +93,27 @@ def _formula(backward_op):
     return _backward
 
 
+
+
+def sample_inputs(device, dtype):
+    """Valid calls: one categorical of one class, an empty batch, several latents of a few classes."""
+    g = torch.Generator().manual_seed(5)
+    return [(f"B={B} k={k} K={K}", (torch.randn(B, k, K, generator=g).to(device=device, dtype=dtype),))
+            for B, k, K in ((1, 1, 1), (5, 2, 10), (0, 2, 3), (3, 3, 4), (7, 1, 2))]
+
+
 # logits [B, k, K] -> log q(c) [K**k, B] in the logits' dtype
 OP = _registry.define(
     "enumerate_log_probs", "(Tensor logits) -> Tensor", reference, check, fake,
     _registry.Backward("(Tensor grad, Tensor logits) -> Tensor", reference_backward, check_backward, fake_backward,
-                       _setup, _formula))
+                       _setup, _formula), sample_inputs=sample_inputs)
 enumerate_log_probs, enumerate_log_probs_backward = OP.op, OP.backward_op
-log_probs = OP.call
+eager = OP.call  # what fastgrad.functional calls: the backend directly in eager mode
+
+def __getattr__(name):  # the eager entry's old name, for a release
+    if name == "log_probs":
+        import warnings
+        warnings.warn("fastgrad.ops.enumerate_log_probs.log_probs is deprecated: use fastgrad.ops.enumerate_log_probs.eager", DeprecationWarning, stacklevel=2)
+        return eager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

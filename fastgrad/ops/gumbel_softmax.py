@@ -79,6 +79,22 @@ def _formula(backward_op):
     return _backward
 
 
+
+
+def _rows(device, dtype, R, K, seed=0, masked=False):
+    x = (2 * torch.randn(R, K, generator=torch.Generator().manual_seed(seed))).to(device=device, dtype=dtype)
+    if masked and K > 2:
+        x[:, 1] = -float("inf")
+    return x
+
+
+def sample_inputs(device, dtype):
+    """Valid calls: K = 1, K = 2, odd sizes, an empty batch, a row spanning several 1024-blocks, masked (-inf)
+    categories."""
+    return [(f"{R}x{K} hard={hard}", (_rows(device, dtype, R, K, R + K, masked=True), 3, 0.6, hard, 99, 2))
+            for R, K in ((1, 1), (3, 2), (37, 11), (0, 5), (2, 4099)) for hard in (False, True)]
+
+
 # logits [R, K] -> samples [n, R, K] in the logits' dtype; backward: grad [n, R, K] -> grad of logits [R, K]
 # (the soft gradient, noise regenerated)
 OP = _registry.define(
@@ -86,6 +102,15 @@ OP = _registry.define(
     "(Tensor logits, SymInt n, float tau, bool hard, SymInt seed, SymInt offset) -> Tensor",
     reference, check, fake,
     _registry.Backward("(Tensor grad, Tensor logits, float tau, SymInt seed, SymInt offset) -> Tensor",
-                       reference_backward, check_backward, fake_backward, _setup, _formula))
+                       reference_backward, check_backward, fake_backward, _setup, _formula),
+    sample_inputs=sample_inputs)
 gumbel_softmax, gumbel_softmax_backward = OP.op, OP.backward_op
-sample = OP.call
+eager = OP.call  # what fastgrad.functional calls: the backend directly in eager mode
+
+def __getattr__(name):  # the eager entry's old name, for a release
+    if name == "sample":
+        import warnings
+        warnings.warn("fastgrad.ops.gumbel_softmax.sample is deprecated: use fastgrad.ops.gumbel_softmax.eager", DeprecationWarning, stacklevel=2)
+        return eager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -99,6 +99,20 @@ def _formula(backward_op):
     return _backward
 
 
+
+
+def sample_inputs(device, dtype):
+    """Valid calls: K = 1, K = 2, odd sizes, an empty batch, a row spanning several 1024-blocks."""
+    g = torch.Generator().manual_seed(4)
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+    out = []
+    for R, K in ((1, 1), (3, 2), (37, 11), (0, 5), (2, 4099)):
+        logits = (2 * torch.randn(R, K, generator=g)).to(device=device, dtype=dtype)
+        idx = torch.randint(0, K, (4, R), generator=g).to(device)
+        out.append((f"{R}x{K}", (logits, idx, torch.randn(4, R, generator=g, dtype=wdt).to(device))))
+    return out
+
+
 # logits [R, K], index int64 [n, R], weight [n, R] (float32/float64) -> (surrogate [n, R] in the weight's dtype,
 # lse [R]: float64 for float64 logits, else float32)
 OP = _registry.define(
@@ -106,6 +120,15 @@ OP = _registry.define(
     "(Tensor logits, Tensor index, Tensor weight) -> (Tensor, Tensor)",
     reference, check, fake,
     _registry.Backward("(Tensor grad, Tensor logits, Tensor index, Tensor weight, Tensor lse) -> Tensor",
-                       reference_backward, check_backward, fake_backward, _setup, _formula))
+                       reference_backward, check_backward, fake_backward, _setup, _formula),
+    sample_inputs=sample_inputs)
 score_surrogate, score_surrogate_backward = OP.op, OP.backward_op
-surrogate = OP.call
+eager = OP.call  # what fastgrad.functional calls: the backend directly in eager mode
+
+def __getattr__(name):  # the eager entry's old name, for a release
+    if name == "surrogate":
+        import warnings
+        warnings.warn("fastgrad.ops.score_surrogate.surrogate is deprecated: use fastgrad.ops.score_surrogate.eager", DeprecationWarning, stacklevel=2)
+        return eager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -1,0 +1,248 @@
+"""The driver of the fused LM head, shared by its two ops (:mod:`.linear_log_prob`, :mod:`.linear_policy_loss`)
+and every backend: the ``[tokens, vocab]`` logits never exist; one ``[chunk, V]`` fp32 slab at a time does.
+
+Ops (registered with fakes and autograd, so ``torch.compile(fullgraph=True)`` and ``opcheck`` see them):
+
+* ``fastgrad::linear_log_prob(hidden [N, H], weight [V, H], bias?, index [N, S], T, ignore_index, want_entropy,
+  chunk) -> (logp [N, S], lse [N], entropy [N] or [0])``; its backward ``linear_log_prob_backward`` recomputes
+  each slab (4 GEMMs in all: the general path, for losses computed outside in torch).
+* ``fastgrad::linear_policy_loss(...) -> (loss, logp, entropy, token_stats, dhidden, dweight, dbias)``: the loss
+  and its gradients in one pass (3 GEMMs: logits, dX, dW, the design of Liger-Kernel's fused linear
+  cross-entropy); the backward only scales the stored gradients by the upstream scalar.
+
+Per token block (the driver below, shared by every backend): ``slab = x_blk @ W^T (+ b)`` in fp32 (float64 for
+float64 inputs; bf16/fp16 weights are converted per vocabulary block, never a half-precision GEMM), then the
+row passes (``linear_rows_stats``: logsumexp, target log-prob, entropy; ``linear_rows_grad_``: the slab
+overwritten with dL/dlogits in place; C++ on the CPU, Triton on the GPU, torch otherwise), then
+``dX_blk = dz W`` and ``dW += dz^T x_blk`` into an fp32 accumulator cast once at the end. Rows that carry no
+loss (``index == ignore_index``, zero token weight, zero upstream gradient) are compacted out before the GEMMs:
+time scales with the valid tokens. ``logp <= 0`` and ``lse`` come out in fp32.
+
+The unfused computation (``hidden @ weight.T / T``, ``log_softmax``, ``gather``) is the oracle in the tests; the
+GEMMs are ATen's (MKL/oneDNN, cuBLAS), whose reduction order may depend on the block's row count, so log-probs
+agree across chunk sizes to ~1e-6, not bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import _backend, _checks
+
+_CPU_SLAB_BYTES = 256 << 20  # CPU: a [chunk, V] fp32 slab of about this size (chunk 128..512)
+_WEIGHT_BLOCK_BYTES = 64 << 20  # half-precision weights are converted to fp32 in vocabulary blocks this large
+
+
+# -- row passes -------------------------------------------------------------------------------------------------
+def rows_stats_reference(slab: torch.Tensor, index: torch.Tensor, inv_t: float, want_entropy: bool):
+    z = slab * inv_t
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(1, index) - lse[:, None]
+    if want_entropy:
+        p = torch.exp(z - lse[:, None])
+        ent = lse - torch.where(p > 0, p * z, 0).sum(-1)  # a -inf logit (p = 0) adds nothing
+    else:
+        ent = slab.new_empty(0)
+    return logp, lse, ent
+
+
+def rows_grad_reference_(slab, index, coef, g_ent, lse, ent, inv_t: float) -> None:
+    logp = slab * inv_t - lse[:, None]
+    p = torch.exp(logp)
+    d = -coef.sum(1, keepdim=True) * p
+    if g_ent.numel():
+        d -= g_ent[:, None] * torch.where(p > 0, p * (logp + ent[:, None]), 0)
+    d.scatter_add_(1, index, coef)
+    slab.copy_(d.mul_(inv_t))
+
+
+def row_kernels(device: torch.device):
+    b = _backend.choose(device)
+    if b == "cpp":
+        return torch.ops.fastgrad_C.linear_rows_stats.default, torch.ops.fastgrad_C.linear_rows_grad_.default
+    if b == "triton":
+        from ..kernels import linear_rows
+
+        return linear_rows.rows_stats, linear_rows.rows_grad_
+    return rows_stats_reference, rows_grad_reference_  # "reference", and "cuda" (no CUDA row kernel: torch ops)
+
+
+# -- GEMMs and blocking -----------------------------------------------------------------------------------------
+def default_chunk(N: int, V: int, device: torch.device, memory_budget: Optional[int] = None) -> int:
+    """Rows per slab: CPU ``clamp(256 MiB / 4V, 128, 512)`` rounded down to 64; GPU up to 4 chunks of at least
+    2048 rows, shrunk until the slab fits ``min(2 GiB, 10 % of free memory)``; ``memory_budget`` (bytes) caps the
+    slab on either. Never more than N."""
+    if device.type == "cuda":
+        tb = max(2048, 1 << max(0, math.ceil(math.log2(max(1, N / 4)))))
+        free = torch.cuda.mem_get_info(device)[0]
+        cap = min(2 << 30, free // 10) if memory_budget is None else memory_budget
+        while tb > 64 and tb * V * 4 > cap:
+            tb //= 2
+    else:
+        cap = _CPU_SLAB_BYTES if memory_budget is None else memory_budget
+        tb = max(128, min(512, cap // (4 * max(1, V)) // 64 * 64))
+        if memory_budget is not None:
+            tb = max(1, min(tb, memory_budget // (4 * max(1, V))))
+    return max(1, min(tb, N))
+
+
+def _vocab_blocks(weight: torch.Tensor) -> List[Tuple[int, int]]:
+    V, H = weight.shape
+    vb = max(1, _WEIGHT_BLOCK_BYTES // (4 * max(1, H)))
+    return [(v0, min(V, v0 + vb)) for v0 in range(0, V, vb)]
+
+
+def _half_on_gpu(weight: torch.Tensor, acc: torch.dtype) -> bool:
+    """bf16/fp16 on CUDA: tensor-core GEMMs with fp32 outputs (``out_dtype``) instead of converting to fp32."""
+    return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32
+
+
+def _logits_into(slab: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 blocks) -> None:
+    """slab = x W^T (+ b) in the slab's dtype; ``x`` is in the accumulation dtype, or the weight's on a GPU."""
+    acc = slab.dtype
+    if weight.dtype == acc:
+        torch.mm(x, weight.t(), out=slab)
+    elif _half_on_gpu(weight, acc):
+        torch.mm(x, weight.t(), out_dtype=acc, out=slab)
+    else:  # half-precision weights on the CPU: converted one vocabulary block at a time, the GEMM in fp32
+        for v0, v1 in blocks:
+            slab[:, v0:v1] = x @ weight[v0:v1].to(acc).t()
+    if bias is not None:
+        slab += bias.to(acc)
+
+
+def backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks, dw: Optional[torch.Tensor],
+              db: Optional[torch.Tensor], need_x: bool, first: bool) -> Optional[torch.Tensor]:
+    """dz [M, V] -> dX [M, H] (when need_x); dW [V, H] and db [V] accumulated in place (fp32), or written by the
+    first block (``first``: no zero-fill pass over dW)."""
+    dx = None
+    if _half_on_gpu(weight, dz.dtype):
+        # as torch's own bf16 backward does, dz enters the GEMMs in the weight's dtype; dW accumulates in fp32
+        d = dz.to(weight.dtype)
+        if need_x:
+            dx = d @ weight
+        if dw is not None:
+            if first:
+                torch.mm(d.t(), x, out_dtype=dw.dtype, out=dw)
+            else:
+                torch.addmm(dw, d.t(), x, out_dtype=dw.dtype, out=dw)
+    else:
+        same = weight.dtype == dz.dtype
+        for v0, v1 in ([(0, weight.shape[0])] if same else blocks):
+            d = dz if same else dz[:, v0:v1]
+            wb = weight if same else weight[v0:v1].to(dz.dtype)
+            if need_x:
+                part = d @ wb
+                dx = part if dx is None else dx.add_(part)
+            if dw is not None:
+                if first:
+                    torch.mm(d.t(), x, out=dw[v0:v1])
+                else:
+                    dw[v0:v1].addmm_(d.t(), x)
+    if db is not None:
+        if first:
+            torch.sum(dz, 0, out=db)
+        else:
+            db += dz.sum(0)
+    return dx
+
+
+class Driver:
+    """The per-call state: rows to visit, their blocks, one reusable slab, the row kernels."""
+
+    def __init__(self, hidden, weight, bias, index, temperature, chunk, rows: Optional[torch.Tensor]):
+        self.hidden, self.weight, self.bias, self.index = hidden, weight, bias, index
+        self.acc = _checks.acc_dtype(hidden.dtype)
+        self.inv_t = 1.0 / temperature
+        self.blocks = _vocab_blocks(weight)
+        self.half_gpu = _half_on_gpu(weight, self.acc)
+        self.rows = rows  # None: every row
+        M = hidden.shape[0] if rows is None else rows.numel()
+        V = weight.shape[0]
+        self.M = M
+        self.tb = chunk if chunk > 0 else default_chunk(M, V, hidden.device)
+        self.slab_buf = hidden.new_empty((min(self.tb, M), V), dtype=self.acc) if M else None
+        self.stats, self.grad_ = row_kernels(hidden.device)
+
+    def __iter__(self):
+        """(row ids or a slice, x_blk in the accumulation dtype, slab with the block's logits)."""
+        for b0 in range(0, self.M, self.tb):
+            b1 = min(self.M, b0 + self.tb)
+            if self.rows is None:
+                sel = slice(b0, b1)
+                x = self.hidden[sel]
+            else:
+                sel = self.rows[b0:b1]
+                x = self.hidden.index_select(0, sel)
+            x = x.to(self.weight.dtype if self.half_gpu else self.acc)
+            slab = self.slab_buf[: b1 - b0]
+            _logits_into(slab, x, self.weight, self.bias, self.blocks)
+            yield sel, x, slab
+
+    def check_rows(self, lse: torch.Tensor) -> None:
+        if not bool(torch.isfinite(lse).all()):
+            raise ValueError("hidden, weight and bias must be finite: a row's logits contain NaN or inf")
+
+
+def grad_buffers(hidden, weight, bias, need_x: bool, need_w: bool, need_b: bool, drv: "Driver"):
+    """dX (zeros unless every row is visited), and the fp32 dW / db accumulators: written by the first block,
+    zeros only when no row is visited."""
+    acc = drv.acc
+    if need_x:
+        dx = torch.empty_like(hidden) if drv.rows is None else torch.zeros_like(hidden)
+    else:
+        dx = hidden.new_empty(0)
+    alloc = torch.empty if drv.M else torch.zeros
+    dw = alloc(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    db = alloc(weight.shape[:1], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+    return dx, dw, db
+
+
+def rows_to_visit(keep: torch.Tensor) -> Optional[torch.Tensor]:
+    """None when every row is kept (no gather), else the kept rows' ids."""
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def safe_index(index: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    valid = index != ignore_index
+    return torch.where(valid, index, 0), valid
+
+
+# -- linear_log_prob ------------------------------------------------------------------------------------------
+def check_head(hidden, weight, bias, index, temperature, chunk: int, index_dim: int = 2) -> None:
+    _checks.tensor(hidden, "hidden", 2)
+    _checks.tensor(weight, "weight", 2)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have shape [V, H] with H = {hidden.shape[1]} (hidden's last dim), got "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    _checks.same_device("weight", weight, hidden)
+    if bias is not None:
+        _checks.tensor(bias, "bias", 1)
+        _checks.shape(bias, "bias", weight.shape[:1], "[V]")
+        _checks.same_device("bias", bias, hidden)
+    _checks.tensor(index, "index", index_dim, (torch.int64,))
+    if index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"index must have {hidden.shape[0]} rows (hidden's), got shape {tuple(index.shape)}")
+    _checks.same_device("index", index, hidden)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"chunk_size must be a positive int (0 or None: chosen from the memory budget), got {chunk!r}")
+
+
+def check_index_values(index: torch.Tensor, V: int, ignore_index: int) -> None:
+    if _checks._skip_values(index):
+        return
+    bad = (index != ignore_index) & ((index < 0) | (index >= V))
+    if bool(bad.any()):
+        raise ValueError(f"index must lie in [0, {V}) or equal ignore_index = {ignore_index}")
