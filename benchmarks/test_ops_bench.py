@@ -154,7 +154,7 @@ def test_sample_onehot_fastgrad(benchmark, device, backend):
     logits = _logits(device)
     nbytes = logits.numel() * 4 + N * logits.numel() * 4 + N * logits[..., 0].numel() * 8
     with fastgrad.backend(backend):
-        idx, oh = record(benchmark, lambda: F.sample_categorical(logits, N, one_hot=True), nbytes, device=device)
+        idx, oh = record(benchmark, lambda: F.sample_categorical_one_hot(logits, N), nbytes, device=device)
     assert oh.shape == (N,) + SAMPLE_SHAPE
 
 
@@ -165,7 +165,7 @@ def test_sample_onehot_fastgrad_cold(benchmark, device, backend):
     logits = _logits(device)
     nbytes = logits.numel() * 4 + N * logits.numel() * 4 + N * logits[..., 0].numel() * 8
     with fastgrad.backend(backend):
-        idx, oh = record(benchmark, lambda: F.sample_categorical(logits, N, one_hot=True), nbytes, cold=True)
+        idx, oh = record(benchmark, lambda: F.sample_categorical_one_hot(logits, N), nbytes, cold=True)
     assert oh.shape == (N,) + SAMPLE_SHAPE
 
 

@@ -199,7 +199,7 @@ def functional(method: str, model, data: torch.Tensor) -> Callable[[], float]:
         kl = _kl(probs)
         if method in ("sf1", "sf10_batch_average"):
             n = 1 if method == "sf1" else 10
-            idx, z = F.sample_categorical(logits.detach(), n, one_hot=True)
+            idx, z = F.sample_categorical_one_hot(logits.detach(), n)
             bce = _bce(model, z, x)
             sur = F.score_function_surrogate(logits, idx, bce.unsqueeze(-1),
                                              baseline="batch_average" if n > 1 else None)

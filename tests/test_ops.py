@@ -31,9 +31,9 @@ SHAPES = [
 ]
 
 
-# The Triton interpreter (CPU) runs one program at a time in numpy: there, the vocabulary-scale row is replaced
-# by a smaller one that still spans several blocks. On a GPU every backend gets every shape.
-INTERPRETED = DEVICE == "cpu"
+# The Triton interpreter (CPU tensors) runs one program at a time in numpy: there, the vocabulary-scale row is
+# replaced by a smaller one that still spans several blocks. On a GPU every backend gets every shape.
+CPU_TENSORS = DEVICE == "cpu"
 
 
 # The reference is the oracle of the *_matches_reference tests, so they run the other backends (the reference
@@ -45,7 +45,7 @@ def _cases(shapes, big=(2, 2**17 + 3), small=(2, 4099)):
     out = []
     for b in KERNEL_BACKENDS:
         for s in shapes:
-            s = small if (b == "triton" and INTERPRETED and s == big) else s
+            s = small if (b == "triton" and CPU_TENSORS and s == big) else s
             if (b,) + s not in out:
                 out.append((b,) + s)
     return out
@@ -137,7 +137,7 @@ def test_enumerate_matches_reference(backend, dtype, B, k, K):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
-    fast = backend == "triton" and INTERPRETED  # random-projection gradcheck: fewer interpreted launches
+    fast = backend == "triton" and CPU_TENSORS  # random-projection gradcheck: fewer interpreted launches
     with fastgrad.backend(backend):
         # the registered ops and the eager entries fastgrad.functional calls
         for gumbel, surrogate, enumerate_ in ((gs.gumbel_softmax, ss.score_surrogate, el.enumerate_log_probs),

@@ -18,8 +18,8 @@ Example::
     >>> F.score_function_surrogate(logits, idx, cost, baseline="batch_average").mean(0).sum().backward()
 """
 
-from .sampling import (sample_categorical, gumbel_topk, gumbel_softmax, uniform, conditional_gumbel_bernoulli,
-                       conditional_gumbel_categorical)
+from .sampling import (sample_categorical, sample_categorical_one_hot, gumbel_topk, gumbel_softmax, uniform,
+                       conditional_gumbel_bernoulli, conditional_gumbel_categorical)
 from .score_function import (categorical_log_prob, batch_average_baseline, score_function_surrogate,
                              score_function_surrogate_from_log_prob)
 from .expect import (enumerate_configurations, enumerate_log_probs, expectation)
@@ -36,6 +36,7 @@ from .lm_head import (linear_log_prob, linear_policy_loss, linear_score_function
 
 __all__ = [
     "sample_categorical",
+    "sample_categorical_one_hot",
     "gumbel_topk",
     "gumbel_softmax",
     "uniform",

@@ -62,10 +62,7 @@ def expand_to(t: torch.Tensor, shape: Tuple[int, ...], name: str, what: str) -> 
 
 
 def is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover
-        return False
+    return torch.compiler.is_compiling()
 
 
 def logits_from(logits: Optional[torch.Tensor], probs: Optional[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from ..ops import _checks, _philox
 from ._validate import check_alpha, check_logits, check_n, check_real, check_tau
-from .sampling import conditional_gumbel_categorical, sample_categorical, uniform
+from .sampling import conditional_gumbel_categorical, sample_categorical_one_hot, uniform
 
 
 # -- alpha-entmax -------------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def reinmax(logits: torch.Tensor, n: int = 1, tau: float = 1.0, *, generator: Op
     recommends tau >= 1. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype."""
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
-    _, one = sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
+    _, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
     acc = _checks.acc_dtype(logits.dtype)
     la = logits.to(acc)
     one = one.to(acc)
@@ -165,7 +165,7 @@ def gumbel_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 10, 
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
     n, m = check_n(n), check_n(m, "m")
-    idx, one = sample_categorical(logits, n, one_hot=True, generator=generator, seed=seed, offset=offset)
+    idx, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
     if seed is not None:  # the conditional noise follows the sampler's on the same stream
         offset = (offset or 0) + _philox.counters_used(idx.numel())
     b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape)).reshape((m * n,) + tuple(idx.shape[1:]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -14,6 +15,18 @@ from ..ops import categorical_sample as _cs
 from ..ops import gumbel_softmax as _gs
 from ..ops import gumbel_topk as _gtk
 from ._validate import check_bernoulli_logits, check_logits, check_n, check_tau, flat_rows, logits_from
+
+
+def _draw_categorical(logits, n, probs, one_hot, generator, seed, offset):
+    # values checked here, before a seed is drawn: a call that raises leaves the generator untouched
+    logits = check_logits(logits_from(logits, probs))
+    n = check_n(n)
+    batch = logits.shape[:-1]
+    K = logits.shape[-1]
+    rows = flat_rows(logits.detach())
+    seed, offset = _philox.draw_seed_offset(n * rows.shape[0], generator, seed, offset)
+    idx, oh = _cs.eager(rows, n, seed, offset, one_hot)
+    return idx.view((n,) + batch), (oh.view((n,) + batch + (K,)) if one_hot else None)
 
 
 def sample_categorical(
@@ -26,28 +39,37 @@ def sample_categorical(
     seed: Optional[int] = None,
     offset: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Draw ``n`` samples from ``Categorical(logits)`` for every row.
+    """Draw ``n`` samples from ``Categorical(logits)`` for every row (inverse CDF on fastgrad's Philox stream).
 
     Args:
         logits: ``[..., K]`` float tensor (unnormalized; ``-inf`` = zero probability). Or pass ``probs``.
         n: number of samples (int >= 1).
-        one_hot: also return the one-hot encoding ``[n, ..., K]`` in the logits' dtype (fused, one write).
+        one_hot: deprecated (it changed the return type): use :func:`sample_categorical_one_hot`.
 
     Returns:
-        int64 indices ``[n, ...]``; with ``one_hot=True`` the tuple ``(indices, one_hot)``.
+        int64 indices ``[n, ...]``. Not differentiable; cost: one pass over the logits per row plus ``O(n log K)``.
     """
-    # values checked here, before a seed is drawn: a call that raises leaves the generator untouched
-    logits = check_logits(logits_from(logits, probs))
-    n = check_n(n)
-    batch = logits.shape[:-1]
-    K = logits.shape[-1]
-    rows = flat_rows(logits.detach())
-    seed, offset = _philox.draw_seed_offset(n * rows.shape[0], generator, seed, offset)
-    idx, oh = _cs.eager(rows, n, seed, offset, bool(one_hot))
-    idx = idx.view((n,) + batch)
     if one_hot:
-        return idx, oh.view((n,) + batch + (K,))
-    return idx
+        warnings.warn("sample_categorical(one_hot=True) is deprecated: it returns a tuple where the function "
+                      "returns indices; use fastgrad.functional.sample_categorical_one_hot", DeprecationWarning,
+                      stacklevel=2)
+        return sample_categorical_one_hot(logits, n, probs=probs, generator=generator, seed=seed, offset=offset)
+    return _draw_categorical(logits, n, probs, False, generator, seed, offset)[0]
+
+
+def sample_categorical_one_hot(
+    logits: Optional[torch.Tensor] = None,
+    n: int = 1,
+    *,
+    probs: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    offset: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_categorical`'s draws with their one-hot encoding, written by the same fused pass:
+    ``(indices int64 [n, ...], one_hot [n, ..., K] in the logits' dtype)``; the same samples as
+    :func:`sample_categorical` for the same ``seed``/``offset``."""
+    return _draw_categorical(logits, n, probs, True, generator, seed, offset)
 
 
 def gumbel_topk(logits: torch.Tensor, k: int, *, generator: Optional[torch.Generator] = None,
@@ -112,7 +134,7 @@ def _gumbel_softmax_learned_tau(rows: torch.Tensor, n: int, tau: torch.Tensor, h
                                 offset: int) -> torch.Tensor:
     """The op's computation in torch autograd, differentiable w.r.t. ``tau`` too: the same Philox noise, so the
     same samples as the fused kernels for the same (seed, offset)."""
-    z, _ = _gs._soft(rows, n, 1.0, seed, offset)
+    z, _ = _gs.perturbed_softmax(rows, n, 1.0, seed, offset)
     y = torch.softmax(z / tau.to(z.dtype), dim=-1)
     if hard:
         y = torch.zeros_like(y).scatter_(-1, z.argmax(-1, keepdim=True), 1.0) - y.detach() + y

@@ -38,7 +38,8 @@ def subtract_baseline(cost: torch.Tensor, baseline: Baseline) -> torch.Tensor:
     if isinstance(baseline, str):
         if baseline in ("batch_average", "loo", "rloo"):
             return cost - batch_average_baseline(cost, 0)
-        raise ValueError(f"baseline must be None, 'none', 'batch_average' or a tensor, got {baseline!r}")
+        raise ValueError(f"baseline must be None, 'none', 'batch_average' ('loo', 'rloo') or a tensor, got "
+                         f"{baseline!r}")
     if isinstance(baseline, torch.Tensor):
         baseline = check_real(baseline, "baseline")
         expand_to(baseline, tuple(cost.shape), "baseline", "the cost's shape")
@@ -69,8 +70,9 @@ def score_function_surrogate(
         logits: ``[..., K]`` float16/bfloat16/float32/float64 (up to vocabulary-size K).
         samples: int64 ``[n, ...]`` drawn from ``Categorical(logits)``.
         cost: ``[n, ...]`` (or broadcastable to it), treated as a constant.
-        baseline: ``None``/"none", ``"batch_average"`` (leave-one-out mean of the other samples, n >= 2),
-            or a tensor broadcastable to ``cost``.
+        baseline: ``None``/"none", ``"batch_average"`` (leave-one-out mean of the other samples, n >= 2; also
+            spelled ``"loo"`` or ``"rloo"``, the name of the resulting estimator, REINFORCE leave-one-out, Kool et
+            al. 2019), or a tensor broadcastable to ``cost``.
     """
     logits = check_logits(logits, values=False)  # values: checked by the op
     check_samples(samples, logits)

@@ -18,7 +18,6 @@ from .._graph import reduce_plates
 from ..functional._validate import check_n as check_count
 from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
 
-_CATEGORICALS = (D.OneHotCategorical, D.Categorical, D.RelaxedOneHotCategorical)
 ENUMERABLE = (D.Categorical, D.OneHotCategorical, D.Bernoulli)
 
 
@@ -77,7 +76,6 @@ class Params:
         for k, v in tensors.items():
             raw = align(v, self.plates, v.event_dims) if isinstance(v, Tensor) else v
             self.given[k] = (v, raw)
-        self.param_name = next(iter(self.given)) if self.given else None
 
     # -- categorical helpers -----------------------------------------------------------------------------
     def logits(self) -> torch.Tensor:
@@ -119,11 +117,6 @@ class Params:
         else:
             out = type(d)(validate_args=False, **kw)
         return D.Independent(out, self.reinterpreted, validate_args=False) if self.reinterpreted else out
-
-    @property
-    def plate_shape(self) -> torch.Size:
-        raw = next(iter(self.given.values()))[1]
-        return raw.shape[: len(self.plates)]
 
     # -- param_grads hooks ---------------------------------------------------------------------------------
     def hook_param_grads(self, sample: StochasticTensor) -> None:
@@ -381,9 +374,10 @@ def sample_plain(params: Params, n: int) -> Draw:
     the state, for the fused log-probability), others by ``distribution.sample``."""
     if params.cat is not None and not isinstance(params.distr, D.RelaxedOneHotCategorical):
         logits = params.logits().detach()
-        one_hot = isinstance(params.distr, D.OneHotCategorical)
-        out = F.sample_categorical(logits, n, one_hot=one_hot)
-        idx, value = out if one_hot else (out, out)
+        if isinstance(params.distr, D.OneHotCategorical):
+            idx, value = F.sample_categorical_one_hot(logits, n)
+        else:
+            idx = value = F.sample_categorical(logits, n)
         return Draw(value, n, state=idx)
     with torch.no_grad():
         value = params.raw_distribution().sample((n,))

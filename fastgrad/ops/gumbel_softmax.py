@@ -12,7 +12,10 @@ import torch
 from . import _checks, _philox, _registry
 
 
-def _soft(logits: torch.Tensor, n: int, tau: float, seed: int, offset: int):
+def perturbed_softmax(logits: torch.Tensor, n: int, tau: float, seed: int, offset: int):
+    """``(z, softmax(z / tau))`` for the Gumbel-perturbed logits ``z`` ``[n, R, K]`` of the stream (seed, offset),
+    in the accumulation dtype: the reference's formula, and the learned-temperature path of
+    :func:`fastgrad.functional.gumbel_softmax`, which differentiates ``tau`` through it."""
     R, K = logits.shape
     acc = _checks.acc_dtype(logits.dtype)
     u = _philox.uniform(seed, offset, n * R * K, logits.device).view(n, R, K).to(acc)
@@ -21,7 +24,7 @@ def _soft(logits: torch.Tensor, n: int, tau: float, seed: int, offset: int):
 
 
 def reference(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, offset: int) -> torch.Tensor:
-    z, y = _soft(logits, n, tau, seed, offset)
+    z, y = perturbed_softmax(logits, n, tau, seed, offset)
     if hard:
         y = torch.zeros_like(y).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
     return y.to(logits.dtype)
@@ -29,7 +32,7 @@ def reference(logits: torch.Tensor, n: int, tau: float, hard: bool, seed: int, o
 
 def reference_backward(grad: torch.Tensor, logits: torch.Tensor, tau: float, seed: int, offset: int) -> torch.Tensor:
     n = grad.shape[0]
-    _, y = _soft(logits, n, tau, seed, offset)
+    _, y = perturbed_softmax(logits, n, tau, seed, offset)
     g = grad.to(y.dtype)
     gl = y * (g - (g * y).sum(-1, keepdim=True)) / tau
     return gl.sum(0).to(logits.dtype)
