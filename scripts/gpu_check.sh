@@ -92,7 +92,12 @@ print('CUDA kernels built')"
   # the kernels' tests (every backend against the reference, on CUDA tensors); the estimator statistics are pure
   # torch above the ops and run in CI on the CPU: the whole suite (~700 tests) would not fit the step's limit
   TESTS=(tests/test_ops.py tests/test_contract.py tests/test_functional.py tests/test_gumbel_topk.py
-         tests/test_linear_loss.py tests/test_fuzz.py)
+         tests/test_linear_loss.py tests/test_fuzz.py
+         # the functional estimators' checks on the fused ops (their families' files hold CPU statistics too)
+         tests/estimators/test_score_function.py::test_score_function_surrogate_value_and_grad
+         tests/estimators/test_score_function.py::test_score_function_unbiased_against_exact
+         tests/estimators/test_expect.py::test_enumeration_and_expectation_brute_force
+         tests/estimators/test_gumbel_softmax.py::test_gumbel_softmax_straight_through)
   # Triton compiles each kernel variant on first use: spread the suite over 4 processes where xdist is installed
   "$PY" -c "import xdist" 2>/dev/null && TESTS+=(-n 4)
 fi

@@ -1,8 +1,12 @@
 """The statistical assertions of the estimator tests, stated once: unbiasedness within standard errors and
-variance order by more than the sampling error of the variance estimates."""
+variance order by more than the sampling error of the variance estimates; and the one harness that collects an
+estimator's independent gradient estimates through the graph API (grad_estimates), with their mean and standard
+error (mean_and_se)."""
 import math
 
 import torch
+
+import fastgrad as storch
 
 
 def var_and_se(g: torch.Tensor):
@@ -46,3 +50,57 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
     return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def mean_and_se(g: torch.Tensor):
+    """Per-coordinate mean of the estimates ``g`` ``[reps, ...]`` and its standard error."""
+    return g.mean(0), g.std(0) / math.sqrt(g.shape[0])
+
+
+def grad_estimates(make, dist, cost, param: torch.Tensor, reps: int, *, plate: bool = False, logits_of=None,
+                   scale: float = 1.0, shift: float = 0.0, opt=None, values: bool = False):
+    """``reps`` independent estimates, float64 ``[reps, *param.shape]``, of the gradient of E[cost] w.r.t.
+    ``param`` through the graph API: draw ``make()(dist(x))``, register ``cost(z) * scale + shift``, backward().
+
+    plate=False: ``reps`` whole steps, each on a fresh leaf copy of ``param`` (x = ``logits_of(leaf)``, the leaf
+    itself by default); ``opt``, when given, is zeroed before and stepped after each step (a training loop). Steps
+    are what a method that keeps state across them (a trained control variate, an online coefficient, a moving
+    average) needs.
+    plate=True: one step over a plate "reps" of repetitions, each row its own copy of ``param``: the leaf is
+    ``[reps, *param.shape]`` and x is ``logits_of(leaf)`` with its leading dim (after the plates ``logits_of`` may
+    have denoted) made the plate; backward() averages over that plate, so the leaf's gradient times ``reps`` is each
+    row's estimate.
+
+    values=True also returns each estimate's forward value ``[reps]``: backward()'s value per step, or per row the
+    plate-weighted cost (what backward() reports for one draw)."""
+    def step(x):
+        z = make()(dist(x))
+        c = cost(z)
+        if scale != 1.0:
+            c = c * scale
+        if shift != 0.0:
+            c = c + shift
+        val = None
+        if values and plate:
+            val = (z.plates[0]._weight._tensor.detach().double() * c._tensor.detach().double()).sum(0)
+        storch.add_cost(c, "c")
+        loss = storch.backward()
+        return val if plate else loss.detach().double()
+
+    if plate:
+        leaf = param.expand((reps,) + tuple(param.shape)).clone().requires_grad_()
+        x = leaf if logits_of is None else logits_of(leaf)
+        val = step(storch.denote_independent(x, len(getattr(x, "plates", ())), "reps"))
+        g = leaf.grad.double() * reps
+        return (g, val) if values else g
+    out, vals = [], []
+    for _ in range(reps):
+        leaf = param.clone().requires_grad_()
+        if opt is not None:
+            opt.zero_grad()
+        vals.append(step(leaf if logits_of is None else logits_of(leaf)))
+        if opt is not None:
+            opt.step()
+        out.append(leaf.grad.detach().clone())
+    g = torch.stack(out).double()
+    return (g, torch.stack(vals)) if values else g

@@ -14,6 +14,7 @@ def test_vendored_mnist_reads():
     assert 0 <= float(x.min()) and float(x.max()) <= 1 and set(y.unique().tolist()) == set(range(10))
 
 
+@pytest.mark.slow  # an end-to-end demo run
 @pytest.mark.parametrize("method,extra", [("score-function", ["--n-samples", "4", "--baseline", "batch_average"]),
                                           ("expect", []), ("straight-through", [])])
 def test_demo_quick(tmp_path, method, extra):
@@ -103,6 +104,7 @@ def test_demo_default_out_dir_names_the_configuration():
     assert a.out_dir.endswith("score-function-n10-batch_average-seed3")
 
 
+@pytest.mark.slow  # two end-to-end demo runs
 def test_plot_runs_overlays_two_runs(tmp_path):
     pytest.importorskip("matplotlib")
     from fastgrad.examples import plot_runs
@@ -115,6 +117,7 @@ def test_plot_runs_overlays_two_runs(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
+@pytest.mark.slow  # an end-to-end demo run
 @pytest.mark.parametrize("method", ["arm", "disarm", "arms", "relax", "rebar", "double-cv", "rodeo", "vimco"])
 def test_demo_binary_estimators_on_bernoulli_latents(tmp_path, method):
     s = discrete_vae.main(["--method", method, "--n-samples", "2", "--latents", "bernoulli", "--latent-dim", "50",
@@ -139,6 +142,7 @@ def test_demo_latent_argument_errors(argv, message, capsys):
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end demo run
 @pytest.mark.parametrize("method", ["sf-wor", "unordered-set", "rao-blackwell", "gumbel-softmax-wor", "gumbel-entmax",
                                     "gumbel-sparsemax", "indecater", "reinmax", "gumbel-rao", "disarm", "disarm-iw",
                                     "vimco"])

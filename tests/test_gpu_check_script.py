@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs scripts/gpu_check.sh, tests and benchmarks included
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -35,6 +35,7 @@ def test_reward_counts_up_from_the_prompt():
     torch.testing.assert_close(grpo.reward(prompt, completion), torch.tensor([0.75, 0.75]))  # 3 of 4 each: 4 5 6 (7); 9 0 (1) 2
 
 
+@pytest.mark.slow  # an end-to-end run of the example program
 def test_program_runs_and_writes_its_files(tmp_path, capsys):
     rc = grpo.main(["--steps", "3", "--prompts", "2", "--group", "2", "--length", "3", "--vocab", "64", "--dim", "8",
                     "--heads", "2", "--layers", "1", "--out-dir", str(tmp_path)])

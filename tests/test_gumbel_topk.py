@@ -35,6 +35,7 @@ def _draw(backend, k, n=DRAWS, seed=3):
     return idx.cpu(), val.cpu()
 
 
+@pytest.mark.slow  # chi-square at 10^6 draws
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ordered_pairs_follow_sampling_without_replacement(backend):
     idx, val = _draw(backend, 2)
@@ -47,6 +48,7 @@ def test_ordered_pairs_follow_sampling_without_replacement(backend):
     assert bool((val[:, 0] >= val[:, 1]).all())
 
 
+@pytest.mark.slow  # chi-square at 10^6 draws
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unordered_triples_follow_sampling_without_replacement(backend):
     idx, _ = _draw(backend, 3, seed=4)
@@ -209,3 +211,40 @@ def test_one_block_rows_are_the_exact_top_k_of_the_stream(k):
             torch.testing.assert_close(val.double(), want.values, atol=1e-5, rtol=1e-5)
     if k >= 2:  # (k = 1 always takes the loop)
         assert branches == {"fast", "no bound", "crowded"}
+
+
+@pytest.mark.parametrize("backend", AGREE)
+def test_picks_far_below_the_row_maximum(backend):
+    # the differential fuzz's case: picks with l - max below about -87 (e^(l - m) subnormal or 0), where the C++
+    # kernel's exponential-domain keys overflowed (values -inf, the wrong order); every backend equals float64
+    l = torch.tensor([[0.0, -95.0, -100.0, -102.0, -90.0, -89.0]])
+    with fastgrad.backend(backend):
+        idx, val = F.gumbel_topk(l, 6, seed=3)
+    ref_idx, ref_val = F.gumbel_topk(l.double(), 6, seed=3)
+    assert idx.tolist() == ref_idx.tolist() == [[0, 5, 4, 1, 2, 3]]
+    torch.testing.assert_close(val.double(), ref_val, rtol=0, atol=1e-4)
+    # and across the exponential domain's limit inside one block (k <= 64): one pick near the max, the others
+    # 60-80 below it
+    l = torch.cat([torch.zeros(1, 1), -60 - 20 * torch.rand(1, 40, generator=torch.Generator().manual_seed(1))], 1)
+    with fastgrad.backend(backend):
+        idx, val = F.gumbel_topk(l, 12, seed=5)
+    ref_idx, ref_val = F.gumbel_topk(l.double(), 12, seed=5)
+    assert torch.equal(idx, ref_idx) and torch.isfinite(val).all()
+    torch.testing.assert_close(val.double(), ref_val, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [b for b in AGREE if b != "triton" or not INTERPRETED])
+def test_k_equal_to_a_vocabulary_sorts_once(backend):
+    # k = K = 131075 (the C++ kernel kept a sorted array: O(K k), 2.5 s per row; now one partial sort)
+    l = torch.randn(2, 131075, generator=torch.Generator().manual_seed(2))
+    with fastgrad.backend(backend):
+        idx, val = F.gumbel_topk(l, 131075, seed=9)
+    with fastgrad.backend("reference"):
+        ref_idx, ref_val = F.gumbel_topk(l, 131075, seed=9)
+    assert torch.equal(idx.sort(-1).values, torch.arange(131075).expand(2, -1))  # a permutation of the row
+    assert (val[:, :-1] >= val[:, 1:]).all()
+    torch.testing.assert_close(val, ref_val, rtol=0, atol=1e-4)
+    # each value is its category's perturbed log-probability (neighbours 1e-4 apart may swap: float rounding of
+    # the two backends' logarithms)
+    pert = torch.empty_like(ref_val).scatter_(1, ref_idx, ref_val)
+    torch.testing.assert_close(val, pert.gather(1, idx), rtol=0, atol=1e-4)

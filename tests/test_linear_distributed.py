@@ -6,12 +6,15 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import fastgrad.functional as F
 
 from . import _dist_worker as worker
+
+pytestmark = pytest.mark.slow  # starts 2 gloo processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

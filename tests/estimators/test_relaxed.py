@@ -1,8 +1,4 @@
-"""Sparse relaxations (sparsemax, entmax, Gumbel-entmax), ReinMax, Gumbel-Rao and IndeCateR: forward values against
-independent formulas, float64 gradcheck of the entmax backward, ReinMax's backward against its matrix formula,
-Gumbel-Rao's mean equal to straight-through Gumbel-softmax's with lower variance, IndeCateR unbiased against exact
-enumeration, Storchastic's signatures, bad input."""
-import itertools
+"""GumbelEntmax/SparseMax, ReinMax, GumbelRao, IndeCateR, entmax/sparsemax: fastgrad/{method,functional}/relaxed.py."""
 import math
 
 import pytest
@@ -12,7 +8,12 @@ from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 import fastgrad as storch
 import fastgrad.functional as F
 
-from ._stats import assert_lower_total_variance, assert_unbiased
+from .._oracles import THETA_CAT, T3, exact, f_cat
+from .._stats import assert_lower_total_variance, assert_unbiased, grad_estimates
+
+# Forward values against independent formulas, float64 gradcheck of the entmax backward, ReinMax's backward against
+# its matrix formula, Gumbel-Rao's mean equal to straight-through Gumbel-softmax's with lower variance, IndeCateR
+# unbiased against exact enumeration, Storchastic's signatures, bad input.
 
 
 def _project_simplex(z):  # sparsemax by bisection on the threshold, written independently
@@ -180,32 +181,14 @@ def test_gumbel_rao_method():
 
 
 # -- IndeCateR -------------------------------------------------------------------------------------------------
-THETA = torch.tensor([[0.3, -0.2, 0.5, 0.0], [1.0, 0.2, -0.5, -1.0], [0.1, 0.1, -0.3, 0.4]])
-
-
-def f_cat(x):
-    xf = x.to(torch.float32)
-    return ((xf - torch.tensor([1.0, 2.0, 0.5])) ** 2).sum(-1) * 0.2 + 0.3 * (x[..., 0] == x[..., 1]).float() \
-        - 0.1 * xf[..., 0] * xf[..., 2]
-
-
-def exact_cat_grad():
-    th = THETA.clone().double().requires_grad_()
-    logp = th.log_softmax(-1)
-    allc = torch.tensor(list(itertools.product(range(4), repeat=3)))
-    (g,) = torch.autograd.grad((logp[torch.arange(3), allc].sum(-1).exp() * f_cat(allc).double()).sum(), th)
-    return g
+def categorical(x):
+    return Categorical(logits=x)
 
 
 def indecater_grads(reps, S=1, scale=1.0):
     """``reps`` independent estimates (and forward values) from one step over a plate of repetitions."""
-    th = THETA.expand(reps, 3, 4).clone().requires_grad_()
-    z = storch.method.IndeCateR("z", n_samples=S)(Categorical(logits=storch.denote_independent(th, 0, "reps")))
-    cost = f_cat(z) * scale
-    vals = (z.plates[0]._weight._tensor.detach().double() * cost._tensor.double()).sum(0)
-    storch.add_cost(cost, "c")
-    storch.backward()
-    return th.grad.flatten(1).double() * reps, vals
+    return grad_estimates(lambda: storch.method.IndeCateR("z", n_samples=S), categorical, f_cat, THETA_CAT, reps,
+                          plate=True, scale=scale, values=True)
 
 
 def test_indecater_neighbours():
@@ -222,11 +205,9 @@ def test_indecater_neighbours():
 def test_indecater_unbiased_and_its_value_estimates_the_expectation():
     torch.manual_seed(12)
     g, v = indecater_grads(500)
-    assert_unbiased(g, exact_cat_grad().flatten())
-    logp = THETA.double().log_softmax(-1)
-    allc = torch.tensor(list(itertools.product(range(4), repeat=3)))
-    exact = (logp[torch.arange(3), allc].sum(-1).exp() * f_cat(allc).double()).sum()
-    assert_unbiased(v.view(-1, 1), exact.view(1))
+    value, grad = exact(f_cat, THETA_CAT, "categorical")
+    assert_unbiased(g, grad)
+    assert_unbiased(v.view(-1, 1), value.view(1))
 
 
 def test_indecater_homogeneous_and_beats_the_score_function_at_equal_evaluations():
@@ -237,26 +218,23 @@ def test_indecater_homogeneous_and_beats_the_score_function_at_equal_evaluations
     torch.testing.assert_close(b, 2 * a, rtol=1e-5, atol=1e-8)
     torch.manual_seed(14)
     ind, _ = indecater_grads(300)                                # 12 evaluations per estimate
-    th = THETA.expand(300, 3, 4).clone().requires_grad_()
-    z = storch.method.ScoreFunction("z", n_samples=12, baseline_factory="batch_average")(
-        Categorical(logits=storch.denote_independent(th, 0, "reps")))
-    storch.add_cost(f_cat(z), "c")
-    storch.backward()
-    assert_lower_total_variance(ind, th.grad.flatten(1).double() * 300)
+    sf = grad_estimates(lambda: storch.method.ScoreFunction("z", n_samples=12, baseline_factory="batch_average"),
+                        categorical, f_cat, THETA_CAT, 300, plate=True)
+    assert_lower_total_variance(ind, sf)
 
 
 def test_indecater_on_bernoulli_and_plates():
+    # 400 estimates from one step over a plate of repetitions, each row its own shared logit eta
     torch.manual_seed(15)
-    t = torch.tensor([0.6, 0.51, 0.48])
-    out = []
-    for _ in range(400):
-        eta = torch.tensor(0.4, requires_grad=True)
-        z = storch.method.IndeCateR("z", n_samples=2)(Bernoulli(logits=eta.expand(3)))
-        assert z.shape[0] == 2 * 3 * 2
-        storch.add_cost(((z - t) ** 2).sum(-1), "c")
-        storch.backward()
-        out.append(eta.grad.clone())
+    shapes = []
+
+    def cost(z):
+        shapes.append(z.shape)
+        return ((z - T3) ** 2).sum(-1)
+
+    g = grad_estimates(lambda: storch.method.IndeCateR("z", n_samples=2), lambda x: Bernoulli(logits=x), cost,
+                       torch.tensor(0.4), 400, plate=True, logits_of=lambda eta: eta.unsqueeze(-1).expand(400, 3))
+    assert shapes[0][0] == 2 * 3 * 2
     s = torch.sigmoid(torch.tensor(0.4, dtype=torch.float64))
     # per-variable exact sums on a separable cost: no variance left but float rounding
-    torch.testing.assert_close(torch.stack(out).double(), (s * (1 - s) * (1 - 2 * t.double()).sum()).expand(400),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g, (s * (1 - s) * (1 - 2 * T3.double()).sum()).expand(400), rtol=1e-5, atol=1e-7)

@@ -1,43 +1,29 @@
-"""RELAX / REBAR on Bernoulli latents (functional layer): the conditional sampler, unbiasedness against exact
-enumeration with an untrained and a REBAR control variate, variance after training the control variate below
-REINFORCE's on the same samples, homogeneity, bad input."""
-import itertools
+"""RELAX, REBAR and LAX: fastgrad/method/relax.py and fastgrad/functional/relax.py (with the conditional samplers of
+fastgrad/functional/sampling.py)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as TF
+from torch.distributions import Bernoulli, Categorical, Normal, OneHotCategorical
 
+import fastgrad as storch
 import fastgrad.functional as F
 
-from ._stats import assert_lower_variance, assert_unbiased
+from .._oracles import TH3, exact_grad, f3
+from .._stats import assert_lower_variance, assert_unbiased, grad_estimates
 
-T3 = torch.tensor([0.6, 0.51, 0.48])
-TH3 = torch.tensor([0.3, -0.5, 1.0])
-
-
-def f3(b):
-    return ((b - T3) ** 2).sum(-1) + 0.5 * b[..., 0] * b[..., 1] * b[..., 2]
-
-
-def exact_grad(theta):
-    th = theta.clone().double().requires_grad_()
-    p = torch.sigmoid(th)
-    total = 0
-    for cfg in itertools.product((0.0, 1.0), repeat=theta.numel()):
-        b = torch.tensor(cfg, dtype=torch.float64)
-        total = total + torch.prod(p * b + (1 - p) * (1 - b)) * f3(b.float()).double()
-    return torch.autograd.grad(total, th)[0]
+# -- the functional layer on Bernoulli latents ----------------------------------------------------------------------
+# The conditional sampler, unbiasedness against exact enumeration with an untrained and a REBAR control variate,
+# variance after training the control variate below REINFORCE's on the same samples, homogeneity, bad input.
 
 
 def relax_grads(control, reps, scale=1.0, theta=TH3):
-    out = []
-    for _ in range(reps):
-        t = theta.clone().requires_grad_()
-        b, z, zt = F.relax_bernoulli_sample(t, 1)
-        s = F.relax_surrogate(t, b, z, zt, f3(b) * scale, control)
-        out.append(torch.autograd.grad(s.sum(), t)[0])
-    return torch.stack(out).double()
+    """``reps`` independent estimates from one call: each row of the logits ``[reps, ...]`` its own copy of theta."""
+    t = theta.expand((reps,) + tuple(theta.shape)).clone().requires_grad_()
+    b, z, zt = F.relax_bernoulli_sample(t, 1)
+    s = F.relax_surrogate(t, b, z, zt, f3(b) * scale, control)
+    return torch.autograd.grad(s.sum(), t)[0].double()
 
 
 def test_conditional_sampler_agrees_with_its_hard_sample_and_the_marginal():
@@ -67,9 +53,10 @@ def test_unbiased(kind):
         def control(z):
             return net(torch.sigmoid(z)).squeeze(-1)
     g = relax_grads(control, 1500)
-    assert_unbiased(g, exact_grad(TH3))
+    assert_unbiased(g, exact_grad(f3, TH3))
 
 
+@pytest.mark.slow  # 300 training steps of the control variate (a loop by nature) and 2000 estimates
 def test_trained_control_variate_beats_reinforce_on_the_same_samples():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -118,33 +105,23 @@ def test_bad_input():
 
 
 # -- the graph API: RELAX / REBAR methods ----------------------------------------------------------------------
-import fastgrad as storch  # noqa: E402
-from torch.distributions import Bernoulli, OneHotCategorical  # noqa: E402
+def bernoulli(x):
+    return Bernoulli(logits=x)
 
 
-def graph_grads(method, reps, opt=None):
-    out = []
-    for _ in range(reps):
-        th = TH3.clone().requires_grad_()
-        if opt is not None:
-            opt.zero_grad()
-        z = method(Bernoulli(logits=th))
-        storch.add_cost(f3(z), "c")
-        storch.backward()
-        if opt is not None:
-            opt.step()
-        out.append(th.grad.detach().clone())
-    return torch.stack(out).double()
+def graph_grads(method, reps, opt=None, plate=False):
+    return grad_estimates(lambda: method, bernoulli, f3, TH3, reps, opt=opt, plate=plate)
 
 
 @pytest.mark.parametrize("kind", ["RELAX", "REBAR"])
 def test_methods_unbiased(kind):
     torch.manual_seed(30)
     m = storch.method.RELAX("z", in_dim=3) if kind == "RELAX" else storch.method.REBAR("z")
-    g = graph_grads(m, 1500)
-    assert_unbiased(g, exact_grad(TH3))
+    g = graph_grads(m, 1500, plate=True)
+    assert_unbiased(g, exact_grad(f3, TH3))
 
 
+@pytest.mark.slow  # 300 training steps of the control variate (a loop by nature), then 2 x 1500 steps
 def test_method_trains_its_control_variate_below_reinforce():
     torch.manual_seed(0)
     m = storch.method.RELAX("z", in_dim=3)
@@ -152,7 +129,7 @@ def test_method_trains_its_control_variate_below_reinforce():
     g_relax = graph_grads(m, 1500)
     g_sf = graph_grads(storch.method.ScoreFunction("z"), 1500)
     assert_lower_variance(g_relax, g_sf)
-    assert_unbiased(g_relax, exact_grad(TH3))  # still unbiased after training
+    assert_unbiased(g_relax, exact_grad(f3, TH3))  # still unbiased after training
 
 
 def test_storchastic_conventions():
@@ -180,7 +157,6 @@ def test_method_bad_input():
         storch.method.RELAX("z")
     with pytest.raises(ValueError, match="in_dim"):
         storch.method.RELAX("z", in_dim=0)
-    from torch.distributions import Normal
 
     with pytest.raises(ValueError, match="needs a Bernoulli, OneHotCategorical or Categorical"):
         storch.method.REBAR("z")(Normal(torch.zeros(3), 1.0))
@@ -211,25 +187,17 @@ def test_conditional_gumbel_categorical_law():
         F.conditional_gumbel_categorical(logits, torch.full((2, 1), 4, dtype=torch.int64))
 
 
+# -- LAX ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 300 training steps of the control variate (a loop by nature), with 3 x 1000 steps
 def test_lax_unbiased_and_trained_below_reinforce():
-    from torch.distributions import Normal
-
     mu0, sigma = torch.tensor([0.5, -1.0]), torch.tensor([1.0, 0.7])
 
+    def cost(z):
+        assert not z._tensor.requires_grad  # the cost is a black box: no pathwise gradient through it
+        return ((z - 3.0) ** 2).sum(-1)
+
     def run(m, reps, opt=None):
-        out = []
-        for _ in range(reps):
-            mu = mu0.clone().requires_grad_()
-            if opt is not None:
-                opt.zero_grad()
-            z = m(Normal(mu, sigma))
-            assert not z._tensor.requires_grad  # the cost is a black box: no pathwise gradient through it
-            storch.add_cost(((z - 3.0) ** 2).sum(-1), "c")
-            storch.backward()
-            if opt is not None:
-                opt.step()
-            out.append(mu.grad.detach().clone())
-        return torch.stack(out).double()
+        return grad_estimates(lambda: m, lambda mu: Normal(mu, sigma), cost, mu0, reps, opt=opt)
 
     exact = 2 * (mu0.double() - 3.0)  # d/dmu E[(b - 3)^2]
     torch.manual_seed(1)
@@ -256,43 +224,28 @@ L0 = torch.tensor([[0.3, -0.5, 1.0, 0.0], [-1.0, 0.2, 0.4, 0.9]])
 TG = torch.linspace(-0.5, 1.0, 8)
 
 
-def f_cat(z):  # 2 categoricals x 4 classes, non-separable
+def f_cat(z):  # 2 categoricals x 4 classes (one-hot), non-separable
     return ((z.reshape(z.shape[:-2] + (8,)) - TG) ** 2).sum(-1) + 3 * z[..., 0, 0] * z[..., 1, 2]
 
 
 def exact_cat():
-    l = L0.clone().double().requires_grad_()
-    lp = torch.log_softmax(l, -1)
-    total = 0
-    for a, c in itertools.product(range(4), repeat=2):
-        oh = torch.nn.functional.one_hot(torch.tensor([a, c]), 4).double()
-        total = total + (lp[0, a] + lp[1, c]).exp() * f_cat(oh.float()).double()
-    return torch.autograd.grad(total, l)[0]
+    return exact_grad(f_cat, L0, "categorical", one_hot=True)
 
 
-def cat_grads(method, reps, opt=None):
-    out = []
-    for _ in range(reps):
-        l = L0.clone().requires_grad_()
-        if opt is not None:
-            opt.zero_grad()
-        z = method(OneHotCategorical(logits=l))
-        storch.add_cost(f_cat(z), "c")
-        storch.backward()
-        if opt is not None:
-            opt.step()
-        out.append(l.grad.detach().clone())
-    return torch.stack(out).double()
+def cat_grads(method, reps, opt=None, plate=False):
+    return grad_estimates(lambda: method, lambda x: OneHotCategorical(logits=x), f_cat, L0, reps, opt=opt,
+                          plate=plate)
 
 
 @pytest.mark.parametrize("kind", ["RELAX", "REBAR"])
 def test_categorical_unbiased(kind):
     torch.manual_seed(50)
     m = storch.method.RELAX("z", in_dim=4) if kind == "RELAX" else storch.method.REBAR("z")
-    g = cat_grads(m, 1500)
+    g = cat_grads(m, 1500, plate=True)
     assert_unbiased(g, exact_cat())
 
 
+@pytest.mark.slow  # 300 training steps of the control variate (a loop by nature), then 2 x 1000 steps
 def test_categorical_trained_below_reinforce():
     torch.manual_seed(2)
     m = storch.method.RELAX("z", in_dim=4)
@@ -303,8 +256,6 @@ def test_categorical_trained_below_reinforce():
 
 
 def test_categorical_conventions_and_errors():
-    from torch.distributions import Categorical
-
     z = storch.method.REBAR("z", n_samples=2)(OneHotCategorical(logits=L0))
     assert z.shape == (6, 2, 4) and set(z._tensor[:2].unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(z._tensor[2:].sum(-1), torch.ones(4, 2))  # relaxed points of the simplex
