@@ -1,7 +1,8 @@
 """Builds ``fastgrad._C``: the C++ CPU kernels always, the CUDA kernels when nvcc and a CUDA torch are present.
 
-A failed CUDA build falls back to the CPU-only extension; a missing extension falls back to the pure-torch
-reference at import. Knobs: ``FASTGRAD_NO_EXT=1`` (pure Python), ``FASTGRAD_NO_CUDA=1``, ``DEBUG=1``,
+A failed CUDA build falls back to the CPU-only extension; a failed C++ build fails the install (pip shows the
+compiler's error; ``FASTGRAD_NO_EXT=1`` installs without it), and a package without the extension runs the pure-torch
+reference, announced at first use. Knobs: ``FASTGRAD_NO_EXT=1`` (pure Python), ``FASTGRAD_NO_CUDA=1``, ``DEBUG=1``,
 ``FASTGRAD_NATIVE=0`` (no ``-march=native``).
 """
 import glob

@@ -31,7 +31,7 @@ def grad_stats(lib, method: str, model, batch, n_grads: int) -> dict:
     import torch
     from torch.distributions import OneHotCategorical
 
-    from benchmarks.vae_impls import _storch_method
+    from benchmarks.vae_impls import storch_method
 
     def story(m):
         x = lib.denote_independent(batch.view(-1, 784), 0, "data")
@@ -45,7 +45,7 @@ def grad_stats(lib, method: str, model, batch, n_grads: int) -> dict:
         return z.param_grads["probs"]
 
     exact = story(lib.method.Expect("z"))
-    m = _storch_method(lib, method)
+    m = storch_method(lib, method)
     grads = lib.gather_samples([story(m) for _ in range(n_grads)], "gradients")
     mean = lib.reduce_plates(grads, "gradients")
     bias = lib.reduce_plates((mean - exact) ** 2).sum()

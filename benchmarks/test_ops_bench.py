@@ -128,7 +128,8 @@ def record(benchmark, fn, bytes_moved, cold=False, device="cpu"):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bandwidth_copy(benchmark, device):
-    """The roofline: a large copy into an existing buffer on ``device``, measured in the same run."""
+    """The roofline: a large copy into an existing buffer on ``device``, measured in the same run. A timing baseline
+    for the ops' bandwidth fractions: no assertion."""
     benchmark.group = "roofline"
     n = (1 << 28) if FULL or device == "cuda" else (1 << 20)
     src = torch.ones(n, device=device)
@@ -288,6 +289,7 @@ def test_enumerate_fastgrad(benchmark, device, backend):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_enumerate_torch_expanded(benchmark, device):
+    """Plain torch's expanded enumeration, the comparison row of the fused op: a timing baseline, no assertion."""
     benchmark.group = f"enumerate-{device}"
     l = torch.randn(1024 if FULL else 64, 2, 10, device=device, requires_grad=True)
     cost = torch.randn(100, l.shape[0], device=device)

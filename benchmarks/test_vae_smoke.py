@@ -1,6 +1,7 @@
 """Keeps the end-to-end VAE harness alive in CI: two steps of every method for every installed implementation,
 and the results renderer on the committed JSON files."""
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ def test_interleaved_worker_pairs_every_step():
     res = vae_step.worker_interleaved("sf1", ["plain", "graph"], steps=2, warmup=1, threads=1)
     assert set(res["times_s"]) == {"plain", "graph"} == set(res["faults_per_step"])
     assert all(len(t) == 2 and min(t) > 0 for t in res["times_s"].values())
-    assert all(f >= 0 for f in res["faults_per_step"].values())
+    # page faults per step: counted (a number for each implementation), not estimated
+    assert all(isinstance(f, (int, float)) and math.isfinite(f) and f >= 0 for f in res["faults_per_step"].values())
 
 
 def test_malloc_modes_set_only_their_variables(monkeypatch):
@@ -58,7 +60,8 @@ def test_quality_grad_stats_are_finite_and_exact_gradient_has_no_bias():
     model = vae_impls.make_model(0)
     batch = torch.rand(8, 28, 28, generator=torch.Generator().manual_seed(1))
     sf = quality.grad_stats(fastgrad, "sf10_batch_average", model, batch, n_grads=3)
-    assert sf["grad_variance"] > 0 and sf["grad_bias"] >= 0
+    # 3 score-function estimates: their mean is not the exact gradient (a squared distance > 0, finite)
+    assert sf["grad_variance"] > 0 and 0 < sf["grad_bias"] < math.inf
     # Expect against Expect: identical gradients, zero variance and zero bias
     ex = quality.grad_stats(fastgrad, "expect", model, batch, n_grads=2)
     assert ex["grad_variance"] == pytest.approx(0.0, abs=1e-12) and ex["grad_bias"] == pytest.approx(0.0, abs=1e-12)

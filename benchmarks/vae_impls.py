@@ -152,7 +152,7 @@ _STORCH_METHODS = {
 }
 
 
-def _storch_method(storch, method: str):
+def storch_method(storch, method: str):
     if method not in _STORCH_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(_STORCH_METHODS)}")
     return _STORCH_METHODS[method](storch.method)
@@ -166,7 +166,7 @@ def storch_like(storch, method: str, model, data: torch.Tensor) -> Callable[[], 
 
     story = bernoulli_story if method.startswith("bern_") else generative_story
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    m = _storch_method(storch, method)
+    m = storch_method(storch, method)
 
     def step(batch: torch.Tensor = data) -> float:
         opt.zero_grad()

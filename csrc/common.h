@@ -21,7 +21,7 @@ template <typename T> using acc_t = typename acc<T>::type;
 
 // Grain (items per task) for at::parallel_for over items of ``work`` elements each: a task gets at least
 // ATen's GRAIN_SIZE elements of work, so small inputs (the seed VAE's 128 rows of 10) run inline on the calling
-// thread instead of paying a thread-pool wake-up (~5-10 us) for microseconds of work.
+// thread instead of paying a thread-pool wake-up for microseconds of work.
 inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
 }
@@ -30,8 +30,8 @@ inline int64_t grain_for(int64_t work) {
 #define FG_INVALID_ROWS_MESSAGE \
   "logits must not contain NaN or +inf, and each row needs a finite entry (-inf marks a zero-probability category)"
 
-// Large CPU outputs. A fresh anonymous mapping costs a page fault and a kernel zero-fill per page (~80 ms per
-// GB here even with 2 MB pages): for a 1 GB one-hot that is more than the sampling itself. So mappings of freed
+// Large CPU outputs. A fresh anonymous mapping costs a page fault and a kernel zero-fill per page, even with 2 MB
+// pages: for a 1 GB one-hot that is more than the sampling itself (benchmarks/test_vae_smoke.py counts the faults). So mappings of freed
 // outputs are kept (up to a cap, FASTGRAD_CPU_CACHE_MB, default 1/8 of RAM) and handed to the next output of
 // the same mapping size, as a caching allocator does on a GPU: a training loop that draws the same shapes every
 // step stops faulting after its first step. fastgrad.empty_cache() returns them to the system.

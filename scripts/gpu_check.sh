@@ -91,8 +91,8 @@ else
 print('CUDA kernels built')"
   # the kernels' tests (every backend against the reference, on CUDA tensors); the estimator statistics are pure
   # torch above the ops and run in CI on the CPU: the whole suite (~700 tests) would not fit the step's limit
-  TESTS=(tests/test_ops.py tests/test_contract.py tests/test_functional.py tests/test_gumbel_topk.py
-         tests/test_linear_loss.py tests/test_fuzz.py
+  TESTS=(tests/test_registry.py tests/test_ops.py tests/test_contract.py tests/test_functional.py
+         tests/test_gumbel_topk.py tests/test_linear_loss.py tests/test_fuzz.py
          # the functional estimators' checks on the fused ops (their families' files hold CPU statistics too)
          tests/estimators/test_score_function.py::test_score_function_surrogate_value_and_grad
          tests/estimators/test_score_function.py::test_score_function_unbiased_against_exact

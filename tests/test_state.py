@@ -139,13 +139,13 @@ def test_backward_is_linear_in_samples_and_costs():
     # surrogate-term lookups instead of timing (one per plate of each cost)
     _state.reset()
     calls = []
-    orig = storch.method.ScoreFunction._surrogate
+    orig = storch.method.ScoreFunction.surrogate
 
     def counting(self, sample, cost):
         calls.append(1)
         return orig(self, sample, cost)
 
-    storch.method.ScoreFunction._surrogate = counting
+    storch.method.ScoreFunction.surrogate = counting
     try:
         p = torch.full((2,), 0.5, requires_grad=True)
         for i in range(200):
@@ -155,5 +155,5 @@ def test_backward_is_linear_in_samples_and_costs():
         storch.add_cost(s.sum(-1), "sf_cost")
         storch.backward()
     finally:
-        storch.method.ScoreFunction._surrogate = orig
+        storch.method.ScoreFunction.surrogate = orig
     assert len(calls) == 1  # only the one cost that carries the score-function sample's plate

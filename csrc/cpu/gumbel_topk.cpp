@@ -6,7 +6,7 @@
 // k best entered only by elements that beat the current k-th; double rows, float rows whose k-th key is too large
 // for the exponential domain (a pick with l - max below about -69: e^(l - m) near or below float's normal range,
 // where the key a / w loses precision or overflows), and every row with k > kSortK, in the log domain, the last by a
-// partial sort of the row's perturbed values: O(K + k log k), not O(K k). Nothing [R, K] is allocated. Validates
+// selection and sort of the row's perturbed values: O(K + k log k), not O(K k). Nothing [R, K] is allocated. Validates
 // what it reads: a row whose logsumexp is not finite, or with fewer than k categories of nonzero probability, is a
 // ValueError.
 #include <algorithm>
@@ -26,7 +26,8 @@ namespace {
 // largest float u below 1), a normal float: exact up to rounding. A key of an element whose w is subnormal is at
 // least about 5e30, so a k-th key below kKeyMax also orders those correctly (they are never picked).
 constexpr float kKeyMax = 1e30f;
-// Above this k, the selection sorts the row's perturbed values once instead of inserting into a sorted k-array
+// Above this k, the selection picks the k best of the row's perturbed values (nth_element) and sorts them, instead
+// of inserting into a sorted k-array
 constexpr int64_t kSortK = 64;
 
 // sum of e^(row - m) over one block of len elements. Float: vectorized, and buf holds the exponentials afterwards
@@ -228,7 +229,9 @@ std::tuple<at::Tensor, at::Tensor> gumbel_topk_cpu(const at::Tensor& logits, int
           auto better = [](const std::pair<acc, int64_t>& x, const std::pair<acc, int64_t>& y) {
             return x.first > y.first || (x.first == y.first && x.second < y.second);
           };
-          std::partial_sort(all.begin(), all.begin() + filled, all.end(), better);
+          if (filled > 0 && filled < static_cast<int64_t>(all.size()))
+            std::nth_element(all.begin(), all.begin() + (filled - 1), all.end(), better);  // the k best first
+          std::sort(all.begin(), all.begin() + filled, better);                           // then in order
           for (int64_t t = 0; t < filled; ++t) {
             topv[t] = all[t].first;
             topi[t] = all[t].second;

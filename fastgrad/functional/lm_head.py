@@ -63,7 +63,7 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
             exponential pass per row only when asked, and no buffer otherwise).
         return_lse: also the logsumexp ``[...]`` of the (tempered) logits.
         chunk_size: rows per slab; None chooses from ``memory_budget`` (bytes of slab), or the default
-            (:func:`fastgrad.ops._lm_head.default_chunk`).
+            (:func:`fastgrad.ops.linear_log_prob.default_chunk`).
 
     Returns:
         fp32 (float64 for float64 inputs) ``logp`` of index's shape; with ``return_entropy``/``return_lse`` a tuple

@@ -214,6 +214,7 @@ class Method(torch.nn.Module):
     accepts_name: Optional[str] = None
     min_samples = 1  # the least n_samples the estimator is defined for, and why (checked in __init__)
     min_samples_reason = ""
+    count_name = "n_samples"  # the constructor's name for it (the set estimators say k)
     uses_score = False  # whether backward adds a score-function term for costs depending on the sample
     detach_cost = True  # whether the cost reaches _surrogate detached
     create_graph = False  # whether backward() must build the gradient's own graph (variance-trained methods)
@@ -236,7 +237,7 @@ class Method(torch.nn.Module):
         self.plate_name = check_plate_name(plate_name)
         self.n_samples = check_n_samples(n_samples)
         if self.n_samples < self.min_samples:
-            raise ValueError(f"{type(self).__name__} needs n_samples >= {self.min_samples} "
+            raise ValueError(f"{type(self).__name__} needs {self.count_name} >= {self.min_samples} "
                              f"({self.min_samples_reason}), got {self.n_samples}")
 
     def forward(self, distr: D.Distribution) -> StochasticTensor:

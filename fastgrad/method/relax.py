@@ -42,6 +42,8 @@ class RELAX(Method):
     accepts = (D.Bernoulli, D.OneHotCategorical, D.Categorical)
     uses_score = True
     create_graph = True
+    # REBAR differentiates the cost of its relaxed samples
+    detach_cost = property(lambda self: not self.rebar)
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  c_phi: Optional[torch.nn.Module] = None, in_dim: Union[None, int, Sequence[int]] = None,
@@ -57,7 +59,6 @@ class RELAX(Method):
                              "network) or rebar=True")
         self.c_phi = c_phi
         self.rebar = bool(rebar)
-        self.detach_cost = not self.rebar  # REBAR differentiates the cost of its relaxed samples
         self.eta = torch.nn.Parameter(torch.tensor(1.0), requires_grad=bool(train_eta))
         self.log_temperature = torch.nn.Parameter(torch.tensor(math.log(0.5)))
 

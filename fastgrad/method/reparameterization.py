@@ -20,3 +20,4 @@ class Reparameterization(Method):
                 f"{type(d).__name__} has no rsample: Reparameterization needs a reparameterizable distribution "
                 "(use GumbelSoftmax or ScoreFunction for discrete ones)")
         return Draw(d.rsample((self.n_samples,)), self.n_samples)
+

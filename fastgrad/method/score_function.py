@@ -8,9 +8,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .. import functional as F
-from .._graph import reduce_plates
-from .._tensor import Tensor
-from ._base import Method, Params, extra_dims, refuse_sampling_method, sample_plain, sum_latents
+from ._base import (Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term, refuse_sampling_method,
+                    sample_plain, sum_latents)
 
 _BASELINES = ("none", "batch_average", "moving_average")
 
@@ -54,23 +53,32 @@ class ScoreFunction(Method):
     def _sample(self, params: Params):
         return sample_plain(params, self.n_samples)
 
-    def _baseline(self, sample, cost: torch.Tensor):
+    def _baseline(self, sample, cost: Tensor, weight: torch.Tensor):
         if self.baseline == "batch_average":
             return "batch_average"
         if self.baseline == "moving_average":
-            avg = reduce_plates(Tensor(cost, sample.plates))._tensor.detach()
+            avg = reduce_plates(cost)._tensor.detach()
             self.moving_average = (self.exponential_decay * self.moving_average
                                    + (1 - self.exponential_decay) * avg.to(self.moving_average))
-            return self.moving_average.to(cost)
+            return self.moving_average.to(weight)
         if self.baseline == "custom":
-            b = self._baseline_fn(sample, Tensor(cost, sample.plates))
+            b = self._baseline_fn(sample, cost)
             return b._tensor if isinstance(b, Tensor) else b
         return None
 
+    def surrogate(self, sample, cost: Tensor) -> torch.Tensor:
+        # the baselines see the registered cost (reduced only over the plates the sample lacks, Storchastic's
+        # baseline-factory argument; reducing the aligned cost instead would weigh a plate the cost was already
+        # reduced over, whose weights need not sum to 1); the term sees it aligned
+        c, w = aligned_cost(sample, cost)
+        return reduce_term(sample, self._term(sample, w, self._baseline(sample, c, w)))
+
     def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
-        params, idx, w = sample.params, sample.draw.state, cost  # w: [n, plate dims...]
+        return self._term(sample, cost, self._baseline(sample, Tensor(cost, sample.plates), cost))
+
+    def _term(self, sample, w: torch.Tensor, baseline) -> torch.Tensor:
+        params, idx = sample.params, sample.draw.state  # w: [n, plate dims...]
         npl = len(sample.plates)
-        baseline = self._baseline(sample, w)
         if idx is not None:
             logits = params.logits()
             extra = extra_dims(params, logits, 1)

@@ -15,8 +15,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_n
-from .._tensor import StochasticTensor
-from ._base import ENUMERABLE, Draw, Method, Params, Rows, TemperatureSchedule
+from ._base import ENUMERABLE, Draw, Method, Params, Rows, StochasticTensor, TemperatureSchedule
 
 
 def _check_k(k: object, name: str = "k") -> int:
@@ -46,12 +45,11 @@ class ScoreFunctionWOR(Method):
     """
 
     accepts, accepts_name = ENUMERABLE, "enumerable"
+    min_samples, min_samples_reason, count_name = 2, "the k-th sample is the threshold", "k"
     uses_score = True
 
     def __init__(self, plate_name: str, k: int, biased: bool = True, use_baseline: bool = True):
         super().__init__(plate_name, _check_k(k))
-        if self.n_samples < 2:
-            raise ValueError(f"ScoreFunctionWOR needs k >= 2 (the k-th sample is the threshold), got {k}")
         self.k = self.n_samples
         self.biased = bool(biased)
         self.use_baseline = bool(use_baseline)

@@ -15,6 +15,7 @@ which of them is :func:`fastgrad.ops._backend.choose`'s rule.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -87,6 +88,34 @@ def run(op: Op, name: str, reference: Callable[..., Any], check: Callable[..., A
 
 
 REGISTRY: Dict[str, Op] = {}  # every op of fastgrad, by name, in declaration order
+
+
+def random_rows(device: torch.device, dtype: torch.dtype, R: int, K: int, seed: int = 0,
+                masked: bool = False) -> torch.Tensor:
+    """Logits ``[R, K]`` for sample inputs: ``2 N(0, 1)`` from a fixed seed; with ``masked`` (and K > 2) the second
+    category of every row at ``-inf`` (zero probability)."""
+    x = (2 * torch.randn(R, K, generator=torch.Generator().manual_seed(seed))).to(device=device, dtype=dtype)
+    if masked and K > 2:
+        x[:, 1] = -float("inf")
+    return x
+
+
+def renamed(module: str, old: str, new: str, obj: Any) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that keeps ``old`` working for a release, with a DeprecationWarning naming ``new``
+    (``module.new``)."""
+    return moved(module, {old: (f"{module}.{new}", lambda: obj)})
+
+
+def moved(module: str, names: Dict[str, Tuple[str, Callable[[], Any]]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for names that moved: ``{old: (new full name, getter)}``, each kept working for a
+    release with a DeprecationWarning naming its new place (the getter imports late: no import circle)."""
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            where, get = names[name]
+            warnings.warn(f"{module}.{name} is deprecated: use {where}", DeprecationWarning, stacklevel=2)
+            return get()
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return __getattr__
 
 
 def define(name: str, schema: str, reference: Callable[..., Any], check: Callable[..., Any],

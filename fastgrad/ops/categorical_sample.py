@@ -56,21 +56,12 @@ def fake(logits, n, seed, offset, one_hot):
     return idx, oh
 
 
-
-
-def _rows(device, dtype, R, K, seed=0, masked=False):
-    x = (2 * torch.randn(R, K, generator=torch.Generator().manual_seed(seed))).to(device=device, dtype=dtype)
-    if masked and K > 2:
-        x[:, 1] = -float("inf")
-    return x
-
-
 def sample_inputs(device, dtype):
     """Valid calls: K = 1, K = 2, odd sizes, an empty batch, a row spanning several 1024-blocks, masked (-inf)
     categories."""
-    return [(f"{R}x{K} n={n}", (_rows(device, dtype, R, K, R + K, masked=True), n, 1234, 5, True))
+    return [(f"{R}x{K} n={n}", (_registry.random_rows(device, dtype, R, K, R + K, masked=True), n, 1234, 5, True))
             for R, K, n in ((1, 1, 1), (3, 2, 5), (37, 11, 5), (0, 5, 2), (2, 4099, 3))] + \
-        [("no one-hot", (_rows(device, dtype, 4, 7), 3, 9, 0, False))]
+        [("no one-hot", (_registry.random_rows(device, dtype, 4, 7), 3, 9, 0, False))]
 
 
 # logits [R, K] (float16/bfloat16/float32/float64, contiguous) -> (indices int64 [n, R], one-hot [n, R, K] in the
@@ -81,11 +72,5 @@ OP = _registry.define(
     reference, check, fake, sample_inputs=sample_inputs)
 categorical_sample = OP.op
 eager = OP.call  # what fastgrad.functional calls: the backend directly in eager mode
-
-def __getattr__(name):  # the eager entry's old name, for a release
-    if name == "sample":
-        import warnings
-        warnings.warn("fastgrad.ops.categorical_sample.sample is deprecated: use fastgrad.ops.categorical_sample.eager", DeprecationWarning, stacklevel=2)
-        return eager
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _registry.renamed(__name__, "sample", "eager", eager)  # the old name, for a release
 

@@ -93,8 +93,6 @@ def _formula(backward_op):
     return _backward
 
 
-
-
 def sample_inputs(device, dtype):
     """Valid calls: one categorical of one class, an empty batch, several latents of a few classes."""
     g = torch.Generator().manual_seed(5)
@@ -109,11 +107,5 @@ OP = _registry.define(
                        _setup, _formula), sample_inputs=sample_inputs)
 enumerate_log_probs, enumerate_log_probs_backward = OP.op, OP.backward_op
 eager = OP.call  # what fastgrad.functional calls: the backend directly in eager mode
-
-def __getattr__(name):  # the eager entry's old name, for a release
-    if name == "log_probs":
-        import warnings
-        warnings.warn("fastgrad.ops.enumerate_log_probs.log_probs is deprecated: use fastgrad.ops.enumerate_log_probs.eager", DeprecationWarning, stacklevel=2)
-        return eager
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _registry.renamed(__name__, "log_probs", "eager", eager)  # the old name, for a release
 

@@ -82,19 +82,10 @@ def _formula(backward_op):
     return _backward
 
 
-
-
-def _rows(device, dtype, R, K, seed=0, masked=False):
-    x = (2 * torch.randn(R, K, generator=torch.Generator().manual_seed(seed))).to(device=device, dtype=dtype)
-    if masked and K > 2:
-        x[:, 1] = -float("inf")
-    return x
-
-
 def sample_inputs(device, dtype):
     """Valid calls: K = 1, K = 2, odd sizes, an empty batch, a row spanning several 1024-blocks, masked (-inf)
     categories."""
-    return [(f"{R}x{K} hard={hard}", (_rows(device, dtype, R, K, R + K, masked=True), 3, 0.6, hard, 99, 2))
+    return [(f"{R}x{K} hard={hard}", (_registry.random_rows(device, dtype, R, K, R + K, masked=True), 3, 0.6, hard, 99, 2))
             for R, K in ((1, 1), (3, 2), (37, 11), (0, 5), (2, 4099)) for hard in (False, True)]
 
 
@@ -109,11 +100,5 @@ OP = _registry.define(
     sample_inputs=sample_inputs)
 gumbel_softmax, gumbel_softmax_backward = OP.op, OP.backward_op
 eager = OP.call  # what fastgrad.functional calls: the backend directly in eager mode
-
-def __getattr__(name):  # the eager entry's old name, for a release
-    if name == "sample":
-        import warnings
-        warnings.warn("fastgrad.ops.gumbel_softmax.sample is deprecated: use fastgrad.ops.gumbel_softmax.eager", DeprecationWarning, stacklevel=2)
-        return eager
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _registry.renamed(__name__, "sample", "eager", eager)  # the old name, for a release
 

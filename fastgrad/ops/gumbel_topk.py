@@ -54,21 +54,12 @@ def fake(logits, k, seed, offset):
             logits.new_empty((R, k), dtype=_checks.acc_dtype(logits.dtype)))
 
 
-
-
-def _rows(device, dtype, R, K, seed=0, masked=False):
-    x = (2 * torch.randn(R, K, generator=torch.Generator().manual_seed(seed))).to(device=device, dtype=dtype)
-    if masked and K > 2:
-        x[:, 1] = -float("inf")
-    return x
-
-
 def sample_inputs(device, dtype):
     """Valid calls: k = K = 1, k = K, odd sizes, an empty batch, a row spanning several 1024-blocks, masked
     categories, a row whose picks lie far below its maximum (the exponential domain's limit), and k above the
     partial-sort threshold."""
     far = torch.tensor([[0., -95., -100., -102., -90., -89.]]).to(device=device, dtype=dtype)
-    return [(f"{R}x{K} k={k}", (_rows(device, dtype, R, K, R + K, masked=m), k, 7, 3))
+    return [(f"{R}x{K} k={k}", (_registry.random_rows(device, dtype, R, K, R + K, masked=m), k, 7, 3))
             for R, K, k, m in ((1, 1, 1, False), (3, 2, 2, False), (37, 11, 4, True), (0, 5, 2, False),
                                (2, 4099, 8, True), (2, 300, 100, False))] + [("far below the max", (far, 6, 3, 0))]
 

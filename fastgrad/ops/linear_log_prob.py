@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 
 from . import _checks, _registry
-from ._lm_head import (Driver, backprop, check_head, check_index_values, grad_buffers, rows_stats_reference,
-                       rows_to_visit, safe_index)
+from ._lm_head import (Driver, backprop, check_head, check_index_values, default_chunk,  # noqa: F401
+                       grad_buffers, rows_stats_reference, rows_to_visit, safe_index)
 
 
 def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_index: int, want_entropy: bool,
@@ -121,8 +121,6 @@ def _log_prob_formula(ctx, grad_logp, _grad_lse, grad_ent):
             None, None, None, None, None)
 
 
-
-
 def sample_inputs(device, dtype):
     """Valid calls: plain, with a bias and the entropy, several targets per row with ignored ones, one row, one
     vocabulary entry, and a chunk smaller than the rows (several slabs)."""
@@ -156,3 +154,15 @@ OP = _registry.define_driver(
               "bool[] output_mask) -> (Tensor, Tensor, Tensor)", _log_prob_backward_impl, _log_prob_backward_fake),
     sample_inputs=sample_inputs)
 linear_log_prob, linear_log_prob_backward = OP.op, OP.backward_op
+
+
+def _policy(name):
+    def get():
+        from . import linear_policy_loss
+        return getattr(linear_policy_loss, name)
+    return (f"fastgrad.ops.linear_policy_loss.{name}", get)
+
+
+# the policy loss lived in this module until it got its own: its names, for a release
+__getattr__ = _registry.moved(__name__, {n: _policy(n) for n in ("linear_policy_loss", "token_loss", "token_loss_grad",
+                                                                  "LOSSES", "KLS")})

@@ -99,8 +99,6 @@ def _formula(backward_op):
     return _backward
 
 
-
-
 def sample_inputs(device, dtype):
     """Valid calls: K = 1, K = 2, odd sizes, an empty batch, a row spanning several 1024-blocks."""
     g = torch.Generator().manual_seed(4)
@@ -124,11 +122,5 @@ OP = _registry.define(
     sample_inputs=sample_inputs)
 score_surrogate, score_surrogate_backward = OP.op, OP.backward_op
 eager = OP.call  # what fastgrad.functional calls: the backend directly in eager mode
-
-def __getattr__(name):  # the eager entry's old name, for a release
-    if name == "surrogate":
-        import warnings
-        warnings.warn("fastgrad.ops.score_surrogate.surrogate is deprecated: use fastgrad.ops.score_surrogate.eager", DeprecationWarning, stacklevel=2)
-        return eager
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _registry.renamed(__name__, "surrogate", "eager", eager)  # the old name, for a release
 
