@@ -1,7 +1,7 @@
 """The stochastic computation graph API (Storchastic's names, arguments and semantics)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,18 +18,22 @@ class NoCostError(ValueError, RuntimeError):
     """``backward()`` was called with no cost registered (a ValueError, and a RuntimeError as in Storchastic)."""
 
 
+def _unwrap(x: object, name: str) -> Tuple[torch.Tensor, Tuple[Plate, ...]]:
+    """A fastgrad.Tensor or torch.Tensor as (raw tensor, plates); anything else is a TypeError naming ``name``."""
+    if isinstance(x, Tensor):
+        return x._tensor, x.plates
+    if isinstance(x, torch.Tensor):
+        return x, ()
+    raise TypeError(f"{name} must be a torch.Tensor or fastgrad.Tensor, got {type(x).__name__}")
+
+
 @_state.resets_on_error
 def denote_independent(tensor: Union[torch.Tensor, Tensor], dim: int, plate_name: str,
                        weight: Optional[Tensor] = None) -> IndependentTensor:
     """Mark dimension ``dim`` of ``tensor`` as independent (a plate named ``plate_name``); it moves to the left."""
     if not isinstance(plate_name, str) or not plate_name:
         raise TypeError(f"plate_name must be a non-empty str, got {plate_name!r}")
-    if isinstance(tensor, Tensor):
-        raw, plates = tensor._tensor, tensor.plates
-    elif isinstance(tensor, torch.Tensor):
-        raw, plates = tensor, ()
-    else:
-        raise TypeError(f"tensor must be a torch.Tensor or fastgrad.Tensor, got {type(tensor).__name__}")
+    raw, plates = _unwrap(tensor, "tensor")
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     nd = raw.dim()
@@ -50,12 +54,7 @@ def add_cost(cost: Union[torch.Tensor, Tensor], name: str) -> CostTensor:
     if not isinstance(name, str) or not name:
         raise ValueError("No name provided to register cost node. Make sure to register an unique name "
                          "with the cost (name must be a non-empty str).")
-    if isinstance(cost, Tensor):
-        raw, plates = cost._tensor, cost.plates
-    elif isinstance(cost, torch.Tensor):
-        raw, plates = cost, ()
-    else:
-        raise TypeError(f"cost must be a torch.Tensor or fastgrad.Tensor, got {type(cost).__name__}")
+    raw, plates = _unwrap(cost, "cost")
     if not raw.is_floating_point():
         raise TypeError(f"cost must be a floating tensor, got {raw.dtype}")
     ev = raw.shape[len(plates):]
