@@ -42,6 +42,8 @@ def set_backend(name: Optional[str]) -> None:
 
 
 def get_backend() -> str:
+    """The backend setting: ``set_backend``'s, else ``FASTGRAD_BACKEND``'s, else ``"auto"`` (what runs on a given
+    device under ``"auto"`` is :func:`choose`'s answer)."""
     return _forced or os.environ.get("FASTGRAD_BACKEND", "auto") or "auto"
 
 
@@ -84,6 +86,11 @@ def choose(device: torch.device) -> str:
     if name == "cpp" and device.type != "cpu":
         raise ValueError(f"backend 'cpp' runs CPU tensors, got {device.type} tensors: use 'cuda', 'triton' or "
                          "'auto' for them")
+    # a backend forced by FASTGRAD_BACKEND has not been through set_backend's checks (which also load the library)
+    if name == "cpp" and not has_cpp():
+        raise ValueError(f"backend 'cpp' is not available: the extension is not built ({_extension._C_error})")
+    if name == "triton" and not has_triton():
+        raise ValueError("backend 'triton' is not available: triton is not installed")
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' runs CUDA tensors, got {device.type} tensors: use 'cpp' or 'auto' for "
                          "them")
