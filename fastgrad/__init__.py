@@ -13,7 +13,7 @@ from ._tensor import CostTensor, IllegalStorchExposeError, IndependentTensor, Pl
 from .ops._backend import backend, cpu_cache_bytes, empty_cache, get_backend, set_backend
 from . import nn, sampling  # noqa: E402  (after the names they use)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",

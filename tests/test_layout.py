@@ -127,6 +127,14 @@ def test_method_files_import_only_base_and_functional():
                                       f"into method/_base.py"
 
 
+def test_one_version():
+    import fastgrad
+
+    toml = (ROOT.parent / "pyproject.toml").read_text()
+    assert f'version = "{fastgrad.__version__}"' in toml
+    assert f"## [{fastgrad.__version__}]" in (ROOT.parent / "CHANGELOG.md").read_text()
+
+
 if __name__ == "__main__":
     g = import_graph()
     print("circles:", circles(g))
