@@ -7,6 +7,7 @@ reference, announced at first use. Knobs: ``FASTGRAD_NO_EXT=1`` (pure Python), `
 """
 import glob
 import os
+import subprocess
 import sys
 import sysconfig
 import warnings
@@ -18,6 +19,21 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _flag(name, default="0"):
     return os.environ.get(name, default) not in ("0", "", "false", "False")
+
+
+def want_cuda_kernels(torch_has_cuda: bool, cuda_home, env=os.environ) -> bool:
+    """Build the CUDA kernels as scripts/setup.sh decides: never with FASTGRAD_NO_CUDA=1; otherwise only with a CUDA
+    torch and a CUDA toolkit, and then when asked (FASTGRAD_CUDA=1), under CI (CI=true, so the CUDA sources keep
+    compiling), or when a GPU is visible. A toolkit on a machine without a GPU does not make a CUDA build: it takes
+    minutes, and a broken toolchain must not break the CPU install."""
+    if env.get("FASTGRAD_NO_CUDA", "0") not in ("0", "", "false", "False") or not torch_has_cuda or cuda_home is None:
+        return False
+    if env.get("FASTGRAD_CUDA", "0") not in ("0", "", "false", "False") or env.get("CI") == "true":
+        return True
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def extensions():
@@ -41,16 +57,19 @@ def extensions():
     # nvidia wheels ship headers (cusparse.h, ...) that torch's CUDA headers include
     site = sysconfig.get_paths()["purelib"]
     include += [p for p in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(p)]
-    want_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and not _flag("FASTGRAD_NO_CUDA")
-                 and cuda_sources)
+    want_cuda = bool(cuda_sources) and want_cuda_kernels(torch.version.cuda is not None, CUDA_HOME)
     common = dict(name="fastgrad._C", include_dirs=include, extra_link_args=["-fopenmp", "-lmvec"])
+
+    def cpu_only():
+        return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
+
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(sources=sources + cuda_sources, define_macros=[("FASTGRAD_WITH_CUDA", "1")],
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
                             **common)
     else:
-        ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
+        ext = cpu_only()
 
     class Build(BuildExtension):
         def build_extension(self, e):
@@ -60,9 +79,11 @@ def extensions():
                 if not any(s.endswith(".cu") for s in e.sources):
                     raise
                 sys.stderr.write(f"fastgrad: CUDA build failed ({err}); building the CPU-only extension\n")
-                e.sources = [s for s in e.sources if not s.endswith(".cu")]
-                e.define_macros = [m for m in e.define_macros if m[0] != "FASTGRAD_WITH_CUDA"]
-                e.extra_compile_args = {"cxx": cxx}
+                # everything of the CPU-only extension, its link line included (no cudart, c10_cuda, torch_cuda)
+                cpu = cpu_only()
+                for attr in ("sources", "define_macros", "extra_compile_args", "extra_link_args", "libraries",
+                             "library_dirs", "runtime_library_dirs", "include_dirs", "language"):
+                    setattr(e, attr, getattr(cpu, attr))
                 super().build_extension(e)
 
     return [ext], {"build_ext": Build.with_options(use_ninja=True)}
