@@ -12,14 +12,15 @@ from ._graph import (NoCostError, add_cost, backward, costs, denote_independent,
 from ._tensor import CostTensor, IllegalStorchExposeError, IndependentTensor, Plate, StochasticTensor, Tensor, is_tensor
 from .ops._backend import backend, cpu_cache_bytes, empty_cache, get_backend, set_backend
 from . import nn, sampling  # noqa: E402  (after the names they use)
+from ._env import collect_env  # noqa: E402
 
-__version__ = "0.2.0"
+from ._version import __version__  # noqa: E402,F401
 
 __all__ = [
     "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
     "denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
     "reduce_plates", "NoCostError", "functional", "method", "ops", "set_backend", "get_backend", "backend",
-    "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions", "surrogate_loss",
+    "collect_env", "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions", "surrogate_loss",
     "cat", "gather", "mean", "sum", "logsumexp", "grad", "print_graph", "deterministic", "reduce",
     "make_left_broadcastable", "ignore_wrapping", "nn", "sampling",
 ]

@@ -130,7 +130,7 @@ def test_method_files_import_only_base_and_functional():
 def test_one_version():
     import fastgrad
 
-    toml = (ROOT.parent / "pyproject.toml").read_text()
+    toml = (ROOT.parent / "pyproject.toml").read_text()  # the version is fastgrad/_version.py's
     assert f'version = "{fastgrad.__version__}"' in toml
     assert f"## [{fastgrad.__version__}]" in (ROOT.parent / "CHANGELOG.md").read_text()
 
