@@ -34,7 +34,8 @@ ESTIMATORS = {
     "disarm 2 pairs": lambda: M.DisARM("z", n_samples=K // 2),
     "sf-wor (normalized)": lambda: M.ScoreFunctionWOR("z", k=K),
     "sf-wor (unbiased)": lambda: M.ScoreFunctionWOR("z", k=K, biased=False),
-    # 200 integration points (error below 1e-11, tests/estimators/test_without_replacement.py) keep 10^4 rows' integrals small
+    # 200 integration points (error below 1e-11, tests/estimators/test_without_replacement.py) keep 10^4 rows'
+    # integrals small
     "unordered-set": lambda: M.UnorderedSetEstimator("z", k=K, num_int_points=200),
     "unordered-set (no baseline)": lambda: M.UnorderedSetEstimator("z", k=K, use_baseline=False, num_int_points=200),
     "rao-blackwell": lambda: M.RaoBlackwellSF("z", K),

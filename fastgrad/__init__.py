@@ -20,7 +20,8 @@ __all__ = [
     "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
     "denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
     "reduce_plates", "NoCostError", "functional", "method", "ops", "set_backend", "get_backend", "backend",
-    "collect_env", "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions", "surrogate_loss",
+    "collect_env", "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions",
+    "surrogate_loss",
     "cat", "gather", "mean", "sum", "logsumexp", "grad", "print_graph", "deterministic", "reduce",
     "make_left_broadcastable", "ignore_wrapping", "nn", "sampling",
 ]

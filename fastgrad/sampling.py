@@ -6,5 +6,5 @@ it)."""
 from .functional import (enumerate_configurations, gumbel_softmax, gumbel_topk, sample_categorical,
                          sample_categorical_one_hot, sample_set, top_set)
 
-__all__ = ["sample_categorical", "sample_categorical_one_hot", "gumbel_softmax", "enumerate_configurations", "gumbel_topk",
-           "sample_set", "top_set"]
+__all__ = ["sample_categorical", "sample_categorical_one_hot", "gumbel_softmax", "enumerate_configurations",
+           "gumbel_topk", "sample_set", "top_set"]

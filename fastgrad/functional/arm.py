@@ -1,13 +1,15 @@
 """The antithetic binary estimators: ARM, DisARM and ARMS for Bernoulli variables, and DisARM for categoricals.
 
-Categorical DisARM: Dong, Mnih & Tucker, NeurIPS 2021, "Coupled Gradient Estimators for Discrete Latent Variables". A categorical of
-``K`` classes is written as ``K - 1`` binary decisions taken in turn on the classes in a fixed order: at stage ``i``
-the class ``i`` is chosen with probability ``sigmoid(phi_i) = p_i / sum_{j >= i} p_j`` (stick breaking), so the
-stage logits are ``phi_i = theta_i - logsumexp_{j > i} theta_j``. Two samples are coupled by one uniform per stage,
-``u`` and ``1 - u`` (DisARM's antithetic pair), and the estimator is DisARM on the stage decisions.
+Categorical DisARM: Dong, Mnih & Tucker, NeurIPS 2021, "Coupled Gradient Estimators for Discrete Latent Variables".
+A categorical of ``K`` classes is written as ``K - 1`` binary decisions taken in turn on the classes in a fixed
+order: at stage ``i`` the class ``i`` is chosen with probability ``sigmoid(phi_i) = p_i / sum_{j >= i} p_j`` (stick
+breaking), so the stage logits are ``phi_i = theta_i - logsumexp_{j > i} theta_j``. Two samples are coupled by one
+uniform per stage, ``u`` and ``1 - u`` (DisARM's antithetic pair), and the estimator is DisARM on the stage
+decisions.
 
-Conventions of the categorical functions: ``logits`` ``[..., K]`` (any batch shape; every row one categorical), ``n`` antithetic pairs;
-samples ``[2n, ...]`` int64 labels (the ``n`` first samples, then their partners); noise ``u`` ``[n, ..., K - 1]``.
+Conventions of the categorical functions: ``logits`` ``[..., K]`` (any batch shape; every row one categorical),
+``n`` antithetic pairs; samples ``[2n, ...]`` int64 labels (the ``n`` first samples, then their partners); noise
+``u`` ``[n, ..., K - 1]``.
 """
 from __future__ import annotations
 

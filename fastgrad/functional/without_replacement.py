@@ -203,7 +203,8 @@ def unordered_set_log_ratios(log_p: torch.Tensor, num_points: int = 200, exact: 
         log_p: ``[k, ...]`` joint log-probabilities of the set's configurations (constants).
         num_points: grid size of the numerical integral (float64 trapezoid rule on a window fitted per row: the
             integrand is analytic and decays at both ends, so the error falls exponentially with the points; at 200
-            it is below 1e-10 in ``log R`` against the sum over orderings, tests/estimators/test_without_replacement.py).
+            it is below 1e-10 in ``log R`` against the sum over orderings,
+            tests/estimators/test_without_replacement.py).
         exact: sum over the ``k!`` orderings instead (for tests and k <= 7).
 
     Returns ``(log_r1 [k, ...], log_r2 [k, k, ...])`` float64, detached.

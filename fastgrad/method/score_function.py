@@ -8,8 +8,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .. import functional as F
-from ._base import (Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term, refuse_sampling_method,
-                    sample_plain, sum_latents)
+from ._base import (Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term,
+                    refuse_sampling_method, sample_plain, sum_latents)
 
 _BASELINES = ("none", "batch_average", "moving_average")
 

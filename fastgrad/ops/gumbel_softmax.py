@@ -85,7 +85,8 @@ def _formula(backward_op):
 def sample_inputs(device, dtype):
     """Valid calls: K = 1, K = 2, odd sizes, an empty batch, a row spanning several 1024-blocks, masked (-inf)
     categories."""
-    return [(f"{R}x{K} hard={hard}", (_registry.random_rows(device, dtype, R, K, R + K, masked=True), 3, 0.6, hard, 99, 2))
+    return [(f"{R}x{K} hard={hard}",
+             (_registry.random_rows(device, dtype, R, K, R + K, masked=True), 3, 0.6, hard, 99, 2))
             for R, K in ((1, 1), (3, 2), (37, 11), (0, 5), (2, 4099)) for hard in (False, True)]
 
 

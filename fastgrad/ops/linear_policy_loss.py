@@ -275,8 +275,8 @@ def policy_reference(hidden, weight, bias, index, advantages, token_weight, old_
     visited = tw != 0
     logp, ent = torch.where(visited, logp, 0).detach(), torch.where(visited, ent, 0).detach()
     stats = torch.where(visited, stats.detach(), torch.tensor([0.0, 0.0, 1.0], dtype=acc, device=tw.device)[:, None])
-    return (total.detach(), logp, ent if want_entropy else hidden.new_empty(0, dtype=acc), stats, d[0] if d[0] is not None else hidden.new_empty(0),
-            d[1] if d[1] is not None else weight.new_empty(0),
+    return (total.detach(), logp, ent if want_entropy else hidden.new_empty(0, dtype=acc), stats,
+            d[0] if d[0] is not None else hidden.new_empty(0), d[1] if d[1] is not None else weight.new_empty(0),
             d[2] if d[2] is not None else weight.new_empty(0))
 
 
