@@ -10,7 +10,7 @@ import torch
 from ._version import __version__
 from .ops import _backend, _extension
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
+BACKENDS = tuple(b for b in _backend.BACKENDS if b != "auto")
 # /proc/cpuinfo flags of the CPU features the C++ kernels and the bf16 GEMMs care about
 CPU_FEATURES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
 

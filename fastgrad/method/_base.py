@@ -395,7 +395,7 @@ def sample_log_prob(sample: StochasticTensor) -> torch.Tensor:
         lp = F.categorical_log_prob(logits.expand(idx.shape[1:] + logits.shape[-1:]), idx)
     else:
         lp = params.raw_distribution().log_prob(sample._tensor)
-    return lp.sum(tuple(range(npl, lp.dim()))) if lp.dim() > npl else lp
+    return sum_latents(lp, npl)
 
 
 def sum_latents(t: torch.Tensor, npl: int) -> torch.Tensor:

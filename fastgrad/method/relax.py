@@ -98,10 +98,7 @@ class RELAX(Method):
     def _control(self, z: torch.Tensor, npl: int, categorical: bool) -> torch.Tensor:
         """c_phi on the relaxed sample (sigmoid, or softmax over the categories), summed to one value per element
         of the sample's plates."""
-        out = self.c_phi(torch.softmax(z, -1) if categorical else torch.sigmoid(z))
-        if out.dim() > npl:
-            out = out.sum(tuple(range(npl, out.dim())))
-        return out
+        return sum_latents(self.c_phi(torch.softmax(z, -1) if categorical else torch.sigmoid(z)), npl)
 
     def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
         params, (z, zt, idx), w = sample.params, sample.draw.state, cost  # w: [n or 3n, plates...]

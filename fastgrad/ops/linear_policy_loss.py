@@ -14,7 +14,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import _checks, _registry
-from ._lm_head import Driver, backprop, check_head, check_index_values, grad_buffers, rows_to_visit, safe_index
+from ._lm_head import (Driver, backprop, check_head, check_index_values, grad_buffers, rows_stats_reference,
+                       rows_to_visit, safe_index)
 
 
 # -- the losses, one entry each ----------------------------------------------------------------------------------
@@ -254,12 +255,10 @@ def policy_reference(hidden, weight, bias, index, advantages, token_weight, old_
     acc = _checks.acc_dtype(hidden.dtype)
     with torch.enable_grad():
         h, w_, b_ = (t.detach().requires_grad_() if t is not None else None for t in (hidden, weight, bias))
-        z = (h.to(acc) @ w_.to(acc).t() + (b_.to(acc) if b_ is not None else 0)) / temperature
+        z = h.to(acc) @ w_.to(acc).t() + (b_.to(acc) if b_ is not None else 0)
         safe, valid = safe_index(index, ignore_index)
-        logz = torch.log_softmax(z, -1)
-        logp = logz.gather(1, safe[:, None]).squeeze(1)
-        p = logz.exp()
-        ent = -(p * torch.where(p > 0, logz, 0)).sum(-1)
+        logp, _, ent = rows_stats_reference(z, safe[:, None], 1.0 / temperature, True)  # the row passes' oracle
+        logp = logp.squeeze(1)
         tw = torch.where(valid, token_weight.to(acc), 0)
         l_t, stats = token_loss(logp, ent, advantages.to(acc), None if old_logp is None else old_logp.to(acc),
                                 None if ref_logp is None else ref_logp.to(acc), loss, eps_low, eps_high, beta, kl,
