@@ -91,7 +91,7 @@ def grad_estimates(make, dist, cost, param: torch.Tensor, reps: int, *, plate: b
         leaf = param.expand((reps,) + tuple(param.shape)).clone().requires_grad_()
         x = leaf if logits_of is None else logits_of(leaf)
         val = step(storch.denote_independent(x, len(getattr(x, "plates", ())), "reps"))
-        g = leaf.grad.double() * reps
+        g = (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).double() * reps  # None: no path
         return (g, val) if values else g
     out, vals = [], []
     for _ in range(reps):

@@ -1,5 +1,5 @@
 """Gradient estimation methods (Storchastic's ``storch.method``): call one on a torch distribution."""
-from ._base import Draw, Method
+from ._base import Draw, Facts, Method
 from .arm import ARM, ARMS, DisARM
 from .double_cv import RODEO, DoubleCV
 from .expect import Expect
@@ -13,7 +13,7 @@ from .vimco import VIMCO
 from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctionWOR, UnorderedSetEstimator,
                                   UnorderedSetGumbelSoftmax)
 
-__all__ = ["Method", "Draw", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
+__all__ = ["Method", "Draw", "Facts", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
            "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
            "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax",
            "ReinMax", "GumbelRao", "IndeCateR", "DoubleCV", "RODEO"]

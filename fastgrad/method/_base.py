@@ -160,6 +160,38 @@ class Draw:
     state: Any = None
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What an estimator is, declared once as data on its class (``Method.facts``), as ``torch.distributions``
+    declares ``arg_constraints``: the documentation's estimator table is rendered from it
+    (``docs/_ext/fastgrad_docs.py``) and ``tests/test_estimator_facts.py`` checks each field against the
+    estimator's behaviour (unbiasedness against exact enumeration, the plate size, the cost's graph).
+
+    * ``paper``: who introduced it (authors, venue, year).
+    * ``unbiased``: whether ``E[gradient] = grad E[cost]`` (of ``objective``) with the default arguments.
+    * ``evaluations``: cost evaluations per draw as a formula in ``n`` (``n_samples``, or ``k`` for the set
+      estimators), ``D`` (latents) and ``K`` (classes), e.g. ``"2*n"``, ``"n*D*K"``, ``"K**D"``: the size of the
+      sample's plate, on which the user's cost is evaluated.
+    * ``differentiable_cost``: whether the cost must be differentiable in the sample (pathwise estimators and those
+      that read the cost's gradient); ``False`` means any black-box cost.
+    * ``objective``: what the gradient is of: ``"E[f]"``, or ``"E[log mean_k exp(-f_k)]"`` for VIMCO's
+      K-sample bound.
+    * ``storchastic``: Storchastic 0.3.7's class of that name, or ``None`` when Storchastic has none;
+      ``storchastic_correct``: whether Storchastic's computes what its paper does (``storchastic_bug`` says how
+      it does not).
+    * ``benchmark``: ``(result file stem, row label)`` of its measured variance in ``benchmarks/results/``.
+    """
+    paper: str
+    unbiased: bool
+    evaluations: str
+    differentiable_cost: bool = False
+    objective: str = "E[f]"
+    storchastic: Optional[str] = None
+    storchastic_correct: Optional[bool] = None
+    storchastic_bug: str = ""
+    benchmark: Optional[Tuple[str, str]] = None
+
+
 def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[Tensor, torch.Tensor]:
     """The cost as the sample sees it: ``cost`` reduced over the plates the sample does not have, then aligned and
     expanded to the sample's plates: ``(reduced cost Tensor, [n, plates...] tensor)``, detached unless asked
@@ -204,6 +236,8 @@ class Method(torch.nn.Module):
       sample sees it (reduced over plates the sample lacks, aligned and expanded to the sample's plates, by
       :meth:`surrogate`); return the per-element term ``[n, plates...]`` whose gradient is the estimator's. The
       framework zeroes its value and reduces it over the plates with their weights (:func:`reduce_term`).
+    * ``facts`` (class attribute): a :class:`Facts` (paper, unbiased or not, cost evaluations, ...), rendered
+      into the documentation's estimator table and checked by the tests.
     * optionally ``_update_parameters()`` (after each ``backward()``: temperature schedules, baselines) or
       ``_after_backward(samples)`` (with the step's samples and their ``param_grads``).
 
@@ -218,6 +252,7 @@ class Method(torch.nn.Module):
     uses_score = False  # whether backward adds a score-function term for costs depending on the sample
     detach_cost = True  # whether the cost reaches _surrogate detached
     create_graph = False  # whether backward() must build the gradient's own graph (variance-trained methods)
+    facts: Optional[Facts] = None  # what the estimator is, as data (see Facts); every public estimator declares it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # a constructor or call that raises leaves no state behind (the one rule, see fastgrad._state)

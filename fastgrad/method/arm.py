@@ -9,7 +9,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_order
-from ._base import Draw, Method, Params, refuse_sampling_method, sum_latents
+from ._base import Draw, Facts, Method, Params, refuse_sampling_method, sum_latents
 
 
 class ARM(Method):
@@ -19,6 +19,8 @@ class ARM(Method):
     their antithetic partners), weighted ``1/n`` and ``0``, so a plate-reduced cost is the mean over the first
     half; samples are floats in the distribution's dtype.
     """
+    facts = Facts("Yin & Zhou, ICLR 2019", unbiased=True, evaluations="2*n", storchastic="ARM",
+                  storchastic_correct=True, benchmark=("relax_toy_cpu", "arm"))
 
     accepts = (D.Bernoulli,)
     uses_score = True
@@ -55,6 +57,10 @@ class DisARM(ARM):
     of Dong, Mnih & Tucker (NeurIPS 2021), DisARM on the stick-breaking decisions of each categorical, with the
     classes in ``logits_order`` (:func:`fastgrad.functional.categorical_disarm_surrogate`);
     ``importance_weighting=True`` is their DisARM-IW. Both unbiased, 2 cost evaluations per pair."""
+    facts = Facts("Dong, Mnih & Tucker, NeurIPS 2020; categorical: NeurIPS 2021", unbiased=True, evaluations="2*n",
+                  storchastic="DisARM", storchastic_correct=False,
+                  storchastic_bug="returns bool samples and adds the antithetic cost: mean 0",
+                  benchmark=("estimator_variance_cpu", "disarm (stick breaking)"))
 
     accepts = (D.Bernoulli, D.Categorical, D.OneHotCategorical)
 
@@ -94,6 +100,8 @@ class ARMS(Method):
     """ARMS (Dimitriev & Zhou, ICML 2021): ``n_samples >= 2`` mutually antithetic Bernoulli samples from a
     Dirichlet copula and a correlation-corrected leave-one-out baseline; unbiased, n cost evaluations, Bernoulli
     only; DisARM at n = 2. The plate has ``n_samples`` equally weighted entries (every sample is a real draw)."""
+    facts = Facts("Dimitriev & Zhou, ICML 2021", unbiased=True, evaluations="n",
+                  benchmark=("double_cv_toy_cpu", "arms n=4"))
 
     accepts = (D.Bernoulli,)
     min_samples, min_samples_reason = 2, "mutually antithetic samples"

@@ -8,7 +8,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params, refuse_sampling_method, train_on_second_moment
+from ._base import Draw, Facts, Method, Params, refuse_sampling_method, train_on_second_moment
 
 
 def sample_relaxable(method: Method, params: Params) -> Draw:
@@ -48,6 +48,8 @@ class DoubleCV(Method):
     steps, so that each step's ``alpha`` is independent of its samples (and the estimate stays unbiased); it starts
     at 0 (RLOO). A float fixes it (``0``: RLOO; ``1``: the whole Taylor term). ``method.alpha`` is the current value.
     """
+    facts = Facts("Titsias & Shi, AISTATS 2022", unbiased=True, evaluations="n", differentiable_cost=True,
+                  benchmark=("double_cv_toy_cpu", "double-cv n=4"))
 
     accepts = (D.Bernoulli,)
     min_samples, min_samples_reason = 2, "its baselines leave one sample out"
@@ -126,6 +128,8 @@ class RODEO(Method):
     RELAX's control: after each ``backward()`` their ``.grad`` is the gradient of the estimate's second moment (put
     ``method.parameters()`` in an optimizer).
     """
+    facts = Facts("Shi, Zhou, Hwang, Titsias & Mackey, NeurIPS 2022", unbiased=True, evaluations="n",
+                  differentiable_cost=True)
 
     accepts = (D.Bernoulli,)
     min_samples, min_samples_reason = 2, "its baselines leave one sample out"

@@ -7,7 +7,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params, extra_dims
+from ._base import Draw, Facts, Method, Params, extra_dims
 
 
 class Expect(Method):
@@ -17,6 +17,8 @@ class Expect(Method):
     ``(K**k, 1, ..., event)``): a decoder runs once per configuration. The plate's weight is ``q(c | x)``, per
     data point, differentiable, so :func:`fastgrad.backward` gives the exact gradient.
     """
+    facts = Facts("exact enumeration (the sum over every joint configuration)", unbiased=True, evaluations="K**D",
+                  storchastic="Expect", storchastic_correct=True)
 
     accepts = (D.OneHotCategorical, D.Categorical, D.Bernoulli)
 

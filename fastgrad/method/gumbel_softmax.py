@@ -9,7 +9,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Method, Params, TemperatureSchedule, refuse_sampling_method
+from ._base import Draw, Facts, Method, Params, TemperatureSchedule, refuse_sampling_method
 
 
 class GumbelSoftmax(TemperatureSchedule, Method):
@@ -20,6 +20,9 @@ class GumbelSoftmax(TemperatureSchedule, Method):
     ``straight_through=True`` the forward value is one-hot and the gradient is the relaxed one. Jang, Gu & Poole
     2017 and Maddison, Mnih & Teh 2017; biased (the relaxation's), one cost evaluation per sample.
     """
+    facts = Facts("Jang, Gu & Poole, ICLR 2017; Maddison, Mnih & Teh, ICLR 2017", unbiased=False, evaluations="n",
+                  differentiable_cost=True, storchastic="GumbelSoftmax", storchastic_correct=True,
+                  benchmark=("estimator_variance_cpu", "gumbel-softmax"))
 
     accepts = (D.OneHotCategorical, D.Bernoulli)
 

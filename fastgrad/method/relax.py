@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import (Draw, Method, Params, default_control, refuse_sampling_method, sum_latents,
+from ._base import (Draw, Facts, Method, Params, default_control, refuse_sampling_method, sum_latents,
                     train_on_second_moment)
 
 
@@ -38,6 +38,10 @@ class RELAX(Method):
     as with Storchastic. (The REINFORCE factor's own dependence on the temperature is not trained: the cost's relaxed
     entries are evaluated once, by the user.)
     """
+    facts = Facts("Grathwohl, Choi, Wu, Roeder & Duvenaud, ICLR 2018", unbiased=True, evaluations="n",
+                  storchastic="RELAX", storchastic_correct=False,
+                  storchastic_bug="its Bernoulli conditional sampler never agrees with b = 1",
+                  benchmark=("relax_toy_cpu", "relax"))
 
     accepts = (D.Bernoulli, D.OneHotCategorical, D.Categorical)
     uses_score = True
@@ -136,6 +140,10 @@ class REBAR(RELAX):
     optional ``c_phi``); the plate holds ``3 * n_samples`` entries (see :class:`RELAX`). Unbiased; Bernoulli and
     OneHotCategorical.
     (Storchastic's REBAR is biased on Bernoulli: its conditional sampler never agrees with b = 1.)"""
+    facts = Facts("Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein, NeurIPS 2017", unbiased=True, evaluations="3*n",
+                  differentiable_cost=True, storchastic="REBAR", storchastic_correct=False,
+                  storchastic_bug="biased on Bernoulli (the conditional sampler of RELAX)",
+                  benchmark=("relax_toy_cpu", "rebar"))
 
     def __init__(self, plate_name: str, c_phi: Optional[torch.nn.Module] = None, n_samples: int = 1,
                  in_dim: Union[None, int, Sequence[int]] = None):
@@ -149,6 +157,8 @@ class LAX(Method):
     which may be non-differentiable); ``c_phi`` (a ``torch.nn.Module`` on samples ``[..., D]``, or Storchastic's
     default MLP for ``in_dim``) is trained on the estimate's second moment after each ``backward()``, as
     :class:`RELAX`'s. (Storchastic's LAX raises NameError.)"""
+    facts = Facts("Grathwohl, Choi, Wu, Roeder & Duvenaud, ICLR 2018", unbiased=True, evaluations="n",
+                  storchastic="LAX", storchastic_correct=False, storchastic_bug="raises NameError (undefined derivs)")
 
     uses_score = True
     create_graph = True

@@ -10,7 +10,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_alpha, check_n
-from ._base import Draw, Method, Params, Rows, TemperatureSchedule, check_temperature, refuse_sampling_method
+from ._base import Draw, Facts, Method, Params, Rows, TemperatureSchedule, check_temperature, refuse_sampling_method
 
 
 class GumbelEntmax(TemperatureSchedule, Method):
@@ -21,6 +21,12 @@ class GumbelEntmax(TemperatureSchedule, Method):
     0.3.7 ignores the flag). Storchastic's signature: the third positional argument is ``alpha``; the temperature
     anneals as :class:`GumbelSoftmax`'s, by default not at all (``annealing_rate=0``). ``adaptive=True`` (a learned
     alpha) is not supported."""
+    facts = Facts(
+                  "Paulus, Choi, Tarlow, Krause & Maddison, NeurIPS 2020 (appendix); "
+                  "entmax: Peters, Niculae & Martins, ACL 2019",
+                  unbiased=False, evaluations="n", differentiable_cost=True, storchastic="GumbelEntmax",
+                  storchastic_correct=False, storchastic_bug="ignores straight_through",
+                  benchmark=("estimator_variance_cpu", "gumbel-entmax"))
 
     accepts = (D.OneHotCategorical,)
 
@@ -46,6 +52,9 @@ class GumbelEntmax(TemperatureSchedule, Method):
 
 class GumbelSparseMax(GumbelEntmax):
     """Gumbel-sparsemax: :class:`GumbelEntmax` with ``alpha = 2`` (sparsemax, Martins & Astudillo 2016)."""
+    facts = Facts("Paulus et al., NeurIPS 2020 (appendix); sparsemax: Martins & Astudillo, ICML 2016", unbiased=False,
+                  evaluations="n", differentiable_cost=True, storchastic="GumbelSparseMax", storchastic_correct=False,
+                  storchastic_bug="ignores straight_through", benchmark=("estimator_variance_cpu", "gumbel-sparsemax"))
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  straight_through: bool = False, initial_temperature: float = 1.0, min_temperature: float = 1.0e-4,
@@ -69,6 +78,8 @@ class ReinMax(Method):
     hard samples forward, a second-order (Heun) straight-through backward; math in
     :func:`fastgrad.functional.reinmax`. Biased; one cost evaluation per sample; OneHotCategorical and Bernoulli.
     ``temperature`` (>= 1 recommended by the paper) enters the backward only."""
+    facts = Facts("Liu, Gao, Cheng, Wang, Zheng & Gao, NeurIPS 2023", unbiased=False, evaluations="n",
+                  differentiable_cost=True, benchmark=("estimator_variance_cpu", "reinmax"))
 
     accepts = (D.OneHotCategorical, D.Bernoulli)
 
@@ -91,6 +102,8 @@ class GumbelRao(Method):
     ``conditional_samples`` Gumbels conditioned on the sample; math in :func:`fastgrad.functional.gumbel_rao`. The
     same expectation as straight-through Gumbel-softmax at the same temperature (so as biased), lower variance; one
     cost evaluation per sample; OneHotCategorical and Bernoulli."""
+    facts = Facts("Paulus, Maddison & Krause, ICLR 2021", unbiased=False, evaluations="n", differentiable_cost=True,
+                  benchmark=("estimator_variance_cpu", "gumbel-rao"))
 
     accepts = (D.OneHotCategorical, D.Bernoulli)
 
@@ -119,6 +132,8 @@ class IndeCateR(Method):
     Unbiased, Rao-Blackwellized per latent; ``n_samples * D * K`` cost evaluations, all in one call of the user's
     cost (the plate holds the ``S D K`` neighbours, ordered ``[s, d, c]``, weighted so that the plate-reduced cost is
     the estimate of ``E[f]``). Categorical, OneHotCategorical and Bernoulli (``K = 2``)."""
+    facts = Facts("De Smet, Sansone & Zuidberg Dos Martires, NeurIPS 2023", unbiased=True, evaluations="n*D*K",
+                  benchmark=("estimator_variance_cpu", "indecater"))
 
     accepts = (D.Categorical, D.OneHotCategorical, D.Bernoulli)
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .. import functional as F
-from ._base import (Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term,
+from ._base import (Facts, Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term,
                     refuse_sampling_method, sample_plain, sum_latents)
 
 _BASELINES = ("none", "batch_average", "moving_average")
@@ -25,6 +25,9 @@ class ScoreFunction(Method):
             needs n_samples > 1) or ``"moving_average"`` (EMA, decay 0.95, of the plate-reduced cost), or a
             callable ``(sample, cost) -> baseline tensor``.
     """
+    facts = Facts("Williams, Machine Learning 1992 (REINFORCE)", unbiased=True, evaluations="n",
+                  storchastic="ScoreFunction", storchastic_correct=True,
+                  benchmark=("estimator_variance_cpu", "score-function (loo)"))
 
     uses_score = True
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import functional as F
-from ._base import Draw, Method, Params, refuse_sampling_method, sample_log_prob, sample_plain
+from ._base import Draw, Facts, Method, Params, refuse_sampling_method, sample_log_prob, sample_plain
 
 
 class VIMCO(Method):
@@ -24,6 +24,7 @@ class VIMCO(Method):
     from the costs for monitoring (``torch.logsumexp(-cost, 0) - log K``). Register one cost per VIMCO sample: each
     registered cost is treated as its own ``-log w``.
     """
+    facts = Facts("Mnih & Rezende, ICML 2016", unbiased=True, evaluations="n", objective="E[log mean_k exp(-f_k)]")
 
     min_samples, min_samples_reason = 2, "its baselines leave one sample out"
     uses_score = True

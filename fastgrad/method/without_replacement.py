@@ -15,7 +15,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_n
-from ._base import ENUMERABLE, Draw, Method, Params, Rows, StochasticTensor, TemperatureSchedule
+from ._base import ENUMERABLE, Draw, Facts, Method, Params, Rows, StochasticTensor, TemperatureSchedule
 
 
 def _check_k(k: object, name: str = "k") -> int:
@@ -43,6 +43,10 @@ class ScoreFunctionWOR(Method):
     evaluations per draw. Categorical, OneHotCategorical and Bernoulli distributions, several latents jointly.
     Unlike Storchastic 0.3.7, the cost enters once (doubling the cost doubles the gradient).
     """
+    facts = Facts("Kool, van Hoof & Welling, ICLR 2019 workshop", unbiased=False, evaluations="n",
+                  storchastic="ScoreFunctionWOR", storchastic_correct=False,
+                  storchastic_bug="the cost enters twice: doubling it quadruples the gradient",
+                  benchmark=("estimator_variance_cpu", "sf-wor (normalized)"))
 
     accepts, accepts_name = ENUMERABLE, "enumerable"
     min_samples, min_samples_reason, count_name = 2, "the k-th sample is the threshold", "k"
@@ -87,8 +91,12 @@ class UnorderedSetEstimator(Method):
     of the exact sum, at a fifth of the cost); ``a`` (the integration shift of Storchastic's integral) is accepted for
     compatibility and not needed (the window of the integral is fitted per set); ``eos`` must be None.
     """
+    facts = Facts("Kool, van Hoof & Welling, ICLR 2020", unbiased=True, evaluations="n",
+                  storchastic="UnorderedSetEstimator", storchastic_correct=True,
+                  benchmark=("estimator_variance_cpu", "unordered-set"))
 
     accepts, accepts_name = ENUMERABLE, "enumerable"
+    count_name = "k"
     uses_score = True
 
     def __init__(self, plate_name: str, k: int, use_baseline: bool = True, exact_integration: bool = False,
@@ -155,6 +163,9 @@ class RaoBlackwellSF(Method):
     probability-weighted mean cost of the summed set ``b`` (and ``b`` from the summed terms, which keeps it
     unbiased: ``E[grad log p | not summed] (1 - P) = -grad P``).
     """
+    facts = Facts("Liu, Regier, Tripuraneni, Jordan & McAuliffe, ICML 2019", unbiased=True, evaluations="n",
+                  storchastic="RaoBlackwellSF", storchastic_correct=True,
+                  benchmark=("estimator_variance_cpu", "rao-blackwell"))
 
     accepts, accepts_name = ENUMERABLE, "enumerable"
     min_samples, min_samples_reason = 2, "n_samples - 1 summed, one sampled"
@@ -217,8 +228,12 @@ class UnorderedSetGumbelSoftmax(TemperatureSchedule, Method):
     conditioned on its own configuration only). One cost evaluation per set member; OneHotCategorical and
     Bernoulli. The temperature anneals as :class:`GumbelSoftmax`'s (Storchastic's sampler kept it fixed).
     """
+    facts = Facts("none: Storchastic's heuristic", unbiased=False, evaluations="n", differentiable_cost=True,
+                  storchastic="UnorderedSetGumbelSoftmax", storchastic_correct=None,
+                  benchmark=("estimator_variance_cpu", "gumbel-softmax-wor"))
 
     accepts = (D.OneHotCategorical, D.Bernoulli)
+    count_name = "k"
 
     def __init__(self, plate_name: str, k: int, initial_temperature: float = 1.0, min_temperature: float = 1.0e-4,
                  annealing_rate: float = 1.0e-5, eos: Any = None):
