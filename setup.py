@@ -1,8 +1,9 @@
 """Builds ``fastgrad._C``: the C++ CPU kernels always, the CUDA kernels when nvcc and a CUDA torch are present.
 
 A failed CUDA build falls back to the CPU-only extension; a failed C++ build fails the install (pip shows the
-compiler's error; ``FASTGRAD_NO_EXT=1`` installs without it), and a package without the extension runs the pure-torch
-reference, announced at first use. Knobs: ``FASTGRAD_NO_EXT=1`` (pure Python), ``FASTGRAD_NO_CUDA=1``, ``DEBUG=1``,
+compiler's error; ``FASTGRAD_NO_EXT=1`` installs without it). The C++ sources also ship in the package
+(``fastgrad/_csrc``): an install built where torch was not importable (pip's build isolation) compiles its CPU kernels
+on first use (``fastgrad/ops/_build.py``), and without a compiler runs the pure-torch reference, announced. Knobs: ``FASTGRAD_NO_EXT=1`` (pure Python), ``FASTGRAD_NO_CUDA=1``, ``DEBUG=1``,
 ``FASTGRAD_NATIVE=0`` (no ``-march=native``).
 """
 import glob
@@ -13,6 +14,7 @@ import sysconfig
 import warnings
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,5 +91,20 @@ def extensions():
     return [ext], {"build_ext": Build.with_options(use_ninja=True)}
 
 
+class BuildPyWithSources(build_py):
+    """Ship the C++ sources in the package (``fastgrad/_csrc``): an install built without torch in sight (pip's build
+    isolation) compiles its CPU kernels on first use from them (``fastgrad/ops/_build.py``)."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(ROOT, "csrc")
+        dest = os.path.join(self.build_lib, "fastgrad", "_csrc")
+        for path in glob.glob(os.path.join(src, "**", "*"), recursive=True):
+            if os.path.isfile(path) and path.endswith((".cpp", ".h", ".cu", ".cuh")):
+                target = os.path.join(dest, os.path.relpath(path, src))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                self.copy_file(path, target, preserve_mode=False)
+
+
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=dict(cmdclass, build_py=BuildPyWithSources))

@@ -37,8 +37,9 @@ def backend_status() -> Dict[str, str]:
     if _extension.has_cpp():
         out["cpp"] = "available"
     else:
-        out["cpp"] = (f"unavailable - fastgrad's C++ extension is not built ({_extension._C_error}); build it with "
-                      "`pip install --no-build-isolation .` in this environment, or `bash scripts/setup.sh`")
+        out["cpp"] = (f"unavailable - fastgrad's C++ extension is not built ({_extension._C_error}); it is built on "
+                      "first use where a C++ compiler and ninja are found, or `pip install --no-build-isolation .` "
+                      "in this environment, or `bash scripts/setup.sh`")
     if not gpu:
         out["cuda"] = "unavailable - no CUDA GPU visible to torch (the CUDA kernels run CUDA tensors)"
     elif not _extension.has_cuda_kernels():

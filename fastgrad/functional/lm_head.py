@@ -130,12 +130,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     global ``num_items`` and the per-rank sum of losses is the global loss's share.
 
     Args:
-        hidden ``[N, H]``/``[B, T, H]``, weight ``[V, H]``, index int64 (hidden's leading shape).
+        hidden: ``[N, H]`` or ``[B, T, H]``, fp32, bf16 or fp16.
+        weight: the LM head's ``[V, H]``, hidden's dtype (``bias``: optional ``[V]``).
+        index: the sampled tokens, int64, hidden's leading shape.
         advantages: per token (index's shape) or per sequence ``[B]``.
         mask: loss mask (index's shape), default ``index != ignore_index``; masked tokens cost nothing (compacted
             out before the GEMMs).
-        old_logp / ref_logp: fp32 per-token log-probs of the behaviour / reference policy (``old_logp=None``:
-            on-policy, ratio 1). ``beta > 0`` requires ``ref_logp``.
+        old_logp: fp32 per-token log-probs of the behaviour policy (``None``: on-policy, ratio 1).
+        ref_logp: fp32 per-token log-probs of the reference policy; ``beta > 0`` requires it.
         clip_ratio_c: dual-clip PPO's bound ``c > 1`` (Ye et al. 2020; verl's ``clip_ratio_c``, typically 3): with
             ``"ppo_clip"`` or ``"gspo"``, tokens with ``A < 0`` lose at most ``-c A``. None: off.
 
@@ -235,8 +237,11 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
     for ``logits = hidden @ weight.T (+ bias)``, without the ``[R, V]`` logits.
 
     Args:
-        hidden ``[R, H]``, weight ``[V, H]``; samples int64 ``[n, R]``; cost ``[n, R]`` (or broadcastable),
-        a constant; baseline as in :func:`score_function_surrogate` (``"batch_average"``: leave-one-out, n >= 2).
+        hidden: ``[R, H]``.
+        weight: ``[V, H]``.
+        samples: int64 ``[n, R]``.
+        cost: ``[n, R]`` (or broadcastable), a constant.
+        baseline: as in :func:`score_function_surrogate` (``"batch_average"``: leave-one-out, n >= 2).
 
     The gradient w.r.t. the logits is ``sum_s a_s onehot(y_s) - (sum_s a_s) softmax`` per row (one slab pass for
     all n samples); the backward recomputes each slab (4 GEMMs).

@@ -196,7 +196,7 @@ def unordered_set_log_ratios(log_p: torch.Tensor, num_points: int = 200, exact: 
     For a set ``S`` of ``k`` distinct configurations with log-probabilities ``log_p``:
     ``log_r1[i] = log p^{D\\i}(S\\i) - log p(S)`` (``R(S, s_i)``) and, for ``i != j``,
     ``log_r2[i, j] = log p^{D\\{i,j}}(S\\{i,j}) - log p^{D\\i}(S\\i)`` (``R^{D\\s_i}(S, s_j)``), with
-    ``log_r2[i, i] = 0``; ``p^{A}(T)`` is the probability that Gumbel-top-|T| of the distribution restricted to ``A``
+    ``log_r2[i, i] = 0``; ``p^{A}(T)`` is the probability that Gumbel-top-``|T|`` of the distribution restricted to ``A``
     draws the set ``T`` in any order.
 
     Args:
@@ -320,11 +320,13 @@ def sf_wor_surrogate(log_p: torch.Tensor, perturbed: torch.Tensor, cost: torch.T
 
     With ``iw_i = p_i / q_i(kappa)``, ``W = sum_i iw_i`` and ``B = sum_i iw_i f_i`` over the ``k - 1`` samples, the
     gradient is ``sum_i a_i grad log p_i`` with:
-      * ``use_baseline=False``: ``a_i = iw_i f_i`` (eq. 9; ``/ W`` when ``normalized``: biased, consistent);
-      * ``use_baseline=True, normalized=False``: ``a_i = iw_i [f_i (1 - p_i + iw_i) - B]`` (eq. 10, unbiased; not
-        robust to a shift of the cost);
-      * ``use_baseline=True, normalized=True``: ``a_i = iw_i / W^i (f_i - B / W)`` with ``W^i = W - iw_i + p_i``
-        (eq. 11, biased, consistent, invariant to a shift of the cost; Storchastic's default).
+
+    * ``use_baseline=False``: ``a_i = iw_i f_i`` (eq. 9; ``/ W`` when ``normalized``: biased, consistent);
+    * ``use_baseline=True, normalized=False``: ``a_i = iw_i [f_i (1 - p_i + iw_i) - B]`` (eq. 10, unbiased; not
+      robust to a shift of the cost);
+    * ``use_baseline=True, normalized=True``: ``a_i = iw_i / W^i (f_i - B / W)`` with ``W^i = W - iw_i + p_i``
+      (eq. 11, biased, consistent, invariant to a shift of the cost; Storchastic's default).
+
     ``k`` cost evaluations (the last one unused). ``log_p``/``perturbed`` ``[k, ...]`` from :func:`sample_set`,
     ``cost`` broadcastable to ``[k, ...]``; returns ``[...]``: value ``sum_i iw_i f_i`` (``/ W``), gradient the
     estimator's.

@@ -180,6 +180,8 @@ class Facts:
       ``storchastic_correct``: whether Storchastic's computes what its paper does (``storchastic_bug`` says how
       it does not).
     * ``benchmark``: ``(result file stem, row label)`` of its measured variance in ``benchmarks/results/``.
+    * ``takes``: the distributions it takes, in words, where ``accepts`` (empty: any) says less, e.g.
+      "reparameterizable (rsample)".
     """
     paper: str
     unbiased: bool
@@ -190,6 +192,7 @@ class Facts:
     storchastic_correct: Optional[bool] = None
     storchastic_bug: str = ""
     benchmark: Optional[Tuple[str, str]] = None
+    takes: str = ""
 
 
 def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[Tensor, torch.Tensor]:

@@ -158,7 +158,8 @@ class LAX(Method):
     default MLP for ``in_dim``) is trained on the estimate's second moment after each ``backward()``, as
     :class:`RELAX`'s. (Storchastic's LAX raises NameError.)"""
     facts = Facts("Grathwohl, Choi, Wu, Roeder & Duvenaud, ICLR 2018", unbiased=True, evaluations="n",
-                  storchastic="LAX", storchastic_correct=False, storchastic_bug="raises NameError (undefined derivs)")
+                  storchastic="LAX", storchastic_correct=False, storchastic_bug="raises NameError (undefined derivs)",
+                  takes="reparameterizable (rsample)")
 
     uses_score = True
     create_graph = True

@@ -9,7 +9,8 @@ from ._base import Draw, Facts, Method, Params, refuse_sampling_method
 class Reparameterization(Method):
     """``distribution.rsample`` samples; gradients flow along differentiable paths to the costs."""
     facts = Facts("Kingma & Welling, ICLR 2014 (the reparameterization trick)", unbiased=True, evaluations="n",
-                  differentiable_cost=True, storchastic="Reparameterization", storchastic_correct=True)
+                  differentiable_cost=True, storchastic="Reparameterization", storchastic_correct=True,
+                  takes="reparameterizable (rsample)")
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1):
         super().__init__(plate_name, n_samples)

@@ -64,8 +64,8 @@ def _announce_reference() -> None:
     if not _announced:
         _announced = True
         warnings.warn(f"fastgrad: the C++ kernels are not built ({_extension._C_error}); running the pure-torch "
-                      "reference (correct, slower). Build them with `pip install --no-build-isolation -e .` in an "
-                      "environment that has torch; FASTGRAD_NO_EXT=1 builds without them on purpose.",
+                      "reference (correct, slower). `python -m fastgrad` says what runs; FASTGRAD_NO_EXT=1 or "
+                      "FASTGRAD_BUILD=0 turn them off on purpose.",
                       RuntimeWarning, stacklevel=4)
 
 

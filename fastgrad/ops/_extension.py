@@ -1,6 +1,7 @@
 """The compiled kernel library ``fastgrad._C`` (``torch.ops.fastgrad_C.*``) and Triton: whether they are there,
-and the C++ kernels' CPU output cache. Loading happens once, on first use; an extension built for another CUDA
-version is an error on every use (never a silent fallback).
+and the C++ kernels' CPU output cache. Loading happens once, on first use; an install without the compiled library
+builds its CPU kernels then (:mod:`._build`); an extension built for another CUDA version is an error on every use
+(never a silent fallback).
 """
 from __future__ import annotations
 
@@ -24,11 +25,20 @@ def load() -> None:
         return
     try:
         from .. import _C as ext  # noqa: F401  (registers torch.ops.fastgrad_C.*)
+    except ImportError as e:  # not compiled at install time (pip's build isolation hides torch): build it now
+        from . import _build
 
-        _C = ext
-    except ImportError as e:  # not built: the reference serves
-        _C_error = str(e)
-        return
+        reason = _build.why_not()
+        if reason is not None:  # the reference serves, announced with this reason
+            _C_error = f"{e}; not built on first use: {reason}"
+            return
+        try:
+            _build.build()
+        except Exception as err:  # noqa: BLE001  (a compiler's failure: the reference serves, announced)
+            _C_error = f"building the C++ kernels on first use failed: {str(err).strip()[-2000:]}"
+            return
+        ext = _build  # the library is loaded (torch.ops.fastgrad_C.*); the module stands for it
+    _C = ext
     _check_cache_env()
     built = getattr(torch.ops.fastgrad_C, "cuda_version", None)
     if built is not None and torch.version.cuda is not None:
