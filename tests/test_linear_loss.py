@@ -302,6 +302,7 @@ def test_policy_loss_matches_oracle(backend, case):
     torch.testing.assert_close(stats["logp"].reshape(-1)[m].double(), olp[m], atol=1e-5, rtol=0)
     torch.testing.assert_close(stats["entropy"].reshape(-1)[m].double(), oent[m], atol=1e-5, rtol=0)
     assert float(stats["logp"].reshape(-1)[~m].abs().sum()) == 0  # masked tokens: not computed
+    assert not any(v.requires_grad for v in stats.values() if v is not None)  # reports, detached
     if use_old:
         d = (olp - old.reshape(-1).double()) * m
         if c["loss"] == "gspo":  # every token carries its sequence's ratio

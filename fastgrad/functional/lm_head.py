@@ -217,14 +217,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), old, ref, t, int(ignore_index),
         op_loss, float(eps_low), float(eps_high), float(beta), kl, float(entropy_coef), bool(return_entropy), chunk,
         needs, float(clip_ratio_c or 0.0))
-    mflat = mf.reshape(-1)
+    mflat = mf.detach().reshape(-1)  # the stats are reports: no graph (float() on them must not warn)
     count = mflat.sum().clamp(min=1)
     stats = {
-        "logp": logp.view(lead),
-        "entropy": ent.view(lead) if ent.numel() or (return_entropy or entropy_coef != 0) else None,
-        "kl_mean": (st[0] * mflat).sum() / count,
-        "clip_frac": (st[1] * mflat).sum() / count,
-        "ratio_mean": (st[2] * mflat).sum() / count,
+        "logp": logp.detach().view(lead),
+        "entropy": ent.detach().view(lead) if ent.numel() or (return_entropy or entropy_coef != 0) else None,
+        "kl_mean": (st[0].detach() * mflat).sum() / count,
+        "clip_frac": (st[1].detach() * mflat).sum() / count,
+        "ratio_mean": (st[2].detach() * mflat).sum() / count,
     }
     return total, stats
 
