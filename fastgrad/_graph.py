@@ -1,6 +1,7 @@
 """The stochastic computation graph API (Storchastic's names, arguments and semantics)."""
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -187,6 +188,21 @@ def surrogate_loss(debug: bool = False) -> Tensor:
     return Tensor(loss, ())
 
 
+def _leaves(loss: torch.Tensor) -> List[torch.Tensor]:
+    """The leaf tensors autograd accumulates ``.grad`` into from ``loss`` (its graph's AccumulateGrad nodes)."""
+    out, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            out.append(var)
+        stack.extend(f for f, _ in fn.next_functions)
+    return out
+
+
 def backward(debug: bool = False, create_graph: bool = False, update_estimator_params: bool = True) -> torch.Tensor:
     """Build the surrogate loss of all registered costs (:func:`surrogate_loss`), run autograd, reset the graph.
 
@@ -198,7 +214,15 @@ def backward(debug: bool = False, create_graph: bool = False, update_estimator_p
         loss = surrogate_loss(debug)._tensor
         # a method that trains on the gradient estimate itself (RELAX's control variate) asks for its graph
         higher = create_graph or any(s.method is not None and s.method.create_graph for s in _state.samples)
-        if loss.requires_grad:
+        leaves = []
+        if loss.requires_grad and higher and not create_graph:
+            # the estimator wants the gradient's graph, the user does not: once the estimator has read it, each
+            # leaf's .grad is detached, which breaks the parameter <-> .grad cycle torch warns about
+            leaves = _leaves(loss)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+                loss.backward(create_graph=True)
+        elif loss.requires_grad:
             loss.backward(create_graph=higher)
         if update_estimator_params:
             by_method = {}
@@ -207,6 +231,9 @@ def backward(debug: bool = False, create_graph: bool = False, update_estimator_p
                     by_method.setdefault(id(s.method), (s.method, []))[1].append(s)
             for method, samples in by_method.values():
                 method._after_backward(samples)
+        for leaf in leaves:
+            if leaf.grad is not None and leaf.grad.requires_grad:
+                leaf.grad = leaf.grad.detach()
         return loss
     finally:
         _state.reset()

@@ -148,6 +148,23 @@ def test_declared_evaluations_are_the_plate_size(cls):
         storch.reset()
 
 
+ACCEPTED = [(c, d) for c in ESTIMATORS for d in c.accepts]
+
+
+@pytest.mark.parametrize("cls,family", ACCEPTED, ids=[f"{c.__name__}-{d.__name__}" for c, d in ACCEPTED])
+def test_declared_distributions_are_taken(cls, family):
+    # what `accepts` lists (and the docs' table shows) samples and gives a finite gradient
+    logits = torch.tensor([[0.3, -0.2, 0.5], [0.1, 0.4, -0.6]], requires_grad=True)
+    distr = family(logits=logits)
+    z = make(cls)()(distr)
+    c = z.float() if family is D.Categorical else z
+    while c.event_dims:
+        c = c.sum(-1)
+    storch.add_cost(c * 0.5 + 0.1, "c")
+    storch.backward()
+    assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
+
+
 @pytest.mark.parametrize("cls", [c for c in ESTIMATORS if c.facts.benchmark], ids=lambda c: c.__name__)
 def test_declared_benchmark_row_exists(cls):
     stem, label = cls.facts.benchmark

@@ -9,15 +9,18 @@ prompts) with fastgrad's Philox sampler, computes GRPO advantages ``(r - mean) /
 and takes one on-policy PPO-clip step with the GRPO normalization (per-sequence mean, then the mean over
 sequences) through ``fastgrad.functional.linear_policy_loss``: the ``[tokens, vocab]`` logits of the loss never
 exist. ``--loss unfused`` runs the same step with torch's ``lm_head`` + ``log_softmax`` + ``gather``; ``--loss
-both`` (default) runs both from the same seed, one after the other, and overlays them.
+both`` (default) computes both losses' gradients on the same rollouts from the same parameters at every step, logs
+their relative difference, memory and time, and steps with the fused one: one trajectory, so what differs is the
+loss, not two RL runs that part as soon as one sampled token differs.
 
-Writes ``log.csv`` (as it goes), ``summary.json`` and ``curves.png`` (reward, and the loss step's peak memory
-growth) into ``--out-dir`` (default ``runs/grpo/``). A few minutes on 2 cores at the defaults.
+Writes ``log.csv`` (as it goes), ``summary.json`` and ``curves.png`` (reward, gradient agreement, peak memory growth
+and time of loss + backward) into ``--out-dir`` (default ``runs/grpo/seed<S>-<loss>/``). A few minutes on 2 cores.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import sys
@@ -32,6 +35,7 @@ import torch.nn as nn
 import fastgrad.functional as F
 
 DIGITS = 10
+LR = 3e-3
 
 
 class Policy(nn.Module):
@@ -123,39 +127,61 @@ class PeakRSS:
         return False
 
 
-def train(args, fused: bool, log: csv.writer, fh) -> List[Dict[str, float]]:
+COLUMNS = ("step", "reward", "objective", "peak_mb_fused", "peak_mb_unfused", "loss_s_fused", "loss_s_unfused",
+           "grad_rel_diff")
+
+
+def train(args, log: csv.writer, fh) -> List[Dict[str, float]]:
+    """One GRPO run. ``--loss both``: at every step both losses differentiate the same rollouts from the same
+    parameters (in alternating order, so neither always runs on a warm allocator), the relative difference of their
+    gradients is logged, and the fused loss's gradient takes the step; one trajectory, so the comparison is of the
+    losses and not of two chaotic RL runs. ``--loss fused|unfused``: that loss alone."""
     torch.manual_seed(args.seed)
     policy = Policy(args.vocab, args.dim, args.layers, args.heads, args.length + 1)
-    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    name = "fused" if fused else "unfused"
-    rows = []
+    params = list(policy.parameters())
+    opt = torch.optim.Adam(params, lr=args.lr)
+    rows: List[Dict[str, float]] = []
     g = torch.Generator().manual_seed(args.seed)
     for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
         prompt = torch.randint(0, DIGITS, (args.prompts,), generator=g).repeat_interleave(args.group)
         completion = generate(policy, prompt, args.length, seed=args.seed * 1_000_003 + step)
         r = reward(prompt, completion).view(args.prompts, args.group)
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).reshape(-1)
         seq = torch.cat([prompt[:, None], completion], 1)
-        opt.zero_grad(set_to_none=True)
-        with PeakRSS() as mem:
-            loss = loss_step(policy, seq, adv, fused, args.eps)
-            loss.backward()
+        row = dict.fromkeys(COLUMNS, float("nan"))
+        row.update(step=step, reward=r.mean().item())
+        order = {"fused": (True,), "unfused": (False,), "both": (True, False) if step % 2 else (False, True)}
+        grads = {}
+        for fused in order[args.loss]:
+            name = "fused" if fused else "unfused"
+            opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            with PeakRSS() as mem:
+                loss = loss_step(policy, seq, adv, fused, args.eps)
+                loss.backward()
+            row[f"loss_s_{name}"] = time.perf_counter() - t0
+            row[f"peak_mb_{name}"] = mem.delta
+            if fused or args.loss == "unfused":
+                row["objective"] = loss.detach().item()
+            grads[fused] = [p.grad.detach().clone() for p in params]
+        if args.loss == "both":
+            row["grad_rel_diff"] = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
+                                       for a, b in zip(grads[True], grads[False]))
+            for p, gf in zip(params, grads[True]):  # the fused loss's gradient takes the step
+                p.grad = gf
         opt.step()
-        row = dict(loss=name, step=step, reward=float(r.mean()), objective=float(loss),
-                   peak_mb=mem.delta, seconds=time.perf_counter() - t0)
         rows.append(row)
-        log.writerow([row[k] for k in ("loss", "step", "reward", "objective", "peak_mb", "seconds")])
+        log.writerow([row[k] for k in COLUMNS])
         fh.flush()
         done = int(30 * step / args.steps)
-        sys.stdout.write(f"\r{name:8s} [{'#' * done}{'.' * (30 - done)}] step {step}/{args.steps} "
-                         f"reward {row['reward']:.3f} peak {row['peak_mb']:.0f} MB")
+        sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] step {step}/{args.steps} reward {row['reward']:.3f}"
+                         + (f" grad rel diff {row['grad_rel_diff']:.1e}" if args.loss == "both" else ""))
         sys.stdout.flush()
     sys.stdout.write("\n")
     return rows
 
 
-def plot(runs: Dict[str, List[Dict[str, float]]], path: Path, args) -> bool:
+def plot(rows: List[Dict[str, float]], path: Path, args) -> bool:
     try:
         import matplotlib
 
@@ -163,37 +189,70 @@ def plot(runs: Dict[str, List[Dict[str, float]]], path: Path, args) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in runs.items():
-        a.plot([r["step"] for r in rows], [r["reward"] for r in rows], label=name)
-        b.plot([r["step"] for r in rows], [r["peak_mb"] for r in rows], label=name)
-    a.set(xlabel="step", ylabel="mean reward", title="GRPO: count up from the prompt digit")
-    b.set(xlabel="step", ylabel="MB", title=f"peak RSS growth of loss + backward (V = {args.vocab})")
-    for ax in (a, b):
-        ax.legend()
-        ax.grid(alpha=0.3)
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    drive = "fused" if args.loss != "unfused" else "unfused"
+    ax[0, 0].plot(steps, [r["reward"] for r in rows], color="C0")
+    ax[0, 0].set(xlabel="step", ylabel="mean reward", ylim=(0, 1),
+                 title=f"GRPO, count up from the prompt digit ({drive} loss steps; seed {args.seed})")
+    if args.loss == "both":
+        ax[0, 1].semilogy(steps, [r["grad_rel_diff"] for r in rows], ".", color="C2", ms=3)
+        ax[0, 1].set(xlabel="step", ylabel="max over parameters of |g_fused - g_unfused| / |g_unfused|",
+                     title="gradient agreement on the same rollouts")
+    else:
+        ax[0, 1].axis("off")
+    for j, (key, unit, title) in enumerate((("peak_mb", "MB", f"peak RSS growth of loss + backward (V = {args.vocab})"),
+                                            ("loss_s", "s", "loss + backward time"))):
+        for k, name in enumerate(("fused", "unfused")):
+            ys = [r[f"{key}_{name}"] for r in rows]
+            if any(y == y for y in ys):  # not all NaN: this loss ran
+                ax[1, j].plot(steps, ys, label=name, color=f"C{k}", lw=0.8)
+        ax[1, j].set(xlabel="step", ylabel=unit, title=title)
+        ax[1, j].legend()
+    for a in ax.flat:
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
+def summarize(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    def median(key):
+        vals = sorted(r[key] for r in rows if r[key] == r[key])
+        return vals[len(vals) // 2] if vals else float("nan")
+
+    tail = rows[-min(10, len(rows)):]
+    out = {"steps": len(rows), "first_reward": sum(r["reward"] for r in rows[:10]) / len(rows[:10]),
+           "final_reward": sum(r["reward"] for r in tail) / len(tail)}
+    for key in COLUMNS[3:7]:
+        out[f"median_{key}"] = median(key)
+    diffs = [r["grad_rel_diff"] for r in rows if r["grad_rel_diff"] == r["grad_rel_diff"]]
+    out["max_grad_rel_diff"] = max(diffs) if diffs else float("nan")
+    return out
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=150)
+    class Help(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
+    p.add_argument("--steps", type=int, default=150, help="GRPO steps")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (the GRPO group)")
     p.add_argument("--length", type=int, default=8, help="completion length")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (tokens >= 10 are distractors)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dim", type=int, default=64, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--lr", type=float, default=LR, help="Adam's learning rate")
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip range")
-    p.add_argument("--loss", choices=("fused", "unfused", "both"), default="both")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", choices=("fused", "unfused", "both"), default="both",
+                   help="both: the two losses on the same rollouts each step, the fused one steps")
+    p.add_argument("--seed", type=int, default=0, help="initialization, prompts and sampling")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/grpo"))
+    p.add_argument("--out-dir", type=Path, default=argparse.SUPPRESS,
+                   help="where to write (runs/grpo/seed<S>-<loss> unless given: a run never overwrites another's)")
     args = p.parse_args(argv)
     for name in ("steps", "prompts", "length", "dim", "layers", "heads"):
         if getattr(args, name) < 1:
@@ -208,6 +267,8 @@ def parse_args(argv=None):
         p.error("--lr must be positive and --eps in [0, 1)")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
+    if "out_dir" not in vars(args):  # one folder per configuration: a run never overwrites another's
+        args.out_dir = Path("runs/grpo") / f"seed{args.seed}-{args.loss}"
     return args
 
 
@@ -216,28 +277,44 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    runs = {}
+    missing = [m for m in ("matplotlib", "psutil") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"note: {' and '.join(missing)} not installed: no "
+              + ", ".join((["curves.png"] if "matplotlib" in missing else []) + (["memory figures"] if "psutil" in
+                                                                                   missing else []))
+              + " (pip install 'fastgrad[examples]')")
+    rows: List[Dict[str, float]] = []
     with open(args.out_dir / "log.csv", "w", newline="") as fh:
         log = csv.writer(fh)
-        log.writerow(["loss", "step", "reward", "objective", "peak_mb", "seconds"])
+        log.writerow(COLUMNS)
         try:
-            for fused in ((True, False) if args.loss == "both" else (args.loss == "fused",)):
-                runs["fused" if fused else "unfused"] = train(args, fused, log, fh)
+            rows.extend(train(args, log, fh))
         except KeyboardInterrupt:
-            print("\ninterrupted: the log so far is kept")
-    summary = {"args": {k: str(v) for k, v in vars(args).items()}}
-    for name, rows in runs.items():
-        if rows:
-            tail = rows[-min(10, len(rows)):]
-            summary[name] = {"final_reward": sum(r["reward"] for r in tail) / len(tail),
-                             "median_peak_mb": sorted(r["peak_mb"] for r in rows)[len(rows) // 2],
-                             "median_step_s": sorted(r["seconds"] for r in rows)[len(rows) // 2]}
-            print(f"{name}: reward (last 10 steps) {summary[name]['final_reward']:.3f}, median peak "
-                  f"{summary[name]['median_peak_mb']:.0f} MB, median step {summary[name]['median_step_s']:.3f} s")
+            print("\ninterrupted: the summary and plot cover the steps done")
+            rows.extend(read_log(args.out_dir / "log.csv"))
+    if not rows:
+        print("no step finished: nothing to summarize")
+        return 1
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "result": summarize(rows)}
+    res = summary["result"]
+    print(f"reward {res['first_reward']:.3f} (first 10 steps) -> {res['final_reward']:.3f} (last 10)")
+    for name in ("fused", "unfused"):
+        if res[f"median_peak_mb_{name}"] == res[f"median_peak_mb_{name}"] or \
+                res[f"median_loss_s_{name}"] == res[f"median_loss_s_{name}"]:
+            print(f"{name}: median peak growth {res[f'median_peak_mb_{name}']:.0f} MB, median loss + backward "
+                  f"{res[f'median_loss_s_{name}']:.3f} s")
+    if args.loss == "both":
+        print("gradients, fused vs unfused on the same rollouts: max relative difference "
+              f"{res['max_grad_rel_diff']:.1e}")
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    wrote = ["log.csv", "summary.json"] + (["curves.png"] if plot(runs, args.out_dir / "curves.png", args) else [])
+    wrote = ["log.csv", "summary.json"] + (["curves.png"] if plot(rows, args.out_dir / "curves.png", args) else [])
     print(f"wrote {', '.join(str(args.out_dir / w) for w in wrote)}")
     return 0
+
+
+def read_log(path: Path) -> List[Dict[str, float]]:
+    with open(path) as fh:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 if __name__ == "__main__":

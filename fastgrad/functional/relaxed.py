@@ -135,7 +135,7 @@ def _softmax_jvp_surrogate(pi: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 def reinmax(logits: torch.Tensor, n: int = 1, tau: float = 1.0, *, generator: Optional[torch.Generator] = None,
             seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
-    """``n`` one-hot categorical samples with the ReinMax gradient (Liu, Zhao, Yu, Gao, Han & Ye, NeurIPS 2023,
+    """``n`` one-hot categorical samples with the ReinMax gradient (Liu, Dong, Liu, Yu & Gao, NeurIPS 2023,
     "Bridging discrete and backpropagation: straight-through and beyond"): the forward value is the sample ``D``;
     the backward is Heun's second-order approximation ``2 J(pi_1) - J(pi_0) / 2`` with ``pi_0 = softmax(logits)``,
     ``pi_1 = (D + softmax(logits / tau)) / 2`` and ``J(pi) = diag(pi) - pi pi^T`` (the paper's algorithm 2).

@@ -144,6 +144,7 @@ class REBAR(RELAX):
                   differentiable_cost=True, storchastic="REBAR", storchastic_correct=False,
                   storchastic_bug="biased on Bernoulli (the conditional sampler of RELAX)",
                   benchmark=("relax_toy_cpu", "rebar"))
+    accepts = (D.Bernoulli, D.OneHotCategorical)  # its control evaluates the cost at relaxed one-hot vectors
 
     def __init__(self, plate_name: str, c_phi: Optional[torch.nn.Module] = None, n_samples: int = 1,
                  in_dim: Union[None, int, Sequence[int]] = None):

@@ -78,7 +78,7 @@ class ReinMax(Method):
     hard samples forward, a second-order (Heun) straight-through backward; math in
     :func:`fastgrad.functional.reinmax`. Biased; one cost evaluation per sample; OneHotCategorical and Bernoulli.
     ``temperature`` (>= 1 recommended by the paper) enters the backward only."""
-    facts = Facts("Liu, Gao, Cheng, Wang, Zheng & Gao, NeurIPS 2023", unbiased=False, evaluations="n",
+    facts = Facts("Liu, Dong, Liu, Yu & Gao, NeurIPS 2023", unbiased=False, evaluations="n",
                   differentiable_cost=True, benchmark=("estimator_variance_cpu", "reinmax"))
 
     accepts = (D.OneHotCategorical, D.Bernoulli)

@@ -22,7 +22,7 @@ class ScoreFunction(Method):
         sampling_method: accepted for Storchastic compatibility; only ``None`` (Monte Carlo) is supported.
         n_samples: samples per draw (int >= 1).
         baseline_factory: ``None``/``"None"``, ``"batch_average"`` (leave-one-out mean of the other samples,
-            needs n_samples > 1) or ``"moving_average"`` (EMA, decay 0.95, of the plate-reduced cost), or a
+            needs n_samples > 1) or ``"moving_average"`` (EMA, decay 0.95, of earlier steps' plate-reduced costs), or a
             callable ``(sample, cost) -> baseline tensor``.
     """
     facts = Facts("Williams, Machine Learning 1992 (REINFORCE)", unbiased=True, evaluations="n",
@@ -60,10 +60,13 @@ class ScoreFunction(Method):
         if self.baseline == "batch_average":
             return "batch_average"
         if self.baseline == "moving_average":
+            # the average of earlier steps' costs: one that already holds this step's cost depends on the sample
+            # and biases the estimate (by a factor 1 - (1 - decay) / n; Storchastic updates first)
+            b = self.moving_average.clone()
             avg = reduce_plates(cost)._tensor.detach()
             self.moving_average = (self.exponential_decay * self.moving_average
                                    + (1 - self.exponential_decay) * avg.to(self.moving_average))
-            return self.moving_average.to(weight)
+            return b.to(weight)
         if self.baseline == "custom":
             b = self._baseline_fn(sample, cost)
             return b._tensor if isinstance(b, Tensor) else b

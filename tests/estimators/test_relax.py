@@ -158,7 +158,7 @@ def test_method_bad_input():
     with pytest.raises(ValueError, match="in_dim"):
         storch.method.RELAX("z", in_dim=0)
 
-    with pytest.raises(ValueError, match="needs a Bernoulli, OneHotCategorical or Categorical"):
+    with pytest.raises(ValueError, match="REBAR needs a Bernoulli or OneHotCategorical distribution, got Normal"):
         storch.method.REBAR("z")(Normal(torch.zeros(3), 1.0))
 
 
@@ -263,5 +263,7 @@ def test_categorical_conventions_and_errors():
     idx = storch.method.RELAX("w", in_dim=4)(Categorical(logits=L0))
     assert idx.shape == (1, 2) and idx.dtype == torch.int64
     storch.reset()
-    with pytest.raises(ValueError, match="REBAR needs a OneHotCategorical"):
+    with pytest.raises(ValueError, match="REBAR needs a Bernoulli or OneHotCategorical distribution, got Categorical"):
         storch.method.REBAR("z")(Categorical(logits=L0))
+    with pytest.raises(ValueError, match="REBAR needs a OneHotCategorical"):  # RELAX(rebar=True): the same fact
+        storch.method.RELAX("z", rebar=True)(Categorical(logits=L0))

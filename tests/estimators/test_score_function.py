@@ -7,7 +7,7 @@ from torch.distributions import Bernoulli, OneHotCategorical
 import fastgrad as storch
 import fastgrad.functional as F
 
-from .._oracles import LOGITS, TARGET, K, k, story_cost, story_dist, story_exact, story_logits
+from .._oracles import LOGITS, TARGET, K, k, story, story_cost, story_dist, story_exact, story_logits
 from .._stats import grad_estimates, mean_and_se
 
 
@@ -61,6 +61,21 @@ def test_score_function_unbiased(n, baseline):
     mean, se = _mean_and_se(storch.method.ScoreFunction("z", n_samples=n, baseline_factory=baseline), 1500,
                             plate=baseline != "moving_average")
     assert ((mean - eg).abs() <= 4 * se + 1e-4).all(), ((mean - eg).abs() / se).max()
+
+
+def test_moving_average_baseline_holds_only_earlier_costs():
+    # a baseline that includes this step's cost depends on the sample (biased; Storchastic updates before use):
+    # the first step's baseline is the initial 0, so its gradient is plain REINFORCE's at the same seed, and the
+    # moving average after it is 0.05 times the first step's cost
+    grads = {}
+    for baseline in (None, "moving_average"):
+        torch.manual_seed(5)
+        method = storch.method.ScoreFunction("z", n_samples=3, baseline_factory=baseline)
+        z, leaf = story(method)
+        storch.backward()
+        grads[baseline] = (leaf.grad.clone(), method)
+    torch.testing.assert_close(grads[None][0], grads["moving_average"][0])
+    assert float(grads["moving_average"][1].moving_average) != 0.0  # updated after use
 
 
 def test_score_function_by_logits_unbiased():
