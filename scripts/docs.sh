@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then V=$PYTHON; elif [ -x .venv/bin/python ]; then V=.venv/bin/python; else V=python3; fi
 extra=$($V -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]))')
 $V -m pip install -q $extra
-$V -m sphinx -W --keep-going -b html docs docs/_build/html "$@"
+$V -m sphinx -E -W --keep-going -b html docs docs/_build/html "$@"  # -E: the tables are generated from the code
 echo "docs: open docs/_build/html/index.html"

@@ -28,10 +28,10 @@ FAMILY_TITLES = {
     "vimco": "VIMCO", "double_cv": "Double CV, RODEO", "relaxed": "Relaxed and straight-through",
     "without_replacement": "Sets without replacement",
 }
-TOYS = {
-    "estimator_variance_cpu": "seed VAE encoder, at initialization",
-    "relax_toy_cpu": "RELAX toy, mean log-variance over training",
-    "double_cv_toy_cpu": "200-dim Bernoulli toy, log-variance after 2000 steps",
+TOYS = {  # short names; docs/estimators/index.md says what each toy is
+    "estimator_variance_cpu": "seed VAE",
+    "relax_toy_cpu": "RELAX toy",
+    "double_cv_toy_cpu": "200-bit toy",
 }
 
 
@@ -73,7 +73,7 @@ def measured(bench: Optional[tuple]) -> str:
     if "checkpoints" in data:
         rows = [r for r in data["checkpoints"][0]["rows"] if r["estimator"] == label]
         row = min(rows, key=lambda r: abs(r["evaluations"] - 8))
-        return f"{row['grad_variance']:.3g} at {row['evaluations']} evaluations ({TOYS[stem]})"
+        return f"{row['grad_variance']:.3g} ({TOYS[stem]}, {row['evaluations']} evaluations)"
     run = next(r for r in data["runs"] if r["method"] == label)
     lv = [r["log_variance"] for r in run["rows"]]
     value = sum(lv) / len(lv) if stem == "relax_toy_cpu" else lv[-1]
@@ -84,20 +84,20 @@ def distributions(cls: type) -> str:
     if cls.facts.takes:
         return cls.facts.takes
     if not cls.accepts:
-        return "any with ``log_prob``"
+        return "any with `log_prob`"
     return ", ".join(c.__name__ for c in cls.accepts)
 
 
 def estimator_rows(fam: Optional[str] = None) -> List[Dict[str, str]]:
-    """One dict per estimator (column -> reStructuredText cell), every family or one."""
+    """One dict per estimator (column -> MyST Markdown cell), every family or one."""
     rows = []
     for cls in estimators():
         if fam is not None and family(cls) != fam:
             continue
         f = cls.facts
-        name = f":class:`~fastgrad.method.{cls.__name__}`"
+        name = f"{{class}}`~fastgrad.method.{cls.__name__}`"
         if aliases(cls):
-            name += " (alias " + ", ".join(f"``{a}``" for a in aliases(cls)) + ")"
+            name += " (alias " + ", ".join(f"`{a}`" for a in aliases(cls)) + ")"
         if f.storchastic is None:
             st = "not in Storchastic"
         elif f.storchastic_correct is None:
@@ -108,10 +108,10 @@ def estimator_rows(fam: Optional[str] = None) -> List[Dict[str, str]]:
             st = f"**wrong**: {f.storchastic_bug}"
         rows.append({
             "Estimator": name,
-            "Family": f":doc:`{family(cls)} </estimators/{family(cls)}>`",
+            "Family": f"{{doc}}`{FAMILY_TITLES[family(cls)]} </estimators/{family(cls)}>`",
             "Distributions": distributions(cls),
-            "Unbiased": ("yes" if f.unbiased else "no") + ("" if f.objective == "E[f]" else f" (for ``{f.objective}``)"),
-            "Cost evaluations per draw": f"``{pretty_count(f.evaluations)}``",
+            "Unbiased": ("yes" if f.unbiased else "no") + ("" if f.objective == "E[f]" else f" (for `{f.objective}`)"),
+            "Cost evaluations per draw": f"`{pretty_count(f.evaluations)}`",
             "Cost": "differentiable" if f.differentiable_cost else "any (black box)",
             "Measured variance": measured(f.benchmark),
             "Paper": f.paper,
@@ -135,13 +135,19 @@ class EstimatorTable(Directive):
         cols = list(rows[0])
         if fam is not None:
             cols.remove("Family")
-        lines = [".. list-table::", "   :header-rows: 1", "   :class: estimator-table", ""]
-        lines.append("   * - " + "\n     - ".join(cols))
-        for r in rows:
-            lines.append("   * - " + "\n     - ".join(r[c] for c in cols))
-        node = nodes.container(classes=["estimator-table-wrapper"])
-        self.state.nested_parse(StringList(lines, source="estimator-table"), self.content_offset, node)
-        return [node]
+        return parse_table(self, cols, [[r[c] for c in cols] for r in rows])
+
+
+def parse_table(directive: Directive, header: List[str], rows: List[List[str]]) -> List[nodes.Node]:
+    """A MyST ``list-table`` of ``rows`` (cells in MyST Markdown), parsed in the page, in a scrolling wrapper."""
+    lines = ["```{list-table}", ":header-rows: 1", ":class: estimator-table", ""]
+    for row in [header] + rows:
+        lines.append("* - " + row[0])
+        lines.extend("  - " + cell for cell in row[1:])
+    lines.append("```")
+    node = nodes.container(classes=["estimator-table-wrapper"])
+    directive.state.nested_parse(StringList(lines, source="fastgrad_docs"), directive.content_offset, node)
+    return [node]
 
 
 class OpTable(Directive):
@@ -151,18 +157,13 @@ class OpTable(Directive):
     def run(self):
         from fastgrad.ops._registry import REGISTRY
         names = {"cpp": "C++ (CPU)", "cuda": "CUDA", "triton": "Triton"}
-        lines = [".. list-table::", "   :header-rows: 1", "   :class: estimator-table", "",
-                 "   * - op\n     - schema\n     - fused kernels\n     - dtypes\n     - autograd"]
+        rows = []
         for name, op in REGISTRY.items():
             kernels = ", ".join(names[k] for k in op.kernels) or "none: the LM-head driver over C++/Triton row passes"
             dtypes = ", ".join(str(d).replace("torch.", "") for d in op.dtypes)
-            schema = op.schema.replace("`", "")
-            lines.append(f"   * - ``torch.ops.fastgrad.{name}``\n     - ``{schema}``\n     - {kernels}\n"
-                         f"     - {dtypes}\n     - {'yes' if op.differentiable else 'no'}")
-        text = "\n".join(lines).split("\n")
-        node = nodes.container(classes=["estimator-table-wrapper"])
-        self.state.nested_parse(StringList(text, source="op-table"), self.content_offset, node)
-        return [node]
+            rows.append([f"`torch.ops.fastgrad.{name}`", f"`{op.schema}`", kernels, dtypes,
+                         "yes" if op.differentiable else "no"])
+        return parse_table(self, ["op", "schema", "fused kernels", "dtypes", "autograd"], rows)
 
 
 def copy_result_plots(app, config) -> None:

@@ -35,7 +35,7 @@ import torch.nn as nn
 import fastgrad.functional as F
 
 DIGITS = 10
-LR = 3e-3
+LR = 1e-3
 
 
 class Policy(nn.Module):
