@@ -23,7 +23,7 @@ def test_fused_and_unfused_steps_agree():
         policy.zero_grad(set_to_none=True)
         loss = grpo.loss_step(policy, seq, adv, fused, 0.2)
         loss.backward()
-        grads.append((float(loss), [p.grad.clone() for p in policy.parameters()]))
+        grads.append((loss.detach().item(), [p.grad.clone() for p in policy.parameters()]))
     assert abs(grads[0][0] - grads[1][0]) < 1e-6
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -40,11 +40,20 @@ def test_program_runs_and_writes_its_files(tmp_path, capsys):
     rc = grpo.main(["--steps", "3", "--prompts", "2", "--group", "2", "--length", "3", "--vocab", "64", "--dim", "8",
                     "--heads", "2", "--layers", "1", "--out-dir", str(tmp_path)])
     assert rc == 0
-    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
-    assert [r["loss"] for r in rows] == ["fused"] * 3 + ["unfused"] * 3
+    with open(tmp_path / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    for r in rows:  # --loss both: the two losses on the same rollouts, every step
+        assert float(r["grad_rel_diff"]) < 1e-4
+        assert float(r["loss_s_fused"]) > 0 and float(r["loss_s_unfused"]) > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert 0 <= summary["fused"]["final_reward"] <= 1
-    assert "wrote" in capsys.readouterr().out
+    assert 0 <= summary["result"]["final_reward"] <= 1 and summary["result"]["max_grad_rel_diff"] < 1e-4
+    out = capsys.readouterr().out
+    assert "wrote" in out and "max relative difference" in out
+
+
+def test_default_out_dir_names_the_configuration():
+    assert str(grpo.parse_args(["--seed", "3", "--loss", "fused"]).out_dir).endswith("seed3-fused")
 
 
 @pytest.mark.parametrize("argv,message", [(["--group", "1"], "--group must be >= 2"),
