@@ -18,12 +18,14 @@ def write_result(argv, args, payload: dict, plot: Optional[Callable[[dict, str],
     """``{"command", "commit", "args", "machine", **payload}``; written to ``args.out`` when given, with
     ``plot(result, <out>.png)`` when ``args.plot``. ``machine``: extra fields of the machine record."""
     import torch
+    from fastgrad._env import _cpu
 
+    cpu, features = _cpu()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
               "commit": commit, "args": vars(args),
-              "machine": {"node": platform.node(), "processor": platform.processor(), "torch": torch.__version__,
-                          **machine},
+              "machine": {"node": platform.node(), "cpu": cpu, "cpu_features": features, "cores": os.cpu_count(),
+                          "torch": torch.__version__, **machine},
               **payload}
     if getattr(args, "out", None):
         with open(args.out, "w") as f:
