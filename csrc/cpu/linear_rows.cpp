@@ -1,7 +1,8 @@
 // Row passes of the fused LM-head ops (fastgrad/ops/linear_log_prob.py) over one token block's logits slab
 // z = slab / T, [M, V] fp32 (fp64 for gradcheck), built by a GEMM the Python driver runs:
-//   linear_rows_stats: lse = logsumexp(z), logp[m, s] = z[m, index[m, s]] - lse, and on request the entropy
-//                      H = lse - sum_j p_j z_j; two reads of the row (max, then exp-sums), nothing written.
+//   linear_rows_stats: lse = logsumexp(z), logp[m, s] = (z[m, index[m, s]] - max) - log sum_j e^(z_j - max), and
+//                      on request the entropy H = lse - sum_j p_j z_j (both relative to the row max); two reads of
+//                      the row (max, then exp-sums), nothing written.
 //   linear_rows_grad_: the slab is overwritten in place with dL/dslab (one read, one write):
 //                      (sum_s c_s [j = y_s] - (sum_s c_s) p_j - g_H p_j (log p_j + H)) / T,
 //                      c = dL/dlogp [M, S], g_H = dL/dH [M] (empty: no entropy term).
@@ -95,9 +96,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_rows_stats_cpu(const at::T
             s += row_sum(buf, len);
           }
         }
-        const T l = mx + static_cast<T>(std::log(s));  // NaN/inf rows propagate; the driver checks lse
+        // s >= 1 (the max's own term), but the vectorized exp of 0 may fall an ulp short of 1: log s >= 0 keeps
+        // logp <= 0
+        const T ls = static_cast<T>(std::max(std::log(s), 0.0));
+        const T l = mx + ls;  // NaN/inf rows propagate; the driver checks lse
         lp[m] = l;
-        for (int64_t k = 0; k < S; ++k) op[m * S + k] = row[ip[m * S + k]] * it - l;
+        // relative to the row max: (z - mx) is exact near the max however large |z| is, and s >= 1 makes the
+        // result <= 0; z - lse would lose ulp(lse) (1e-3 at an offset of 1e4)
+        for (int64_t k = 0; k < S; ++k) op[m * S + k] = (row[ip[m * S + k]] * it - mx) - ls;
         // H = lse - E[z] = log s - E[z - mx]
         if (ep) ep[m] = static_cast<T>(std::log(s) - sz / s);
       }

@@ -77,7 +77,7 @@ def measured(bench: Optional[tuple]) -> str:
     run = next(r for r in data["runs"] if r["method"] == label)
     lv = [r["log_variance"] for r in run["rows"]]
     value = sum(lv) / len(lv) if stem == "relax_toy_cpu" else lv[-1]
-    return f"log-variance {value:.1f} ({TOYS[stem]})"
+    return f"log-variance {value:.1f} ({TOYS[stem]}, {label})"
 
 
 def distributions(cls: type) -> str:

@@ -1,7 +1,7 @@
 """Gradient estimation methods (Storchastic's ``storch.method``): call one on a torch distribution."""
 from ._base import Draw, Facts, Method
 from .arm import ARM, ARMS, DisARM
-from .double_cv import RODEO, DoubleCV
+from .double_cv import RODEO, DoubleCV, SteinControl
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .relax import LAX, REBAR, RELAX
@@ -16,4 +16,4 @@ from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctio
 __all__ = ["Method", "Draw", "Facts", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
            "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
            "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax",
-           "ReinMax", "GumbelRao", "IndeCateR", "DoubleCV", "RODEO"]
+           "ReinMax", "GumbelRao", "IndeCateR", "DoubleCV", "RODEO", "SteinControl"]

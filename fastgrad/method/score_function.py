@@ -26,7 +26,8 @@ class ScoreFunction(Method):
             callable ``(sample, cost) -> baseline tensor``.
     """
     facts = Facts("Williams, Machine Learning 1992 (REINFORCE)", unbiased=True, evaluations="n",
-                  storchastic="ScoreFunction", storchastic_correct=True,
+                  storchastic="ScoreFunction", storchastic_correct=False,
+                  storchastic_bug="its moving_average baseline holds the current cost (biased)",
                   benchmark=("estimator_variance_cpu", "score-function (loo)"))
 
     uses_score = True

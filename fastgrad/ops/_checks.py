@@ -42,9 +42,9 @@ def shape(t: torch.Tensor, name: str, expected: Sequence[int], what: str) -> Non
         raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+def same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "the logits'") -> None:
     if t.device != ref.device:
-        raise ValueError(f"{name} must be on the logits' device {ref.device}, got {t.device}")
+        raise ValueError(f"{name} must be on {ref_name} device {ref.device}, got {t.device}")
 
 
 def count(n: object, name: str = "n") -> int:

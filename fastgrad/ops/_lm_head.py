@@ -37,12 +37,17 @@ _WEIGHT_BLOCK_BYTES = 64 << 20  # half-precision weights are converted to fp32 i
 
 # -- row passes -------------------------------------------------------------------------------------------------
 def rows_stats_reference(slab: torch.Tensor, index: torch.Tensor, inv_t: float, want_entropy: bool):
+    # everything relative to the row max (as the C++ and Triton passes): z - lse loses ulp(lse), and the entropy
+    # as lse - sum p z loses eps z^2
     z = slab * inv_t
-    lse = torch.logsumexp(z, -1)
-    logp = z.gather(1, index) - lse[:, None]
+    mx = z.amax(-1, keepdim=True)
+    d = torch.where(torch.isfinite(mx), z - mx, z)  # an all -inf row keeps its NaN/inf (the driver refuses it)
+    ls = torch.logsumexp(d, -1)
+    lse = mx.squeeze(-1) + ls
+    logp = d.gather(1, index) - ls[:, None]
     if want_entropy:
-        p = torch.exp(z - lse[:, None])
-        ent = lse - torch.where(p > 0, p * z, 0).sum(-1)  # a -inf logit (p = 0) adds nothing
+        p = torch.exp(d - ls[:, None])
+        ent = ls - torch.where(p > 0, p * d, 0).sum(-1)  # a -inf logit (p = 0) adds nothing
     else:
         ent = slab.new_empty(0)
     return logp, lse, ent
@@ -224,20 +229,28 @@ def check_head(hidden, weight, bias, index, temperature, chunk: int, index_dim: 
                          f"{tuple(weight.shape)}")
     if weight.shape[0] < 1:
         raise ValueError("weight must have at least one row (V >= 1)")
-    _checks.same_device("weight", weight, hidden)
+    _checks.same_device("weight", weight, hidden, "hidden's")
     if bias is not None:
         _checks.tensor(bias, "bias", 1)
         _checks.shape(bias, "bias", weight.shape[:1], "[V]")
-        _checks.same_device("bias", bias, hidden)
+        _checks.same_device("bias", bias, hidden, "hidden's")
     _checks.tensor(index, "index", index_dim, (torch.int64,))
     if index.shape[0] != hidden.shape[0]:
         raise ValueError(f"index must have {hidden.shape[0]} rows (hidden's), got shape {tuple(index.shape)}")
-    _checks.same_device("index", index, hidden)
+    _checks.same_device("index", index, hidden, "hidden's")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         raise ValueError(f"chunk_size must be a positive int (0 or None: chosen from the memory budget), got {chunk!r}")
+
+
+def check_devices(hidden: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """The fakes' share of the input contract: one device. A meta weight beside CPU hidden states (an ``lm_head``
+    left on meta after deferred initialization) dispatches to the fake, which would return uninitialized memory."""
+    for name, t in others.items():
+        if t is not None:
+            _checks.same_device(name, t, hidden, "hidden's")
 
 
 def check_index_values(index: torch.Tensor, V: int, ignore_index: int) -> None:

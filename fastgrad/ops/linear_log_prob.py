@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 
 from . import _checks, _registry
-from ._lm_head import (Driver, backprop, check_head, check_index_values, default_chunk,  # noqa: F401
-                       grad_buffers, rows_stats_reference, rows_to_visit, safe_index)
+from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values,  # noqa: F401
+                       default_chunk, grad_buffers, rows_stats_reference, rows_to_visit, safe_index)
 
 
 def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_index: int, want_entropy: bool,
@@ -57,6 +57,7 @@ def _log_prob_impl(hidden, weight, bias, index, temperature, ignore_index, want_
 
 
 def _log_prob_fake(hidden, weight, bias, index, temperature, ignore_index, want_entropy, chunk):
+    check_devices(hidden, weight=weight, bias=bias, index=index)
     acc = _checks.acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     return (hidden.new_empty(index.shape, dtype=acc), hidden.new_empty((N,), dtype=acc),

@@ -14,8 +14,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import _checks, _registry
-from ._lm_head import (Driver, backprop, check_head, check_index_values, grad_buffers, rows_stats_reference,
-                       rows_to_visit, safe_index)
+from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values, grad_buffers,
+                       rows_stats_reference, rows_to_visit, safe_index)
 
 
 # -- the losses, one entry each ----------------------------------------------------------------------------------
@@ -206,6 +206,8 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
 def _policy_fake(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature,
                  ignore_index, loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask,
                  clip_ratio_c=0.0):
+    check_devices(hidden, weight=weight, bias=bias, index=index, advantages=advantages, token_weight=token_weight,
+                  old_logp=old_logp, ref_logp=ref_logp)
     acc = _checks.acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     need_x, need_w, need_b = output_mask
