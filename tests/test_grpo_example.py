@@ -48,6 +48,7 @@ def test_program_runs_and_writes_its_files(tmp_path, capsys):
         assert float(r["loss_s_fused"]) > 0 and float(r["loss_s_unfused"]) > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["result"]["final_reward"] <= 1 and summary["result"]["max_grad_rel_diff"] < 1e-4
+    assert summary["command"].startswith("python -m fastgrad.examples.grpo") and summary["machine"]["cpu"]
     out = capsys.readouterr().out
     assert "wrote" in out and "max relative difference" in out
 

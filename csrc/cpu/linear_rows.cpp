@@ -96,14 +96,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_rows_stats_cpu(const at::T
             s += row_sum(buf, len);
           }
         }
-        // s >= 1 (the max's own term), but the vectorized exp of 0 may fall an ulp short of 1: log s >= 0 keeps
-        // logp <= 0
-        const T ls = static_cast<T>(std::max(std::log(s), 0.0));
+        const T ls = static_cast<T>(std::log(s));  // s >= 1: the max's own term
         const T l = mx + ls;  // NaN/inf rows propagate; the driver checks lse
         lp[m] = l;
-        // relative to the row max: (z - mx) is exact near the max however large |z| is, and s >= 1 makes the
-        // result <= 0; z - lse would lose ulp(lse) (1e-3 at an offset of 1e4)
-        for (int64_t k = 0; k < S; ++k) op[m * S + k] = (row[ip[m * S + k]] * it - mx) - ls;
+        // relative to the row max: (z - mx) is exact near the max however large |z| is; z - lse would lose
+        // ulp(lse) (1e-3 at an offset of 1e4). min(., 0): the compiler may fuse z * it - mx into one FMA, which
+        // leaves the max's own log-prob at +(rounding error of mx) instead of 0
+        for (int64_t k = 0; k < S; ++k) op[m * S + k] = std::min((row[ip[m * S + k]] * it - mx) - ls, T(0));
         // H = lse - E[z] = log s - E[z - mx]
         if (ep) ep[m] = static_cast<T>(std::log(s) - sz / s);
       }

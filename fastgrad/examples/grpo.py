@@ -194,11 +194,11 @@ def plot(rows: List[Dict[str, float]], path: Path, args) -> bool:
     drive = "fused" if args.loss != "unfused" else "unfused"
     ax[0, 0].plot(steps, [r["reward"] for r in rows], color="C0")
     ax[0, 0].set(xlabel="step", ylabel="mean reward", ylim=(0, 1),
-                 title=f"GRPO, count up from the prompt digit ({drive} loss steps; seed {args.seed})")
+                 title=f"GRPO reward (seed {args.seed}; {drive} loss steps)")
     if args.loss == "both":
         ax[0, 1].semilogy(steps, [r["grad_rel_diff"] for r in rows], ".", color="C2", ms=3)
-        ax[0, 1].set(xlabel="step", ylabel="max over parameters of |g_fused - g_unfused| / |g_unfused|",
-                     title="gradient agreement on the same rollouts")
+        ax[0, 1].set(xlabel="step", ylabel="max relative difference",
+                     title="|g_fused - g_unfused| / |g_unfused|, worst parameter, same rollouts")
     else:
         ax[0, 1].axis("off")
     for j, (key, unit, title) in enumerate((("peak_mb", "MB", f"peak RSS growth of loss + backward (V = {args.vocab})"),
@@ -295,7 +295,8 @@ def main(argv=None) -> int:
     if not rows:
         print("no step finished: nothing to summarize")
         return 1
-    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "result": summarize(rows)}
+    summary = {"command": "python -m fastgrad.examples.grpo " + " ".join(sys.argv[1:] if argv is None else argv),
+               "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "result": summarize(rows)}
     res = summary["result"]
     print(f"reward {res['first_reward']:.3f} (first 10 steps) -> {res['final_reward']:.3f} (last 10)")
     for name in ("fused", "unfused"):
@@ -310,6 +311,24 @@ def main(argv=None) -> int:
     wrote = ["log.csv", "summary.json"] + (["curves.png"] if plot(rows, args.out_dir / "curves.png", args) else [])
     print(f"wrote {', '.join(str(args.out_dir / w) for w in wrote)}")
     return 0
+
+
+def machine() -> Dict[str, object]:
+    """What a result depends on: fastgrad's version and commit (in a checkout), torch, the CPU and its features."""
+    import platform
+    import subprocess
+
+    from fastgrad import __version__
+    from fastgrad._env import _cpu
+
+    cpu, features = _cpu()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"fastgrad": __version__, "commit": commit, "torch": torch.__version__, "cpu": cpu,
+            "cpu_features": features, "threads": torch.get_num_threads(), "node": platform.node()}
 
 
 def read_log(path: Path) -> List[Dict[str, float]]:

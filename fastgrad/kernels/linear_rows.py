@@ -23,7 +23,7 @@ def _stats_kernel(z_ptr, idx_ptr, logp_ptr, lse_ptr, ent_ptr, V, S, inv_t, WANT_
         if WANT_ENT:
             t += tl.where(e > 0, e * d, 0.0)
     ssum = tl.sum(s, 0)
-    ls = tl.maximum(tl.log(ssum), 0.0)  # ssum >= 1 (the max's own term): logp <= 0 however exp rounds
+    ls = tl.log(ssum)  # ssum >= 1: the max's own term
     tl.store(lse_ptr + r, m + ls)
     if WANT_ENT:
         tl.store(ent_ptr + r, ls - tl.sum(t, 0) / ssum)
@@ -31,7 +31,8 @@ def _stats_kernel(z_ptr, idx_ptr, logp_ptr, lse_ptr, ent_ptr, V, S, inv_t, WANT_
     smask = ss < S
     idx = tl.load(idx_ptr + r * S + ss, mask=smask, other=0)
     picked = tl.load(row + idx, mask=smask, other=0.0).to(ACC)
-    tl.store(logp_ptr + r * S + ss, (picked * inv_t - m) - ls, mask=smask)  # relative to the max, as the C++
+    # relative to the max, as the C++ (and never above 0, whatever the compiler fuses)
+    tl.store(logp_ptr + r * S + ss, tl.minimum((picked * inv_t - m) - ls, 0.0), mask=smask)
 
 
 @triton.jit
