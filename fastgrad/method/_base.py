@@ -26,7 +26,7 @@ def check_n_samples(n_samples: object) -> int:
 
 
 def refuse_sampling_method(sampling_method: object, what: str = "Monte Carlo sampling") -> None:
-    """Storchastic's ``sampling_method`` argument: accepted in every constructor, only ``None`` supported."""
+    """Storchastic's ``sampling_method`` argument, where Storchastic's constructor has it: only ``None`` supported."""
     if sampling_method is not None:
         raise ValueError(f"sampling_method: only None ({what}) is supported")
 
