@@ -26,7 +26,11 @@ def test_demo_quick(tmp_path, method, extra):
     assert s["last_elbo_mean100"] < s["first_elbo"] - 150  # it learns
     assert (tmp_path / "log.csv").read_text().count("\n") == 121
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["evaluations"]) == 2 and summary["test_neg_elbo"] < 400
+    assert [e["step"] for e in summary["evaluations"]] == [0, 100, 119]  # step 0, every 100, the last step
+    assert summary["test_neg_elbo"] < 400 and summary["interrupted"] is False
+    for e in summary["evaluations"]:  # the bias panel's noise floor: variance / estimates (Expect: both 0)
+        if e["grad_bias"] is not None:
+            assert e["grad_bias_floor"] == pytest.approx(e["grad_variance"] / 5)
     assert (tmp_path / "curves.png").exists() == summary["plot"]
 
 
