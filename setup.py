@@ -38,6 +38,17 @@ def want_cuda_kernels(torch_has_cuda: bool, cuda_home, env=os.environ) -> bool:
         return False
 
 
+def _load_build_module():
+    """fastgrad/ops/_build.py by path (importing the package would need torch and the extension)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastgrad_build_flags", os.path.join(ROOT, "fastgrad", "ops",
+                                                                                       "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def extensions():
     if _flag("FASTGRAD_NO_EXT"):
         return [], {}
@@ -48,11 +59,8 @@ def extensions():
         warnings.warn("torch is not installed at build time: building fastgrad without its C++ extension")
         return [], {}
 
-    debug = _flag("DEBUG")
-    cxx = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno", "-fopenmp-simd"]
-    if not debug and _flag("FASTGRAD_NATIVE", "1"):
-        cxx.append("-march=native")
-    cxx += ["-std=c++20", "-fopenmp"]
+    flags = _load_build_module()  # the same flags as the kernels built on first use
+    cxx = flags.cflags()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     include = [os.path.join(ROOT, "csrc")]
@@ -60,7 +68,7 @@ def extensions():
     site = sysconfig.get_paths()["purelib"]
     include += [p for p in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(p)]
     want_cuda = bool(cuda_sources) and want_cuda_kernels(torch.version.cuda is not None, CUDA_HOME)
-    common = dict(name="fastgrad._C", include_dirs=include, extra_link_args=["-fopenmp", "-lmvec"])
+    common = dict(name="fastgrad._C", include_dirs=include, extra_link_args=flags.LDFLAGS)
 
     def cpu_only():
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import sys
-from pathlib import Path
 from typing import Callable, Optional
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write_result(argv, args, payload: dict, plot: Optional[Callable[[dict, str], None]] = None,
                  **machine) -> dict:
-    """``{"command", "commit", "args", "machine", **payload}``; written to ``args.out`` when given, with
-    ``plot(result, <out>.png)`` when ``args.plot``. ``machine``: extra fields of the machine record."""
-    import torch
-    from fastgrad._env import _cpu
+    """``{"command", "commit", "args", "machine", **payload}`` (the machine of :func:`fastgrad._env.machine_record`);
+    written to ``args.out`` when given, with ``plot(result, <out>.png)`` when ``args.plot``. ``machine``: extra
+    fields of the machine record."""
+    from fastgrad._env import machine_record
 
-    cpu, features = _cpu()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    record = machine_record()
+    commit = record.pop("commit")
     result = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
-              "commit": commit, "args": vars(args),
-              "machine": {"node": platform.node(), "cpu": cpu, "cpu_features": features, "cores": os.cpu_count(),
-                          "torch": torch.__version__, **machine},
-              **payload}
+              "commit": commit, "args": vars(args), "machine": {**record, **machine}, **payload}
     if getattr(args, "out", None):
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

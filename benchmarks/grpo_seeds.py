@@ -14,9 +14,11 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._results import write_result  # noqa: E402
+from fastgrad.examples import grpo  # noqa: E402
 
 
 def run_seed(seed: int, steps: int, folder: str) -> dict:
@@ -26,8 +28,7 @@ def run_seed(seed: int, steps: int, folder: str) -> dict:
                    stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "summary.json")) as f:
         res = json.load(f)["result"]
-    with open(os.path.join(out, "log.csv")) as f:
-        rewards = [float(line.split(",")[1]) for line in f.read().splitlines()[1:]]
+    rewards = [r["reward"] for r in grpo.read_log(Path(out) / "log.csv")]
     return {"seed": seed, "first_reward": res["first_reward"], "final_reward": res["final_reward"],
             "learned": res["final_reward"] >= 3 * res["first_reward"], "rewards": rewards}
 

@@ -57,6 +57,23 @@ def backend_status() -> Dict[str, str]:
     return out
 
 
+def machine_record() -> Dict[str, object]:
+    """What a measured result depends on, for result files (the benchmarks, the examples' summaries): the node, the
+    CPU and its features, cores and torch threads, torch's and fastgrad's versions, and the checkout's commit (None
+    outside a git checkout)."""
+    import subprocess
+
+    cpu, features = _cpu()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"node": platform.node(), "cpu": cpu, "cpu_features": features, "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "fastgrad": __version__,
+            "commit": commit}
+
+
 def collect_env() -> Dict[str, object]:
     """The facts of ``python -m fastgrad`` as a dict: versions, the CPU and its features, Triton, the GPU, each
     backend's status and the backend that runs by default."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 import fastgrad.functional as F
+from fastgrad._env import machine_record
 
 DIGITS = 10
 LR = 1e-3
@@ -163,7 +164,8 @@ def train(args, log: csv.writer, fh) -> List[Dict[str, float]]:
             row[f"peak_mb_{name}"] = mem.delta
             if fused or args.loss == "unfused":
                 row["objective"] = loss.detach().item()
-            grads[fused] = [p.grad.detach().clone() for p in params]
+            if args.loss == "both":
+                grads[fused] = [p.grad.detach().clone() for p in params]
         if args.loss == "both":
             row["grad_rel_diff"] = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
                                        for a, b in zip(grads[True], grads[False]))
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
         print("no step finished: nothing to summarize")
         return 1
     summary = {"command": "python -m fastgrad.examples.grpo " + " ".join(sys.argv[1:] if argv is None else argv),
-               "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "result": summarize(rows)}
+               "machine": machine_record(), "args": {k: str(v) for k, v in vars(args).items()}, "result": summarize(rows)}
     res = summary["result"]
     print(f"reward {res['first_reward']:.3f} (first 10 steps) -> {res['final_reward']:.3f} (last 10)")
     for name in ("fused", "unfused"):
@@ -311,24 +313,6 @@ def main(argv=None) -> int:
     wrote = ["log.csv", "summary.json"] + (["curves.png"] if plot(rows, args.out_dir / "curves.png", args) else [])
     print(f"wrote {', '.join(str(args.out_dir / w) for w in wrote)}")
     return 0
-
-
-def machine() -> Dict[str, object]:
-    """What a result depends on: fastgrad's version and commit (in a checkout), torch, the CPU and its features."""
-    import platform
-    import subprocess
-
-    from fastgrad import __version__
-    from fastgrad._env import _cpu
-
-    cpu, features = _cpu()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"fastgrad": __version__, "commit": commit, "torch": torch.__version__, "cpu": cpu,
-            "cpu_features": features, "threads": torch.get_num_threads(), "node": platform.node()}
 
 
 def read_log(path: Path) -> List[Dict[str, float]]:

@@ -25,8 +25,7 @@ EXPECTED_SECONDS = 120  # measured: 95-140 s for the CPU kernels on 2 cores (gcc
 
 
 def enabled() -> bool:
-    off = ("0", "false", "False", "no")
-    return os.environ.get("FASTGRAD_BUILD", "1") not in off and os.environ.get("FASTGRAD_NO_EXT", "0") in off + ("",)
+    return _flag("FASTGRAD_BUILD", "1") and not _flag("FASTGRAD_NO_EXT")
 
 
 def source_dir() -> Optional[str]:
@@ -43,12 +42,21 @@ def sources(src: str) -> List[str]:
         os.path.join(cpu, f) for f in os.listdir(cpu) if f.endswith(".cpp"))
 
 
+LDFLAGS = ["-fopenmp", "-lmvec"]
+
+
+def _flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default) not in ("0", "", "false", "False", "no")
+
+
 def cflags() -> List[str]:
-    """The flags of setup.py's CPU extension (``FASTGRAD_NATIVE=0``: no ``-march=native``)."""
-    flags = ["-O3", "-fno-math-errno", "-fopenmp-simd", "-std=c++20", "-fopenmp"]
-    if os.environ.get("FASTGRAD_NATIVE", "1") not in ("0", "", "false", "False"):
+    """The C++ flags of the kernels, here and in setup.py (which loads this file): ``DEBUG=1`` gives ``-O0 -g``,
+    ``FASTGRAD_NATIVE=0`` drops ``-march=native`` (a binary for other x86-64 CPUs)."""
+    debug = _flag("DEBUG")
+    flags = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno", "-fopenmp-simd"]
+    if not debug and _flag("FASTGRAD_NATIVE", "1"):
         flags.append("-march=native")
-    return flags
+    return flags + ["-std=c++20", "-fopenmp"]
 
 
 def why_not() -> Optional[str]:
@@ -108,7 +116,7 @@ def build() -> None:
 
     threading.Thread(target=tick, daemon=True).start()
     try:
-        load(name="fastgrad_C", sources=sources(src), extra_cflags=cflags(), extra_ldflags=["-fopenmp", "-lmvec"],
+        load(name="fastgrad_C", sources=sources(src), extra_cflags=cflags(), extra_ldflags=LDFLAGS,
              extra_include_paths=[src], build_directory=directory, with_cuda=False, is_python_module=False,
              verbose=False)
     finally:
