@@ -45,9 +45,11 @@ TORCH_LIBRARY(fastgrad_C, m) {
   m.def("enumerate_log_probs_backward(Tensor grad, Tensor logits) -> Tensor");
   m.def("gumbel_topk(Tensor logits, int k, int seed, int offset) -> (Tensor, Tensor)");
   // row passes of the fused LM-head ops over one token block's logits slab (fastgrad/ops/linear_log_prob.py)
-  m.def("linear_rows_stats(Tensor slab, Tensor index, float inv_t, bool want_entropy) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_rows_grad_(Tensor(a!) slab, Tensor index, Tensor coef, Tensor g_ent, Tensor lse, Tensor ent, "
-        "float inv_t) -> ()");
+  // (logp [M, S], norm [M, 2] = (row max, log-sum-exp relative to it), entropy [M] or [0], sum p^2 [M] or [0])
+  m.def("linear_rows_stats(Tensor slab, Tensor index, float inv_t, bool want_entropy, bool want_sum_sq) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_rows_grad_(Tensor(a!) slab, Tensor index, Tensor coef, Tensor p_coef, Tensor g_ent, Tensor norm, "
+        "Tensor ent, float inv_t) -> ()");
 }
 
 }  // namespace fastgrad

@@ -192,16 +192,16 @@ def test_edge_shapes(backend):
                                    oracle_log_prob(h, w, None, idx)[0], atol=1e-5, rtol=0)
 
 
-def test_entropy_buffer_only_when_asked():
+def test_statistic_buffers_only_when_asked():
     h, w, _, idx = _head(4, 3, 5)
-    _, _, ent = torch.ops.fastgrad.linear_log_prob(h, w, None, idx.unsqueeze(1), 1.0, -100, False, 0)
-    assert ent.numel() == 0
+    _, _, ent, sq, _ = torch.ops.fastgrad.linear_log_prob(h, w, None, idx.unsqueeze(1), 1.0, -100, False, 0)
+    assert ent.numel() == 0 and sq.numel() == 0
     _, stats = F.linear_policy_loss(h, w, idx, torch.ones(4))
     assert stats["entropy"] is None
     out = torch.ops.fastgrad.linear_policy_loss(h, w, None, idx, torch.ones(4), torch.ones(4), None, None, 1.0,
                                                 -100, "reinforce", 0.2, 0.2, 0.0, "k3", 0.0, False, 0,
                                                 [False, False, False])
-    assert out[2].numel() == 0
+    assert out[2].numel() == 0 and out[3].shape == (4, 4)  # kl, clipped, ratio, rollout weight: no sum p^2, lse
 
 
 # -- bf16: never less accurate than the torch computation it replaces ------------------------------------------
@@ -318,16 +318,18 @@ def test_closed_form_coefficients_equal_autograd_of_the_loss():
     old = lp + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)
     ref = lp + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)
     ent = torch.rand(n, generator=g, dtype=torch.float64)
+    P = lm.LossParams(0.2, 0.3, 0.0, 1.0, 1.05)
     for loss in lm.LOSSES:
         for kl in lm.KLS:
             for o in (None, old):
                 x = lp.clone().requires_grad_(True)
                 e = ent.clone().requires_grad_(True)
-                l_t, _ = lm.token_loss(x, e, adv, o, ref, loss, 0.2, 0.3, 0.1, kl, 0.05)
-                gx, ge = torch.autograd.grad(l_t.sum(), [x, e])
-                c, gh = lm.token_loss_grad(lp, adv, o, ref, loss, 0.2, 0.3, 0.1, kl, 0.05)
-                torch.testing.assert_close(c, gx, atol=1e-12, rtol=0)
-                torch.testing.assert_close(torch.full_like(ge, gh), ge, atol=1e-12, rtol=0)
+                for roll in (None, torch.rand(n, generator=g, dtype=torch.float64) * 2):
+                    l_t, _ = lm.token_loss(x, e, adv, o, ref, loss, P, 0.1, kl, 0.05, roll)
+                    gx, ge = torch.autograd.grad(l_t.sum(), [x, e])
+                    c, gh = lm.token_loss_grad(lp, adv, o, ref, loss, P, 0.1, kl, 0.05, roll)
+                    torch.testing.assert_close(c, gx, atol=1e-12, rtol=0)
+                    torch.testing.assert_close(torch.full_like(ge, gh), ge, atol=1e-12, rtol=0)
 
 
 def test_dual_clip_coefficients_equal_autograd_of_the_loss():
@@ -337,15 +339,16 @@ def test_dual_clip_coefficients_equal_autograd_of_the_loss():
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     old = lp + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)  # wide ratios: every branch is visited
     x = lp.clone().requires_grad_(True)
-    l_t, st = lm.token_loss(x, None, adv, old, None, "ppo_clip", 0.2, 0.3, 0.0, "k3", 0.0, 2.0)
+    P = lm.LossParams(0.2, 0.3, 2.0)
+    l_t, st = lm.token_loss(x, None, adv, old, None, "ppo_clip", P, 0.0, "k3", 0.0)
     (gx,) = torch.autograd.grad(l_t.sum(), x)
-    c, _ = lm.token_loss_grad(lp, adv, old, None, "ppo_clip", 0.2, 0.3, 0.0, "k3", 0.0, 2.0)
+    c, _ = lm.token_loss_grad(lp, adv, old, None, "ppo_clip", P, 0.0, "k3", 0.0)
     torch.testing.assert_close(c, gx, atol=1e-12, rtol=0)
     r = torch.exp(lp - old)
     dual = (adv < 0) & (r > 2.0)
     assert dual.sum() > 10 and (c[dual] == 0).all() and torch.equal(l_t.detach()[dual], -2.0 * adv[dual])
     assert (st[1][dual] == 1).all()  # counted as clipped
-    l0, _ = lm.token_loss(x, None, adv, old, None, "ppo_clip", 0.2, 0.3, 0.0, "k3", 0.0)
+    l0, _ = lm.token_loss(x, None, adv, old, None, "ppo_clip", P._replace(clip_ratio_c=0.0), 0.0, "k3", 0.0)
     assert torch.equal(l_t.detach()[~dual], l0.detach()[~dual])
 
 

@@ -84,3 +84,70 @@ def test_a_meta_weight_beside_real_hidden_states_is_an_error():
         F.linear_policy_loss(h[None], w, idx[None], torch.randn(1))
     out = F.linear_log_prob(h.to("meta"), w, idx.to("meta"))  # all on meta: shape inference still works
     assert out.device.type == "meta" and out.shape == (4,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset,peak,via", [(1e4, 0.0, "bias"), (1e4, 0.0, "hidden"), (0.0, 80.0, "bias")])
+def test_gradients_relative_to_the_row_max(backend, offset, peak, via):
+    # the backward recomputes p = exp((z - max) - ls) from the two numbers the forward kept, not exp(z - lse): a
+    # rounded fp32 lse at an offset of 1e4 is off by ulp(1e4) ~ 1e-3, and so was every p
+    h, w, b, z64 = exact_rows(offset, peak, via=via)
+    idx = torch.arange(h.shape[0], device=h.device) % w.shape[0] + 1
+    cw = torch.linspace(-1, 1, h.shape[0], dtype=torch.float64)
+    ce = torch.linspace(0.5, -0.5, h.shape[0], dtype=torch.float64)
+    cl = torch.linspace(0.3, 0.9, h.shape[0], dtype=torch.float64)
+    zz = z64.clone().requires_grad_(True)
+    ls = torch.log_softmax(zz, -1)
+    want_loss = (cw * ls.gather(1, idx.cpu()[:, None]).squeeze(1) - ce * (ls.exp() * ls).sum(-1)
+                 + cl * torch.logsumexp(zz, -1)).sum()
+    (gz,) = torch.autograd.grad(want_loss, zz)
+    want_db = gz.sum(0)  # d/dbias, exact in float64 from the float64 logits
+    bb = b.clone().requires_grad_(True)
+    with fastgrad.backend(backend):
+        out = F.linear_log_prob(h, w, idx, bias=bb, return_entropy=True, return_lse=True)
+        loss = (cw.float().to(h.device) * out.logp + ce.float().to(h.device) * out.entropy
+                + cl.float().to(h.device) * out.lse).sum()
+        loss.backward()
+    rel = (bb.grad.double().cpu() - want_db).norm() / want_db.norm()
+    assert rel <= 1e-5, rel  # the goal is 1e-3; the old exp(z - lse) gave 6e-5 to 1.1e-4 per row here
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_named_outputs_sum_pi_squared_and_lse(backend):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 8, generator=g).to(DEVICE)
+    w = torch.randn(300, 8, generator=g).to(DEVICE)
+    idx = torch.randint(0, 300, (2, 5), generator=g).to(DEVICE)
+    idx[1, 4] = -100
+    z = (h.double() @ w.double().t() / 0.7).cpu()
+    p = torch.softmax(z, -1)
+    keep = (idx != -100).cpu()
+    with fastgrad.backend(backend):
+        both = F.linear_log_prob(h, w, idx, temperature=0.7, return_sum_pi_squared=True)
+        full = F.linear_log_prob(h, w, idx, temperature=0.7, return_entropy=True, return_sum_pi_squared=True,
+                                 return_lse=True, chunk_size=3)
+        lse_only = F.linear_log_prob(h, w, idx, temperature=0.7, return_lse=True)
+    assert type(both).__name__ == "LinearLogProb" and both._fields == ("logp", "sum_pi_squared")
+    assert full._fields == ("logp", "entropy", "sum_pi_squared", "lse") and lse_only._fields == ("logp", "lse")
+    logp, sq = both  # unpacks as a tuple
+    torch.testing.assert_close(sq.double().cpu(), torch.where(keep, (p * p).sum(-1), 0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(full.lse.double().cpu(), torch.where(keep, torch.logsumexp(z, -1), 0), atol=2e-5,
+                               rtol=0)
+    torch.testing.assert_close(full.sum_pi_squared, sq)
+    assert not sq.requires_grad and full.sum_pi_squared.grad_fn is None  # a detached statistic, stated
+
+
+def test_lse_gradient_is_exact_not_zero():
+    # the defect this replaced: return_lse gave an lse that required grad and whose gradient was silently zero
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 13, (6,), generator=g)
+    out = F.linear_log_prob(h, w, idx, return_lse=True, temperature=0.8)
+    gh, gw = torch.autograd.grad(out.lse.sum(), [h, w])
+    hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+    eh, ew = torch.autograd.grad(torch.logsumexp(hh @ ww.t() / 0.8, -1).sum(), [hh, ww])
+    torch.testing.assert_close(gh, eh, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(gw, ew, atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda h, w: F.linear_log_prob(h, w, idx, return_lse=True, return_entropy=True, chunk_size=4), (h, w))

@@ -1,13 +1,18 @@
-// Row passes of the fused LM-head ops (fastgrad/ops/linear_log_prob.py) over one token block's logits slab
+// Row passes of the fused LM-head ops (fastgrad/ops/_lm_head.py) over one token block's logits slab
 // z = slab / T, [M, V] fp32 (fp64 for gradcheck), built by a GEMM the Python driver runs:
-//   linear_rows_stats: lse = logsumexp(z), logp[m, s] = (z[m, index[m, s]] - max) - log sum_j e^(z_j - max), and
-//                      on request the entropy H = lse - sum_j p_j z_j (both relative to the row max); two reads of
-//                      the row (max, then exp-sums), nothing written.
+//   linear_rows_stats: the row's normalizer as two numbers, norm[m] = (mx, ls) with mx = max_j z_j and
+//                      ls = log sum_j e^(z_j - mx) (lse = mx + ls; kept apart because ls is exact to an ulp of ls,
+//                      while a rounded lse loses ulp(lse): 1e-3 at a logit offset of 1e4),
+//                      logp[m, s] = min((z[m, index[m, s]] - mx) - ls, 0), and on request the entropy
+//                      H = ls - sum_j p_j (z_j - mx) and sum_j p_j^2 (verl's sum_pi_squared); two reads of the row
+//                      (max, then exp-sums), nothing written.
 //   linear_rows_grad_: the slab is overwritten in place with dL/dslab (one read, one write):
-//                      (sum_s c_s [j = y_s] - (sum_s c_s) p_j - g_H p_j (log p_j + H)) / T,
-//                      c = dL/dlogp [M, S], g_H = dL/dH [M] (empty: no entropy term).
+//                      (sum_s c_s [j = y_s] - a p_j - g_H p_j (log p_j + H)) / T, log p_j = (z_j - mx) - ls,
+//                      c = dL/dlogp [M, S], a = p_coef [M] (sum_s c_s, less dL/dlse when the lse is used),
+//                      g_H = dL/dH [M] (empty: no entropy term).
 // The driver validates indices and shapes; the kernels check only what they rely on.
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "common.h"
@@ -56,67 +61,66 @@ void check_slab(const at::Tensor& slab, const at::Tensor& index) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_rows_stats_cpu(const at::Tensor& slab, const at::Tensor& index,
-                                                                     double inv_t, bool want_entropy) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_rows_stats_cpu(
+    const at::Tensor& slab, const at::Tensor& index, double inv_t, bool want_entropy, bool want_sum_sq) {
   check_slab(slab, index);
   const int64_t M = slab.size(0), V = slab.size(1), S = index.size(1);
-  auto lse = at::empty({M}, slab.options());
+  auto norm = at::empty({M, 2}, slab.options());
   auto logp = at::empty({M, S}, slab.options());
-  auto ent = want_entropy ? at::empty({M}, slab.options()) : at::empty({0}, slab.options());
-  if (M == 0) return {logp, lse, ent};
+  auto ent = at::empty({want_entropy ? M : 0}, slab.options());
+  auto sq = at::empty({want_sum_sq ? M : 0}, slab.options());
+  if (M == 0) return {logp, norm, ent, sq};
   AT_DISPATCH_FLOATING_TYPES(slab.scalar_type(), "linear_rows_stats_cpu", [&] {
     using T = scalar_t;
     const T* zp = slab.data_ptr<T>();
     const int64_t* ip = index.data_ptr<int64_t>();
-    T* lp = lse.data_ptr<T>();
+    T* np = norm.data_ptr<T>();
     T* op = logp.data_ptr<T>();
     T* ep = want_entropy ? ent.data_ptr<T>() : nullptr;
+    T* qp = want_sum_sq ? sq.data_ptr<T>() : nullptr;
     const T it = static_cast<T>(inv_t);
     at::parallel_for(0, M, grain_for(2 * V), [&](int64_t m0, int64_t m1) {
       alignas(32) T buf[kChunk];
+      alignas(32) T d[kChunk];
       for (int64_t m = m0; m < m1; ++m) {
         const T* row = zp + m * V;
         T mx = row_max(row, V) * it;  // T > 0: the max of z is the max of the slab, scaled
         // chunk sums in T (8 lanes each), accumulated across chunks in double: at V = 152k a float running sum
         // loses ~1e-4 of lse
-        double s = 0, sz = 0;  // sum_j e^(z_j - mx), sum_j e^(z_j - mx) (z_j - mx)
+        double s = 0, sz = 0, s2 = 0;  // sum_j e^(z_j - mx), sum_j e^(z_j - mx) (z_j - mx), sum_j e^(2 (z_j - mx))
         const T lowest = std::numeric_limits<T>::lowest();
         for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
           const int64_t len = std::min(kChunk, V - j0);
           // a -inf logit becomes the lowest finite value: e^lowest = 0 and 0 * lowest = 0 in the entropy sum
           for (int64_t j = 0; j < len; ++j) buf[j] = std::max(row[j0 + j] * it - mx, lowest);
-          if (want_entropy) {
-            alignas(32) T d[kChunk];
-            std::memcpy(d, buf, len * sizeof(T));
-            exp_row(buf, len);
-            s += row_sum(buf, len);
-            sz += row_dot(buf, d, len);
-          } else {
-            exp_row(buf, len);
-            s += row_sum(buf, len);
-          }
+          if (want_entropy) std::memcpy(d, buf, len * sizeof(T));
+          exp_row(buf, len);
+          s += row_sum(buf, len);
+          if (want_entropy) sz += row_dot(buf, d, len);
+          if (want_sum_sq) s2 += row_dot(buf, buf, len);
         }
         const T ls = static_cast<T>(std::log(s));  // s >= 1: the max's own term
-        const T l = mx + ls;  // NaN/inf rows propagate; the driver checks lse
-        lp[m] = l;
-        // relative to the row max: (z - mx) is exact near the max however large |z| is; z - lse would lose
-        // ulp(lse) (1e-3 at an offset of 1e4). min(., 0): the compiler may fuse z * it - mx into one FMA, which
-        // leaves the max's own log-prob at +(rounding error of mx) instead of 0
+        np[2 * m] = mx;  // NaN/inf rows propagate; the driver checks mx + ls
+        np[2 * m + 1] = ls;
+        // relative to the row max: (z - mx) is exact near the max however large |z| is. min(., 0): the compiler
+        // may fuse z * it - mx into one FMA, which leaves the max's own log-prob at +(rounding error of mx)
         for (int64_t k = 0; k < S; ++k) op[m * S + k] = std::min((row[ip[m * S + k]] * it - mx) - ls, T(0));
-        // H = lse - E[z] = log s - E[z - mx]
-        if (ep) ep[m] = static_cast<T>(std::log(s) - sz / s);
+        if (ep) ep[m] = static_cast<T>(std::log(s) - sz / s);  // H = lse - E[z] = log s - E[z - mx]
+        if (qp) qp[m] = static_cast<T>(s2 / (s * s));
       }
     });
   });
-  return {logp, lse, ent};
+  return {logp, norm, ent, sq};
 }
 
-void linear_rows_grad_cpu(const at::Tensor& slab, const at::Tensor& index, const at::Tensor& coef, const at::Tensor& g_ent,
-                          const at::Tensor& lse, const at::Tensor& ent, double inv_t) {
+void linear_rows_grad_cpu(const at::Tensor& slab, const at::Tensor& index, const at::Tensor& coef,
+                          const at::Tensor& p_coef, const at::Tensor& g_ent, const at::Tensor& norm,
+                          const at::Tensor& ent, double inv_t) {
   check_slab(slab, index);
   const int64_t M = slab.size(0), V = slab.size(1), S = index.size(1);
   TORCH_CHECK(coef.sizes() == index.sizes() && coef.is_contiguous() && coef.scalar_type() == slab.scalar_type(),
               "coef must match index and the slab's dtype");
+  TORCH_CHECK(p_coef.numel() == M && norm.numel() == 2 * M, "p_coef must be [M] and norm [M, 2]");
   const bool with_ent = g_ent.numel() > 0;
   TORCH_CHECK(!with_ent || (g_ent.numel() == M && ent.numel() == M), "g_ent and entropy must be [M]");
   if (M == 0) return;
@@ -125,24 +129,26 @@ void linear_rows_grad_cpu(const at::Tensor& slab, const at::Tensor& index, const
     T* zp = slab.data_ptr<T>();
     const int64_t* ip = index.data_ptr<int64_t>();
     const T* cp = coef.data_ptr<T>();
-    const T* gp = with_ent ? g_ent.contiguous().data_ptr<T>() : nullptr;
-    const T* hp = with_ent ? ent.contiguous().data_ptr<T>() : nullptr;
-    const T* lp = lse.data_ptr<T>();
+    const auto pc = p_coef.contiguous(), nm = norm.contiguous();
+    const auto ge = with_ent ? g_ent.contiguous() : g_ent, he = with_ent ? ent.contiguous() : ent;
+    const T* pp = pc.data_ptr<T>();
+    const T* np = nm.data_ptr<T>();
+    const T* gp = with_ent ? ge.data_ptr<T>() : nullptr;
+    const T* hp = with_ent ? he.data_ptr<T>() : nullptr;
     const T it = static_cast<T>(inv_t);
     at::parallel_for(0, M, grain_for(V), [&](int64_t m0, int64_t m1) {
       alignas(32) T buf[kChunk];
+      alignas(32) T lpj[kChunk];
       for (int64_t m = m0; m < m1; ++m) {
         T* row = zp + m * V;
-        T csum = 0;
-        for (int64_t k = 0; k < S; ++k) csum += cp[m * S + k];
-        const T l = lp[m], g = gp ? gp[m] : T(0), h = hp ? hp[m] : T(0);
-        const T a = -csum * it, b = -g * it;  // dz_j = a p_j + b p_j (log p_j + H), before the one-hot part
+        const T mx = np[2 * m], ls = np[2 * m + 1];
+        const T g = gp ? gp[m] : T(0), h = hp ? hp[m] : T(0);
+        const T a = -pp[m] * it, b = -g * it;  // dz_j = a p_j + b p_j (log p_j + H), before the one-hot part
         for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
           const int64_t len = std::min(kChunk, V - j0);
           T* o = row + j0;
-          for (int64_t j = 0; j < len; ++j) buf[j] = o[j] * it - l;  // log p_j
+          for (int64_t j = 0; j < len; ++j) buf[j] = (o[j] * it - mx) - ls;  // log p_j, relative to the max
           if (g != T(0)) {
-            alignas(32) T lpj[kChunk];
             std::memcpy(lpj, buf, len * sizeof(T));
             exp_row(buf, len);
             for (int64_t j = 0; j < len; ++j) o[j] = buf[j] == T(0) ? T(0) : buf[j] * (a + b * (lpj[j] + h));

@@ -2,6 +2,8 @@
 :mod:`fastgrad.ops.linear_log_prob` and :mod:`fastgrad.ops.linear_policy_loss`)."""
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import numbers
 from typing import Optional, Tuple
@@ -45,40 +47,57 @@ def _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budg
     return h2, weight.contiguous(), None if bias is None else bias.contiguous(), float(temperature), chunk
 
 
+_LOG_PROB_FIELDS = ("logp", "entropy", "sum_pi_squared", "lse")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_prob_result(fields: Tuple[str, ...]):
+    return collections.namedtuple("LinearLogProb", fields)
+
+
 def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, *,
                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
-                    return_entropy: bool = False, return_lse: bool = False, chunk_size: Optional[int] = None,
-                    memory_budget: Optional[int] = None):
+                    return_entropy: bool = False, return_sum_pi_squared: bool = False, return_lse: bool = False,
+                    chunk_size: Optional[int] = None, memory_budget: Optional[int] = None):
     """Log-probabilities of the given tokens under the LM head, without the ``[tokens, V]`` logits.
 
     ``logp[t] = log_softmax((hidden[t] @ weight.T + bias) / temperature)[index[t]]``, computed one ``[chunk, V]``
     fp32 slab at a time; differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (the backward recomputes each
     slab: 4 GEMMs). For losses written in torch on the log-probs; :func:`linear_policy_loss` is the 3-GEMM path.
+    Every row works relative to its maximum logit: the log-probs are those of the float64 ``log_softmax`` of the
+    same fp32 logits to ~1e-6, whatever the logits' offset.
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]``, float32/bfloat16/float16/float64 (the weight's dtype).
         weight: ``[V, H]`` (``lm_head.weight``); bias: ``[V]`` or None.
         index: int64 token ids with hidden's leading shape; ``ignore_index`` entries give logp 0 and no gradient.
-        return_entropy: also the entropy ``[...]`` of each row's distribution (differentiable; costs one more
-            exponential pass per row only when asked, and no buffer otherwise).
-        return_lse: also the logsumexp ``[...]`` of the (tempered) logits.
+        return_entropy: also the entropy ``H = -sum_v p_v log p_v`` of each row's distribution (differentiable,
+            exact gradient; one more multiply-add per logit, only when asked).
+        return_sum_pi_squared: also ``sum_v p_v^2`` per row (the collision probability; verl's optimal token
+            baseline and its variance metrics read it), **detached** (no gradient); one multiply-add per logit.
+        return_lse: also the logsumexp of the (tempered) logits per row (differentiable, exact gradient:
+            ``softmax / T``).
         chunk_size: rows per slab; None chooses from ``memory_budget`` (bytes of slab), or the default
             (:func:`fastgrad.ops.linear_log_prob.default_chunk`).
 
     Returns:
-        fp32 (float64 for float64 inputs) ``logp`` of index's shape; with ``return_entropy``/``return_lse`` a tuple
-        ``(logp, entropy[, lse])`` / ``(logp, lse)``. ``logp <= 0``.
+        fp32 (float64 for float64 inputs) ``logp`` of index's shape (``logp <= 0``) when nothing else is asked;
+        otherwise a named tuple ``LinearLogProb`` whose fields are the requested outputs in the order ``logp``,
+        ``entropy``, ``sum_pi_squared``, ``lse`` (each of index's shape, 0 at ignored tokens), so
+        ``logp, ent = linear_log_prob(..., return_entropy=True)`` unpacks.
     """
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(hidden.shape[:-1])
-    logp, lse, ent = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t, int(ignore_index),
-                                         bool(return_entropy), chunk)
-    out = [logp.view(lead)]
-    if return_entropy:
-        out.append(ent.view(lead))
-    if return_lse:
-        out.append(lse.view(lead))
-    return out[0] if len(out) == 1 else tuple(out)
+    logp, lse, ent, sq, _norm = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t,
+                                                    int(ignore_index), bool(return_entropy), chunk,
+                                                    bool(return_sum_pi_squared))
+    values = {"logp": logp.view(lead), "entropy": ent.view(lead) if return_entropy else None,
+              "sum_pi_squared": sq.view(lead) if return_sum_pi_squared else None,
+              "lse": lse.view(lead) if return_lse else None}
+    fields = tuple(f for f in _LOG_PROB_FIELDS if values[f] is not None)
+    if fields == ("logp",):
+        return values["logp"]
+    return _log_prob_result(fields)(*(values[f] for f in fields))
 
 
 def _per_token(t: Optional[torch.Tensor], name: str, lead: Tuple[int, ...], allow_sequence: bool) -> Optional[torch.Tensor]:
@@ -255,5 +274,5 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
     cost = check_real(cost, "cost")
     acc = _checks.acc_dtype(h2.dtype)
     a = subtract_baseline(expand_to(cost.to(acc), tuple(samples.shape), "cost", "the samples' shape"), baseline)
-    logp, _lse, _ent = _llp.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)
+    logp = _llp.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)[0]
     return a * logp.t()

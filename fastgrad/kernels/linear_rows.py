@@ -7,14 +7,15 @@ from ._common import acc_tl, block, row_max
 
 
 @triton.jit
-def _stats_kernel(z_ptr, idx_ptr, logp_ptr, lse_ptr, ent_ptr, V, S, inv_t, WANT_ENT: tl.constexpr,
-                  ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
+def _stats_kernel(z_ptr, idx_ptr, logp_ptr, norm_ptr, ent_ptr, sq_ptr, V, S, inv_t, WANT_ENT: tl.constexpr,
+                  WANT_SQ: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row = z_ptr + r * V
     cols = tl.arange(0, BLOCK_V)
     m = row_max(row, V, ACC, BLOCK_V) * inv_t
     s = tl.zeros([BLOCK_V], ACC)
     t = tl.zeros([BLOCK_V], ACC)
+    q = tl.zeros([BLOCK_V], ACC)
     for v0 in range(0, V, BLOCK_V):
         x = tl.load(row + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(ACC)
         d = x * inv_t - m
@@ -22,11 +23,16 @@ def _stats_kernel(z_ptr, idx_ptr, logp_ptr, lse_ptr, ent_ptr, V, S, inv_t, WANT_
         s += e
         if WANT_ENT:
             t += tl.where(e > 0, e * d, 0.0)
+        if WANT_SQ:
+            q += e * e
     ssum = tl.sum(s, 0)
     ls = tl.log(ssum)  # ssum >= 1: the max's own term
-    tl.store(lse_ptr + r, m + ls)
+    tl.store(norm_ptr + 2 * r, m)
+    tl.store(norm_ptr + 2 * r + 1, ls)
     if WANT_ENT:
         tl.store(ent_ptr + r, ls - tl.sum(t, 0) / ssum)
+    if WANT_SQ:
+        tl.store(sq_ptr + r, tl.sum(q, 0) / (ssum * ssum))
     ss = tl.arange(0, BLOCK_S)
     smask = ss < S
     idx = tl.load(idx_ptr + r * S + ss, mask=smask, other=0)
@@ -36,16 +42,17 @@ def _stats_kernel(z_ptr, idx_ptr, logp_ptr, lse_ptr, ent_ptr, V, S, inv_t, WANT_
 
 
 @triton.jit
-def _grad_kernel(z_ptr, idx_ptr, coef_ptr, g_ptr, lse_ptr, ent_ptr, V, S, inv_t, WITH_ENT: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
+def _grad_kernel(z_ptr, idx_ptr, coef_ptr, pcoef_ptr, g_ptr, norm_ptr, ent_ptr, V, S, inv_t,
+                 WITH_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row = z_ptr + r * V
     ss = tl.arange(0, BLOCK_S)
     smask = ss < S
     c = tl.load(coef_ptr + r * S + ss, mask=smask, other=0.0).to(ACC)
     idx = tl.load(idx_ptr + r * S + ss, mask=smask, other=-1)
-    a = -tl.sum(c, 0) * inv_t
-    lse = tl.load(lse_ptr + r).to(ACC)
+    a = -tl.load(pcoef_ptr + r).to(ACC) * inv_t
+    m = tl.load(norm_ptr + 2 * r).to(ACC)
+    ls = tl.load(norm_ptr + 2 * r + 1).to(ACC)
     if WITH_ENT:
         b = -tl.load(g_ptr + r).to(ACC) * inv_t
         h = tl.load(ent_ptr + r).to(ACC)
@@ -53,7 +60,7 @@ def _grad_kernel(z_ptr, idx_ptr, coef_ptr, g_ptr, lse_ptr, ent_ptr, V, S, inv_t,
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
         x = tl.load(row + v0 + cols, mask=mask, other=float("-inf")).to(ACC)
-        lp = x * inv_t - lse
+        lp = (x * inv_t - m) - ls
         p = tl.exp(lp)
         d = a * p
         if WITH_ENT:
@@ -66,24 +73,27 @@ def _meta(slab, S):
     return acc_tl(slab.dtype), block(slab.shape[1], 2048), block(S, 1 << 30)
 
 
-def rows_stats(slab, index, inv_t, want_entropy):
+def rows_stats(slab, index, inv_t, want_entropy, want_sum_sq):
     M, V = slab.shape
     S = index.shape[1]
     logp = slab.new_empty((M, S))
-    lse = slab.new_empty((M,))
+    norm = slab.new_empty((M, 2))
     ent = slab.new_empty((M if want_entropy else 0,))
+    sq = slab.new_empty((M if want_sum_sq else 0,))
     if M:
         acc, BV, BS = _meta(slab, S)
-        _stats_kernel[(M,)](slab, index, logp, lse, ent if want_entropy else lse, V, S, float(inv_t),
-                            WANT_ENT=bool(want_entropy), ACC=acc, BLOCK_V=BV, BLOCK_S=BS)
-    return logp, lse, ent
+        _stats_kernel[(M,)](slab, index, logp, norm, ent if want_entropy else norm, sq if want_sum_sq else norm, V,
+                            S, float(inv_t), WANT_ENT=bool(want_entropy), WANT_SQ=bool(want_sum_sq), ACC=acc,
+                            BLOCK_V=BV, BLOCK_S=BS)
+    return logp, norm, ent, sq
 
 
-def rows_grad_(slab, index, coef, g_ent, lse, ent, inv_t):
+def rows_grad_(slab, index, coef, p_coef, g_ent, norm, ent, inv_t):
     M, V = slab.shape
     S = index.shape[1]
     if M:
         acc, BV, BS = _meta(slab, S)
         with_ent = g_ent.numel() > 0
-        _grad_kernel[(M,)](slab, index, coef, g_ent if with_ent else lse, lse, ent if with_ent else lse, V, S,
-                           float(inv_t), WITH_ENT=with_ent, ACC=acc, BLOCK_V=BV, BLOCK_S=BS)
+        _grad_kernel[(M,)](slab, index, coef, p_coef, g_ent if with_ent else p_coef, norm,
+                           ent if with_ent else p_coef, V, S, float(inv_t), WITH_ENT=with_ent, ACC=acc, BLOCK_V=BV,
+                           BLOCK_S=BS)

@@ -12,8 +12,8 @@ Ops (registered with fakes and autograd, so ``torch.compile(fullgraph=True)`` an
 
 Per token block (the driver below, shared by every backend): ``slab = x_blk @ W^T (+ b)`` in fp32 (float64 for
 float64 inputs; bf16/fp16 weights are converted per vocabulary block, never a half-precision GEMM), then the
-row passes (``linear_rows_stats``: logsumexp, target log-prob, entropy; ``linear_rows_grad_``: the slab
-overwritten with dL/dlogits in place; C++ on the CPU, Triton on the GPU, torch otherwise), then
+row passes (``linear_rows_stats``: the row max and the log-sum-exp relative to it, target log-probs, entropy,
+``sum p^2``; ``linear_rows_grad_``: the slab overwritten with dL/dlogits in place; C++ on the CPU, Triton on the GPU, torch otherwise), then
 ``dX_blk = dz W`` and ``dW += dz^T x_blk`` into an fp32 accumulator cast once at the end. Rows that carry no
 loss (``index == ignore_index``, zero token weight, zero upstream gradient) are compacted out before the GEMMs:
 time scales with the valid tokens. ``logp <= 0`` and ``lse`` come out in fp32.
@@ -36,27 +36,28 @@ _WEIGHT_BLOCK_BYTES = 64 << 20  # half-precision weights are converted to fp32 i
 
 
 # -- row passes -------------------------------------------------------------------------------------------------
-def rows_stats_reference(slab: torch.Tensor, index: torch.Tensor, inv_t: float, want_entropy: bool):
+def rows_stats_reference(slab: torch.Tensor, index: torch.Tensor, inv_t: float, want_entropy: bool,
+                         want_sum_sq: bool = False):
+    """``(logp [M, S], norm [M, 2], entropy [M] or [0], sum p^2 [M] or [0])`` of the slab's rows, ``norm`` holding
+    the row max of ``z = slab / T`` and ``log sum exp(z - max)`` (their sum is the lse)."""
     # everything relative to the row max (as the C++ and Triton passes): z - lse loses ulp(lse), and the entropy
     # as lse - sum p z loses eps z^2
     z = slab * inv_t
     mx = z.amax(-1, keepdim=True)
     d = torch.where(torch.isfinite(mx), z - mx, z)  # an all -inf row keeps its NaN/inf (the driver refuses it)
     ls = torch.logsumexp(d, -1)
-    lse = mx.squeeze(-1) + ls
-    logp = d.gather(1, index) - ls[:, None]
-    if want_entropy:
-        p = torch.exp(d - ls[:, None])
-        ent = ls - torch.where(p > 0, p * d, 0).sum(-1)  # a -inf logit (p = 0) adds nothing
-    else:
-        ent = slab.new_empty(0)
-    return logp, lse, ent
+    norm = torch.stack([mx.squeeze(-1), ls], 1)
+    logp = (d.gather(1, index) - ls[:, None]).clamp(max=0)
+    p = torch.exp(d - ls[:, None]) if (want_entropy or want_sum_sq) else None
+    ent = ls - torch.where(p > 0, p * d, 0).sum(-1) if want_entropy else slab.new_empty(0)  # p = 0 adds nothing
+    sq = (p * p).sum(-1) if want_sum_sq else slab.new_empty(0)
+    return logp, norm, ent, sq
 
 
-def rows_grad_reference_(slab, index, coef, g_ent, lse, ent, inv_t: float) -> None:
-    logp = slab * inv_t - lse[:, None]
+def rows_grad_reference_(slab, index, coef, p_coef, g_ent, norm, ent, inv_t: float) -> None:
+    logp = (slab * inv_t - norm[:, :1]) - norm[:, 1:]
     p = torch.exp(logp)
-    d = -coef.sum(1, keepdim=True) * p
+    d = -p_coef[:, None] * p
     if g_ent.numel():
         d -= g_ent[:, None] * torch.where(p > 0, p * (logp + ent[:, None]), 0)
     d.scatter_add_(1, index, coef)
@@ -187,8 +188,8 @@ class Driver:
             _logits_into(slab, x, self.weight, self.bias, self.blocks)
             yield sel, x, slab
 
-    def check_rows(self, lse: torch.Tensor) -> None:
-        if not bool(torch.isfinite(lse).all()):
+    def check_rows(self, norm: torch.Tensor) -> None:
+        if not bool(torch.isfinite(norm).all()):
             raise ValueError("hidden, weight and bias must be finite: a row's logits contain NaN or inf")
 
 
