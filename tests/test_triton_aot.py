@@ -71,9 +71,10 @@ def _launch_everything():
         slab = rand(2, V, dtype=dt)
         idx = torch.randint(0, V, (2, S), generator=g)
         for ent in (False, True):
-            _, lse, e = lr.rows_stats(slab, idx, 1.0, ent)
+            _, norm, e, _ = lr.rows_stats(slab, idx, 1.0, ent, ent)  # entropy and sum p^2 together, or neither
             g_ent = rand(2, dtype=dt) if ent else slab.new_empty(0)
-            lr.rows_grad_(slab.clone(), idx, rand(2, S, dtype=dt), g_ent, lse, e if ent else slab.new_empty(0), 0.7)
+            lr.rows_grad_(slab.clone(), idx, rand(2, S, dtype=dt), rand(2, dtype=dt), g_ent, norm,
+                          e if ent else slab.new_empty(0), 0.7)
 
 
 def _launch_registry():

@@ -32,7 +32,7 @@ from .relaxed import (entmax, sparsemax, gumbel_entmax, reinmax, gumbel_rao, ind
                       indecater_surrogate)
 from .without_replacement import (sample_set, top_set, joint_log_prob, unordered_set_log_ratios,
                                   unordered_set_weights, unordered_set_surrogate, priority_weights, sf_wor_surrogate)
-from .lm_head import (linear_log_prob, linear_policy_loss, linear_score_function_surrogate)
+from .lm_head import (linear_log_prob, linear_policy_loss, linear_score_function_surrogate, vespo_weights)
 
 __all__ = [
     "sample_categorical",
@@ -83,5 +83,6 @@ __all__ = [
     "sf_wor_surrogate",
     "linear_log_prob",
     "linear_policy_loss",
+    "vespo_weights",
     "linear_score_function_surrogate",
 ]

@@ -100,7 +100,8 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
     return _log_prob_result(fields)(*(values[f] for f in fields))
 
 
-def _per_token(t: Optional[torch.Tensor], name: str, lead: Tuple[int, ...], allow_sequence: bool) -> Optional[torch.Tensor]:
+def _per_token(t: Optional[torch.Tensor], name: str, lead: Tuple[int, ...], allow_sequence: bool,
+               allow_nan: bool = False) -> Optional[torch.Tensor]:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -112,31 +113,102 @@ def _per_token(t: Optional[torch.Tensor], name: str, lead: Tuple[int, ...], allo
     else:
         seq = f" or [{lead[0]}] (one per sequence)" if allow_sequence and len(lead) == 2 else ""
         raise ValueError(f"{name} must have shape {lead} (index's){seq}, got {tuple(t.shape)}")
-    _checks.finite(out, name)
+    if allow_nan:  # an inference engine's missing log-prob (NaN) means "no correction"; +inf is never a log-prob
+        if bool((out == math.inf).any()):
+            raise ValueError(f"{name} must not contain +inf (log-probabilities are <= 0)")
+    else:
+        _checks.finite(out, name)
     return out.detach().reshape(-1).contiguous()
+
+
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+_SEQUENCE_LOSSES = ("ppo_clip", "cispo", "sapo")  # the losses whose ratio may be the sequence's (the shift below)
+
+
+def _check_float(name: str, v, lo: Optional[float] = None, strict: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite float, got {v!r}")
+    if lo is not None and (v <= lo if strict else v < lo):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {lo}, got {v!r}")
+    return float(v)
+
+
+def vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                  rollout_weight: Optional[torch.Tensor] = None, k_pos: float = 2.0, lambda_pos: float = 3.0,
+                  k_neg: float = 3.0, lambda_neg: float = 2.0) -> torch.Tensor:
+    """VESPO's sequence weight ``phi(w) = w^k exp(lambda (1 - w))`` (Shen et al. 2026, "VESPO: Variational
+    Sequence-Level Soft Policy Optimization for Stable Off-Policy LLM Training", arXiv:2602.10693; TRL 1.16's
+    ``get_gamma_weights``), a constant: ``w`` the product of the sequence's token ratios ``exp(logp - old)`` (each
+    log-ratio clamped to [-20, 20]) times its token rollout weights (log clamped to [log 1e-8, 20]), ``log w`` clamped
+    to [log 1e-8, 20]; ``(k, lambda) = (k_pos, lambda_pos)`` where ``A >= 0``, else the negative pair; NaN/inf -> 0.
+
+    Args: ``log_ratio``, ``mask``, ``advantages``, ``rollout_weight``: ``[B, T]``. Returns ``phi`` ``[B, T]``
+    (every token of a sequence its sequence's weight, for per-sequence advantages)."""
+    lo = math.log(1e-8)
+    with torch.no_grad():
+        m = mask.to(log_ratio.dtype)
+        s = (log_ratio.clamp(-20, 20) * m).sum(-1, keepdim=True)
+        if rollout_weight is not None:
+            s = s + (torch.log(rollout_weight).clamp(lo, 20) * m).sum(-1, keepdim=True)
+        log_w = s.clamp(lo, 20)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, torch.full_like(advantages, k_pos), torch.full_like(advantages, k_neg))
+        lam = torch.where(nonneg, torch.full_like(advantages, lambda_pos),
+                          torch.full_like(advantages, lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, advantages: torch.Tensor, *,
                        mask: Optional[torch.Tensor] = None, old_logp: Optional[torch.Tensor] = None,
                        ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, kl: str = "k3",
-                       loss: str = "reinforce", eps_low: float = 0.2, eps_high: float = 0.2,
+                       loss: str = "reinforce", importance_sampling_level: str = "token", eps_low: float = 0.2,
+                       eps_high: float = 0.2, clip_ratio_c: Optional[float] = None, sapo_tau_pos: float = 1.0,
+                       sapo_tau_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                       vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                       rollout_logp: Optional[torch.Tensor] = None, rollout_correction: Optional[str] = None,
+                       rollout_cap: Optional[float] = None, rollout_cap_min: Optional[float] = None,
                        entropy_coef: float = 0.0, normalize: str = "token", num_items: Optional[float] = None,
-                       max_length: Optional[int] = None, clip_ratio_c: Optional[float] = None,
-                       bias: Optional[torch.Tensor] = None,
+                       max_length: Optional[int] = None, bias: Optional[torch.Tensor] = None,
                        temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                       return_sum_pi_squared: bool = False, return_lse: bool = False,
                        chunk_size: Optional[int] = None, memory_budget: Optional[int] = None):
     """Policy-gradient loss of sampled tokens through the LM head: the loss and its gradients in one pass over
     ``[chunk, V]`` slabs (3 GEMMs: logits, dX, dW); the logits never exist.
 
-    ``loss = sum_t w_t l_t`` with the per-token loss ``l_t`` of :func:`fastgrad.ops.linear_policy_loss.token_loss`
-    (``"reinforce"``: ``-A logp``; ``"ppo_clip"``: PPO/GRPO's clipped ratio, ``eps_low``/``eps_high`` as in DAPO;
-    ``"cispo"``: MiniMax-M1's clipped, detached importance weight times ``-A logp``; ``"gspo"``: GSPO's
-    sequence-level ratio (Zheng et al. 2025, "Group Sequence Policy Optimization", the GSPO-token form):
-    ``s_b = exp(mean_t (logp - old_logp))`` over each sequence's loss tokens, clipped like PPO's ratio and shared by
-    every token of the sequence, ``l_t = -min(s_b A, clip(s_b) A)`` with gradient ``-A s_b grad logp_t`` where the
-    sequence is not clipped; the paper averages per sequence: use ``normalize="sequence"``. It costs one more GEMM
-    (the sequence ratios need every log-prob before the first gradient). Plus ``beta`` times the ``kl``
-    estimator to ``ref_logp`` and ``-entropy_coef`` times the entropy) and token weights ``w_t = mask_t / Z``:
+    ``loss = sum_t w_t l_t`` with the per-token loss ``l_t`` of :func:`fastgrad.ops.linear_policy_loss.token_loss`:
+
+    * ``"reinforce"``: ``-A logp``.
+    * ``"ppo_clip"``: PPO/GRPO's clipped ratio, ``eps_low``/``eps_high`` as in DAPO; ``clip_ratio_c``: dual clip.
+    * ``"cispo"``: MiniMax-M1's clipped, detached importance weight times ``-A logp``, ``clip(r, 1 - eps_low,
+      1 + eps_high)`` (verl's form; TRL's ``min(r, epsilon_high)`` is ``eps_low=1, eps_high=epsilon_high - 1``).
+    * ``"sapo"``: SAPO's soft gate ``-sigmoid(tau (r - 1)) 4 / tau A`` (Gao et al. 2025, arXiv:2511.20347),
+      ``tau = sapo_tau_pos`` for ``A > 0``, else ``sapo_tau_neg`` (TRL's and verl's defaults 1.0 and 1.05).
+    * ``"vespo"``: ``-phi_b A logp`` with VESPO's detached sequence weight ``phi_b`` (:func:`vespo_weights`, Shen
+      et al. 2026, arXiv:2602.10693; ``vespo_k_pos`` ... ``vespo_lambda_neg`` as TRL's); the rollout weights enter
+      ``phi`` (token modes only), not the loss. Needs ``[B, T]`` inputs; TRL normalizes it per token.
+    * ``"gspo"``: ``"ppo_clip"`` with ``importance_sampling_level="sequence"`` (Zheng et al. 2025, "Group Sequence
+      Policy Optimization", the GSPO-token form).
+
+    ``importance_sampling_level="sequence"`` (``ppo_clip``, ``cispo``, ``sapo``; TRL's option): the ratio of every
+    token is its sequence's ``s_b = exp(mean_t (logp - old_logp))`` over the loss tokens, with the gradient of the
+    sequence-level objective (exact when the token weights are uniform within a sequence, as every ``normalize``
+    mode makes them); one more GEMM (the ratios need every log-prob before the first gradient). Needs ``[B, T]``.
+
+    Rollout correction (the inference engine's log-probs ``rollout_logp`` differ from the trainer's; TRL 1.16's
+    ``vllm_importance_sampling_mode``, verl's rollout correction): the ratio ``rho = exp(old_logp - rollout_logp)``
+    (the current detached log-prob when ``old_logp`` is None; a NaN rollout log-prob means ratio 1), per token, or
+    for ``"sequence_*"`` the product over the sequence's loss tokens. ``"*_truncate"``: weight ``clamp(rho,
+    rollout_cap_min, rollout_cap)`` (truncated importance sampling, Yao et al. 2025, "Your Efficient RL Framework
+    Secretly Brings You Off-Policy RL Training"); ``"*_mask"``: ``rho`` where ``rollout_cap_min <= rho <=
+    rollout_cap``, else 0 (masked importance sampling, Liu et al. 2025, "When Speed Kills Stability"; verl's IcePop
+    band, Ling Team 2025, arXiv:2510.18855): a ratio equal to a bound is kept, a masked token keeps its place in the
+    normalizer. The weight multiplies the policy term only, not the KL or the entropy bonus. TRL's default is
+    ``"sequence_mask"`` with ``rollout_cap=3``; verl's token TIS is ``"token_truncate"``, ``rollout_cap=2``.
+
+    Plus ``beta`` times the ``kl`` estimator to ``ref_logp`` (``"k1"``, ``"k2"``, ``"k3"``: TRL's, unclamped;
+    ``"low_var_kl"``: verl's clamped k3; ``"k3+"``: verl's k3 value with k2's gradient) and ``-entropy_coef`` times
+    the entropy, and token weights ``w_t = mask_t / Z``:
 
     * ``normalize="token"`` (DAPO, BNPO): ``Z = num_items`` (global number of loss tokens; default the local
       ``mask.sum()``);
@@ -159,12 +231,19 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         ref_logp: fp32 per-token log-probs of the reference policy; ``beta > 0`` requires it.
         clip_ratio_c: dual-clip PPO's bound ``c > 1`` (Ye et al. 2020; verl's ``clip_ratio_c``, typically 3): with
             ``"ppo_clip"`` or ``"gspo"``, tokens with ``A < 0`` lose at most ``-c A``. None: off.
+        rollout_logp: per-token log-probs of the inference engine that sampled (index's shape); needs
+            ``rollout_correction``.
+        rollout_cap / rollout_cap_min: the ratio's upper / lower bound (None: none; a truncate mode needs one).
+        return_sum_pi_squared / return_lse: add ``stats["sum_pi_squared"]`` (``sum_v pi_v^2`` per token, what verl's
+            optimal token baseline reads) and ``stats["lse"]`` (the tempered logits' logsumexp), detached, computed
+            in the same pass.
 
     Returns:
         ``(loss, stats)``: the fp32 scalar loss (differentiable w.r.t. hidden, weight, bias; its backward scales the
         gradients computed in the forward) and detached stats: ``logp`` (index's shape, 0 at masked tokens),
         ``entropy`` (when computed: ``entropy_coef != 0`` or ``return_entropy``; else None), ``kl_mean``,
-        ``clip_frac``, ``ratio_mean`` (means over the loss tokens).
+        ``clip_frac``, ``ratio_mean``, ``rollout_weight_mean`` (means over the loss tokens; the weight is 1 without
+        a correction), ``sum_pi_squared`` / ``lse`` when asked, ``vespo_phi_mean`` for ``"vespo"``.
     """
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(index.shape)
@@ -172,28 +251,70 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         raise ValueError(f"normalize must be 'token', 'sequence' or 'constant', got {normalize!r}")
     if normalize == "sequence" and len(lead) != 2:
         raise ValueError(f"normalize='sequence' needs [B, T] inputs (hidden [B, T, H]), got index {lead}")
-    for name, v in (("beta", beta), ("eps_low", eps_low), ("eps_high", eps_high), ("entropy_coef", entropy_coef)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite float, got {v!r}")
-    if beta < 0 or eps_low < 0 or eps_high < 0:
-        raise ValueError(f"beta, eps_low and eps_high must be >= 0, got {beta}, {eps_low}, {eps_high}")
+    beta = _check_float("beta", beta, 0.0)
+    eps_low = _check_float("eps_low", eps_low, 0.0)
+    eps_high = _check_float("eps_high", eps_high, 0.0)
+    entropy_coef = _check_float("entropy_coef", entropy_coef)
+    sapo_tau_pos = _check_float("sapo_tau_pos", sapo_tau_pos, 0.0, strict=True)
+    sapo_tau_neg = _check_float("sapo_tau_neg", sapo_tau_neg, 0.0, strict=True)
+    vespo = tuple(_check_float(n, v, 0.0) for n, v in (("vespo_k_pos", vespo_k_pos),
+                                                        ("vespo_lambda_pos", vespo_lambda_pos),
+                                                        ("vespo_k_neg", vespo_k_neg),
+                                                        ("vespo_lambda_neg", vespo_lambda_neg)))
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's per-token log-probs)")
-    if loss not in tuple(_plp.LOSSES) + ("gspo",):
-        raise ValueError(f"loss must be one of {tuple(_plp.LOSSES) + ('gspo',)}, got {loss!r}")
-    if loss == "gspo" and len(lead) != 2:
-        raise ValueError(f"loss='gspo' needs [B, T] inputs (its ratio is per sequence), got index {lead}")
+    names = tuple(_plp.LOSSES) + ("vespo", "gspo")
+    if loss not in names:
+        raise ValueError(f"loss must be one of {names}, got {loss!r}")
+    if kl not in _plp.KLS:
+        raise ValueError(f"kl must be one of {tuple(_plp.KLS)}, got {kl!r}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    op_loss = "ppo_clip" if loss == "gspo" else ("reinforce" if loss == "vespo" else loss)
+    seq_ratio = loss == "gspo" or importance_sampling_level == "sequence"
+    if seq_ratio and op_loss not in _SEQUENCE_LOSSES:
+        raise ValueError(f"importance_sampling_level='sequence' applies to {_SEQUENCE_LOSSES} (and 'gspo'), not "
+                         f"{loss!r}")
+    if (seq_ratio or loss == "vespo") and len(lead) != 2:
+        what = f"loss={loss!r}" if loss in ("gspo", "vespo") else "importance_sampling_level='sequence'"
+        raise ValueError(f"{what} needs [B, T] inputs (its ratio is per sequence), got index {lead}")
     if clip_ratio_c is not None:
         if isinstance(clip_ratio_c, bool) or not isinstance(clip_ratio_c, (int, float)) \
                 or not math.isfinite(clip_ratio_c) or not clip_ratio_c > 1:
             raise ValueError(f"clip_ratio_c must be a finite float > 1 (dual-clip PPO's bound), got {clip_ratio_c!r}")
-        if loss not in ("ppo_clip", "gspo"):
+        if op_loss != "ppo_clip":
             raise ValueError(f"clip_ratio_c applies to loss='ppo_clip' or 'gspo', not {loss!r}")
+    # -- rollout correction: checked whole before anything runs
+    if (rollout_logp is None) != (rollout_correction is None):
+        raise ValueError("rollout_logp and rollout_correction go together: pass both or neither")
+    if rollout_correction is not None:
+        if rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(f"rollout_correction must be one of {ROLLOUT_CORRECTIONS}, got {rollout_correction!r}")
+        cap = None if rollout_cap is None else _check_float("rollout_cap", rollout_cap, 0.0, strict=True)
+        cap_min = None if rollout_cap_min is None else _check_float("rollout_cap_min", rollout_cap_min, 0.0)
+        if cap is not None and cap_min is not None and cap_min > cap:
+            raise ValueError(f"rollout_cap_min must be <= rollout_cap, got {cap_min} > {cap}")
+        if rollout_correction.endswith("truncate") and cap is None and cap_min is None:
+            raise ValueError(f"rollout_correction={rollout_correction!r} needs rollout_cap or rollout_cap_min")
+        seq_mode = rollout_correction.startswith("sequence")
+        if seq_mode and len(lead) != 2:
+            raise ValueError(f"rollout_correction={rollout_correction!r} needs [B, T] inputs, got index {lead}")
+        if op_loss in ("ppo_clip", "sapo") and seq_ratio and not seq_mode:
+            # TRL weights the sequence objective's gradient by the sequence's mean token weight, verl (GSPO-token)
+            # each token's gradient by its own: they agree only when the weights are uniform in the sequence
+            raise ValueError(f"loss={loss!r} with a sequence-level ratio and a token-level rollout correction is "
+                             "ambiguous (TRL and verl differ on its gradient): use a 'sequence_*' correction")
+        if loss == "vespo" and seq_mode:
+            raise ValueError("loss='vespo' takes token-level rollout corrections only (they enter its sequence "
+                             "weight, as in TRL)")
+    elif rollout_cap is not None or rollout_cap_min is not None:
+        raise ValueError("rollout_cap and rollout_cap_min need rollout_logp and rollout_correction")
     adv = _per_token(advantages, "advantages", lead, allow_sequence=True)
     if adv is None:
         raise TypeError("advantages must be a floating torch.Tensor, got None")
     old = _per_token(old_logp, "old_logp", lead, False)
     ref = _per_token(ref_logp, "ref_logp", lead, False)
+    roll = _per_token(rollout_logp, "rollout_logp", lead, False, allow_nan=True)
     if mask is None:
         m = (index != ignore_index)
     else:
@@ -220,31 +341,71 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                 raise ValueError(f"max_length must be a positive int, got {max_length!r}")
             z = (lead[0] if len(lead) == 2 else 1) * (max_length or lead[-1])
         tw = mf / z
-    op_loss = loss
-    if loss == "gspo":
-        # PPO-clip on a shifted old_logp, old'_t = logp_t - log s_b, whose token ratio is the sequence's ratio s_b:
-        # the same value, clip decisions and gradient -A s_b grad logp_t as GSPO-token
+
+    # -- what needs every log-prob before the fused pass (one more GEMM, no gradient): sequence ratios, sequence
+    # rollout weights, and VESPO's weight off-policy or with a rollout correction
+    mode = cap_arg = cap_min_arg = None
+    vespo_phi = None
+    need_lp0 = seq_ratio or (roll is not None and seq_mode) or (loss == "vespo" and (old is not None
+                                                                                    or roll is not None))
+    if need_lp0:
         with torch.no_grad():
             live = torch.where(m, index, int(ignore_index)).reshape(-1, 1).contiguous()  # loss tokens only
-            lp0 = _llp.linear_log_prob(h2, w, b, live, t, int(ignore_index), False, chunk)[0].view(lead)
-        dl = (lp0 - old.view(lead)) * mf if old is not None else torch.zeros_like(mf)
-        log_s = dl.sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1)
-        old = torch.where(m, lp0 - log_s, 0).reshape(-1).contiguous()
-        op_loss = "ppo_clip"
+            lp0 = _llp.linear_log_prob(h2, w, b, live, t, int(ignore_index), False, chunk)[0].view(-1)
+        base = lp0 if old is None else old  # the rollout ratio's numerator: old_logp, else the current log-prob
+        op_old = old if old is not None else lp0  # a constant equal to sg(logp): ratio 1 with its gradient
+        if seq_ratio:
+            # the sequence's ratio on every token: old'_t = logp_t - log s_b, so exp(logp_t - old'_t) = s_b with
+            # the gradient s_b grad logp_t (GSPO-token's form)
+            dl = (lp0 - op_old).view(lead) * mf
+            log_s = dl.sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1)
+            op_old = torch.where(m, lp0.view(lead) - log_s, 0).reshape(-1).contiguous()
+    else:
+        base = op_old = old
+    if roll is not None:
+        cap_arg = float(cap or 0.0)
+        cap_min_arg = float(cap_min or 0.0)
+        mode = "token_" + rollout_correction.split("_")[1]
+        if seq_mode:
+            d = (base - roll).view(lead) * mf
+            d = torch.where(torch.isnan(d), 0, d)  # a missing rollout log-prob (NaN), or -inf at a masked token
+            s_b = d.sum(1, keepdim=True)  # log of the product of the token ratios
+            roll = (op_old.view(lead) - s_b).reshape(-1).contiguous()  # the op's token ratio is the sequence's
+        elif op_old is not None and base is not None and op_old is not base:
+            roll = roll + (op_old - base)  # the op's numerator moved (a sequence ratio): move the denominator too
+    if loss == "vespo":
+        log_ratio = (lp0 - op_old).view(lead) if old is not None else torch.zeros(lead, dtype=acc, device=mf.device)
+        rw = None
+        if roll is not None:
+            rw = _plp.rollout_weight(base if base is not None else lp0, roll, mode, cap_arg, cap_min_arg).view(lead)
+            rw = torch.where(m, rw, 1)
+        vespo_phi = vespo_weights(log_ratio, m, adv.view(lead), rw, *vespo).reshape(-1)
+        adv = (adv * vespo_phi).contiguous()
+        roll = mode = None  # folded into phi
+        op_old = old  # REINFORCE ignores it
     needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     total, logp, ent, st, *_ = _plp.linear_policy_loss(
-        h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), old, ref, t, int(ignore_index),
-        op_loss, float(eps_low), float(eps_high), float(beta), kl, float(entropy_coef), bool(return_entropy), chunk,
-        needs, float(clip_ratio_c or 0.0))
+        h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), op_old, ref, t, int(ignore_index),
+        op_loss, eps_low, eps_high, beta, kl, entropy_coef, bool(return_entropy), chunk, needs,
+        float(clip_ratio_c or 0.0), bool(return_sum_pi_squared), bool(return_lse), sapo_tau_pos, sapo_tau_neg, roll,
+        mode or "none", float(cap_arg or 0.0), float(cap_min_arg or 0.0))
     mflat = mf.detach().reshape(-1)  # the stats are reports: no graph (float() on them must not warn)
     count = mflat.sum().clamp(min=1)
+    st = st.detach()
     stats = {
         "logp": logp.detach().view(lead),
         "entropy": ent.detach().view(lead) if ent.numel() or (return_entropy or entropy_coef != 0) else None,
-        "kl_mean": (st[0].detach() * mflat).sum() / count,
-        "clip_frac": (st[1].detach() * mflat).sum() / count,
-        "ratio_mean": (st[2].detach() * mflat).sum() / count,
+        "kl_mean": (st[0] * mflat).sum() / count,
+        "clip_frac": (st[1] * mflat).sum() / count,
+        "ratio_mean": (st[2] * mflat).sum() / count,
+        "rollout_weight_mean": (st[3] * mflat).sum() / count,
     }
+    if return_sum_pi_squared:
+        stats["sum_pi_squared"] = (st[4] * mflat).view(lead)
+    if return_lse:
+        stats["lse"] = (st[-1] * mflat).view(lead)
+    if vespo_phi is not None:
+        stats["vespo_phi_mean"] = (vespo_phi * mflat).sum() / count
     return total, stats
 
 

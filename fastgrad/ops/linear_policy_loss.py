@@ -152,8 +152,10 @@ def rollout_weight(base_logp: torch.Tensor, rollout_logp: torch.Tensor, mode: st
     """The rollout-trainer mismatch weight of the policy term per token (a constant): ``r = exp(base - rollout)``;
     ``"token_truncate"``: ``clamp(r, cap_min, cap)`` (truncated importance sampling, Yao et al. 2025);
     ``"token_mask"``: ``r`` where ``cap_min <= r <= cap``, else 0 (masked importance sampling; IcePop's band).
-    ``cap = 0``: no upper bound; ``cap_min = 0``: no lower bound. TRL 1.16's ``vllm_importance_sampling_mode``."""
-    r = torch.exp(base_logp.detach() - rollout_logp)
+    ``cap = 0``: no upper bound; ``cap_min = 0``: no lower bound; a NaN rollout log-prob (the engine returned none)
+    gives ``r = 1``. TRL 1.16's ``vllm_importance_sampling_mode``."""
+    d = base_logp.detach() - rollout_logp
+    r = torch.exp(torch.where(torch.isnan(d), 0, d))
     hi = cap if cap > 0 else math.inf
     if mode == "token_truncate":
         return r.clamp(cap_min if cap_min > 0 else None, hi if cap > 0 else None)
