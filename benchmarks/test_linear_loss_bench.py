@@ -1,11 +1,13 @@
-"""The LM head fused with the policy loss: fastgrad against torch eager (unfused), its torch.compile, and the
-chunked torch implementations users run today where they install (Liger-Kernel's LigerFusedLinearGRPOLoss torch
-path, Cut Cross-Entropy's ``torch_compile`` implementation), side by side in one run.
+"""The LM head fused with the policy loss: fastgrad against torch eager (unfused), its torch.compile, torch 2.14's
+``linear_cross_entropy`` (reference and chunked paths), and the chunked torch implementations users run today where
+they install (Liger-Kernel's LigerFusedLinearGRPOLoss torch path, Cut Cross-Entropy's ``torch_compile``
+implementation), side by side in one run.
 
 Every implementation computes the same thing: a token-normalized PPO-clip / GRPO loss (``eps = 0.2``, on-policy
 ratio, advantages per sequence) of the given tokens through ``hidden @ weight.T``, forward and backward w.r.t.
-hidden and weight, fp32. FLOPs are counted 6 N H V for everyone (3 GEMMs); ``mm`` is the measured fp32
-``torch.mm`` of ``[N, H] x [H, V]`` in the same run, so ``ceiling_fraction = 3 t_mm / t``. Peak RSS growth is
+hidden and weight, in fp32 and in bf16 on the CPU. FLOPs are counted 6 N H V for everyone (3 GEMMs); ``mm`` is the
+measured ``torch.mm`` of ``[N, H] x [H, V]`` in the inputs' dtype in the same run, so ``ceiling_fraction =
+3 t_mm / t``; bf16 rows record the plan fastgrad measured for this CPU (``cpu_bf16_plan``). Peak RSS growth is
 sampled during one call. ``padded40``: 40 % of the tokens masked (fastgrad skips them; the others compute them).
 
 Smoke sizes by default (CI runs them with --benchmark-disable); FASTGRAD_BENCH_FULL=1 for the issue's shapes
@@ -32,16 +34,20 @@ from benchmarks.test_ops_bench import DEVICES, device_name, peak_cuda_delta, pea
 FULL = os.environ.get("FASTGRAD_BENCH_FULL") == "1"
 CPU_SHAPES = ([(512, 2048, 151936, 0.0), (1024, 1024, 128256, 0.0), (1024, 2048, 128256, 0.0),
                (1024, 1024, 128256, 0.4)] if FULL else [(64, 32, 1000, 0.0), (64, 32, 1000, 0.4)])
+if os.environ.get("FASTGRAD_BENCH_CPU_SHAPES"):  # e.g. "1024x1024x128256,1024x1024x128256x0.4" (N x H x V [x pad])
+    CPU_SHAPES = [tuple(int(v) for v in t.split("x")[:3]) + (float(t.split("x")[3]) if t.count("x") == 3 else 0.0,)
+                  for t in os.environ["FASTGRAD_BENCH_CPU_SHAPES"].split(",")]
 GPU_SHAPES = ([(8192, 4096, 128256, 0.0), (4096, 4096, 131072, 0.0), (4096, 2048, 151936, 0.0),
                (8192, 4096, 128256, 0.4)] if FULL else [(256, 64, 5000, 0.0), (256, 64, 5000, 0.4)])
-CASES = [(d, s) for d in DEVICES for s in (GPU_SHAPES if d == "cuda" else CPU_SHAPES)]
-DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+# CPU: fp32 and bf16 inputs (bf16 GEMMs run on AVX512-BF16 / AMX units where the CPU has them); GPU: bf16
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
+CASES = [(d, dt, s) for d in DEVICES for dt in DTYPES[d] for s in (GPU_SHAPES if d == "cuda" else CPU_SHAPES)]
 SEQ = 64  # tokens per sequence: B = N / SEQ sequences
 EPS = 0.2
 MM_TIME = {}  # shape -> fp32 torch.mm seconds, measured in this run
 
 
-def _inputs(N, H, V, pad, device="cpu", seed=0):
+def _inputs(N, H, V, pad, device="cpu", dt=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     B = N // SEQ
     hidden = torch.randn(B, SEQ, H, generator=g)
@@ -51,7 +57,6 @@ def _inputs(N, H, V, pad, device="cpu", seed=0):
     if pad:
         mask[:, SEQ - int(round(pad * SEQ)):] = False  # right padding
     adv = torch.randn(B, generator=g)
-    dt = DTYPE[device]
     return hidden.to(device, dt), weight.to(device, dt), index.to(device), mask.to(device), adv.to(device)
 
 
@@ -104,7 +109,24 @@ def _cce():
     return cce
 
 
+def torch_lce_reference(hidden, weight, index, mask, adv):
+    """torch 2.14's ``linear_cross_entropy`` (``options=None``: the unfused reference path), -logp per token."""
+    nll = torch.nn.functional.linear_cross_entropy(hidden.flatten(0, 1), weight, index.flatten(), reduction="none")
+    return _ppo(-nll.view(index.shape), adv, mask)
+
+
+def torch_lce_chunked(hidden, weight, index, mask, adv):
+    """torch 2.14's chunked ``linear_cross_entropy`` (``LinearCrossEntropyOptions()``: batch chunks, gradients in
+    the forward), -logp per token."""
+    nll = torch.nn.functional.linear_cross_entropy(hidden.flatten(0, 1), weight, index.flatten(), reduction="none",
+                                                   options=torch.nn.LinearCrossEntropyOptions())
+    return _ppo(-nll.view(index.shape), adv, mask)
+
+
 IMPLS = {"eager": eager, "fastgrad_policy": fastgrad_policy, "fastgrad_log_prob": fastgrad_log_prob}
+if hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+    IMPLS["torch_lce_reference"] = torch_lce_reference
+    IMPLS["torch_lce_chunked"] = torch_lce_chunked
 if _compiled is not None:
     IMPLS["torch_compile"] = _compiled
 if importlib.util.find_spec("liger_kernel") is not None:
@@ -115,14 +137,18 @@ if importlib.util.find_spec("cut_cross_entropy") is not None and (FULL or os.env
 
 
 def _sid(case):
-    device, (N, H, V, pad) = case
-    return f"{device}-{N}x{H}x{V}" + (f"-padded{int(pad * 100)}" if pad else "")
+    device, dt, (N, H, V, pad) = case
+    return f"{device}-{str(dt).split('.')[-1]}-{N}x{H}x{V}" + (f"-padded{int(pad * 100)}" if pad else "")
 
 
 def _info(benchmark, case, impl):
-    device, (N, H, V, pad) = case
+    device, dt, (N, H, V, pad) = case
     benchmark.group = _sid(case)
-    benchmark.extra_info.update(shape=[N, H, V], padding=pad, impl=impl, device=device, dtype=str(DTYPE[device]),
+    if device == "cpu" and dt == torch.bfloat16:
+        from fastgrad.ops._lm_head import cpu_bf16_plan
+
+        benchmark.extra_info["cpu_bf16_plan"] = dict(cpu_bf16_plan())
+    benchmark.extra_info.update(shape=[N, H, V], padding=pad, impl=impl, device=device, dtype=str(dt),
                                 device_name=device_name(device), threads=torch.get_num_threads(),
                                 command=" ".join(sys.argv), flops_6NHV=6 * N * H * V)
 
@@ -148,12 +174,12 @@ def _rounds(impl=None):
 def test_mm_ceiling(benchmark, case):
     """torch.mm of [N, H] x [H, V] in the inputs' dtype, the unit of the 3-GEMM bound (runs first per shape). A timing
     baseline for the comparison rows: no assertion."""
-    device, (N, H, V, _) = case
+    device, dt, (N, H, V, _) = case
     _info(benchmark, case, "mm")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, H, generator=g).to(device, DTYPE[device])
-    w = torch.randn(V, H, generator=g).to(device, DTYPE[device])
-    out = torch.empty(N, V, device=device, dtype=DTYPE[device])
+    x = torch.randn(N, H, generator=g).to(device, dt)
+    w = torch.randn(V, H, generator=g).to(device, dt)
+    out = torch.empty(N, V, device=device, dtype=dt)
     run = _synced(lambda: torch.mm(x, w.t(), out=out), device)
     run()
     benchmark.pedantic(run, rounds=_rounds(), iterations=1)
@@ -168,9 +194,9 @@ ROWS = [(c, i) for c in CASES for i in IMPLS if c[0] == "cpu" or i not in CPU_ON
 
 @pytest.mark.parametrize("case,impl", ROWS, ids=[f"{_sid(c)}-{i}" for c, i in ROWS])
 def test_policy_loss_fwd_bwd(benchmark, case, impl):
-    device, (N, H, V, pad) = case
+    device, dt, (N, H, V, pad) = case
     _info(benchmark, case, impl)
-    hidden, weight, index, mask, adv = _inputs(N, H, V, pad, device)
+    hidden, weight, index, mask, adv = _inputs(N, H, V, pad, device, dt)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     fn = IMPLS[impl]
@@ -185,7 +211,7 @@ def test_policy_loss_fwd_bwd(benchmark, case, impl):
     loss = step()  # warm-up (torch.compile compiles here)
     ref = eager(hidden.detach().requires_grad_(True), weight.detach(), index, mask, adv)
     # every implementation computes the same loss
-    tol = 1e-3 if DTYPE[device] == torch.float32 else 2e-2
+    tol = 1e-3 if dt == torch.float32 else 2e-2
     assert abs(float(loss) - float(ref)) <= tol * max(1.0, abs(float(ref))), (impl, float(loss), float(ref))
     if not benchmark.disabled:
         hidden.grad = weight.grad = None

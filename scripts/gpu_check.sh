@@ -93,6 +93,8 @@ print('CUDA kernels built')"
   # torch above the ops and run in CI on the CPU: the whole suite (~700 tests) would not fit the step's limit
   TESTS=(tests/test_registry.py tests/test_ops.py tests/test_contract.py tests/test_functional.py
          tests/test_gumbel_topk.py tests/test_linear_loss.py tests/test_fuzz.py
+         # the LM head's numerics (row max, lse parts, sum_pi_squared) and the policy losses / rollout corrections
+         tests/test_lm_head_numerics.py tests/test_policy_losses.py
          # the functional estimators' checks on the fused ops (their families' files hold CPU statistics too)
          tests/estimators/test_score_function.py::test_score_function_surrogate_value_and_grad
          tests/estimators/test_score_function.py::test_score_function_unbiased_against_exact

@@ -24,7 +24,10 @@ agree across chunk sizes to ~1e-6, not bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -100,6 +103,71 @@ def _vocab_blocks(weight: torch.Tensor) -> List[Tuple[int, int]]:
     return [(v0, min(V, v0 + vb)) for v0 in range(0, V, vb)]
 
 
+_CPU_BF16_PLAN: dict = {}
+
+
+def cpu_bf16_plan() -> dict:
+    """How bf16 LM heads run on this CPU, decided once per process by measuring (``FASTGRAD_CPU_BF16`` = ``bf16`` or
+    ``fp32`` forces it): ``{"grads": "bf16" | "fp32", "logits": "bf32" | "fp32", "speedup": bf16/fp32 GEMM}``.
+
+    ``grads="bf16"`` where a bf16 ``torch.mm`` beats fp32 by 1.3x or more (AVX512-BF16 or AMX through oneDNN): dX and
+    dW are bf16 GEMMs of ``dL/dlogits`` rounded to bf16, as torch's own bf16 backward computes them, dW accumulated
+    in place in bf16. The logits GEMM must keep fp32 outputs (a bf16 output loses 2e-3 of every log-prob) and ATen
+    exposes no fast bf16-input fp32-output CPU GEMM, so the logits use the converted fp32 weight block, through
+    oneDNN's bf16 arithmetic (``fp32_precision="bf16"``, exact: the inputs are bf16 values, products are exact in
+    fp32) where that measured faster than the fp32 GEMM (``logits="bf32"``), else the fp32 GEMM."""
+    if _CPU_BF16_PLAN:
+        return _CPU_BF16_PLAN
+    force = os.environ.get("FASTGRAD_CPU_BF16", "auto")
+    if force not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"FASTGRAD_CPU_BF16 must be auto, bf16 or fp32, got {force!r}")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 1024, generator=g)
+    b = torch.randn(1024, 2048, generator=g)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    mk = torch.backends.mkldnn.matmul
+
+    def best(f, reps=3):
+        f()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    t32 = best(lambda: a @ b)
+    t16 = best(lambda: ab @ bb)
+    prev = mk.fp32_precision
+    try:
+        mk.fp32_precision = "bf16"
+        tb32 = best(lambda: a @ b)
+    except Exception:  # an ATen without oneDNN's bf16 arithmetic
+        tb32 = math.inf
+    finally:
+        mk.fp32_precision = prev
+    speedup = t32 / t16
+    grads = force if force != "auto" else ("bf16" if speedup >= 1.3 else "fp32")
+    logits = "bf32" if (grads == "bf16" and tb32 < 0.9 * t32) else "fp32"
+    _CPU_BF16_PLAN.update(grads=grads, logits=logits, speedup=round(speedup, 2), bf32_speedup=round(t32 / tb32, 2))
+    return _CPU_BF16_PLAN
+
+
+@contextlib.contextmanager
+def _bf32(on: bool):
+    """oneDNN's bf16 arithmetic for fp32 GEMMs inside the block (exact for inputs that are bf16 values)."""
+    if not on:
+        yield
+        return
+    mk = torch.backends.mkldnn.matmul
+    prev = mk.fp32_precision
+    mk.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mk.fp32_precision = prev
+
+
 def _half_on_gpu(weight: torch.Tensor, acc: torch.dtype) -> bool:
     """bf16/fp16 on CUDA: tensor-core GEMMs with fp32 outputs (``out_dtype``) instead of converting to fp32."""
     return weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32
@@ -114,8 +182,10 @@ def _logits_into(slab: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias
     elif _half_on_gpu(weight, acc):
         torch.mm(x, weight.t(), out_dtype=acc, out=slab)
     else:  # half-precision weights on the CPU: converted one vocabulary block at a time, the GEMM in fp32
-        for v0, v1 in blocks:
-            slab[:, v0:v1] = x @ weight[v0:v1].to(acc).t()
+        bf32 = weight.dtype == torch.bfloat16 and acc == torch.float32 and cpu_bf16_plan()["logits"] == "bf32"
+        with _bf32(bf32):
+            for v0, v1 in blocks:
+                slab[:, v0:v1] = x @ weight[v0:v1].to(acc).t()
     if bias is not None:
         slab += bias.to(acc)
 
@@ -125,7 +195,19 @@ def backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks, dw
     """dz [M, V] -> dX [M, H] (when need_x); dW [V, H] and db [V] accumulated in place (fp32), or written by the
     first block (``first``: no zero-fill pass over dW)."""
     dx = None
-    if _half_on_gpu(weight, dz.dtype):
+    if _bf16_grads_on_cpu(weight, dz.dtype):
+        # bf16 GEMMs on the CPU's bf16 units: dz rounded to bf16 as torch's bf16 backward does; dW (bf16, see
+        # grad_buffers) accumulated in place, one rounding per token block
+        d = dz.to(weight.dtype)
+        if need_x:
+            dx = d @ weight
+        if dw is not None:
+            xb = x.to(weight.dtype)  # exact: x holds bf16 values
+            if first:
+                torch.mm(d.t(), xb, out=dw)
+            else:
+                dw.addmm_(d.t(), xb)
+    elif _half_on_gpu(weight, dz.dtype):
         # as torch's own bf16 backward does, dz enters the GEMMs in the weight's dtype; dW accumulates in fp32
         d = dz.to(weight.dtype)
         if need_x:
@@ -154,6 +236,11 @@ def backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks, dw
         else:
             db += dz.sum(0)
     return dx
+
+
+def _bf16_grads_on_cpu(weight: torch.Tensor, acc: torch.dtype) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and acc == torch.float32
+            and cpu_bf16_plan()["grads"] == "bf16")
 
 
 class Driver:
@@ -202,7 +289,8 @@ def grad_buffers(hidden, weight, bias, need_x: bool, need_w: bool, need_b: bool,
     else:
         dx = hidden.new_empty(0)
     alloc = torch.empty if drv.M else torch.zeros
-    dw = alloc(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    dw_dtype = weight.dtype if _bf16_grads_on_cpu(weight, acc) else acc
+    dw = alloc(weight.shape, dtype=dw_dtype, device=weight.device) if need_w else None
     db = alloc(weight.shape[:1], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
     return dx, dw, db
 
