@@ -261,3 +261,155 @@ def test_bad_correction_arguments_are_clear_errors():
             F.linear_policy_loss(h, w, idx, adv, mask=mask, **kw)
     with pytest.raises(ValueError, match="needs \\[B, T\\]"):
         F.linear_policy_loss(h.reshape(24, -1), w, idx.reshape(-1), torch.randn(24), loss="vespo")
+
+
+# -- sampling-support replay ------------------------------------------------------------------------------------
+def _top_k_support(z: torch.Tensor, idx: torch.Tensor, k: int):
+    """The top-k ids of each row (sorted, unique), with the row's target added when missing: CSR (crow, col)."""
+    top = z.topk(k, -1).indices
+    rows = []
+    for r in range(z.shape[0]):
+        ids = set(top[r].tolist())
+        if int(idx[r]) >= 0:
+            ids.add(int(idx[r]))
+        rows.append(torch.tensor(sorted(ids), dtype=torch.int64))
+    crow = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    return crow, torch.cat(rows)
+
+
+def _support_oracle(h, w, b, idx, crow, col, T=1.0):
+    z = oracle_log_prob.__globals__["oracle_logits"](h, w, b, T)
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    keep[torch.repeat_interleave(torch.arange(z.shape[0]), crow.diff()), col] = True
+    ls = torch.where(keep, torch.log_softmax(z.masked_fill(~keep, -math.inf), -1), 0)  # no -inf in autograd
+    p = torch.where(keep, ls.exp(), 0)
+    valid = idx != -100
+    logp = torch.where(valid, ls.gather(1, torch.where(valid, idx, 0)[:, None]).squeeze(1), 0)
+    ent = torch.where(valid, -(torch.where(keep, p * ls, 0)).sum(-1), 0)
+    sq = torch.where(valid, (p * p).sum(-1), 0)
+    lse = torch.where(valid, torch.logsumexp(z.masked_fill(~keep, -math.inf), -1), 0)
+    return logp, ent, sq, lse
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,chunk,T", [(1, None, 1.0), (5, 3, 0.7), (37, 4, 1.0)])  # 37 = V: the whole vocabulary
+def test_support_log_probs_and_gradients_match_the_renormalized_oracle(backend, k, chunk, T):
+    h, w, b, idx, *_ = _policy_inputs(B=2, T=7, bias=True)
+    h, idx = h.reshape(14, -1), idx.reshape(-1)
+    z = oracle_log_prob.__globals__["oracle_logits"](h, w, b, T)
+    crow, col = _top_k_support(z, idx, k)
+    ce = torch.linspace(-1, 1, 14, dtype=torch.float64)
+
+    def fused(h, w, b):
+        out = F.linear_log_prob(h, w, idx, bias=b, temperature=T, return_entropy=True, return_sum_pi_squared=True,
+                                return_lse=True, support=(crow, col), chunk_size=chunk)
+        return (out.logp * ce.float()).sum() + 0.3 * out.entropy.sum() + 0.2 * out.lse.sum(), out
+
+    def oracle(h, w, b):
+        lp, ent, _, lse = _support_oracle(h, w, b, idx, crow, col, T)
+        return (lp * ce).sum() + 0.3 * ent.sum() + 0.2 * lse.sum()
+
+    with fastgrad.backend(backend):
+        _, out = fused(h, w, b)
+        lf, gf = _grads(lambda *a: fused(*a)[0], h, w, b)
+    lo, go = _grads(oracle, h, w, b)
+    lp, ent, sq, lse = _support_oracle(h, w, b, idx, crow, col, T)
+    torch.testing.assert_close(out.logp.double(), lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.entropy.double(), ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.sum_pi_squared.double(), sq, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.lse.double(), lse, atol=2e-5, rtol=0)
+    if k == 1:  # a support of the target alone: the target is certain, and its gradient is zero
+        valid = idx != -100
+        only = (torch.cat([torch.zeros(1, dtype=torch.int64), valid.long().cumsum(0)]), idx[valid])
+        with fastgrad.backend(backend):
+            lp1 = F.linear_log_prob(h, w, idx, bias=b, support=only)
+        assert (lp1 == 0).all()
+    assert abs(float(lf) - float(lo)) <= 1e-5 * max(1.0, abs(float(lo)))
+    for a, e in zip(gf, go):
+        assert _rel(a, e) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_support_policy_loss_matches_the_oracle(backend):
+    h, w, b, idx, mask, old, ref, adv, roll = _case_inputs({})
+    B, T = idx.shape
+    z = oracle_log_prob.__globals__["oracle_logits"](h.reshape(B * T, -1), w, b, 1.0)
+    crow, col = _top_k_support(z, idx.reshape(-1), 6)
+
+    def fused(h, w, b):
+        return F.linear_policy_loss(h, w, idx, adv, mask=mask, bias=b, old_logp=old, loss="ppo_clip",
+                                    normalize="sequence", entropy_coef=0.03, support=(crow, col), chunk_size=5)[0]
+
+    def want(h, w, b):
+        lp, ent, _, _ = _support_oracle(h.reshape(B * T, -1), w, b, idx.reshape(-1), crow, col)
+        lp, ent = lp.view(B, T), ent.view(B, T)
+        r = torch.exp(lp - old.double())
+        A = adv.double()[:, None]
+        per_token = torch.max(-A * r, -A * r.clamp(0.8, 1.2)) - 0.03 * ent
+        return _normalize(per_token, mask & (idx != -100), "sequence")
+
+    with fastgrad.backend(backend):
+        lf, gf = _grads(fused, h, w, b)
+    lo, go = _grads(want, h, w, b)
+    assert abs(float(lf) - float(lo)) <= 1e-5 * max(1.0, abs(float(lo)))
+    for a, e in zip(gf, go):
+        assert _rel(a, e) < 1e-4
+
+
+def test_support_replay_removes_the_ratio_bias_of_top_p_sampling():
+    # an engine samples from the top-p renormalized distribution q; the trainer's full-vocabulary probabilities p
+    # give E_q[p / q] = (mass of the support) < 1, the support-renormalized ones exactly 1 (TRL measured 0.896 vs
+    # 1.001 with top_p = 0.8, top_k = 1024)
+    g = torch.Generator().manual_seed(9)
+    N, H, V = 400, 16, 300
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) / 2
+    z = (h @ w.t()).double()
+    p = torch.softmax(z, -1)
+    sp, si = p.sort(-1, descending=True)
+    keep_sorted = (sp.cumsum(-1) - sp) < 0.8  # top-p = 0.8
+    rows, cols = [], []
+    for r in range(N):
+        ids = si[r][keep_sorted[r]].sort().values
+        rows.append(ids.numel())
+        cols.append(ids)
+    crow = torch.tensor([0] + rows).cumsum(0)
+    col = torch.cat(cols)
+    q = torch.zeros(N, V, dtype=torch.float64)
+    q[torch.repeat_interleave(torch.arange(N), crow.diff()), col] = 1.0
+    q = q * p
+    q = q / q.sum(-1, keepdim=True)
+    tokens = torch.multinomial(q.float(), 1, generator=g).squeeze(1)
+    logq = torch.log(q.gather(1, tokens[:, None]).squeeze(1))
+    full = F.linear_log_prob(h, w, tokens)
+    replay = F.linear_log_prob(h, w, tokens, support=(crow, col))
+    ratio_full = torch.exp(full.double() - logq)
+    ratio_replay = torch.exp(replay.double() - logq)
+    mass = (p * (q > 0)).sum(-1)
+    torch.testing.assert_close(ratio_replay, torch.ones(N, dtype=torch.float64), atol=2e-5, rtol=0)
+    torch.testing.assert_close(ratio_full, mass, atol=2e-5, rtol=0)
+    assert float(ratio_full.mean()) < 0.9
+
+
+def test_bad_supports_are_clear_errors():
+    h, w, b, idx, *_ = _policy_inputs(B=1, T=4)
+    h, idx = h.reshape(4, -1), idx.reshape(-1).clamp(min=0)
+    V = w.shape[0]
+    good_col = torch.stack([idx, (idx + 1) % V], 1).sort(1).values.reshape(-1)
+    crow = torch.arange(0, 9, 2)
+    idx_v = idx.clone()
+    cases = [
+        ((crow[:-1], good_col), ValueError, "N \\+ 1"),
+        ((crow, good_col.flip(0)), ValueError, "sorted and unique|target"),
+        ((crow, torch.cat([torch.stack([(idx[0] + 1) % V, (idx[0] + 2) % V]).sort().values, good_col[2:]])),
+         ValueError, "lie in its token's support"),
+        ((crow, good_col + V), ValueError, "col_indices must lie in"),
+        ((crow.int(), good_col), TypeError, "int64"),
+        ((crow + 1, good_col), ValueError, "start at 0"),
+        (crow, TypeError, "pair"),
+    ]
+    for sup, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            F.linear_log_prob(h, w, idx_v, support=sup)
+    ok = F.linear_log_prob(h, w, idx_v, support=(crow, good_col))
+    assert torch.isfinite(ok).all()

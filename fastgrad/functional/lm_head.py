@@ -50,6 +50,16 @@ def _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budg
 _LOG_PROB_FIELDS = ("logp", "entropy", "sum_pi_squared", "lse")
 
 
+def _support_args(support):
+    if support is None:
+        return None, None
+    if not (isinstance(support, (tuple, list)) and len(support) == 2
+            and all(isinstance(t, torch.Tensor) for t in support)):
+        raise TypeError("support must be a pair (crow_indices, col_indices) of int64 tensors (CSR over the tokens), "
+                        f"got {type(support).__name__}")
+    return support[0], support[1]  # the op checks the rest
+
+
 @functools.lru_cache(maxsize=None)
 def _log_prob_result(fields: Tuple[str, ...]):
     return collections.namedtuple("LinearLogProb", fields)
@@ -58,7 +68,8 @@ def _log_prob_result(fields: Tuple[str, ...]):
 def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, *,
                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
                     return_entropy: bool = False, return_sum_pi_squared: bool = False, return_lse: bool = False,
-                    chunk_size: Optional[int] = None, memory_budget: Optional[int] = None):
+                    support: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, chunk_size: Optional[int] = None,
+                    memory_budget: Optional[int] = None):
     """Log-probabilities of the given tokens under the LM head, without the ``[tokens, V]`` logits.
 
     ``logp[t] = log_softmax((hidden[t] @ weight.T + bias) / temperature)[index[t]]``, computed one ``[chunk, V]``
@@ -77,6 +88,12 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
             baseline and its variance metrics read it), **detached** (no gradient); one multiply-add per logit.
         return_lse: also the logsumexp of the (tempered) logits per row (differentiable, exact gradient:
             ``softmax / T``).
+        support: the sampling support to renormalize over, ``(crow_indices, col_indices)``: int64 CSR over the
+            tokens (flattened, ``crow_indices`` of length ``tokens + 1``), per token the vocabulary ids the
+            inference engine kept (top-k / top-p), sorted and unique, as vLLM returns them. Log-probs, entropy,
+            ``sum_pi_squared``, lse and gradients are those of ``softmax`` restricted to the support (the
+            temperature applied first); never an ``[N, V]`` mask. A target outside its token's support is a
+            ValueError; an ignored token's row may be empty.
         chunk_size: rows per slab; None chooses from ``memory_budget`` (bytes of slab), or the default
             (:func:`fastgrad.ops.linear_log_prob.default_chunk`).
 
@@ -88,9 +105,10 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
     """
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(hidden.shape[:-1])
+    crow, col = _support_args(support)
     logp, lse, ent, sq, _norm = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t,
                                                     int(ignore_index), bool(return_entropy), chunk,
-                                                    bool(return_sum_pi_squared))
+                                                    bool(return_sum_pi_squared), crow, col)
     values = {"logp": logp.view(lead), "entropy": ent.view(lead) if return_entropy else None,
               "sum_pi_squared": sq.view(lead) if return_sum_pi_squared else None,
               "lse": lse.view(lead) if return_lse else None}
@@ -172,6 +190,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                        max_length: Optional[int] = None, bias: Optional[torch.Tensor] = None,
                        temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                        return_sum_pi_squared: bool = False, return_lse: bool = False,
+                       support: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                        chunk_size: Optional[int] = None, memory_budget: Optional[int] = None):
     """Policy-gradient loss of sampled tokens through the LM head: the loss and its gradients in one pass over
     ``[chunk, V]`` slabs (3 GEMMs: logits, dX, dW); the logits never exist.
@@ -237,6 +256,10 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         return_sum_pi_squared / return_lse: add ``stats["sum_pi_squared"]`` (``sum_v pi_v^2`` per token, what verl's
             optimal token baseline reads) and ``stats["lse"]`` (the tempered logits' logsumexp), detached, computed
             in the same pass.
+        support: the inference engine's sampling support per token, renormalized over as in
+            :func:`linear_log_prob` (top-k / top-p replay: the importance ratio is biased unless the trainer's
+            log-softmax is restricted to the support the tokens were drawn from); a loss token's target outside its
+            support is a ValueError.
 
     Returns:
         ``(loss, stats)``: the fp32 scalar loss (differentiable w.r.t. hidden, weight, bias; its backward scales the
@@ -351,7 +374,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     if need_lp0:
         with torch.no_grad():
             live = torch.where(m, index, int(ignore_index)).reshape(-1, 1).contiguous()  # loss tokens only
-            lp0 = _llp.linear_log_prob(h2, w, b, live, t, int(ignore_index), False, chunk)[0].view(-1)
+            lp0 = _llp.linear_log_prob(h2, w, b, live, t, int(ignore_index), False, chunk, False,
+                                       *_support_args(support))[0].view(-1)
         base = lp0 if old is None else old  # the rollout ratio's numerator: old_logp, else the current log-prob
         op_old = old if old is not None else lp0  # a constant equal to sg(logp): ratio 1 with its gradient
         if seq_ratio:
@@ -388,7 +412,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), op_old, ref, t, int(ignore_index),
         op_loss, eps_low, eps_high, beta, kl, entropy_coef, bool(return_entropy), chunk, needs,
         float(clip_ratio_c or 0.0), bool(return_sum_pi_squared), bool(return_lse), sapo_tau_pos, sapo_tau_neg, roll,
-        mode or "none", float(cap_arg or 0.0), float(cap_min_arg or 0.0))
+        mode or "none", float(cap_arg or 0.0), float(cap_min_arg or 0.0), *_support_args(support))
     mflat = mf.detach().reshape(-1)  # the stats are reports: no graph (float() on them must not warn)
     count = mflat.sum().clamp(min=1)
     st = st.detach()

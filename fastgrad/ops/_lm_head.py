@@ -243,10 +243,84 @@ def _bf16_grads_on_cpu(weight: torch.Tensor, acc: torch.dtype) -> bool:
             and cpu_bf16_plan()["grads"] == "bf16")
 
 
-class Driver:
-    """The per-call state: rows to visit, their blocks, one reusable slab, the row kernels."""
+# -- sampling-support replay: the row passes over each token's kept vocabulary ids only ---------------------------
+def support_rows(crow: torch.Tensor, col: torch.Tensor, sel, V: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For the block's rows ``sel`` (a slice or row ids) of the CSR support ``(crow [N + 1], col [nnz])``: each kept
+    entry's block row ``seg`` and its offset ``flat = seg * V + col`` into the block's slab."""
+    rows = torch.arange(sel.start, sel.stop, device=crow.device) if isinstance(sel, slice) else sel
+    starts = crow[rows]
+    lens = crow[rows + 1] - starts
+    seg = torch.repeat_interleave(torch.arange(rows.numel(), device=crow.device), lens)
+    first = torch.cumsum(lens, 0) - lens  # each row's first entry in the block's list
+    pos = torch.arange(seg.numel(), device=crow.device) - first[seg] + starts[seg]
+    return seg, seg * V + col[pos]
 
-    def __init__(self, hidden, weight, bias, index, temperature, chunk, rows: Optional[torch.Tensor]):
+
+def support_stats(slab, index, inv_t: float, want_entropy: bool, want_sum_sq: bool, seg, flat):
+    """:func:`rows_stats_reference` over each row's support: the max, the log-sum-exp, the entropy and ``sum p^2``
+    of the renormalized distribution; the [M, V] rest of the slab is never read."""
+    M = slab.shape[0]
+    zs = slab.view(-1)[flat] * inv_t
+    mx = zs.new_full((M,), -math.inf).scatter_reduce_(0, seg, zs, "amax")
+    d = zs - mx[seg]
+    e = torch.exp(d)
+    s = zs.new_zeros(M).index_add_(0, seg, e)
+    ls = torch.log(s)
+    logp = ((slab.gather(1, index) * inv_t - mx[:, None]) - ls[:, None]).clamp(max=0)
+    ent = ls - zs.new_zeros(M).index_add_(0, seg, e * d) / s if want_entropy else slab.new_empty(0)
+    sq = zs.new_zeros(M).index_add_(0, seg, e * e) / (s * s) if want_sum_sq else slab.new_empty(0)
+    return logp, torch.stack([mx, ls], 1), ent, sq
+
+
+def support_grad_(slab, index, coef, p_coef, g_ent, norm, ent, inv_t: float, seg, flat) -> None:
+    """:func:`rows_grad_reference_` over each row's support; zero elsewhere (a logit outside the support has no
+    influence on the renormalized log-probs)."""
+    zs = slab.view(-1)[flat] * inv_t
+    lp = (zs - norm[seg, 0]) - norm[seg, 1]
+    p = torch.exp(lp)
+    dv = -p_coef[seg] * p
+    if g_ent.numel():
+        dv -= g_ent[seg] * torch.where(p > 0, p * (lp + ent[seg]), 0)
+    slab.zero_()
+    slab.view(-1)[flat] = dv * inv_t
+    slab.scatter_add_(1, index, coef * inv_t)
+
+
+def check_support(support, N: int, V: int, index: torch.Tensor, valid: torch.Tensor):
+    """``support = (crow_indices int64 [N + 1], col_indices int64 [nnz])``: per token the kept vocabulary ids,
+    sorted and unique (vLLM's top-k / top-p support), containing the token's target. Returns the two tensors."""
+    if not (isinstance(support, (tuple, list)) and len(support) == 2
+            and all(isinstance(t, torch.Tensor) for t in support)):
+        raise TypeError("support must be a pair (crow_indices, col_indices) of int64 tensors (CSR over the tokens)")
+    crow, col = support
+    for name, t in (("support's crow_indices", crow), ("support's col_indices", col)):
+        if t.dtype != torch.int64 or t.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+        _checks.same_device(name, t, index, "the tokens'")
+    if crow.numel() != N + 1:
+        raise ValueError(f"support's crow_indices must have N + 1 = {N + 1} entries (one row per token), got "
+                         f"{crow.numel()}")
+    lens = crow.diff()
+    if int(crow[0]) != 0 or bool((lens < 0).any()) or int(crow[-1]) != col.numel():
+        raise ValueError("support's crow_indices must start at 0, never decrease and end at len(col_indices)")
+    if col.numel() and (bool((col < 0).any()) or bool((col >= V).any())):
+        raise ValueError(f"support's col_indices must lie in [0, {V})")
+    seg = torch.repeat_interleave(torch.arange(N, device=col.device), lens)
+    if col.numel() > 1 and not bool(((col[1:] > col[:-1]) | (seg[1:] != seg[:-1])).all()):
+        raise ValueError("support's col_indices must be sorted and unique within each token's row")
+    hit = torch.zeros(N, dtype=torch.int64, device=col.device).index_add_(0, seg, (col == index[seg]).long())
+    if bool((valid & (hit == 0)).any()):
+        t = int((valid & (hit == 0)).nonzero()[0])
+        raise ValueError(f"every target must lie in its token's support: token {t}'s target {int(index[t])} does not")
+    return crow.contiguous(), col.contiguous()
+
+
+class Driver:
+    """The per-call state: rows to visit, their blocks, one reusable slab, the row kernels (or, with a sampling
+    support, the row passes over each token's support)."""
+
+    def __init__(self, hidden, weight, bias, index, temperature, chunk, rows: Optional[torch.Tensor],
+                 support: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         self.hidden, self.weight, self.bias, self.index = hidden, weight, bias, index
         self.acc = _checks.acc_dtype(hidden.dtype)
         self.inv_t = 1.0 / temperature
@@ -259,6 +333,11 @@ class Driver:
         self.tb = chunk if chunk > 0 else default_chunk(M, V, hidden.device)
         self.slab_buf = hidden.new_empty((min(self.tb, M), V), dtype=self.acc) if M else None
         self.stats, self.grad_ = row_kernels(hidden.device)
+        self.support = support
+        self._seg = self._flat = None
+        if support is not None:
+            self.stats = lambda *a: support_stats(*a, self._seg, self._flat)
+            self.grad_ = lambda *a: support_grad_(*a, self._seg, self._flat)
 
     def __iter__(self):
         """(row ids or a slice, x_blk in the accumulation dtype, slab with the block's logits)."""
@@ -273,6 +352,8 @@ class Driver:
             x = x.to(self.weight.dtype if self.half_gpu else self.acc)
             slab = self.slab_buf[: b1 - b0]
             _logits_into(slab, x, self.weight, self.bias, self.blocks)
+            if self.support is not None:
+                self._seg, self._flat = support_rows(*self.support, sel, self.weight.shape[0])
             yield sel, x, slab
 
     def check_rows(self, norm: torch.Tensor) -> None:

@@ -11,22 +11,34 @@ with :mod:`.linear_policy_loss`; the unfused computation :func:`log_prob_referen
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from . import _checks, _registry
 from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values,  # noqa: F401
-                       default_chunk, grad_buffers, rows_stats_reference, rows_to_visit, safe_index)
+                       check_support, default_chunk, grad_buffers, rows_stats_reference, rows_to_visit, safe_index)
+
+
+def _support_mask(z, crow, col):
+    """-inf outside each row's support (the oracle's [N, V] mask; the op never builds it)."""
+    rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), crow.diff())
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    keep[rows, col] = True
+    return z.masked_fill(~keep, -math.inf)
 
 
 def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_index: int, want_entropy: bool,
-                       chunk: int, want_sum_sq: bool = False):
-    """The unfused computation: logits, log_softmax, gather (and the entropy, sum p^2)."""
+                       chunk: int, want_sum_sq: bool = False, support_crow=None, support_col=None):
+    """The unfused computation: logits, log_softmax, gather (and the entropy, sum p^2), over each row's support
+    when one is given."""
     acc = _checks.acc_dtype(hidden.dtype)
     z = hidden.to(acc) @ weight.to(acc).t()
     if bias is not None:
         z = z + bias.to(acc)
+    if support_crow is not None:
+        z = _support_mask(z, support_crow, support_col)
     safe, valid = safe_index(index, ignore_index)
     logp, norm, ent, sq = rows_stats_reference(z, safe, 1.0 / temperature, want_entropy, want_sum_sq)
     logp = torch.where(valid, logp, 0)
@@ -40,18 +52,24 @@ def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_i
     return logp, lse, ent, sq, norm
 
 
-def _log_prob_impl(hidden, weight, bias, index, temperature, ignore_index, want_entropy, chunk, want_sum_sq=False):
+def _log_prob_impl(hidden, weight, bias, index, temperature, ignore_index, want_entropy, chunk, want_sum_sq=False,
+                   support_crow=None, support_col=None):
     check_head(hidden, weight, bias, index, temperature, chunk)
     V = weight.shape[0]
     check_index_values(index, V, ignore_index)
     N, S = index.shape
+    support = None
+    if support_crow is not None or support_col is not None:
+        if S != 1:
+            raise ValueError(f"support takes one target per row, got index of shape {tuple(index.shape)}")
+        support = check_support((support_crow, support_col), N, V, index[:, 0], index[:, 0] != ignore_index)
     acc = _checks.acc_dtype(hidden.dtype)
     logp = hidden.new_zeros((N, S), dtype=acc)
     norm = hidden.new_zeros((N, 2), dtype=acc)
     ent = hidden.new_zeros((N if want_entropy else 0,), dtype=acc)
     sq = hidden.new_zeros((N if want_sum_sq else 0,), dtype=acc)
     safe, valid = safe_index(index, ignore_index)
-    drv = Driver(hidden, weight, bias, index, temperature, chunk, rows_to_visit(valid.any(1)))
+    drv = Driver(hidden, weight, bias, index, temperature, chunk, rows_to_visit(valid.any(1)), support)
     for sel, _x, slab in drv:
         lp, nm, e, q = drv.stats(slab, safe[sel].contiguous(), drv.inv_t, want_entropy, want_sum_sq)
         drv.check_rows(nm)
@@ -65,8 +83,9 @@ def _log_prob_impl(hidden, weight, bias, index, temperature, ignore_index, want_
     return logp, norm.sum(1), ent, sq, norm
 
 
-def _log_prob_fake(hidden, weight, bias, index, temperature, ignore_index, want_entropy, chunk, want_sum_sq=False):
-    check_devices(hidden, weight=weight, bias=bias, index=index)
+def _log_prob_fake(hidden, weight, bias, index, temperature, ignore_index, want_entropy, chunk, want_sum_sq=False,
+                   support_crow=None, support_col=None):
+    check_devices(hidden, weight=weight, bias=bias, index=index, support_crow=support_crow, support_col=support_col)
     acc = _checks.acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     return (hidden.new_empty(index.shape, dtype=acc), hidden.new_empty((N,), dtype=acc),
@@ -75,7 +94,7 @@ def _log_prob_fake(hidden, weight, bias, index, temperature, ignore_index, want_
 
 
 def _log_prob_backward_impl(grad_logp, grad_ent, grad_lse, hidden, weight, bias, index, norm, ent, temperature,
-                            ignore_index, chunk, output_mask: Sequence[bool]):
+                            ignore_index, chunk, output_mask: Sequence[bool], support_crow=None, support_col=None):
     need_x, need_w, need_b = output_mask
     acc = _checks.acc_dtype(hidden.dtype)
     safe, valid = safe_index(index, ignore_index)
@@ -90,7 +109,8 @@ def _log_prob_backward_impl(grad_logp, grad_ent, grad_lse, hidden, weight, bias,
     if with_ent:
         grad_ent = grad_ent.to(acc)
         keep |= (grad_ent != 0) & rows
-    drv = Driver(hidden, weight, bias, index, temperature, chunk, rows_to_visit(keep))
+    support = None if support_crow is None else (support_crow, support_col)  # checked by the forward
+    drv = Driver(hidden, weight, bias, index, temperature, chunk, rows_to_visit(keep), support)
     dx, dw, db = grad_buffers(hidden, weight, bias, need_x, need_w, need_b, drv)
     empty = coef.new_empty(0)
     for i, (sel, x, slab) in enumerate(drv):
@@ -105,7 +125,7 @@ def _log_prob_backward_impl(grad_logp, grad_ent, grad_lse, hidden, weight, bias,
 
 
 def _log_prob_backward_fake(grad_logp, grad_ent, grad_lse, hidden, weight, bias, index, norm, ent, temperature,
-                            ignore_index, chunk, output_mask):
+                            ignore_index, chunk, output_mask, support_crow=None, support_col=None):
     check_devices(hidden, weight=weight, bias=bias, index=index)
     need_x, need_w, need_b = output_mask
     return (torch.empty_like(hidden) if need_x else hidden.new_empty(0),
@@ -115,19 +135,20 @@ def _log_prob_backward_fake(grad_logp, grad_ent, grad_lse, hidden, weight, bias,
 
 def _log_prob_setup(ctx, inputs, output):
     hidden, weight, bias, index, temperature, ignore_index, want_entropy, chunk = inputs[:8]
+    crow, col = (inputs[9], inputs[10]) if len(inputs) > 10 else (None, None)
     _logp, _lse, ent, sq, norm = output
     ctx.mark_non_differentiable(sq, norm)
-    ctx.save_for_backward(hidden, weight, bias, index, norm, ent)
+    ctx.save_for_backward(hidden, weight, bias, index, norm, ent, crow, col)
     ctx.args = (temperature, ignore_index, chunk)
     ctx.has_bias = bias is not None
     ctx.set_materialize_grads(False)  # unused outputs (lse, entropy) get no zero gradient buffers
 
 
 def _log_prob_formula(ctx, grad_logp, grad_lse, grad_ent, _grad_sq, _grad_norm):
-    hidden, weight, bias, index, norm, ent = ctx.saved_tensors
+    hidden, weight, bias, index, norm, ent, crow, col = ctx.saved_tensors
     temperature, ignore_index, chunk = ctx.args
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    nones = (None,) * 9
+    nones = (None,) * 11
     if not any(need) or (grad_logp is None and grad_lse is None and grad_ent is None):
         return nones
     if grad_logp is None:
@@ -137,7 +158,7 @@ def _log_prob_formula(ctx, grad_logp, grad_lse, grad_ent, _grad_sq, _grad_norm):
     if grad_lse is None:
         grad_lse = norm.new_empty(0)
     dx, dw, db = OP.backward_op(grad_logp.contiguous(), grad_ent.contiguous(), grad_lse.contiguous(), hidden, weight,
-                                bias, index, norm, ent, temperature, ignore_index, chunk, need)
+                                bias, index, norm, ent, temperature, ignore_index, chunk, need, crow, col)
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None) + nones[3:]
 
 
@@ -160,7 +181,10 @@ def sample_inputs(device, dtype):
             ("one row", (t(1, 4), t(3, 4), None, i(3, 1, 1), 1.0, -100, True, 0)),
             ("V = 1", (t(3, 4), t(1, 4), None, i(1, 3, 1), 1.0, -100, True, 0)),
             ("chunk 2 < N", (t(7, 8), t(11, 8), t(11), i(11, 7, 1), 1.0, -100, True, 2)),
-            ("sum p^2", (t(5, 8), t(11, 8), None, idx[:5], 0.9, -100, True, 2, True))]
+            ("sum p^2", (t(5, 8), t(11, 8), None, idx[:5], 0.9, -100, True, 2, True)),
+            ("support", (t(4, 8), t(11, 8), t(11), torch.tensor([[3], [0], [-100], [10]], device=device), 1.0, -100,
+                         True, 3, True, torch.tensor([0, 3, 5, 5, 9], device=device),
+                         torch.tensor([1, 3, 7, 0, 4, 2, 5, 8, 10], device=device)))]
 
 
 # hidden [N, H], weight [V, H], bias [V]?, index int64 [N, S] -> (logp [N, S], lse [N], entropy [N] or [0],
@@ -168,11 +192,13 @@ def sample_inputs(device, dtype):
 OP = _registry.define_driver(
     "linear_log_prob",
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor index, float temperature, SymInt ignore_index, "
-    "bool want_entropy, SymInt chunk, bool want_sum_sq=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool want_entropy, SymInt chunk, bool want_sum_sq=False, Tensor? support_crow=None, Tensor? support_col=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _log_prob_impl, _log_prob_fake, reference=log_prob_reference, setup=_log_prob_setup, formula=_log_prob_formula,
     backward=("(Tensor grad_logp, Tensor grad_entropy, Tensor grad_lse, Tensor hidden, Tensor weight, Tensor? bias, "
               "Tensor index, Tensor norm, Tensor entropy, float temperature, SymInt ignore_index, SymInt chunk, "
-              "bool[] output_mask) -> (Tensor, Tensor, Tensor)", _log_prob_backward_impl, _log_prob_backward_fake),
+              "bool[] output_mask, Tensor? support_crow=None, Tensor? support_col=None) -> (Tensor, Tensor, Tensor)",
+              _log_prob_backward_impl, _log_prob_backward_fake),
     sample_inputs=sample_inputs)
 linear_log_prob, linear_log_prob_backward = OP.op, OP.backward_op
 

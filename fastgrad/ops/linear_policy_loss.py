@@ -15,7 +15,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import _checks, _registry
-from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values, grad_buffers,
+from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values, check_support, grad_buffers,
                        rows_stats_reference, rows_to_visit, safe_index)
 
 
@@ -236,13 +236,13 @@ def _check_rollout(rollout_logp, rollout_mode, rollout_cap, rollout_cap_min):
 
 
 _EXTRA = ("clip_ratio_c", "want_sum_sq", "want_lse", "sapo_tau_pos", "sapo_tau_neg", "rollout_logp", "rollout_mode",
-          "rollout_cap", "rollout_cap_min")  # the schema's trailing arguments, with defaults
+          "rollout_cap", "rollout_cap_min", "support_crow", "support_col")  # the schema's trailing arguments, with defaults
 
 
 def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature, ignore_index,
                  loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask, clip_ratio_c=0.0,
                  want_sum_sq=False, want_lse=False, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logp=None,
-                 rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0):
+                 rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None, support_col=None):
     check_head(hidden, weight, bias, index, temperature, chunk, index_dim=1)
     V = weight.shape[0]
     N = hidden.shape[0]
@@ -273,7 +273,10 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
     stats = hidden.new_zeros((4 + want_sum_sq + want_lse, N), dtype=acc)
     stats[2:4] = 1  # the ratio and rollout weight of tokens not visited
     total = hidden.new_zeros((), dtype=acc)
-    drv = Driver(hidden, weight, bias, index, temperature, chunk, rows_to_visit(w != 0))
+    support = None
+    if support_crow is not None or support_col is not None:
+        support = check_support((support_crow, support_col), N, V, safe, w != 0)
+    drv = Driver(hidden, weight, bias, index, temperature, chunk, rows_to_visit(w != 0), support)
     dx, dw, db = grad_buffers(hidden, weight, bias, need_x, need_w, need_b, drv)
     empty = w.new_empty(0)
     for i, (sel, x, slab) in enumerate(drv):
@@ -309,9 +312,11 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
 def _policy_fake(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature,
                  ignore_index, loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask,
                  clip_ratio_c=0.0, want_sum_sq=False, want_lse=False, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                 rollout_logp=None, rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0):
+                 rollout_logp=None, rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None,
+                 support_col=None):
     check_devices(hidden, weight=weight, bias=bias, index=index, advantages=advantages, token_weight=token_weight,
-                  old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp)
+                  old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp, support_crow=support_crow,
+                  support_col=support_col)
     acc = _checks.acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     need_x, need_w, need_b = output_mask
@@ -357,7 +362,8 @@ def _policy_formula(ctx, grad_loss, *_unused):
 def policy_reference(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature,
                      ignore_index, loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask,
                      clip_ratio_c=0.0, want_sum_sq=False, want_lse=False, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                     rollout_logp=None, rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0):
+                     rollout_logp=None, rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None,
+                     support_col=None):
     """The unfused loss: full logits, ``log_softmax``, :func:`token_loss` summed with the token weights, and its
     gradients by autograd: the op's seven outputs."""
     acc = _checks.acc_dtype(hidden.dtype)
@@ -365,6 +371,10 @@ def policy_reference(hidden, weight, bias, index, advantages, token_weight, old_
     with torch.enable_grad():
         h, w_, b_ = (t.detach().requires_grad_() if t is not None else None for t in (hidden, weight, bias))
         z = h.to(acc) @ w_.to(acc).t() + (b_.to(acc) if b_ is not None else 0)
+        if support_crow is not None:
+            from .linear_log_prob import _support_mask
+
+            z = _support_mask(z, support_crow, support_col)
         safe, valid = safe_index(index, ignore_index)
         # the row passes' oracle
         logp, norm, ent, sq = rows_stats_reference(z, safe[:, None], 1.0 / temperature, True, want_sum_sq)
@@ -426,6 +436,13 @@ def sample_inputs(device, dtype):
     out.append(("rollout mask on-policy", (t(N, H), t(V, H), None, idx, f(N), tw, None, None, 1.0, -100, "reinforce",
                 0.2, 0.2, 0.0, "k3", 0.0, False, 0, [True, True, False], 0.0, False, False, 1.0, 1.05, roll,
                 "token_mask", 1.5, 0.5)))
+    # a sampling support per token (the target in it; the ignored token's row empty)
+    crow = torch.tensor([0, 3, 5, 5, 8, 10, 13], device=device)
+    col = torch.cat([torch.tensor(sorted([v, (v + 3) % V, (v + 5) % V][:n]) if v >= 0 else [], dtype=torch.int64,
+                                  device=device) for v, n in zip(idx.tolist(), (3, 2, 0, 3, 2, 3))])
+    out.append(("support", (t(N, H), t(V, H), None, idx, f(N), tw, None, None, 1.0, -100, "reinforce", 0.2, 0.2, 0.0,
+                            "k3", 0.01, True, 2, [True, True, False], 0.0, True, True, 1.0, 1.05, None, "none", 0.0,
+                            0.0, crow, col)))
     out.append(("one token", (t(1, H), t(V, H), None, idx[:1], f(1), tw[:1], None, None, 1.0, -100, "reinforce",
                               0.2, 0.2, 0.0, "k3", 0.0, False, 0, [True, True, False], 0.0)))
     out.append(("chunk 2 < N", (t(N, H), t(V, H), t(V), idx, f(N), tw, None, None, 0.8, -100, "ppo_clip", 0.2, 0.2,
@@ -443,7 +460,8 @@ OP = _registry.define_driver(
     "float eps_high, float beta, str kl, float entropy_coef, bool want_entropy, SymInt chunk, "
     "bool[] output_mask, float clip_ratio_c=0.0, bool want_sum_sq=False, bool want_lse=False, "
     "float sapo_tau_pos=1.0, float sapo_tau_neg=1.05, Tensor? rollout_logp=None, str rollout_mode=\"none\", "
-    "float rollout_cap=0.0, float rollout_cap_min=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "float rollout_cap=0.0, float rollout_cap_min=0.0, Tensor? support_crow=None, Tensor? support_col=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _policy_impl, _policy_fake, reference=policy_reference, setup=_policy_setup, formula=_policy_formula,
     sample_inputs=sample_inputs)
 linear_policy_loss = OP.op
