@@ -413,3 +413,69 @@ def test_bad_supports_are_clear_errors():
             F.linear_log_prob(h, w, idx_v, support=sup)
     ok = F.linear_log_prob(h, w, idx_v, support=(crow, good_col))
     assert torch.isfinite(ok).all()
+
+
+# -- the exact KL to the reference model ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,loss", [(1.0, "reinforce"), (0.7, "ppo_clip")])
+def test_full_kl_matches_the_exact_kl_and_leaves_the_reference_alone(backend, T, loss):
+    h, w, b, idx, mask, old, ref, adv, roll = _case_inputs({})
+    B, Tn = idx.shape
+    g = torch.Generator().manual_seed(12)
+    rh = torch.randn(B, Tn, 5, generator=g)  # the reference model: its own width
+    rw = torch.randn(w.shape[0], 5, generator=g) / 2
+    rb = torch.randn(w.shape[0], generator=g) * 0.1
+
+    def fused(h, w, b):
+        return F.linear_policy_loss(h, w, idx, adv, mask=mask, bias=b, old_logp=old, loss=loss, beta=0.3, kl="full",
+                                    ref_hidden=rh, ref_weight=rw, ref_bias=rb, temperature=T, normalize="sequence",
+                                    chunk_size=5)
+
+    def kl_exact(h, w, b):
+        lp_all = torch.log_softmax(oracle_log_prob.__globals__["oracle_logits"](h.reshape(B * Tn, -1), w, b, T), -1)
+        lq = torch.log_softmax((rh.reshape(B * Tn, -1).double() @ rw.double().t() + rb.double()) / T, -1)
+        return (lp_all.exp() * (lp_all - lq)).sum(-1).view(B, Tn)
+
+    def want(h, w, b):
+        lp, _ = oracle_log_prob(h.reshape(B * Tn, -1), w, b, idx.reshape(-1), T)
+        lp = lp.view(B, Tn)
+        A = adv.double()[:, None]
+        if loss == "reinforce":
+            per_token = -A * lp
+        else:
+            r = torch.exp(lp - old.double())
+            per_token = torch.max(-A * r, -A * r.clamp(0.8, 1.2))
+        return _normalize(per_token + 0.3 * kl_exact(h, w, b), mask & (idx != -100), "sequence")
+
+    with fastgrad.backend(backend):
+        lf, gf = _grads(lambda *a: fused(*a)[0], h, w, b)
+        _, st = fused(h, w, b)
+    lo, go = _grads(want, h, w, b)
+    assert abs(float(lf) - float(lo)) <= 1e-5 * max(1.0, abs(float(lo)))
+    for a, e in zip(gf, go):
+        assert _rel(a, e) < 1e-4
+    m = mask & (idx != -100)
+    kl = kl_exact(h, w, b)
+    assert (kl >= 0).all()
+    torch.testing.assert_close(st["kl_mean"].double(), kl[m].mean(), atol=1e-6, rtol=1e-5)
+    # the reference tensors get no gradient, even when they require it
+    rh2, rw2 = rh.clone().requires_grad_(True), rw.clone().requires_grad_(True)
+    h2 = h.clone().requires_grad_(True)
+    l2, _ = F.linear_policy_loss(h2, w, idx, adv, mask=mask, beta=0.3, kl="full", ref_hidden=rh2, ref_weight=rw2)
+    l2.backward()
+    assert rh2.grad is None and rw2.grad is None and h2.grad is not None
+
+
+def test_full_kl_is_zero_against_itself_and_errors_are_clear():
+    h, w, b, idx, mask, old, ref, adv, roll = _case_inputs({})
+    _, st = F.linear_policy_loss(h, w, idx, adv, mask=mask, bias=b, beta=0.1, kl="full", ref_hidden=h, ref_weight=w,
+                                 ref_bias=b)
+    assert abs(float(st["kl_mean"])) < 1e-6
+    bad = [(dict(kl="full", beta=0.1), "needs ref_hidden and ref_weight"),
+           (dict(kl="full", ref_hidden=h[:, :-1], ref_weight=w), "leading shape"),
+           (dict(kl="full", ref_hidden=h, ref_weight=w[:-1]), "ref_weight must have shape"),
+           (dict(kl="full", ref_hidden=h, ref_weight=w, ref_logp=ref), "pass no ref_logp"),
+           (dict(kl="k3", ref_hidden=h, ref_weight=w), "are for kl='full'")]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            F.linear_policy_loss(h, w, idx, adv, mask=mask, **kw)

@@ -191,6 +191,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                        temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                        return_sum_pi_squared: bool = False, return_lse: bool = False,
                        support: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                       ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
+                       ref_bias: Optional[torch.Tensor] = None,
                        chunk_size: Optional[int] = None, memory_budget: Optional[int] = None):
     """Policy-gradient loss of sampled tokens through the LM head: the loss and its gradients in one pass over
     ``[chunk, V]`` slabs (3 GEMMs: logits, dX, dW); the logits never exist.
@@ -226,8 +228,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     ``"sequence_mask"`` with ``rollout_cap=3``; verl's token TIS is ``"token_truncate"``, ``rollout_cap=2``.
 
     Plus ``beta`` times the ``kl`` estimator to ``ref_logp`` (``"k1"``, ``"k2"``, ``"k3"``: TRL's, unclamped;
-    ``"low_var_kl"``: verl's clamped k3; ``"k3+"``: verl's k3 value with k2's gradient) and ``-entropy_coef`` times
-    the entropy, and token weights ``w_t = mask_t / Z``:
+    ``"low_var_kl"``: verl's clamped k3; ``"k3+"``: verl's k3 value with k2's gradient), or with ``kl="full"`` the
+    exact ``KL(pi || pi_ref)`` over the whole vocabulary from ``ref_hidden``/``ref_weight`` (the reference model's
+    last hidden states and LM head, at the policy's temperature: one more GEMM and ``[chunk, V]`` slab per block,
+    exact gradient ``pi (log pi - log pi_ref - KL) / T`` for the policy's logits, none for the reference), and
+    ``-entropy_coef`` times the entropy, and token weights ``w_t = mask_t / Z``:
 
     * ``normalize="token"`` (DAPO, BNPO): ``Z = num_items`` (global number of loss tokens; default the local
       ``mask.sum()``);
@@ -256,6 +261,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         return_sum_pi_squared / return_lse: add ``stats["sum_pi_squared"]`` (``sum_v pi_v^2`` per token, what verl's
             optimal token baseline reads) and ``stats["lse"]`` (the tempered logits' logsumexp), detached, computed
             in the same pass.
+        ref_hidden / ref_weight / ref_bias: for ``kl="full"``: the reference model's last hidden states (hidden's
+            leading shape, its own width ``H_ref``) and LM head ``[V, H_ref]`` (``ref_bias`` ``[V]``); detached.
         support: the inference engine's sampling support per token, renormalized over as in
             :func:`linear_log_prob` (top-k / top-p replay: the importance ratio is biased unless the trainer's
             log-softmax is restricted to the support the tokens were drawn from); a loss token's target outside its
@@ -284,13 +291,25 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                                                         ("vespo_lambda_pos", vespo_lambda_pos),
                                                         ("vespo_k_neg", vespo_k_neg),
                                                         ("vespo_lambda_neg", vespo_lambda_neg)))
-    if beta > 0 and ref_logp is None:
+    full_kl = kl == "full"
+    if full_kl:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("kl='full' needs ref_hidden and ref_weight (the reference model's last hidden states "
+                             "and LM head)")
+        if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
+                             f"{tuple(getattr(ref_hidden, 'shape', ()))}")
+        if ref_logp is not None:
+            raise ValueError("kl='full' computes the KL from ref_hidden/ref_weight: pass no ref_logp")
+    elif ref_hidden is not None or ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_hidden, ref_weight and ref_bias are for kl='full'")
+    if beta > 0 and ref_logp is None and not full_kl:
         raise ValueError("beta > 0 needs ref_logp (the reference policy's per-token log-probs)")
     names = tuple(_plp.LOSSES) + ("vespo", "gspo")
     if loss not in names:
         raise ValueError(f"loss must be one of {names}, got {loss!r}")
-    if kl not in _plp.KLS:
-        raise ValueError(f"kl must be one of {tuple(_plp.KLS)}, got {kl!r}")
+    if kl not in _plp.KLS and kl != "full":
+        raise ValueError(f"kl must be one of {tuple(_plp.KLS) + ('full',)}, got {kl!r}")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     op_loss = "ppo_clip" if loss == "gspo" else ("reinforce" if loss == "vespo" else loss)
@@ -412,7 +431,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), op_old, ref, t, int(ignore_index),
         op_loss, eps_low, eps_high, beta, kl, entropy_coef, bool(return_entropy), chunk, needs,
         float(clip_ratio_c or 0.0), bool(return_sum_pi_squared), bool(return_lse), sapo_tau_pos, sapo_tau_neg, roll,
-        mode or "none", float(cap_arg or 0.0), float(cap_min_arg or 0.0), *_support_args(support))
+        mode or "none", float(cap_arg or 0.0), float(cap_min_arg or 0.0), *_support_args(support),
+        *((ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).contiguous(), ref_weight.detach().contiguous(),
+           None if ref_bias is None else ref_bias.detach().contiguous()) if full_kl else (None, None, None)))
     mflat = mf.detach().reshape(-1)  # the stats are reports: no graph (float() on them must not warn)
     count = mflat.sum().clamp(min=1)
     st = st.detach()

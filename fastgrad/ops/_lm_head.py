@@ -52,7 +52,8 @@ def rows_stats_reference(slab: torch.Tensor, index: torch.Tensor, inv_t: float, 
     norm = torch.stack([mx.squeeze(-1), ls], 1)
     logp = (d.gather(1, index) - ls[:, None]).clamp(max=0)
     p = torch.exp(d - ls[:, None]) if (want_entropy or want_sum_sq) else None
-    ent = ls - torch.where(p > 0, p * d, 0).sum(-1) if want_entropy else slab.new_empty(0)  # p = 0 adds nothing
+    # p = 0 (a -inf logit) adds nothing, and no 0 * inf in autograd either
+    ent = ls - (p * torch.where(p > 0, d, 0)).sum(-1) if want_entropy else slab.new_empty(0)
     sq = (p * p).sum(-1) if want_sum_sq else slab.new_empty(0)
     return logp, norm, ent, sq
 

@@ -22,10 +22,12 @@ from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_
 
 
 def _support_mask(z, crow, col):
-    """-inf outside each row's support (the oracle's [N, V] mask; the op never builds it)."""
+    """-inf outside each row's support (the oracle's [N, V] mask; the op never builds it). A row with an empty
+    support (a token without a loss) stays whole, so that it holds no NaN."""
     rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), crow.diff())
     keep = torch.zeros_like(z, dtype=torch.bool)
     keep[rows, col] = True
+    keep[crow.diff() == 0] = True
     return z.masked_fill(~keep, -math.inf)
 
 

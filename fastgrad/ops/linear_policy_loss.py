@@ -15,8 +15,9 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import _checks, _registry
-from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values, check_support, grad_buffers,
-                       rows_stats_reference, rows_to_visit, safe_index)
+from ._lm_head import (Driver, _half_on_gpu, _logits_into, _vocab_blocks, backprop, check_devices, check_head,
+                       check_index_values, check_support, grad_buffers, rows_stats_reference, rows_to_visit,
+                       safe_index)
 
 
 # -- the losses, one entry each ----------------------------------------------------------------------------------
@@ -235,14 +236,55 @@ def _check_rollout(rollout_logp, rollout_mode, rollout_cap, rollout_cap_min):
                          f"{rollout_cap}")
 
 
+def _check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, V: int) -> None:
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("kl='full' needs ref_hidden and ref_weight (the reference model's last hidden states and LM "
+                         "head)")
+    _checks.tensor(ref_hidden, "ref_hidden", 2)
+    _checks.tensor(ref_weight, "ref_weight", 2)
+    if ref_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"ref_hidden must have {hidden.shape[0]} rows (hidden's), got {tuple(ref_hidden.shape)}")
+    if ref_weight.shape != (V, ref_hidden.shape[1]):
+        raise ValueError(f"ref_weight must have shape [V, H_ref] = {(V, ref_hidden.shape[1])}, got "
+                         f"{tuple(ref_weight.shape)}")
+    if ref_weight.dtype != ref_hidden.dtype:
+        raise TypeError(f"ref_weight must have ref_hidden's dtype {ref_hidden.dtype}, got {ref_weight.dtype}")
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if t is not None:
+            _checks.same_device(name, t, hidden, "hidden's")
+    if ref_bias is not None:
+        _checks.tensor(ref_bias, "ref_bias", 1)
+        _checks.shape(ref_bias, "ref_bias", (V,), "[V]")
+
+
+def full_kl_rows_(slab, norm, ref_slab, drv, sel, ref_hidden, ref_weight, ref_bias, coef) -> torch.Tensor:
+    """The exact ``KL(pi || pi_ref)`` of each row of the block, both at the policy's temperature, from the policy's
+    logits ``slab`` (its normalizer ``norm``) and the reference's, computed into ``ref_slab`` (one more GEMM);
+    ``ref_slab`` is left holding ``coef_t d KL_t / d slab = coef_t pi (log pi - log pi_ref - KL_t) / T``."""
+    inv_t = drv.inv_t
+    xr = ref_hidden[sel] if isinstance(sel, slice) else ref_hidden.index_select(0, sel)
+    acc = ref_slab.dtype
+    xr = xr.to(ref_weight.dtype if _half_on_gpu(ref_weight, acc) else acc)
+    _logits_into(ref_slab, xr, ref_weight, ref_bias, _vocab_blocks(ref_weight))
+    ref_slab.mul_(inv_t)
+    ref_slab.sub_(torch.logsumexp(ref_slab, -1, keepdim=True))  # log pi_ref
+    lp = (slab * inv_t).sub_(norm[:, :1]).sub_(norm[:, 1:])  # log pi, relative to the row max
+    ref_slab.neg_().add_(lp)  # log pi - log pi_ref
+    p = lp.exp_()
+    kl_t = torch.linalg.vecdot(p, ref_slab)
+    ref_slab.sub_(kl_t[:, None]).mul_(p).mul_((coef * inv_t)[:, None])
+    return kl_t
+
+
 _EXTRA = ("clip_ratio_c", "want_sum_sq", "want_lse", "sapo_tau_pos", "sapo_tau_neg", "rollout_logp", "rollout_mode",
-          "rollout_cap", "rollout_cap_min", "support_crow", "support_col")  # the schema's trailing arguments, with defaults
+          "rollout_cap", "rollout_cap_min", "support_crow", "support_col", "ref_hidden", "ref_weight", "ref_bias")  # the schema's trailing arguments, with defaults
 
 
 def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature, ignore_index,
                  loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask, clip_ratio_c=0.0,
                  want_sum_sq=False, want_lse=False, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logp=None,
-                 rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None, support_col=None):
+                 rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None, support_col=None,
+                 ref_hidden=None, ref_weight=None, ref_bias=None):
     check_head(hidden, weight, bias, index, temperature, chunk, index_dim=1)
     V = weight.shape[0]
     N = hidden.shape[0]
@@ -255,8 +297,13 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
             _checks.same_device(name, t, hidden)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
-    if kl not in KLS:
-        raise ValueError(f"kl must be one of {tuple(KLS)}, got {kl!r}")
+    full_kl = kl == "full"
+    if kl not in KLS and not full_kl:
+        raise ValueError(f"kl must be one of {tuple(KLS) + ('full',)}, got {kl!r}")
+    if full_kl:
+        _check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, V)
+        if support_crow is not None:
+            raise ValueError("kl='full' with a sampling support is not supported")
     _check_rollout(rollout_logp, rollout_mode, rollout_cap, rollout_cap_min)
     check_index_values(index, V, ignore_index)
     params = LossParams(eps_low, eps_high, clip_ratio_c, sapo_tau_pos, sapo_tau_neg)
@@ -279,6 +326,7 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
     drv = Driver(hidden, weight, bias, index, temperature, chunk, rows_to_visit(w != 0), support)
     dx, dw, db = grad_buffers(hidden, weight, bias, need_x, need_w, need_b, drv)
     empty = w.new_empty(0)
+    ref_buf = torch.empty_like(drv.slab_buf) if (full_kl and drv.M) else None
     for i, (sel, x, slab) in enumerate(drv):
         idx = safe[sel].contiguous().unsqueeze(1)
         lp, norm, e, q = drv.stats(slab, idx, drv.inv_t, want_entropy, want_sum_sq)
@@ -288,8 +336,13 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
         rw = None if roll is None else rollout_weight(lp if o is None else o, roll[sel], rollout_mode, rollout_cap,
                                                       rollout_cap_min)
         part_loss, c, g, st = _loss_coefficients(
-            lp, e if want_entropy else None, w[sel], adv[sel], o, None if ref is None else ref[sel], loss, params,
-            beta, kl, entropy_coef, rw)
+            lp, e if want_entropy else None, w[sel], adv[sel], o, None if (ref is None or full_kl) else ref[sel],
+            loss, params, beta, "k1" if full_kl else kl, entropy_coef, rw)
+        if full_kl:  # the exact KL(pi || pi_ref) per token; its gradient through the logits in ref_buf
+            ref_slab = ref_buf[: slab.shape[0]]
+            kl_t = full_kl_rows_(slab, norm, ref_slab, drv, sel, ref_hidden, ref_weight, ref_bias, beta * w[sel])
+            part_loss = part_loss + beta * (w[sel] * kl_t).sum()
+            st[0] = kl_t
         total += part_loss
         logp[sel] = lp
         stats[:4, sel] = st
@@ -302,6 +355,8 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
         c = c.contiguous()
         drv.grad_(slab, idx, c.unsqueeze(1), c, g.contiguous() if g is not None else empty, norm,
                   e if g is not None else empty, drv.inv_t)
+        if full_kl:
+            slab += ref_slab
         part = backprop(slab, x, weight, drv.blocks, dw, db, need_x, i == 0)
         if need_x:
             dx[sel] = part.to(dx.dtype)
@@ -313,10 +368,10 @@ def _policy_fake(hidden, weight, bias, index, advantages, token_weight, old_logp
                  ignore_index, loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask,
                  clip_ratio_c=0.0, want_sum_sq=False, want_lse=False, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                  rollout_logp=None, rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None,
-                 support_col=None):
+                 support_col=None, ref_hidden=None, ref_weight=None, ref_bias=None):
     check_devices(hidden, weight=weight, bias=bias, index=index, advantages=advantages, token_weight=token_weight,
                   old_logp=old_logp, ref_logp=ref_logp, rollout_logp=rollout_logp, support_crow=support_crow,
-                  support_col=support_col)
+                  support_col=support_col, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     acc = _checks.acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     need_x, need_w, need_b = output_mask
@@ -363,7 +418,7 @@ def policy_reference(hidden, weight, bias, index, advantages, token_weight, old_
                      ignore_index, loss, eps_low, eps_high, beta, kl, entropy_coef, want_entropy, chunk, output_mask,
                      clip_ratio_c=0.0, want_sum_sq=False, want_lse=False, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                      rollout_logp=None, rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None,
-                     support_col=None):
+                     support_col=None, ref_hidden=None, ref_weight=None, ref_bias=None):
     """The unfused loss: full logits, ``log_softmax``, :func:`token_loss` summed with the token weights, and its
     gradients by autograd: the op's seven outputs."""
     acc = _checks.acc_dtype(hidden.dtype)
@@ -383,8 +438,19 @@ def policy_reference(hidden, weight, bias, index, advantages, token_weight, old_
         old = None if old_logp is None else old_logp.to(acc)
         rw = None if rollout_logp is None else rollout_weight(logp if old is None else old, rollout_logp.to(acc),
                                                               rollout_mode, rollout_cap, rollout_cap_min)
-        l_t, stats = token_loss(logp, ent, advantages.to(acc), old, None if ref_logp is None else ref_logp.to(acc),
-                                loss, params, beta, kl, entropy_coef, rw)
+        full_kl = kl == "full"
+        l_t, stats = token_loss(logp, ent, advantages.to(acc), old,
+                                None if (ref_logp is None or full_kl) else ref_logp.to(acc), loss, params, beta,
+                                "k1" if full_kl else kl, entropy_coef, rw)
+        if full_kl:  # the exact KL(pi || pi_ref) at the policy's temperature; no gradient to the reference
+            zr = ref_hidden.detach().to(acc) @ ref_weight.detach().to(acc).t()
+            if ref_bias is not None:
+                zr = zr + ref_bias.detach().to(acc)
+            lq = torch.log_softmax(zr / temperature, -1)
+            lpf = torch.log_softmax(z / temperature, -1)
+            kl_t = (lpf.exp() * (lpf - lq)).sum(-1)
+            l_t = l_t + beta * kl_t
+            stats = torch.cat([kl_t.detach()[None], stats[1:]])
         total = (tw * l_t).sum()
         wanted = [t for t, need in zip((h, w_, b_), output_mask) if need and t is not None]
         grads = iter(torch.autograd.grad(total, wanted, allow_unused=True) if wanted else ())
@@ -443,6 +509,9 @@ def sample_inputs(device, dtype):
     out.append(("support", (t(N, H), t(V, H), None, idx, f(N), tw, None, None, 1.0, -100, "reinforce", 0.2, 0.2, 0.0,
                             "k3", 0.01, True, 2, [True, True, False], 0.0, True, True, 1.0, 1.05, None, "none", 0.0,
                             0.0, crow, col)))
+    out.append(("full KL", (t(N, H), t(V, H), t(V), idx, f(N), tw, f(N, scale=0.1) - 2.5, None, 0.8, -100,
+                            "ppo_clip", 0.2, 0.2, 0.1, "full", 0.0, False, 2, [True, True, True], 0.0, False, False,
+                            1.0, 1.05, None, "none", 0.0, 0.0, None, None, t(N, 5), t(V, 5), t(V))))
     out.append(("one token", (t(1, H), t(V, H), None, idx[:1], f(1), tw[:1], None, None, 1.0, -100, "reinforce",
                               0.2, 0.2, 0.0, "k3", 0.0, False, 0, [True, True, False], 0.0)))
     out.append(("chunk 2 < N", (t(N, H), t(V, H), t(V), idx, f(N), tw, None, None, 0.8, -100, "ppo_clip", 0.2, 0.2,
@@ -460,7 +529,8 @@ OP = _registry.define_driver(
     "float eps_high, float beta, str kl, float entropy_coef, bool want_entropy, SymInt chunk, "
     "bool[] output_mask, float clip_ratio_c=0.0, bool want_sum_sq=False, bool want_lse=False, "
     "float sapo_tau_pos=1.0, float sapo_tau_neg=1.05, Tensor? rollout_logp=None, str rollout_mode=\"none\", "
-    "float rollout_cap=0.0, float rollout_cap_min=0.0, Tensor? support_crow=None, Tensor? support_col=None) "
+    "float rollout_cap=0.0, float rollout_cap_min=0.0, Tensor? support_crow=None, Tensor? support_col=None, "
+    "Tensor? ref_hidden=None, Tensor? ref_weight=None, Tensor? ref_bias=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _policy_impl, _policy_fake, reference=policy_reference, setup=_policy_setup, formula=_policy_formula,
     sample_inputs=sample_inputs)
