@@ -108,7 +108,7 @@ def report() -> str:
              f"gpu: {env['gpu'] or 'none visible'}"]
     lines += [f"{b}: {env['backends'][b]}" for b in BACKENDS]
     lines.append(f"default: {env['default']}")
-    from .ops._lm_head import cpu_bf16_plan  # measured once (a few GEMMs, ~0.1 s)
+    from .ops._lm_head import cpu_bf16_plan, cpu_gemm_rows_independent  # measured once (a few GEMMs, ~0.1 s)
 
     plan = cpu_bf16_plan()
     how = ("bf16 GEMMs for the gradients (dz rounded to bf16, as torch's bf16 backward), " if plan["grads"] == "bf16"
@@ -116,4 +116,8 @@ def report() -> str:
     lines.append(f"bf16 LM head on this cpu: {how}logits GEMM {plan['logits']} with fp32 output "
                  f"(measured bf16/fp32 GEMM speed {plan['speedup']}x, oneDNN bf16 arithmetic on fp32 "
                  f"{plan['bf32_speedup']}x; FASTGRAD_CPU_BF16=fp32|bf16 overrides)")
+    lines.append("LM-head log-probs on this cpu: " + (
+        "bit for bit independent of chunk_size and of the other tokens of the batch (the GEMM's rows do not depend "
+        "on its row count)" if cpu_gemm_rows_independent() else
+        "equal across chunk sizes to fp32 rounding (this BLAS's GEMM rows depend on the row count)"))
     return "\n".join(lines)

@@ -151,3 +151,31 @@ def test_lse_gradient_is_exact_not_zero():
     torch.testing.assert_close(gw, ew, atol=1e-12, rtol=1e-10)
     assert torch.autograd.gradcheck(
         lambda h, w: F.linear_log_prob(h, w, idx, return_lse=True, return_entropy=True, chunk_size=4), (h, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_log_probs_do_not_depend_on_chunk_or_batch(dtype):
+    # a token's log-prob is the same bits whatever the chunk size, the other tokens of the batch, the mask (rows
+    # compacted out) and the op (linear_log_prob, linear_policy_loss), where this CPU's GEMM computes rows
+    # independently of the call's row count (probed: fastgrad.ops._lm_head.cpu_gemm_rows_independent, reported by
+    # python -m fastgrad); elsewhere within fp32 rounding
+    from fastgrad.ops._lm_head import cpu_gemm_rows_independent
+
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 70, 96, 1500
+    x = torch.randn(N, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) / 8).to(dtype)
+    idx = torch.randint(0, V, (N,), generator=g)
+    with fastgrad.backend("cpp" if fastgrad.ops._backend.has_cpp() else "reference"):
+        base = F.linear_log_prob(x, w, idx)
+        outs = [F.linear_log_prob(x, w, idx, chunk_size=c) for c in (1, 5, 16, 33)]
+        outs.append(torch.cat([F.linear_log_prob(x[a:a + 9], w, idx[a:a + 9]) for a in range(0, N, 9)]))
+        m = torch.ones(N, dtype=torch.bool)
+        m[::3] = False
+        _, st = F.linear_policy_loss(x, w, idx, torch.ones(N), mask=m, chunk_size=7)
+        outs.append(torch.where(m, st["logp"], base))
+    for o in outs:
+        if cpu_gemm_rows_independent():
+            assert torch.equal(o, base)
+        else:
+            assert (o - base).abs().max() <= 1e-5

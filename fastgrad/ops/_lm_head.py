@@ -19,8 +19,9 @@ loss (``index == ignore_index``, zero token weight, zero upstream gradient) are 
 time scales with the valid tokens. ``logp <= 0`` and ``lse`` come out in fp32.
 
 The unfused computation (``hidden @ weight.T / T``, ``log_softmax``, ``gather``) is the oracle in the tests; the
-GEMMs are ATen's (MKL/oneDNN, cuBLAS), whose reduction order may depend on the block's row count, so log-probs
-agree across chunk sizes to ~1e-6, not bit for bit.
+GEMMs are ATen's (MKL/oneDNN, cuBLAS). On the CPU, blocks below 16 rows are padded so that no small-M GEMM kernel
+runs: a token's log-prob is then the same bits whatever the chunk size or the batch (where the probe
+:func:`cpu_gemm_rows_independent` holds); on a GPU, ~1e-6.
 """
 from __future__ import annotations
 
@@ -167,6 +168,25 @@ def _bf32(on: bool):
         yield
     finally:
         mk.fp32_precision = prev
+
+
+_MIN_GEMM_ROWS = 16  # CPU blocks of fewer rows are padded to this many before the logits GEMM
+_ROW_INDEPENDENT: dict = {}
+
+
+def cpu_gemm_rows_independent() -> bool:
+    """Whether this CPU's fp32 GEMM computes each row of ``x @ W^T`` bit for bit the same whatever the number of rows
+    ``M >= 16`` in the call and the row's position (MKL/oneDNN do, except small-M kernels below 8 rows on the
+    machines measured), probed once per process. Where it holds, the CPU log-probs of a token do not depend on
+    ``chunk_size`` or on which other tokens share the batch: blocks below 16 rows are padded to 16."""
+    if "fp32" not in _ROW_INDEPENDENT:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(80, 96, generator=g)
+        w = torch.randn(300, 96, generator=g)
+        full = x @ w.t()
+        ok = all(torch.equal((x[a:a + m] @ w.t()), full[a:a + m]) for a, m in ((0, 16), (3, 17), (5, 31), (1, 64)))
+        _ROW_INDEPENDENT["fp32"] = ok
+    return _ROW_INDEPENDENT["fp32"]
 
 
 def _half_on_gpu(weight: torch.Tensor, acc: torch.dtype) -> bool:
@@ -332,7 +352,11 @@ class Driver:
         V = weight.shape[0]
         self.M = M
         self.tb = chunk if chunk > 0 else default_chunk(M, V, hidden.device)
-        self.slab_buf = hidden.new_empty((min(self.tb, M), V), dtype=self.acc) if M else None
+        # CPU: no logits GEMM of fewer than 16 rows (a small-M BLAS kernel sums in another order), so that a token's
+        # log-prob does not depend on the chunk size or on the other tokens of the batch
+        self.pad = hidden.device.type == "cpu" and cpu_gemm_rows_independent()
+        rows_buf = max(min(self.tb, M), _MIN_GEMM_ROWS if self.pad else 0)
+        self.slab_buf = hidden.new_empty((rows_buf, V), dtype=self.acc) if M else None
         self.stats, self.grad_ = row_kernels(hidden.device)
         self.support = support
         self._seg = self._flat = None
@@ -351,8 +375,14 @@ class Driver:
                 sel = self.rows[b0:b1]
                 x = self.hidden.index_select(0, sel)
             x = x.to(self.weight.dtype if self.half_gpu else self.acc)
-            slab = self.slab_buf[: b1 - b0]
-            _logits_into(slab, x, self.weight, self.bias, self.blocks)
+            m = b1 - b0
+            if self.pad and m < _MIN_GEMM_ROWS:
+                xp = torch.cat([x, x.new_zeros((_MIN_GEMM_ROWS - m, x.shape[1]))])
+                _logits_into(self.slab_buf[:_MIN_GEMM_ROWS], xp, self.weight, self.bias, self.blocks)
+                slab = self.slab_buf[:m]
+            else:
+                slab = self.slab_buf[:m]
+                _logits_into(slab, x, self.weight, self.bias, self.blocks)
             if self.support is not None:
                 self._seg, self._flat = support_rows(*self.support, sel, self.weight.shape[0])
             yield sel, x, slab
