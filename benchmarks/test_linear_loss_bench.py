@@ -1,7 +1,7 @@
 """The LM head fused with the policy loss: fastgrad against torch eager (unfused), its torch.compile, torch 2.14's
 ``linear_cross_entropy`` (reference and chunked paths), and the chunked torch implementations users run today where
 they install (Liger-Kernel's LigerFusedLinearGRPOLoss torch path, Cut Cross-Entropy's ``torch_compile``
-implementation), side by side in one run.
+implementation, verl's ``FusedLinearForPPO`` torch path), side by side in one run.
 
 Every implementation computes the same thing: a token-normalized PPO-clip / GRPO loss (``eps = 0.2``, on-policy
 ratio, advantages per sequence) of the given tokens through ``hidden @ weight.T``, forward and backward w.r.t.
@@ -123,7 +123,28 @@ def torch_lce_chunked(hidden, weight, index, mask, adv):
     return _ppo(-nll.view(index.shape), adv, mask)
 
 
+def _verl():
+    """verl's ``FusedLinearForPPO`` torch path (log-probs and entropy in 512-row chunks), loaded from its file: verl's
+    package ``__init__`` imports ray, which its loss code does not need."""
+    import importlib.util as iu
+
+    spec = iu.find_spec("verl")
+    path = os.path.join(os.path.dirname(spec.origin), "utils", "experimental", "torch_functional.py")
+    mod_spec = iu.spec_from_file_location("_verl_torch_functional", path)
+    mod = iu.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    head = mod.FusedLinearForPPO(chunk_size=512, impl_backend="torch")
+
+    def verl(hidden, weight, index, mask, adv):
+        logp, _entropy = head(hidden, weight, index)
+        return _ppo(logp, adv, mask)
+
+    return verl
+
+
 IMPLS = {"eager": eager, "fastgrad_policy": fastgrad_policy, "fastgrad_log_prob": fastgrad_log_prob}
+if importlib.util.find_spec("verl") is not None:
+    IMPLS["verl_fused_torch"] = _verl()
 if hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
     IMPLS["torch_lce_reference"] = torch_lce_reference
     IMPLS["torch_lce_chunked"] = torch_lce_chunked
@@ -144,10 +165,13 @@ def _sid(case):
 def _info(benchmark, case, impl):
     device, dt, (N, H, V, pad) = case
     benchmark.group = _sid(case)
-    if device == "cpu" and dt == torch.bfloat16:
+    if device == "cpu":
+        from fastgrad._env import _cpu
         from fastgrad.ops._lm_head import cpu_bf16_plan
 
-        benchmark.extra_info["cpu_bf16_plan"] = dict(cpu_bf16_plan())
+        benchmark.extra_info["cpu"], benchmark.extra_info["cpu_features"] = _cpu()  # AMX / AVX512-BF16 presence
+        if dt == torch.bfloat16:
+            benchmark.extra_info["cpu_bf16_plan"] = dict(cpu_bf16_plan())
     benchmark.extra_info.update(shape=[N, H, V], padding=pad, impl=impl, device=device, dtype=str(dt),
                                 device_name=device_name(device), threads=torch.get_num_threads(),
                                 command=" ".join(sys.argv), flops_6NHV=6 * N * H * V)
@@ -188,7 +212,7 @@ def test_mm_ceiling(benchmark, case):
         benchmark.extra_info["GFps_2NHV"] = 2 * N * H * V / MM_TIME[case] / 1e9
 
 
-CPU_ONLY = ("torch_compile", "cce_torch_compile", "liger_grpo_torch")  # the GPU rows: fastgrad against torch eager
+CPU_ONLY = ("torch_compile", "cce_torch_compile", "liger_grpo_torch", "verl_fused_torch")  # the GPU rows: fastgrad against torch eager
 ROWS = [(c, i) for c in CASES for i in IMPLS if c[0] == "cpu" or i not in CPU_ONLY]
 
 
