@@ -35,7 +35,16 @@ def test_python_m_fastgrad_says_what_runs():
     assert (status["cuda"] == "available") == (torch.cuda.is_available() and B.has_cuda_kernels())
     default = [line for line in lines if line.startswith("default: ")]
     assert len(default) == 1 and default[0][len("default: "):] in {b for b, s in status.items() if s == "available"}
-    assert _main(FASTGRAD_BACKEND="reference")[-1] == "default: reference"
+    assert "default: reference" in _main(FASTGRAD_BACKEND="reference")
+    # the LM head's measured choices on this CPU (cpu_bf16_plan, cpu_gemm_rows_independent)
+    from fastgrad.ops._lm_head import cpu_bf16_plan, cpu_gemm_rows_independent
+
+    plan = cpu_bf16_plan()
+    bf16 = [line for line in lines if line.startswith("bf16 LM head on this cpu: ")]
+    assert len(bf16) == 1 and f"logits GEMM {plan['logits']}" in bf16[0]
+    assert ("bf16 GEMMs for the gradients" in bf16[0]) == (plan["grads"] == "bf16")
+    rows = [line for line in lines if line.startswith("LM-head log-probs on this cpu: ")]
+    assert len(rows) == 1 and ("bit for bit" in rows[0]) == cpu_gemm_rows_independent()
 
 
 def test_collect_env_has_the_same_facts():

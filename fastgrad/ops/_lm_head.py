@@ -307,6 +307,16 @@ def support_grad_(slab, index, coef, p_coef, g_ent, norm, ent, inv_t: float, seg
     slab.scatter_add_(1, index, coef * inv_t)
 
 
+def support_mask(z: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """-inf outside each row's support (the oracle's [N, V] mask; the op never builds it). A row with an empty
+    support (a token without a loss) stays whole, so that it holds no NaN."""
+    rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), crow.diff())
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    keep[rows, col] = True
+    keep[crow.diff() == 0] = True
+    return z.masked_fill(~keep, -math.inf)
+
+
 def check_support(support, N: int, V: int, index: torch.Tensor, valid: torch.Tensor):
     """``support = (crow_indices int64 [N + 1], col_indices int64 [nnz])``: per token the kept vocabulary ids,
     sorted and unique (vLLM's top-k / top-p support), containing the token's target. Returns the two tensors."""

@@ -11,24 +11,14 @@ with :mod:`.linear_policy_loss`; the unfused computation :func:`log_prob_referen
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
 from . import _checks, _registry
 from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values,  # noqa: F401
-                       check_support, default_chunk, grad_buffers, rows_stats_reference, rows_to_visit, safe_index)
-
-
-def _support_mask(z, crow, col):
-    """-inf outside each row's support (the oracle's [N, V] mask; the op never builds it). A row with an empty
-    support (a token without a loss) stays whole, so that it holds no NaN."""
-    rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), crow.diff())
-    keep = torch.zeros_like(z, dtype=torch.bool)
-    keep[rows, col] = True
-    keep[crow.diff() == 0] = True
-    return z.masked_fill(~keep, -math.inf)
+                       check_support, default_chunk, grad_buffers, rows_stats_reference, rows_to_visit, safe_index,
+                       support_mask)
 
 
 def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_index: int, want_entropy: bool,
@@ -40,7 +30,7 @@ def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_i
     if bias is not None:
         z = z + bias.to(acc)
     if support_crow is not None:
-        z = _support_mask(z, support_crow, support_col)
+        z = support_mask(z, support_crow, support_col)
     safe, valid = safe_index(index, ignore_index)
     logp, norm, ent, sq = rows_stats_reference(z, safe, 1.0 / temperature, want_entropy, want_sum_sq)
     logp = torch.where(valid, logp, 0)

@@ -17,7 +17,7 @@ import torch
 from . import _checks, _registry
 from ._lm_head import (Driver, _half_on_gpu, _logits_into, _vocab_blocks, backprop, check_devices, check_head,
                        check_index_values, check_support, grad_buffers, rows_stats_reference, rows_to_visit,
-                       safe_index)
+                       safe_index, support_mask)
 
 
 # -- the losses, one entry each ----------------------------------------------------------------------------------
@@ -427,9 +427,7 @@ def policy_reference(hidden, weight, bias, index, advantages, token_weight, old_
         h, w_, b_ = (t.detach().requires_grad_() if t is not None else None for t in (hidden, weight, bias))
         z = h.to(acc) @ w_.to(acc).t() + (b_.to(acc) if b_ is not None else 0)
         if support_crow is not None:
-            from .linear_log_prob import _support_mask
-
-            z = _support_mask(z, support_crow, support_col)
+            z = support_mask(z, support_crow, support_col)
         safe, valid = safe_index(index, ignore_index)
         # the row passes' oracle
         logp, norm, ent, sq = rows_stats_reference(z, safe[:, None], 1.0 / temperature, True, want_sum_sq)
