@@ -44,7 +44,7 @@ TORCH_LIBRARY(fastgrad_C, m) {
   m.def("enumerate_log_probs(Tensor logits) -> Tensor");
   m.def("enumerate_log_probs_backward(Tensor grad, Tensor logits) -> Tensor");
   m.def("gumbel_topk(Tensor logits, int k, int seed, int offset) -> (Tensor, Tensor)");
-  // row passes of the fused LM-head ops over one token block's logits slab (fastgrad/ops/linear_log_prob.py)
+  // row passes of the fused LM-head ops over one token block's logits slab (fastgrad/ops/_lm_head.py)
   // (logp [M, S], norm [M, 2] = (row max, log-sum-exp relative to it), entropy [M] or [0], sum p^2 [M] or [0])
   m.def("linear_rows_stats(Tensor slab, Tensor index, float inv_t, bool want_entropy, bool want_sum_sq) -> "
         "(Tensor, Tensor, Tensor, Tensor)");

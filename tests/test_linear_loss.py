@@ -241,20 +241,21 @@ def test_bf16_error_no_larger_than_torch_bf16(backend):
         assert _rel(a, o) <= _rel(t, o) and _rel(a, o) <= 1e-2
 
 
+@pytest.mark.parametrize("N,chunk", [(24, 7), (512, 4)])  # 4 and 128 token blocks: dW is accumulated over them
 @pytest.mark.parametrize("plan", [dict(grads="fp32", logits="fp32"), dict(grads="bf16", logits="fp32"),
                                   dict(grads="bf16", logits="bf32")], ids=lambda p: f"{p['grads']}-{p['logits']}")
-def test_every_cpu_bf16_plan_is_as_accurate_as_torch_bf16(plan, monkeypatch):
+def test_every_cpu_bf16_plan_is_as_accurate_as_torch_bf16(plan, N, chunk, monkeypatch):
     # whichever plan this CPU's measurement picks (cpu_bf16_plan), each must keep the log-probs at fp32 accuracy and
     # the gradients no worse than torch's bf16 autograd
     from fastgrad.ops import _lm_head
 
     monkeypatch.setattr(_lm_head, "_CPU_BF16_PLAN", dict(plan, speedup=0.0, bf32_speedup=0.0))
-    N, H, V = 24, 64, 3001
+    H, V = 64, 3001
     h, w, _, idx = _head(N, H, V, dtype=torch.bfloat16, seed=3)
     ce = torch.randn(N, generator=torch.Generator().manual_seed(5))
 
     def fused(h, w):
-        lp, ent = F.linear_log_prob(h, w, idx, return_entropy=True, chunk_size=7)
+        lp, ent = F.linear_log_prob(h, w, idx, return_entropy=True, chunk_size=chunk)
         return (lp * ce).sum() + ent.sum() * 0.1
 
     def torch_bf16(h, w):
@@ -272,7 +273,7 @@ def test_every_cpu_bf16_plan_is_as_accurate_as_torch_bf16(plan, monkeypatch):
     assert (lpf.double() - oracle_log_prob(h, w, None, idx)[0]).abs().max() <= 2e-5  # fp32 logits, not bf16
     for a, t, o in zip(gf, gt, go):
         assert a.dtype == torch.bfloat16
-        assert _rel(a, o) <= 1.5 * _rel(t, o) and _rel(a, o) <= 1e-2
+        assert _rel(a, o) <= 1.2 * _rel(t, o) and _rel(a, o) <= 1e-2
 
 
 # -- the policy losses ------------------------------------------------------------------------------------------

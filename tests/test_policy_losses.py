@@ -41,10 +41,13 @@ def _rollout_oracle(base, roll, m, mode, cap, cap_min):
 
 def oracle(h, w, b, idx, adv, mask, *, loss, level="token", old=None, ref=None, beta=0.0, kl="k3", eps_low=0.2,
            eps_high=0.2, entropy_coef=0.0, normalize="token", tau=(1.0, 1.05), vespo=(2.0, 3.0, 3.0, 2.0),
-           roll=None, mode=None, cap=None, cap_min=None):
+           roll=None, mode=None, cap=None, cap_min=None, support=None):
     """The peers' per-token loss in float64, differentiated by autograd."""
     B, T = idx.shape
-    logp, ent = oracle_log_prob(h.reshape(B * T, -1), w, b, idx.reshape(-1))
+    if support is None:
+        logp, ent = oracle_log_prob(h.reshape(B * T, -1), w, b, idx.reshape(-1))
+    else:
+        logp, ent, _, _ = _support_oracle(h.reshape(B * T, -1), w, b, idx.reshape(-1), *support)
     logp, ent = logp.view(B, T), ent.view(B, T)
     m = mask & (idx != -100)
     md = m.double()
@@ -85,9 +88,13 @@ def oracle(h, w, b, idx, adv, mask, *, loss, level="token", old=None, ref=None, 
         per_token = per_token * rho
     if beta:
         x = ref.double() - logp
-        if kl == "low_var_kl":  # verl: clamp the log-ratio to [-20, 20] and the value to [-10, 10]
+        if kl in ("low_var_kl", "k3+"):  # verl: clamp the log-ratio to [-20, 20] and the value to [-10, 10]
             xc = x.clamp(-20, 20)
-            per_token = per_token + beta * (torch.exp(xc) - xc - 1).clamp(-10, 10)
+            val = (torch.exp(xc) - xc - 1).clamp(-10, 10)
+            if kl == "k3+":  # verl's kl_penalty("k3+"): that value, the gradient of k2
+                k2 = 0.5 * x * x
+                val = val.detach() + k2 - k2.detach()
+            per_token = per_token + beta * val
         else:
             per_token = per_token + beta * (torch.exp(x) - x - 1)
     per_token = per_token - entropy_coef * ent
@@ -105,15 +112,18 @@ CASES = [
     dict(loss="vespo", normalize="token", old=True),
     dict(loss="vespo", normalize="token", old=True, mode="token_mask", cap=1.3, cap_min=0.7,
          vespo=(1.5, 4.0, 2.5, 1.0)),
-    dict(loss="vespo", normalize="token", mode="token_truncate", cap=1.2),
+    dict(loss="vespo", normalize="token", mode="token_truncate", cap=1.05),
     dict(loss="ppo_clip", normalize="sequence", old=True, mode="token_truncate", cap=1.2, beta=0.2,
          entropy_coef=0.01),
-    dict(loss="ppo_clip", normalize="token", mode="token_mask", cap=1.3, cap_min=0.8, beta=0.1),
-    dict(loss="reinforce", normalize="token", mode="sequence_mask", cap=3.0, entropy_coef=0.02),
+    dict(loss="ppo_clip", normalize="token", mode="token_mask", cap=1.1, cap_min=0.9, beta=0.1),
+    dict(loss="reinforce", normalize="token", mode="sequence_mask", cap=0.75, entropy_coef=0.02),
     dict(loss="ppo_clip", normalize="token", old=True, mode="sequence_truncate", cap=1.5, cap_min=0.5),
     dict(loss="ppo_clip", level="sequence", normalize="sequence", old=True, mode="sequence_mask", cap=2.0),
     dict(loss="cispo", normalize="token", old=True, mode="sequence_mask", cap=0.9),
     dict(loss="ppo_clip", normalize="token", old=True, beta=0.3, kl="low_var_kl"),
+    dict(loss="reinforce", normalize="sequence", beta=0.3, kl="k3+"),
+    dict(loss="ppo_clip", level="sequence", normalize="sequence", old=True, support=6),  # GSPO
+    dict(loss="vespo", normalize="token", old=True, support=4),
 ]
 
 
@@ -125,7 +135,11 @@ def _case_inputs(c):
     # rollout log-probs near the trainer's: ratios on both sides of the caps, one missing (NaN)
     roll = (oracle_log_prob(h.reshape(B * T, -1), w, b, idx.reshape(-1))[0].view(B, T)
             + 0.15 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
-    roll[2, 1] = float("nan")
+    roll[2, 2] = float("nan")  # a loss token whose rollout log-prob is missing: no correction there
+    roll[2, 1] = float("nan")  # and a masked one
+    assert mask[2, 2] and not mask[2, 1]
+    ref = ref.clone()
+    ref[1, 2:4] = oracle_log_prob(h.reshape(B * T, -1), w, b, idx.reshape(-1))[0].view(B, T)[1, 2:4].float() + 3.5
     return h, w, b, idx, mask, old, ref, adv, roll
 
 
@@ -139,20 +153,34 @@ def test_loss_matches_the_peers_formula(backend, case):
     tau = c.pop("tau", (1.0, 1.05))
     vespo = c.pop("vespo", (2.0, 3.0, 3.0, 2.0))
     mode, cap, cap_min = c.pop("mode", None), c.pop("cap", None), c.pop("cap_min", None)
+    k = c.pop("support", None)
     o = old if use_old else None
     r = ref if c.get("beta") else None
     rl = roll if mode else None
+    B, T = idx.shape
+    sup = None
+    if k:
+        z = oracle_log_prob.__globals__["oracle_logits"](h.reshape(B * T, -1), w, b, 1.0)
+        sup = _top_k_support(z, idx.reshape(-1), k)
+    if mode:  # the case's caps bind on some loss tokens (or sequences) and not on others
+        base = (old if use_old else oracle_log_prob(h.reshape(B * T, -1), w, b, idx.reshape(-1))[0].view(B, T))
+        live = mask & (idx != -100)
+        d = torch.nan_to_num((base.double() - roll.double()) * live, nan=0.0)
+        rho = torch.exp(d.sum(-1)) if mode.startswith("sequence") else torch.exp(d)[live & ~torch.isnan(roll)]
+        for bound in (cap, cap_min):
+            if bound is not None:
+                assert (rho > bound).any() and (rho < bound).any(), (mode, bound, rho)
 
     def fused(h, w, b):
         return F.linear_policy_loss(
             h, w, idx, adv, mask=mask, bias=b, old_logp=o, ref_logp=r, importance_sampling_level=level,
             sapo_tau_pos=tau[0], sapo_tau_neg=tau[1], vespo_k_pos=vespo[0], vespo_lambda_pos=vespo[1],
             vespo_k_neg=vespo[2], vespo_lambda_neg=vespo[3], rollout_logp=rl, rollout_correction=mode,
-            rollout_cap=cap, rollout_cap_min=cap_min, chunk_size=5, **c)[0]
+            rollout_cap=cap, rollout_cap_min=cap_min, support=sup, chunk_size=5, **c)[0]
 
     def want(h, w, b):
         return oracle(h, w, b, idx, adv, mask, level=level, old=o, ref=r, tau=tau, vespo=vespo, roll=rl, mode=mode,
-                      cap=cap, cap_min=cap_min, **c)
+                      cap=cap, cap_min=cap_min, support=sup, **c)
 
     with fastgrad.backend(backend):
         lf, gf = _grads(fused, h, w, b)
@@ -162,15 +190,13 @@ def test_loss_matches_the_peers_formula(backend, case):
         assert _rel(a, e) < 1e-4
 
 
-def test_the_cases_reach_every_branch():
-    # the rollout caps bind on some tokens and not on others, so the tests above see both sides
+def test_the_kl_cases_reach_verls_clamps():
+    # the low_var_kl and k3+ cases see ref - logp > 2.61, where verl's value clamp binds (k3 > 10 there)
     h, w, b, idx, mask, old, ref, adv, roll = _case_inputs({})
     B, T = idx.shape
-    m = mask & (idx != -100)
-    r = torch.exp(old.double() - roll.double())[m & ~torch.isnan(roll)]
-    assert (r > 1.2).any() and (r < 1.2).any() and (r < 0.8).any()
-    s = torch.exp(torch.nan_to_num((old.double() - roll.double()) * m, nan=0.0).sum(-1))
-    assert (s > 2.0).any() and (s < 2.0).any(), s
+    lp = oracle_log_prob(h.reshape(B * T, -1), w, b, idx.reshape(-1))[0].view(B, T)
+    x = (ref.double() - lp)[mask & (idx != -100)]
+    assert (x > 2.62).any() and (x < 2.6).any()
 
 
 def test_rollout_weight_bounds_are_inclusive_and_nan_means_one():
@@ -479,3 +505,23 @@ def test_full_kl_is_zero_against_itself_and_errors_are_clear():
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             F.linear_policy_loss(h, w, idx, adv, mask=mask, **kw)
+
+
+def test_vespo_weights_shapes_and_formula():
+    g = torch.Generator().manual_seed(13)
+    B, T = 3, 4
+    lr = 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3] = False
+    adv = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
+    phi = F.vespo_weights(lr, mask, adv)
+    assert phi.shape == (B, 1)  # per-sequence advantages: one weight per sequence
+    w = torch.exp((lr * mask).sum(-1))
+    k = torch.tensor([2.0, 3.0, 2.0], dtype=torch.float64)  # A >= 0: the positive pair (A = 0 included)
+    lam = torch.tensor([3.0, 2.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(phi[:, 0], w ** k * torch.exp(lam * (1 - w)))
+    assert torch.equal(F.vespo_weights(lr, mask, adv[:, None]), phi)
+    assert F.vespo_weights(lr, mask, adv[:, None].expand(B, T)).shape == (B, T)
+    assert float(F.vespo_weights(torch.zeros(B, T, dtype=torch.float64), mask, adv).max()) == 1.0  # phi(1) = 1
+    with pytest.raises(ValueError, match="advantages must be"):
+        F.vespo_weights(lr, mask, torch.ones(B + 1))

@@ -70,8 +70,8 @@ def _launch_everything():
         # the LM head's slabs are in the accumulation dtype
         slab = rand(2, V, dtype=dt)
         idx = torch.randint(0, V, (2, S), generator=g)
-        for ent in (False, True):
-            _, norm, e, _ = lr.rows_stats(slab, idx, 1.0, ent, ent)  # entropy and sum p^2 together, or neither
+        for ent, sq in ((False, False), (True, False), (False, True), (True, True)):
+            _, norm, e, _ = lr.rows_stats(slab, idx, 1.0, ent, sq)
             g_ent = rand(2, dtype=dt) if ent else slab.new_empty(0)
             lr.rows_grad_(slab.clone(), idx, rand(2, S, dtype=dt), rand(2, dtype=dt), g_ent, norm,
                           e if ent else slab.new_empty(0), 0.7)

@@ -12,6 +12,7 @@ import torch
 
 from ..ops import _checks
 from ..ops import _lm_head
+from ..ops import _vocab_parallel as _vp
 from ..ops import linear_log_prob as _llp
 from ..ops import linear_policy_loss as _plp
 from ._validate import Baseline, check_real, expand_to
@@ -50,6 +51,16 @@ def _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budg
 _LOG_PROB_FIELDS = ("logp", "entropy", "sum_pi_squared", "lse")
 
 
+def _tp_setup(tp_group, weight, vocab_start, reduce_hidden_grad, support=None, full_kl=False):
+    if tp_group is None:
+        if vocab_start is not None:
+            raise ValueError("vocab_start is for a vocabulary-parallel head: pass tp_group too")
+        return None
+    if support is not None or full_kl:
+        raise ValueError("tp_group with support= or kl='full' is not supported yet")
+    return _vp.setup(tp_group, weight.shape[0], vocab_start, reduce_hidden_grad, weight.device)
+
+
 def _support_args(support):
     if support is None:
         return None, None
@@ -69,7 +80,8 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
                     return_entropy: bool = False, return_sum_pi_squared: bool = False, return_lse: bool = False,
                     support: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, chunk_size: Optional[int] = None,
-                    memory_budget: Optional[int] = None):
+                    memory_budget: Optional[int] = None, tp_group=None, vocab_start: Optional[int] = None,
+                    reduce_hidden_grad: bool = True):
     """Log-probabilities of the given tokens under the LM head, without the ``[tokens, V]`` logits.
 
     ``logp[t] = log_softmax((hidden[t] @ weight.T + bias) / temperature)[index[t]]``, computed one ``[chunk, V]``
@@ -96,6 +108,16 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
             ValueError; an ignored token's row may be empty.
         chunk_size: rows per slab; None chooses from ``memory_budget`` (bytes of slab), or the default
             (:func:`fastgrad.ops.linear_log_prob.default_chunk`).
+        tp_group: a ``torch.distributed`` process group over which the vocabulary is split (tensor parallelism,
+            Megatron's convention): ``weight`` (and ``bias``) are this rank's rows ``[vocab_start, vocab_start +
+            V_local)``; ``hidden`` and the (global) token ids are the same on every rank, and so are the outputs.
+            Per token and block, two all-reduces of O(1) floats (row max; sum of exponentials, target logit,
+            entropy and sum_pi_squared partials), never logits. ``weight.grad`` is this rank's shard's gradient.
+        vocab_start: this rank's first global id; default ``rank * V_local`` (an equal partition). When V does not
+            divide, each rank passes only its real rows and its ``vocab_start``.
+        reduce_hidden_grad: under ``tp_group``, ``hidden.grad`` is the whole vocabulary's gradient on every rank
+            (one all-reduce of dX); False leaves this rank's partial sum, for frameworks whose column-parallel
+            layer reduces it (Megatron's ``copy_to_tensor_model_parallel_region``).
 
     Returns:
         fp32 (float64 for float64 inputs) ``logp`` of index's shape (``logp <= 0``) when nothing else is asked;
@@ -106,9 +128,11 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(hidden.shape[:-1])
     crow, col = _support_args(support)
-    logp, lse, ent, sq, _norm = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t,
-                                                    int(ignore_index), bool(return_entropy), chunk,
-                                                    bool(return_sum_pi_squared), crow, col)
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, support=support)
+    with _vp.vocab_parallel(tp):
+        logp, lse, ent, sq, _norm = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t,
+                                                        int(ignore_index), bool(return_entropy), chunk,
+                                                        bool(return_sum_pi_squared), crow, col)
     values = {"logp": logp.view(lead), "entropy": ent.view(lead) if return_entropy else None,
               "sum_pi_squared": sq.view(lead) if return_sum_pi_squared else None,
               "lse": lse.view(lead) if return_lse else None}
@@ -160,8 +184,21 @@ def vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, advantages: torch
     log-ratio clamped to [-20, 20]) times its token rollout weights (log clamped to [log 1e-8, 20]), ``log w`` clamped
     to [log 1e-8, 20]; ``(k, lambda) = (k_pos, lambda_pos)`` where ``A >= 0``, else the negative pair; NaN/inf -> 0.
 
-    Args: ``log_ratio``, ``mask``, ``advantages``, ``rollout_weight``: ``[B, T]``. Returns ``phi`` ``[B, T]``
-    (every token of a sequence its sequence's weight, for per-sequence advantages)."""
+    Args: ``log_ratio`` (``logp - old_logp``), ``mask``: ``[B, T]``; ``advantages``: ``[B]``, ``[B, 1]`` or
+    ``[B, T]`` (its sign picks the pair); ``rollout_weight``: ``[B, T]``, the already corrected weights (e.g.
+    :func:`fastgrad.ops.linear_policy_loss.rollout_weight`), 1 at masked tokens. ``lambda`` is clamped to >= 1e-4.
+
+    Returns ``phi`` ``[B, 1]`` (``[B, T]`` for per-token advantages): a detached reweighting of REINFORCE, ``phi(1) =
+    1``, biased by design (it trades bias for variance off-policy, as the paper's kernel does); O(B T), no GEMM."""
+    if log_ratio.dim() != 2 or tuple(mask.shape) != tuple(log_ratio.shape):
+        raise ValueError(f"log_ratio and mask must be [B, T], got {tuple(log_ratio.shape)} and {tuple(mask.shape)}")
+    B = log_ratio.shape[0]
+    if advantages.dim() == 1 and advantages.numel() == B:  # one per sequence
+        advantages = advantages.reshape(B, 1)
+    if tuple(advantages.shape) not in ((B, 1), tuple(log_ratio.shape)):
+        raise ValueError(f"advantages must be [B], [B, 1] or [B, T], got {tuple(advantages.shape)}")
+    if rollout_weight is not None and tuple(rollout_weight.shape) != tuple(log_ratio.shape):
+        raise ValueError(f"rollout_weight must be [B, T], got {tuple(rollout_weight.shape)}")
     lo = math.log(1e-8)
     with torch.no_grad():
         m = mask.to(log_ratio.dtype)
@@ -193,7 +230,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                        support: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                        ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
                        ref_bias: Optional[torch.Tensor] = None,
-                       chunk_size: Optional[int] = None, memory_budget: Optional[int] = None):
+                       chunk_size: Optional[int] = None, memory_budget: Optional[int] = None, tp_group=None,
+                       vocab_start: Optional[int] = None, reduce_hidden_grad: bool = True):
     """Policy-gradient loss of sampled tokens through the LM head: the loss and its gradients in one pass over
     ``[chunk, V]`` slabs (3 GEMMs: logits, dX, dW); the logits never exist.
 
@@ -214,7 +252,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     ``importance_sampling_level="sequence"`` (``ppo_clip``, ``cispo``, ``sapo``; TRL's option): the ratio of every
     token is its sequence's ``s_b = exp(mean_t (logp - old_logp))`` over the loss tokens, with the gradient of the
     sequence-level objective (exact when the token weights are uniform within a sequence, as every ``normalize``
-    mode makes them); one more GEMM (the ratios need every log-prob before the first gradient). Needs ``[B, T]``.
+    mode makes them); with ``old_logp`` one more GEMM (the ratios need every log-prob before the first gradient).
+    Needs ``[B, T]``. VESPO with ``old_logp`` or ``rollout_logp``, and a ``sequence_*`` correction without
+    ``old_logp``, cost that pass too.
 
     Rollout correction (the inference engine's log-probs ``rollout_logp`` differ from the trainer's; TRL 1.16's
     ``vllm_importance_sampling_mode``, verl's rollout correction): the ratio ``rho = exp(old_logp - rollout_logp)``
@@ -245,10 +285,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     global ``num_items`` and the per-rank sum of losses is the global loss's share.
 
     Args:
-        hidden: ``[N, H]`` or ``[B, T, H]``, fp32, bf16 or fp16.
+        hidden: ``[N, H]`` or ``[B, T, H]``, fp32, bf16, fp16 or fp64.
         weight: the LM head's ``[V, H]``, hidden's dtype (``bias``: optional ``[V]``).
         index: the sampled tokens, int64, hidden's leading shape.
         advantages: per token (index's shape) or per sequence ``[B]``.
+        loss / importance_sampling_level / sapo_tau_pos, sapo_tau_neg / vespo_k_pos ... vespo_lambda_neg: as above.
+        rollout_correction: ``"token_truncate"``, ``"token_mask"``, ``"sequence_truncate"``, ``"sequence_mask"``
+            (or None); a sequence-level ratio with a gradient (``"gspo"``, ``"sapo"`` at sequence level) takes
+            sequence corrections only, ``"vespo"`` token ones only.
         mask: loss mask (index's shape), default ``index != ignore_index``; masked tokens cost nothing (compacted
             out before the GEMMs).
         old_logp: fp32 per-token log-probs of the behaviour policy (``None``: on-policy, ratio 1).
@@ -257,7 +301,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             ``"ppo_clip"`` or ``"gspo"``, tokens with ``A < 0`` lose at most ``-c A``. None: off.
         rollout_logp: per-token log-probs of the inference engine that sampled (index's shape); needs
             ``rollout_correction``.
-        rollout_cap / rollout_cap_min: the ratio's upper / lower bound (None: none; a truncate mode needs one).
+        rollout_cap / rollout_cap_min: the ratio's upper (> 0) / lower (>= 0) bound, inclusive (None: none; a
+            truncate mode needs one; a mask mode without bounds weights by the plain ratio).
         return_sum_pi_squared / return_lse: add ``stats["sum_pi_squared"]`` (``sum_v pi_v^2`` per token, what verl's
             optimal token baseline reads) and ``stats["lse"]`` (the tempered logits' logsumexp), detached, computed
             in the same pass.
@@ -267,6 +312,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             :func:`linear_log_prob` (top-k / top-p replay: the importance ratio is biased unless the trainer's
             log-softmax is restricted to the support the tokens were drawn from); a loss token's target outside its
             support is a ValueError.
+        tp_group / vocab_start / reduce_hidden_grad: a vocabulary split over a tensor-parallel group, as in
+            :func:`linear_log_prob`: every option works; the loss and stats are the same on every rank.
 
     Returns:
         ``(loss, stats)``: the fp32 scalar loss (differentiable w.r.t. hidden, weight, bias; its backward scales the
@@ -301,6 +348,10 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
                              f"{tuple(getattr(ref_hidden, 'shape', ()))}")
         if ref_logp is not None:
             raise ValueError("kl='full' computes the KL from ref_hidden/ref_weight: pass no ref_logp")
+        _checks.finite(ref_hidden, "ref_hidden")
+        _checks.finite(ref_weight, "ref_weight")
+        if chunk == 0:  # two more [chunk, V] buffers (the reference's logits, log pi): a third of the slab budget
+            chunk = max(1, _lm_head.default_chunk(h2.shape[0], w.shape[0], h2.device, memory_budget) // 3)
     elif ref_hidden is not None or ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_hidden, ref_weight and ref_bias are for kl='full'")
     if beta > 0 and ref_logp is None and not full_kl:
@@ -384,12 +435,31 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             z = (lead[0] if len(lead) == 2 else 1) * (max_length or lead[-1])
         tw = mf / z
 
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, support=support, full_kl=full_kl)
+    with _vp.vocab_parallel(tp):
+        return _policy_loss_call(h2, w, b, t, chunk, index, lead, m, mf, tw, adv, old, ref, roll, loss, op_loss,
+                                 seq_ratio, ignore_index, support, rollout_correction, cap if roll is not None else None,
+                                 cap_min if roll is not None else None, vespo, eps_low, eps_high, beta, kl,
+                                 entropy_coef, return_entropy, clip_ratio_c, return_sum_pi_squared, return_lse,
+                                 sapo_tau_pos, sapo_tau_neg, full_kl, ref_hidden, ref_weight, ref_bias, hidden,
+                                 weight, bias)
+
+
+def _policy_loss_call(h2, w, b, t, chunk, index, lead, m, mf, tw, adv, old, ref, roll, loss, op_loss, seq_ratio,
+                      ignore_index, support, rollout_correction, cap, cap_min, vespo, eps_low, eps_high, beta, kl,
+                      entropy_coef, return_entropy, clip_ratio_c, return_sum_pi_squared, return_lse, sapo_tau_pos,
+                      sapo_tau_neg, full_kl, ref_hidden, ref_weight, ref_bias, hidden, weight, bias):
+    """:func:`linear_policy_loss` after validation: the prepass (when needed), the op, the stats."""
+    acc = mf.dtype
+    seq_mode = rollout_correction is not None and rollout_correction.startswith("sequence")
     # -- what needs every log-prob before the fused pass (one more GEMM, no gradient): sequence ratios, sequence
     # rollout weights, and VESPO's weight off-policy or with a rollout correction
     mode = cap_arg = cap_min_arg = None
-    vespo_phi = None
-    need_lp0 = seq_ratio or (roll is not None and seq_mode) or (loss == "vespo" and (old is not None
-                                                                                    or roll is not None))
+    vespo_phi = vespo_rw = None
+    # (a sequence ratio on-policy is 1 with the token-level gradient: uniform token weights in a sequence make the
+    # two equal, so it needs no pass; a sequence correction with old_logp needs none either)
+    need_lp0 = ((seq_ratio and old is not None) or (roll is not None and seq_mode and old is None)
+                or (loss == "vespo" and (old is not None or roll is not None)))
     if need_lp0:
         with torch.no_grad():
             live = torch.where(m, index, int(ignore_index)).reshape(-1, 1).contiguous()  # loss tokens only
@@ -422,10 +492,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         if roll is not None:
             rw = _plp.rollout_weight(base if base is not None else lp0, roll, mode, cap_arg, cap_min_arg).view(lead)
             rw = torch.where(m, rw, 1)
-        vespo_phi = vespo_weights(log_ratio, m, adv.view(lead), rw, *vespo).reshape(-1)
+        vespo_phi = vespo_weights(log_ratio, m, adv.view(lead), rw, *vespo).expand(lead).reshape(-1)
         adv = (adv * vespo_phi).contiguous()
         roll = mode = None  # folded into phi
         op_old = old  # REINFORCE ignores it
+        vespo_rw = rw
     needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     total, logp, ent, st, *_ = _plp.linear_policy_loss(
         h2, w, b, index.reshape(-1).contiguous(), adv, tw.reshape(-1).contiguous(), op_old, ref, t, int(ignore_index),
@@ -451,13 +522,17 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         stats["lse"] = (st[-1] * mflat).view(lead)
     if vespo_phi is not None:
         stats["vespo_phi_mean"] = (vespo_phi * mflat).sum() / count
+        if vespo_rw is not None:  # the correction went into phi: report its weights all the same
+            stats["rollout_weight_mean"] = (vespo_rw.reshape(-1) * mflat).sum() / count
     return total, stats
 
 
 def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, samples: torch.Tensor,
                                     cost: torch.Tensor, baseline: Baseline = None, *,
                                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                                    chunk_size: Optional[int] = None) -> torch.Tensor:
+                                    chunk_size: Optional[int] = None, tp_group=None,
+                                    vocab_start: Optional[int] = None,
+                                    reduce_hidden_grad: bool = True) -> torch.Tensor:
     """:func:`score_function_surrogate` with the LM head fused in: ``(cost - baseline) * log p(samples)`` ``[n, R]``
     for ``logits = hidden @ weight.T (+ bias)``, without the ``[R, V]`` logits.
 
@@ -469,7 +544,8 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
         baseline: as in :func:`score_function_surrogate` (``"batch_average"``: leave-one-out, n >= 2).
 
     The gradient w.r.t. the logits is ``sum_s a_s onehot(y_s) - (sum_s a_s) softmax`` per row (one slab pass for
-    all n samples); the backward recomputes each slab (4 GEMMs).
+    all n samples); the backward recomputes each slab (4 GEMMs). ``tp_group``, ``vocab_start``,
+    ``reduce_hidden_grad``: a vocabulary-parallel head, as in :func:`linear_log_prob`.
     """
     if not isinstance(samples, torch.Tensor) or samples.dtype != torch.int64 or samples.dim() != 2:
         raise TypeError(f"samples must be an int64 [n, R] tensor, got "
@@ -480,5 +556,7 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
     cost = check_real(cost, "cost")
     acc = _checks.acc_dtype(h2.dtype)
     a = subtract_baseline(expand_to(cost.to(acc), tuple(samples.shape), "cost", "the samples' shape"), baseline)
-    logp = _llp.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)[0]
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad)
+    with _vp.vocab_parallel(tp):
+        logp = _llp.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)[0]
     return a * logp.t()

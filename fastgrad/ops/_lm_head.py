@@ -34,6 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import _backend, _checks
+from . import _vocab_parallel as _vp
 
 _CPU_SLAB_BYTES = 256 << 20  # CPU: a [chunk, V] fp32 slab of about this size (chunk 128..512)
 _WEIGHT_BLOCK_BYTES = 64 << 20  # half-precision weights are converted to fp32 in vocabulary blocks this large
@@ -111,10 +112,12 @@ _CPU_BF16_PLAN: dict = {}
 def cpu_bf16_plan() -> dict:
     """How bf16 LM heads run on this CPU, decided once per process by measuring (``FASTGRAD_CPU_BF16`` = ``bf16`` or
     ``fp32`` forces it): ``{"grads": "bf16" | "fp32", "logits": "bf32" | "fp32", "speedup": bf16/fp32 GEMM}``.
+    The bf32 logits flip the process-wide ``torch.backends.mkldnn.matmul.fp32_precision`` around the LM head's own
+    GEMMs (and back): an fp32 matmul another thread runs at that moment would use bf16 arithmetic too.
 
     ``grads="bf16"`` where a bf16 ``torch.mm`` beats fp32 by 1.3x or more (AVX512-BF16 or AMX through oneDNN): dX and
-    dW are bf16 GEMMs of ``dL/dlogits`` rounded to bf16, as torch's own bf16 backward computes them, dW accumulated
-    in place in bf16. The logits GEMM must keep fp32 outputs (a bf16 output loses 2e-3 of every log-prob) and ATen
+    dW are bf16 GEMMs of ``dL/dlogits`` rounded to bf16, as torch's own bf16 backward computes them, each token
+    block's dW added into the fp32 accumulator. The logits GEMM must keep fp32 outputs (a bf16 output loses 2e-3 of every log-prob) and ATen
     exposes no fast bf16-input fp32-output CPU GEMM, so the logits use the converted fp32 weight block, through
     oneDNN's bf16 arithmetic (``fp32_precision="bf16"``, exact: the inputs are bf16 values, products are exact in
     fp32) where that measured faster than the fp32 GEMM (``logits="bf32"``), else the fp32 GEMM."""
@@ -181,11 +184,16 @@ def cpu_gemm_rows_independent() -> bool:
     ``chunk_size`` or on which other tokens share the batch: blocks below 16 rows are padded to 16."""
     if "fp32" not in _ROW_INDEPENDENT:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(80, 96, generator=g)
-        w = torch.randn(300, 96, generator=g)
-        full = x @ w.t()
-        ok = all(torch.equal((x[a:a + m] @ w.t()), full[a:a + m]) for a, m in ((0, 16), (3, 17), (5, 31), (1, 64)))
-        _ROW_INDEPENDENT["fp32"] = ok
+        # bf16 values, so that the same probe covers the bf16 plan's GEMM (oneDNN's bf16 arithmetic) exactly
+        x = torch.randn(600, 1024, generator=g).bfloat16().float()
+        w = torch.randn(700, 1024, generator=g).bfloat16().float()
+        ok = True
+        for bf32 in (False, True) if cpu_bf16_plan()["logits"] == "bf32" else (False,):
+            with _bf32(bf32):
+                full = x @ w.t()
+                ok &= all(torch.equal(x[a:a + m] @ w.t(), full[a:a + m])
+                          for a, m in ((0, 16), (3, 17), (5, 31), (1, 64), (7, 200), (0, 512)))
+        _ROW_INDEPENDENT["fp32"] = bool(ok)
     return _ROW_INDEPENDENT["fp32"]
 
 
@@ -217,17 +225,20 @@ def backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks, dw
     first block (``first``: no zero-fill pass over dW)."""
     dx = None
     if _bf16_grads_on_cpu(weight, dz.dtype):
-        # bf16 GEMMs on the CPU's bf16 units: dz rounded to bf16 as torch's bf16 backward does; dW (bf16, see
-        # grad_buffers) accumulated in place, one rounding per token block
+        # bf16 GEMMs on the CPU's bf16 units: dz rounded to bf16 as torch's bf16 backward does; each token block's
+        # dW (bf16 output, one vocabulary block at a time) added into the fp32 accumulator: accumulating in bf16
+        # would round once per token block (1.75x torch's error at 128 blocks)
         d = dz.to(weight.dtype)
         if need_x:
             dx = d @ weight
         if dw is not None:
             xb = x.to(weight.dtype)  # exact: x holds bf16 values
-            if first:
-                torch.mm(d.t(), xb, out=dw)
-            else:
-                dw.addmm_(d.t(), xb)
+            for v0, v1 in blocks:
+                part = torch.mm(d[:, v0:v1].t(), xb)
+                if first:
+                    dw[v0:v1].copy_(part)
+                else:
+                    dw[v0:v1] += part
     elif _half_on_gpu(weight, dz.dtype):
         # as torch's own bf16 backward does, dz enters the GEMMs in the weight's dtype; dW accumulates in fp32
         d = dz.to(weight.dtype)
@@ -346,6 +357,34 @@ def check_support(support, N: int, V: int, index: torch.Tensor, valid: torch.Ten
     return crow.contiguous(), col.contiguous()
 
 
+def _tp_rows(tp, stats, grad_):
+    def tp_stats(slab, index, inv_t, want_entropy, want_sum_sq):
+        loc, owned = _vp.local_index(tp, index)
+        lp, norm, ent, sq = stats(slab, loc, inv_t, want_entropy, want_sum_sq)
+        return _vp.merge_stats(tp, lp, norm, ent, sq, owned, want_entropy, want_sum_sq)
+
+    def tp_grad_(slab, index, coef, p_coef, g_ent, norm, ent, inv_t):
+        loc, owned = _vp.local_index(tp, index)
+        grad_(slab, loc, torch.where(owned, coef, 0), p_coef, g_ent, norm, ent, inv_t)
+
+    return tp_stats, tp_grad_
+
+
+def vocab_size(weight: torch.Tensor) -> int:
+    """The whole vocabulary's size: the weight's rows, or the group's under a vocabulary-parallel head."""
+    tp = _vp.current()
+    return weight.shape[0] if tp is None else tp.v_global
+
+
+def reduce_hidden_grad(dx: torch.Tensor) -> None:
+    """Under a vocabulary-parallel head, dX summed over the group (unless the caller reduces it itself)."""
+    tp = _vp.current()
+    if tp is not None and tp.reduce_hidden_grad and dx.numel():
+        import torch.distributed as dist
+
+        tp.all_reduce(dx, dist.ReduceOp.SUM)
+
+
 class Driver:
     """The per-call state: rows to visit, their blocks, one reusable slab, the row kernels (or, with a sampling
     support, the row passes over each token's support)."""
@@ -373,6 +412,9 @@ class Driver:
         if support is not None:
             self.stats = lambda *a: support_stats(*a, self._seg, self._flat)
             self.grad_ = lambda *a: support_grad_(*a, self._seg, self._flat)
+        self.tp = _vp.current()
+        if self.tp is not None:  # a vocabulary shard: local row passes, merged over the group (O(1) per token)
+            self.stats, self.grad_ = _tp_rows(self.tp, self.stats, self.grad_)
 
     def __iter__(self):
         """(row ids or a slice, x_blk in the accumulation dtype, slab with the block's logits)."""
@@ -411,8 +453,7 @@ def grad_buffers(hidden, weight, bias, need_x: bool, need_w: bool, need_b: bool,
     else:
         dx = hidden.new_empty(0)
     alloc = torch.empty if drv.M else torch.zeros
-    dw_dtype = weight.dtype if _bf16_grads_on_cpu(weight, acc) else acc
-    dw = alloc(weight.shape, dtype=dw_dtype, device=weight.device) if need_w else None
+    dw = alloc(weight.shape, dtype=acc, device=weight.device) if need_w else None
     db = alloc(weight.shape[:1], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
     return dx, dw, db
 

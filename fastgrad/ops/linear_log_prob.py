@@ -17,8 +17,9 @@ import torch
 
 from . import _checks, _registry
 from ._lm_head import (Driver, backprop, check_devices, check_head, check_index_values,  # noqa: F401
-                       check_support, default_chunk, grad_buffers, rows_stats_reference, rows_to_visit, safe_index,
-                       support_mask)
+                       check_support, default_chunk, grad_buffers, reduce_hidden_grad, rows_stats_reference,
+                       rows_to_visit, safe_index, support_mask, vocab_size)
+from . import _vocab_parallel as _vp
 
 
 def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_index: int, want_entropy: bool,
@@ -47,7 +48,7 @@ def log_prob_reference(hidden, weight, bias, index, temperature: float, ignore_i
 def _log_prob_impl(hidden, weight, bias, index, temperature, ignore_index, want_entropy, chunk, want_sum_sq=False,
                    support_crow=None, support_col=None):
     check_head(hidden, weight, bias, index, temperature, chunk)
-    V = weight.shape[0]
+    V = vocab_size(weight)
     check_index_values(index, V, ignore_index)
     N, S = index.shape
     support = None
@@ -112,6 +113,8 @@ def _log_prob_backward_impl(grad_logp, grad_ent, grad_lse, hidden, weight, bias,
         part = backprop(slab, x, weight, drv.blocks, dw, db, need_x, i == 0)
         if need_x:
             dx[sel] = part.to(dx.dtype)
+    if need_x:
+        reduce_hidden_grad(dx)
     return (dx, dw.to(weight.dtype) if need_w else weight.new_empty(0),
             db.to(bias.dtype) if db is not None else weight.new_empty(0))
 
@@ -133,6 +136,7 @@ def _log_prob_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, index, norm, ent, crow, col)
     ctx.args = (temperature, ignore_index, chunk)
     ctx.has_bias = bias is not None
+    ctx.tp = _vp.current()  # the backward runs later, outside the functional's context
     ctx.set_materialize_grads(False)  # unused outputs (lse, entropy) get no zero gradient buffers
 
 
@@ -149,8 +153,9 @@ def _log_prob_formula(ctx, grad_logp, grad_lse, grad_ent, _grad_sq, _grad_norm):
         grad_ent = norm.new_empty(0)
     if grad_lse is None:
         grad_lse = norm.new_empty(0)
-    dx, dw, db = OP.backward_op(grad_logp.contiguous(), grad_ent.contiguous(), grad_lse.contiguous(), hidden, weight,
-                                bias, index, norm, ent, temperature, ignore_index, chunk, need, crow, col)
+    with _vp.vocab_parallel(ctx.tp):
+        dx, dw, db = OP.backward_op(grad_logp.contiguous(), grad_ent.contiguous(), grad_lse.contiguous(), hidden,
+                                    weight, bias, index, norm, ent, temperature, ignore_index, chunk, need, crow, col)
     return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None) + nones[3:]
 
 

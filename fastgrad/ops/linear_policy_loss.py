@@ -16,8 +16,8 @@ import torch
 
 from . import _checks, _registry
 from ._lm_head import (Driver, _half_on_gpu, _logits_into, _vocab_blocks, backprop, check_devices, check_head,
-                       check_index_values, check_support, grad_buffers, rows_stats_reference, rows_to_visit,
-                       safe_index, support_mask)
+                       check_index_values, check_support, grad_buffers, reduce_hidden_grad, rows_stats_reference,
+                       rows_to_visit, safe_index, support_mask, vocab_size)
 
 
 # -- the losses, one entry each ----------------------------------------------------------------------------------
@@ -140,9 +140,9 @@ KLS: Dict[str, KLEstimator] = {
     "k3": KLEstimator(lambda d: torch.exp(-d) + d - 1, lambda d: 1 - torch.exp(-d)),
     # verl's "low_var_kl": k3 with its log-ratio clamped to [-20, 20] and the value to [-10, 10]
     "low_var_kl": KLEstimator(_low_var_kl, _low_var_kl_grad),
-    # verl's "k3+": the value of k3, the gradient of k2 (unbiased for the KL's gradient on-policy)
-    "k3+": KLEstimator(lambda d: (torch.exp(-d) + d - 1).detach() + (0.5 * d * d - (0.5 * d * d).detach()),
-                       lambda d: d),
+    # verl's "k3+": the value of its clamped k3 (low_var_kl), the gradient of k2 (unbiased for the KL's gradient
+    # on-policy; TRL's default bias-corrected k3 has the same gradient on-policy, with the unclamped value)
+    "k3+": KLEstimator(lambda d: _low_var_kl(d).detach() + (0.5 * d * d - (0.5 * d * d).detach()), lambda d: d),
 }
 
 ROLLOUT_MODES = ("token_truncate", "token_mask")  # the op's; the sequence modes reduce to these in the functional
@@ -266,9 +266,13 @@ def full_kl_rows_(slab, norm, ref_slab, drv, sel, ref_hidden, ref_weight, ref_bi
     acc = ref_slab.dtype
     xr = xr.to(ref_weight.dtype if _half_on_gpu(ref_weight, acc) else acc)
     _logits_into(ref_slab, xr, ref_weight, ref_bias, _vocab_blocks(ref_weight))
-    ref_slab.mul_(inv_t)
-    ref_slab.sub_(torch.logsumexp(ref_slab, -1, keepdim=True))  # log pi_ref
-    lp = (slab * inv_t).sub_(norm[:, :1]).sub_(norm[:, 1:])  # log pi, relative to the row max
+    _, ref_norm, _, _ = drv.stats(ref_slab, ref_slab.new_zeros((ref_slab.shape[0], 1), dtype=torch.int64), inv_t,
+                                  False, False)  # the reference's row max and log-sum-exp (no temporary)
+    if not bool(torch.isfinite(ref_norm).all()):
+        raise ValueError("ref_hidden, ref_weight and ref_bias must be finite: a reference row's logits contain NaN "
+                         "or inf")
+    ref_slab.mul_(inv_t).sub_(ref_norm[:, :1]).sub_(ref_norm[:, 1:])  # log pi_ref
+    lp = (slab * inv_t).sub_(norm[:, :1]).sub_(norm[:, 1:])  # log pi, relative to the row max: the one temporary
     ref_slab.neg_().add_(lp)  # log pi - log pi_ref
     p = lp.exp_()
     kl_t = torch.linalg.vecdot(p, ref_slab)
@@ -286,7 +290,7 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
                  rollout_mode="none", rollout_cap=0.0, rollout_cap_min=0.0, support_crow=None, support_col=None,
                  ref_hidden=None, ref_weight=None, ref_bias=None):
     check_head(hidden, weight, bias, index, temperature, chunk, index_dim=1)
-    V = weight.shape[0]
+    V = vocab_size(weight)
     N = hidden.shape[0]
     acc = _checks.acc_dtype(hidden.dtype)
     for name, t in (("advantages", advantages), ("token_weight", token_weight), ("old_logp", old_logp),
@@ -360,6 +364,8 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
         part = backprop(slab, x, weight, drv.blocks, dw, db, need_x, i == 0)
         if need_x:
             dx[sel] = part.to(dx.dtype)
+    if need_x:
+        reduce_hidden_grad(dx)
     return (total, logp, ent, stats, dx, dw.to(weight.dtype) if need_w else weight.new_empty(0),
             db.to(bias.dtype) if db is not None else weight.new_empty(0))
 

@@ -1,0 +1,123 @@
+"""One rank of the vocabulary-parallel check in tests/test_vocab_parallel.py (run as ``python -m tests._tp_worker
+RANK WORLD PORT OUT``): every rank holds the same hidden states and token ids and its own rows of the LM head
+(equal shards when V divides, else the last rank fewer, with ``vocab_start``), runs each case of :data:`CASES`
+with ``tp_group``, and saves its outputs, gradients and the bytes its collectives sent."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+V_SMALL, V_LARGE = 50, 500  # the bytes sent per token must not grow with V
+
+
+def global_inputs(V=V_SMALL, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    gw = torch.Generator().manual_seed(1)  # the head's own stream: the other inputs do not depend on V
+    B, T, H = 3, 5, 8
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=gw) / H**0.5
+    bias = torch.randn(V, generator=gw) * 0.1
+    index = torch.randint(0, V_SMALL, (B, T), generator=g)
+    index[0, -1] = -100
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[:, 0] = True
+    adv = torch.randn(B, generator=g)
+    old = -torch.rand(B, T, generator=g) * 3 - 1
+    ref = -torch.rand(B, T, generator=g) * 3 - 1
+    roll = old + 0.2 * torch.randn(B, T, generator=g)
+    return (hidden.to(dtype), weight.to(dtype), bias.to(dtype), index, mask, adv, old, ref, roll)
+
+
+def shard(V, rank, world):
+    """Megatron's partition: ceil(V / world) rows per rank, the last rank the rest."""
+    per = -(-V // world)
+    start = min(V, rank * per)
+    return start, min(V, start + per)
+
+
+CASES = {
+    "ppo_k3_entropy": dict(loss="ppo_clip", old=True, ref=True, beta=0.1, kl="k3", entropy_coef=0.02,
+                           normalize="token", return_sum_pi_squared=True, return_lse=True),
+    "gspo": dict(loss="gspo", old=True, normalize="sequence"),
+    "sapo_seq_rollout": dict(loss="sapo", importance_sampling_level="sequence", old=True, normalize="sequence",
+                             rollout_correction="sequence_mask", rollout_cap=1.5),
+    "vespo_rollout": dict(loss="vespo", old=True, normalize="token", rollout_correction="token_truncate",
+                          rollout_cap=1.2),
+    "cispo_low_var_kl": dict(loss="cispo", old=True, ref=True, beta=0.2, kl="low_var_kl", temperature=0.7),
+    "reinforce_T": dict(loss="reinforce", normalize="constant", temperature=1.3, entropy_coef=0.05),
+}
+
+
+def run_policy(name, tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
+    import fastgrad.functional as F
+
+    hidden, weight, bias, index, mask, adv, old, ref, roll = global_inputs(V, dtype)
+    if rows is not None:
+        weight, bias = weight[rows[0]:rows[1]], bias[rows[0]:rows[1]]
+    kw = dict(CASES[name])
+    use_old, use_ref = kw.pop("old", False), kw.pop("ref", False)
+    if kw.get("rollout_correction"):
+        kw["rollout_logp"] = roll
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    b = bias.clone().requires_grad_(True)
+    loss, stats = F.linear_policy_loss(h, w, index, adv, mask=mask, bias=b, old_logp=old if use_old else None,
+                                       ref_logp=ref if use_ref else None, chunk_size=4, **kw, **tp_kw)
+    loss.backward()
+    return {"loss": loss.detach(), "stats": {k: v for k, v in stats.items() if v is not None},
+            "dh": h.grad, "dw": w.grad, "db": b.grad}
+
+
+def run_log_prob(tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
+    import fastgrad.functional as F
+
+    hidden, weight, bias, index, *_ = global_inputs(V, dtype)
+    if rows is not None:
+        weight, bias = weight[rows[0]:rows[1]], bias[rows[0]:rows[1]]
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = F.linear_log_prob(h, w, index, bias=bias, temperature=0.9, return_entropy=True,
+                            return_sum_pi_squared=True, return_lse=True, chunk_size=4, **tp_kw)
+    g = torch.Generator().manual_seed(1)
+    c = [torch.randn(out.logp.shape, generator=g) for _ in range(3)]
+    (c[0] * out.logp + c[1] * out.entropy + c[2] * out.lse).sum().backward()
+    return {"out": {k: getattr(out, k).detach() for k in out._fields}, "dh": h.grad, "dw": w.grad}
+
+
+def main(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from fastgrad.ops import _vocab_parallel as vp
+
+    sent = []
+    orig = vp.VocabParallel.all_reduce
+
+    def counting(self, t, op):
+        sent.append(t.numel() * t.element_size())
+        return orig(self, t, op)
+
+    vp.VocabParallel.all_reduce = counting
+    group = dist.new_group(list(range(world)))
+    res = {}
+    rows = shard(V_SMALL, rank, world)
+    tp = dict(tp_group=group, vocab_start=rows[0])
+    res["log_prob"] = run_log_prob(tp, rows=rows)
+    for name in CASES:
+        res[name] = run_policy(name, tp, rows=rows)
+    res["bf16"] = run_policy("ppo_k3_entropy", tp, dtype=torch.bfloat16, rows=rows)
+    res["partial_dh"] = run_policy("gspo", dict(tp, reduce_hidden_grad=False), rows=rows)["dh"]
+    # the bytes the row statistics send per call, at two vocabulary sizes (dX's all-reduce excluded: it is O(H))
+    for V in (V_SMALL, V_LARGE):
+        sent.clear()
+        r = shard(V, rank, world)
+        run_policy("ppo_k3_entropy", dict(tp_group=group, vocab_start=r[0], reduce_hidden_grad=False), V=V, rows=r)
+        res[f"bytes_V{V}"] = sum(sent)
+    res["rows"] = rows
+    torch.save(res, os.path.join(out, f"tp{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
