@@ -215,7 +215,8 @@ def test_mm_ceiling(benchmark, case):
         benchmark.extra_info["GFps_2NHV"] = 2 * N * H * V / MM_TIME[case] / 1e9
 
 
-CPU_ONLY = ("torch_compile", "cce_torch_compile", "liger_grpo_torch", "verl_fused_torch")  # the GPU rows: fastgrad against torch eager
+# the GPU rows: fastgrad against torch eager
+CPU_ONLY = ("torch_compile", "cce_torch_compile", "liger_grpo_torch", "verl_fused_torch")
 ROWS = [(c, i) for c in CASES for i in IMPLS if c[0] == "cpu" or i not in CPU_ONLY]
 
 

@@ -350,7 +350,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             raise ValueError("kl='full' computes the KL from ref_hidden/ref_weight: pass no ref_logp")
         _checks.finite(ref_hidden, "ref_hidden")
         _checks.finite(ref_weight, "ref_weight")
-        if chunk == 0:  # two more [chunk, V] buffers (the reference's logits, log pi): a third of the slab budget
+        if chunk_size is None:  # two more [chunk, V] buffers (the reference's logits, log pi): a third of the slab
             chunk = max(1, _lm_head.default_chunk(h2.shape[0], w.shape[0], h2.device, memory_budget) // 3)
     elif ref_hidden is not None or ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_hidden, ref_weight and ref_bias are for kl='full'")
@@ -438,11 +438,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, support=support, full_kl=full_kl)
     with _vp.vocab_parallel(tp):
         return _policy_loss_call(h2, w, b, t, chunk, index, lead, m, mf, tw, adv, old, ref, roll, loss, op_loss,
-                                 seq_ratio, ignore_index, support, rollout_correction, cap if roll is not None else None,
-                                 cap_min if roll is not None else None, vespo, eps_low, eps_high, beta, kl,
-                                 entropy_coef, return_entropy, clip_ratio_c, return_sum_pi_squared, return_lse,
-                                 sapo_tau_pos, sapo_tau_neg, full_kl, ref_hidden, ref_weight, ref_bias, hidden,
-                                 weight, bias)
+                                 seq_ratio, ignore_index, support, rollout_correction,
+                                 cap if roll is not None else None, cap_min if roll is not None else None, vespo,
+                                 eps_low, eps_high, beta, kl, entropy_coef, return_entropy, clip_ratio_c,
+                                 return_sum_pi_squared, return_lse, sapo_tau_pos, sapo_tau_neg, full_kl, ref_hidden,
+                                 ref_weight, ref_bias, hidden, weight, bias)
 
 
 def _policy_loss_call(h2, w, b, t, chunk, index, lead, m, mf, tw, adv, old, ref, roll, loss, op_loss, seq_ratio,

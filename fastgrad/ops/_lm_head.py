@@ -13,7 +13,8 @@ Ops (registered with fakes and autograd, so ``torch.compile(fullgraph=True)`` an
 Per token block (the driver below, shared by every backend): ``slab = x_blk @ W^T (+ b)`` in fp32 (float64 for
 float64 inputs; bf16/fp16 weights are converted per vocabulary block, never a half-precision GEMM), then the
 row passes (``linear_rows_stats``: the row max and the log-sum-exp relative to it, target log-probs, entropy,
-``sum p^2``; ``linear_rows_grad_``: the slab overwritten with dL/dlogits in place; C++ on the CPU, Triton on the GPU, torch otherwise), then
+``sum p^2``; ``linear_rows_grad_``: the slab overwritten with dL/dlogits in place; C++ on the CPU, Triton on the
+GPU, torch otherwise), then
 ``dX_blk = dz W`` and ``dW += dz^T x_blk`` into an fp32 accumulator cast once at the end. Rows that carry no
 loss (``index == ignore_index``, zero token weight, zero upstream gradient) are compacted out before the GEMMs:
 time scales with the valid tokens. ``logp <= 0`` and ``lse`` come out in fp32.
@@ -117,8 +118,9 @@ def cpu_bf16_plan() -> dict:
 
     ``grads="bf16"`` where a bf16 ``torch.mm`` beats fp32 by 1.3x or more (AVX512-BF16 or AMX through oneDNN): dX and
     dW are bf16 GEMMs of ``dL/dlogits`` rounded to bf16, as torch's own bf16 backward computes them, each token
-    block's dW added into the fp32 accumulator. The logits GEMM must keep fp32 outputs (a bf16 output loses 2e-3 of every log-prob) and ATen
-    exposes no fast bf16-input fp32-output CPU GEMM, so the logits use the converted fp32 weight block, through
+    block's dW added into the fp32 accumulator. The logits GEMM must keep fp32 outputs (a bf16 output loses 2e-3 of
+    every log-prob) and ATen exposes no fast bf16-input fp32-output CPU GEMM, so the logits use the converted fp32
+    weight block, through
     oneDNN's bf16 arithmetic (``fp32_precision="bf16"``, exact: the inputs are bf16 values, products are exact in
     fp32) where that measured faster than the fp32 GEMM (``logits="bf32"``), else the fp32 GEMM."""
     if _CPU_BF16_PLAN:
@@ -143,14 +145,16 @@ def cpu_bf16_plan() -> dict:
 
     t32 = best(lambda: a @ b)
     t16 = best(lambda: ab @ bb)
-    prev = mk.fp32_precision
-    try:
-        mk.fp32_precision = "bf16"
-        tb32 = best(lambda: a @ b)
-    except Exception:  # an ATen without oneDNN's bf16 arithmetic
-        tb32 = math.inf
-    finally:
-        mk.fp32_precision = prev
+    prev = getattr(mk, "fp32_precision", None)
+    tb32 = math.inf  # an ATen without oneDNN's bf16 arithmetic for fp32 GEMMs
+    if prev is not None:
+        try:
+            mk.fp32_precision = "bf16"
+            tb32 = best(lambda: a @ b)
+        except Exception:
+            pass
+        finally:
+            mk.fp32_precision = prev
     speedup = t32 / t16
     grads = force if force != "auto" else ("bf16" if speedup >= 1.3 else "fp32")
     logits = "bf32" if (grads == "bf16" and tb32 < 0.9 * t32) else "fp32"

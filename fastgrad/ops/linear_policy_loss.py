@@ -280,8 +280,9 @@ def full_kl_rows_(slab, norm, ref_slab, drv, sel, ref_hidden, ref_weight, ref_bi
     return kl_t
 
 
+# the schema's trailing arguments, with defaults
 _EXTRA = ("clip_ratio_c", "want_sum_sq", "want_lse", "sapo_tau_pos", "sapo_tau_neg", "rollout_logp", "rollout_mode",
-          "rollout_cap", "rollout_cap_min", "support_crow", "support_col", "ref_hidden", "ref_weight", "ref_bias")  # the schema's trailing arguments, with defaults
+          "rollout_cap", "rollout_cap_min", "support_crow", "support_col", "ref_hidden", "ref_weight", "ref_bias")
 
 
 def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp, ref_logp, temperature, ignore_index,
