@@ -49,12 +49,16 @@ CASES = {
 }
 
 
-def run_policy(name, tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
+def run_policy(name, tp_kw, V=V_SMALL, dtype=torch.float32, rows=None, mesh=None):
     import fastgrad.functional as F
 
     hidden, weight, bias, index, mask, adv, old, ref, roll = global_inputs(V, dtype)
     if rows is not None:
         weight, bias = weight[rows[0]:rows[1]], bias[rows[0]:rows[1]]
+    if mesh is not None:  # a DTensor head: distribute_tensor gives each rank its Shard(0) rows
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        weight, bias = (distribute_tensor(t, mesh, [Shard(0)]) for t in (weight, bias))
     kw = dict(CASES[name])
     use_old, use_ref = kw.pop("old", False), kw.pop("ref", False)
     if kw.get("rollout_correction"):
@@ -65,6 +69,9 @@ def run_policy(name, tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
     loss, stats = F.linear_policy_loss(h, w, index, adv, mask=mask, bias=b, old_logp=old if use_old else None,
                                        ref_logp=ref if use_ref else None, chunk_size=4, **kw, **tp_kw)
     loss.backward()
+    if mesh is not None:  # the gradients are DTensors sharded as the head: gather them for the comparison
+        assert type(w.grad).__name__ == "DTensor"
+        return {"loss": loss.detach(), "dh": h.grad, "dw": w.grad.full_tensor(), "db": b.grad.full_tensor()}
     return {"loss": loss.detach(), "stats": {k: v for k, v in stats.items() if v is not None},
             "dh": h.grad, "dw": w.grad, "db": b.grad}
 
@@ -107,6 +114,9 @@ def main(rank, world, port, out):
         res[name] = run_policy(name, tp, rows=rows)
     res["bf16"] = run_policy("ppo_k3_entropy", tp, dtype=torch.bfloat16, rows=rows)
     res["partial_dh"] = run_policy("gspo", dict(tp, reduce_hidden_grad=False), rows=rows)["dh"]
+    from torch.distributed.device_mesh import init_device_mesh
+
+    res["dtensor"] = run_policy("ppo_k3_entropy", {}, mesh=init_device_mesh("cpu", (world,)))
     # the bytes the row statistics send per call, at two vocabulary sizes (dX's all-reduce excluded: it is O(H))
     for V in (V_SMALL, V_LARGE):
         sent.clear()

@@ -2,8 +2,8 @@
 vocabulary that does not divide): every loss, statistic and gradient equals the single process's on the whole head
 (fp32: 1e-5 absolute on log-probs and statistics, 1e-4 relative to the largest entry of the whole head's gradient;
 bf16: the single process's bf16 result to bf16 rounding), every rank returns the same outputs, ``weight.grad`` is
-the rank's shard of the whole gradient, ``reduce_hidden_grad=False`` leaves partial sums that add up, and the bytes
-the row statistics send do not grow with V."""
+the rank's shard of the whole gradient, ``reduce_hidden_grad=False`` leaves partial sums that add up, a DTensor head
+sharded ``Shard(0)`` works without ``tp_group``, and the bytes the row statistics send do not grow with V."""
 import os
 import socket
 import subprocess
@@ -86,6 +86,14 @@ def test_vocabulary_parallel_equals_the_whole_head(world, tmp_path):
     # reduce_hidden_grad=False: each rank's partial dX; their sum is the whole gradient
     _close_grad([sum(r["partial_dh"] for r in ranks)], worker.run_policy("gspo", {})["dh"], 1e-4)
     assert not torch.allclose(ranks[0]["partial_dh"], ranks[1]["partial_dh"])
+
+    # a DTensor head sharded Shard(0): no tp_group, the same results, and DTensor gradients (gathered here)
+    one = worker.run_policy("ppo_k3_entropy", {})
+    for r in ranks:
+        torch.testing.assert_close(r["dtensor"]["loss"], one["loss"], atol=1e-5, rtol=1e-5)
+        _close_grad([r["dtensor"]["dh"]], one["dh"], 1e-4)
+        _close_grad([r["dtensor"]["dw"]], one["dw"], 1e-4)
+        _close_grad([r["dtensor"]["db"]], one["db"], 1e-4)
 
     # O(1) floats per token in V: the statistics' collectives send the same bytes at V = 50 and V = 500
     for r in ranks:

@@ -61,6 +61,33 @@ def _tp_setup(tp_group, weight, vocab_start, reduce_hidden_grad, support=None, f
     return _vp.setup(tp_group, weight.shape[0], vocab_start, reduce_hidden_grad, weight.device)
 
 
+def _unshard(weight, bias, tp_group, vocab_start):
+    """A DTensor LM head sharded ``Shard(0)`` on a 1-D mesh: its local rows, the mesh's group and this rank's first
+    id (DTensor's split: ``ceil(V / world)`` rows per rank, the last ones fewer). Anything else passes through."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # a torch without DTensor
+        return weight, bias, tp_group, vocab_start
+    if not isinstance(weight, DTensor):
+        if isinstance(bias, DTensor):
+            raise TypeError("bias is a DTensor but weight is not: shard both, or neither")
+        return weight, bias, tp_group, vocab_start
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"a DTensor weight must be sharded Shard(0) on a 1-D mesh (the vocabulary split), got "
+                         f"{tuple(weight.placements)} on a {mesh.ndim}-D mesh")
+    if tp_group is not None or vocab_start is not None:
+        raise ValueError("a DTensor weight carries its group and offset: pass no tp_group or vocab_start")
+    V, world, rank = weight.shape[0], mesh.size(), mesh.get_local_rank()
+    per = -(-V // world)
+    start = min(V, rank * per)
+    if bias is not None:
+        if not isinstance(bias, DTensor) or tuple(bias.placements) != (Shard(0),):
+            raise ValueError("with a DTensor weight, bias must be a DTensor sharded Shard(0) on the same mesh")
+        bias = bias.to_local()
+    return weight.to_local(), bias, mesh.get_group(), start
+
+
 def _support_args(support):
     if support is None:
         return None, None
@@ -114,7 +141,9 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
             Per token and block, two all-reduces of O(1) floats (row max; sum of exponentials, target logit,
             entropy and sum_pi_squared partials), never logits. ``weight.grad`` is this rank's shard's gradient.
         vocab_start: this rank's first global id; default ``rank * V_local`` (an equal partition). When V does not
-            divide, each rank passes only its real rows and its ``vocab_start``.
+            divide, each rank passes only its real rows and its ``vocab_start``. A ``weight`` that is a DTensor
+            sharded ``Shard(0)`` on a 1-D mesh needs neither: the group and the offset come from it (and
+            ``weight.grad`` is a DTensor too).
         reduce_hidden_grad: under ``tp_group``, ``hidden.grad`` is the whole vocabulary's gradient on every rank
             (one all-reduce of dX); False leaves this rank's partial sum, for frameworks whose column-parallel
             layer reduces it (Megatron's ``copy_to_tensor_model_parallel_region``).
@@ -125,6 +154,7 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
         ``entropy``, ``sum_pi_squared``, ``lse`` (each of index's shape, 0 at ignored tokens), so
         ``logp, ent = linear_log_prob(..., return_entropy=True)`` unpacks.
     """
+    weight, bias, tp_group, vocab_start = _unshard(weight, bias, tp_group, vocab_start)
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(hidden.shape[:-1])
     crow, col = _support_args(support)
@@ -322,6 +352,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
         ``clip_frac``, ``ratio_mean``, ``rollout_weight_mean`` (means over the loss tokens; the weight is 1 without
         a correction), ``sum_pi_squared`` / ``lse`` when asked, ``vespo_phi_mean`` for ``"vespo"``.
     """
+    weight, bias, tp_group, vocab_start = _unshard(weight, bias, tp_group, vocab_start)
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(index.shape)
     if normalize not in ("token", "sequence", "constant"):
@@ -552,6 +583,7 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
                         f"{getattr(samples, 'dtype', type(samples).__name__)} {tuple(getattr(samples, 'shape', ()))}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be [R, H], got {tuple(getattr(hidden, 'shape', ()))}")
+    weight, bias, tp_group, vocab_start = _unshard(weight, bias, tp_group, vocab_start)
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, samples, bias, temperature, chunk_size, None, index_extra=1)
     cost = check_real(cost, "cost")
     acc = _checks.acc_dtype(h2.dtype)
