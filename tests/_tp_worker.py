@@ -92,9 +92,64 @@ def run_log_prob(tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
     return {"out": {k: getattr(out, k).detach() for k in out._fields}, "dh": h.grad, "dw": w.grad}
 
 
+def grid(rank, out):
+    """A 2 x 2 grid: data parallel over {0, 2} and {1, 3} (two sequences each), tensor parallel over {0, 1} and
+    {2, 3} (half the vocabulary each). The global token count before the loss, as DDP users do; the loss's
+    collectives on the tensor-parallel group only; dW all-reduced over the data-parallel group."""
+    import fastgrad.functional as F
+    from fastgrad.ops import _vocab_parallel as vp
+
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    dp, tp = rank // 2, rank % 2
+    tp_g, dp_g = tp_groups[dp], dp_groups[tp]
+    groups = []
+    orig = vp.VocabParallel.all_reduce
+
+    def recording(self, t, op):
+        groups.append(self.group is tp_g)
+        return orig(self, t, op)
+
+    vp.VocabParallel.all_reduce = recording
+    hidden, weight, bias, index, mask, adv, old, ref, roll = global_inputs(V_SMALL)
+    B = hidden.shape[0] + 1  # 4 sequences: the 3 of global_inputs and a copy of the first
+    hidden, index, mask, adv, old = (torch.cat([t, t[:1]]) for t in (hidden, index, mask, adv, old))
+    seq = slice(dp * B // 2, (dp + 1) * B // 2)
+    rows = shard(V_SMALL, tp, 2)
+    count = (mask[seq] & (index[seq] != -100)).sum().float()
+    dist.all_reduce(count, group=dp_g)  # the global normalizer, before the loss
+    h = hidden[seq].clone().requires_grad_(True)
+    w = weight[rows[0]:rows[1]].clone().requires_grad_(True)
+    loss, _ = F.linear_policy_loss(h, w, index[seq], adv[seq], mask=mask[seq], old_logp=old[seq], loss="ppo_clip",
+                                   entropy_coef=0.01, num_items=float(count), tp_group=tp_g, vocab_start=rows[0],
+                                   chunk_size=3)
+    loss.backward()
+    dist.all_reduce(w.grad, group=dp_g)  # DDP's share of the data-parallel gradient
+    torch.save({"loss": loss.detach(), "dh": h.grad, "dw": w.grad, "rows": rows, "seq": (seq.start, seq.stop),
+                "tp_only": all(groups) and len(groups) > 0}, os.path.join(out, f"grid{rank}.pt"))
+
+
+def grid_reference():
+    """The single process's loss and gradients on the whole batch and head of :func:`grid`."""
+    import fastgrad.functional as F
+
+    hidden, weight, bias, index, mask, adv, old, ref, roll = global_inputs(V_SMALL)
+    hidden, index, mask, adv, old = (torch.cat([t, t[:1]]) for t in (hidden, index, mask, adv, old))
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    loss, _ = F.linear_policy_loss(h, w, index, adv, mask=mask, old_logp=old, loss="ppo_clip", entropy_coef=0.01)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
 def main(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if os.environ.get("FASTGRAD_TP_GRID") == "1":
+        grid(rank, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     from fastgrad.ops import _vocab_parallel as vp
 
     sent = []

@@ -26,9 +26,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(world, tmp_path):
+def _launch(world, tmp_path, **extra_env):
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **extra_env)
     procs = [subprocess.Popen([sys.executable, "-m", "tests._tp_worker", str(r), str(world), str(port), str(tmp_path)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
@@ -43,7 +44,8 @@ def _launch(world, tmp_path):
         logs.append(out.decode(errors="replace"))
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    return [torch.load(tmp_path / f"tp{r}.pt") for r in range(world)]
+    name = "grid" if extra_env.get("FASTGRAD_TP_GRID") == "1" else "tp"
+    return [torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)]
 
 
 def _close_grad(shards, whole, tol):
@@ -98,3 +100,20 @@ def test_vocabulary_parallel_equals_the_whole_head(world, tmp_path):
     # O(1) floats per token in V: the statistics' collectives send the same bytes at V = 50 and V = 500
     for r in ranks:
         assert r[f"bytes_V{worker.V_SMALL}"] == r[f"bytes_V{worker.V_LARGE}"] > 0
+
+
+def test_data_parallel_by_tensor_parallel_grid(tmp_path):
+    # 4 processes: 2-way data parallel x 2-way vocabulary parallel; the sum of the data-parallel ranks' losses is the
+    # whole batch's loss, each rank's dX rows and dW shard are the whole problem's, the loss's collectives all ran on
+    # the tensor-parallel group
+    ranks = _launch(4, tmp_path, FASTGRAD_TP_GRID="1")
+    loss, dh, dw = worker.grid_reference()
+    for tp in (0, 1):
+        total = sum(r["loss"] for k, r in enumerate(ranks) if k % 2 == tp)
+        torch.testing.assert_close(total, loss, atol=1e-5, rtol=1e-5)
+    for r in ranks:
+        assert r["tp_only"]
+        a, b = r["seq"]
+        _close_grad([r["dh"]], dh[a:b], 1e-4)
+        lo, hi = r["rows"]
+        assert float((r["dw"] - dw[lo:hi]).abs().max()) <= 1e-4 * float(dw.abs().max())
