@@ -1,10 +1,6 @@
 """fastgrad under torch.distributed (gloo, 2 processes started here): a data-parallel step of the fused policy
 loss equals the single-process step on the concatenated batch, given the global ``num_items``; samples drawn with a
 rank-aware Philox offset are distinct across ranks and, together, the single-process draw."""
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,36 +9,15 @@ import torch.distributed as dist
 import fastgrad.functional as F
 
 from . import _dist_worker as worker
+from ._launch import run_ranks
 
 pytestmark = pytest.mark.slow  # starts 2 gloo processes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_data_parallel_step_equals_single_process(tmp_path):
     assert dist.is_available() and dist.is_gloo_available()
-    world, port = 2, _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._dist_worker", str(r), str(world), str(port),
-                               str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out.decode(errors="replace"))
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    world = 2
+    run_ranks("tests._dist_worker", world, tmp_path, timeout=240)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     hidden, weight, index, mask, adv, old, ref, logits = worker.global_inputs()

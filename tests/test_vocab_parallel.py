@@ -4,46 +4,19 @@ vocabulary that does not divide): every loss, statistic and gradient equals the 
 bf16: the single process's bf16 result to bf16 rounding), every rank returns the same outputs, ``weight.grad`` is
 the rank's shard of the whole gradient, ``reduce_hidden_grad=False`` leaves partial sums that add up, a DTensor head
 sharded ``Shard(0)`` works without ``tp_group``, and the bytes the row statistics send do not grow with V."""
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from . import _tp_worker as worker
+from ._launch import run_ranks
 
 pytestmark = pytest.mark.slow  # starts gloo processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(world, tmp_path, **extra_env):
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **extra_env)
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._tp_worker", str(r), str(world), str(port), str(tmp_path)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out.decode(errors="replace"))
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    run_ranks("tests._tp_worker", world, tmp_path, timeout=300, **extra_env)
     name = "grid" if extra_env.get("FASTGRAD_TP_GRID") == "1" else "tp"
     return [torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)]
 
