@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up on a fresh machine (and a quick no-op on a set-up one): a virtualenv in .venv with torch 2.14.1 (CUDA
-# build, brings triton), the test/plot/docs extras, and fastgrad built in place.
+# build, brings triton), the test/plot/docs extras, the trainers of fastgrad.integrations (TRL, verl), and fastgrad
+# built in place.
 #   C++ kernels: always. CUDA kernels: when a GPU is visible (nvidia-smi), or when asked with FASTGRAD_CUDA=1,
 #   or under CI (CI=true), so the CUDA sources keep compiling; FASTGRAD_NO_CUDA=1 skips them in every case.
 #   The build is skipped when the extension is newer than every source and has the kernels wanted.
@@ -12,8 +13,12 @@ V=.venv/bin/python
 $V -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
 $V -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null \
   || { echo "setup: installing torch 2.14.1 (a few minutes)"; $V -m pip install -q torch==2.14.1; }
-$V -m pip install -q numpy tqdm ninja pytest pytest-benchmark scipy matplotlib psutil \
-  $($V -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]))')
+extra() { $V -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['$1']))"; }
+$V -m pip install -q numpy tqdm ninja pytest pytest-benchmark scipy matplotlib psutil $(extra docs)
+# The trainers the integration tests compare against (fastgrad.integrations): TRL with its dependencies (the trl
+# extra), verl without them (its pins would replace torch) plus what its modules import.
+$V -m pip install -q $(extra trl) $(extra verl-imports)
+$V -m pip show -q verl 2>/dev/null || $V -m pip install -q --no-deps verl==0.9.1
 
 want_cuda=0
 if [ -z "${FASTGRAD_NO_CUDA:-}" ] && [ -x /usr/local/cuda/bin/nvcc -o -n "${CUDA_HOME:-}" ]; then

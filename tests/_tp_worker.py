@@ -92,6 +92,21 @@ def run_log_prob(tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
     return {"out": {k: getattr(out, k).detach() for k in out._fields}, "dh": h.grad, "dw": w.grad}
 
 
+def run_verl_head(tp_kw, rows=None):
+    """fastgrad.integrations.verl.FusedLinearForPPO with ``tp_group`` passed through (verl's head has no bias)."""
+    from fastgrad.integrations.verl import FusedLinearForPPO
+
+    hidden, weight, bias, index, *_ = global_inputs()
+    index = index.clamp_min(0)  # verl's input ids are all real tokens
+    if rows is not None:
+        weight = weight[rows[0]:rows[1]]
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    logp, ent, sq = FusedLinearForPPO(chunk_size=4, **tp_kw)(h, w, index, 0.8, return_sum_pi_squared=True)
+    (logp.sum() - 0.3 * ent.sum()).backward()
+    return {"out": (logp.detach(), ent.detach(), sq), "dh": h.grad, "dw": w.grad}
+
+
 def grid(rank, out):
     """A 2 x 2 grid: data parallel over {0, 2} and {1, 3} (two sequences each), tensor parallel over {0, 1} and
     {2, 3} (half the vocabulary each). The global token count before the loss, as DDP users do; the loss's
@@ -167,6 +182,7 @@ def main(rank, world, port, out):
     res["log_prob"] = run_log_prob(tp, rows=rows)
     for name in CASES:
         res[name] = run_policy(name, tp, rows=rows)
+    res["verl"] = run_verl_head(tp, rows=rows)
     res["bf16"] = run_policy("ppo_k3_entropy", tp, dtype=torch.bfloat16, rows=rows)
     res["partial_dh"] = run_policy("gspo", dict(tp, reduce_hidden_grad=False), rows=rows)["dh"]
     from torch.distributed.device_mesh import init_device_mesh

@@ -50,6 +50,13 @@ def test_vocabulary_parallel_equals_the_whole_head(world, tmp_path):
         _close_grad([r[name]["dw"] for r in ranks], one["dw"], 1e-4)
         _close_grad([r[name]["db"] for r in ranks], one["db"], 1e-4)
 
+    one = worker.run_verl_head({})  # the verl adapter passes tp_group through
+    for r in ranks:
+        for a, b in zip(r["verl"]["out"], one["out"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        _close_grad([r["verl"]["dh"]], one["dh"], 1e-4)
+    _close_grad([r["verl"]["dw"] for r in ranks], one["dw"], 1e-4)
+
     bf = worker.run_policy("ppo_k3_entropy", {}, dtype=torch.bfloat16)
     for r in ranks:
         assert r["bf16"]["dh"].dtype == torch.bfloat16
