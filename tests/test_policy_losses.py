@@ -95,6 +95,8 @@ def oracle(h, w, b, idx, adv, mask, *, loss, level="token", old=None, ref=None, 
                 k2 = 0.5 * x * x
                 val = val.detach() + k2 - k2.detach()
             per_token = per_token + beta * val
+        elif kl == "k3_is":  # TRL's use_bias_correction_kl: k3 times the token's ratio, not detached
+            per_token = per_token + beta * (torch.exp(x) - x - 1) * torch.exp(logp - o)
         else:
             per_token = per_token + beta * (torch.exp(x) - x - 1)
     per_token = per_token - entropy_coef * ent
@@ -122,6 +124,9 @@ CASES = [
     dict(loss="cispo", normalize="token", old=True, mode="sequence_mask", cap=0.9),
     dict(loss="ppo_clip", normalize="token", old=True, beta=0.3, kl="low_var_kl"),
     dict(loss="reinforce", normalize="sequence", beta=0.3, kl="k3+"),
+    dict(loss="ppo_clip", normalize="token", old=True, beta=0.3, kl="k3_is", entropy_coef=0.02),
+    dict(loss="sapo", normalize="sequence", beta=0.2, kl="k3_is"),  # on-policy: the ratio's gradient still counts
+    dict(loss="vespo", normalize="token", old=True, beta=0.2, kl="k3_is"),
     dict(loss="ppo_clip", level="sequence", normalize="sequence", old=True, support=6),  # GSPO
     dict(loss="vespo", normalize="token", old=True, support=4),
 ]
@@ -281,6 +286,7 @@ def test_bad_correction_arguments_are_clear_errors():
         (dict(importance_sampling_level="tok"), "importance_sampling_level must be"),
         (dict(loss="sapo", sapo_tau_pos=0.0), "sapo_tau_pos must be >"),
         (dict(rollout_logp=roll + float("inf"), rollout_correction="token_mask"), "must not contain \\+inf"),
+        (dict(loss="gspo", old_logp=old, ref_logp=ref, beta=0.1, kl="k3_is"), "own importance ratio"),
     ]
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):

@@ -298,7 +298,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     ``"sequence_mask"`` with ``rollout_cap=3``; verl's token TIS is ``"token_truncate"``, ``rollout_cap=2``.
 
     Plus ``beta`` times the ``kl`` estimator to ``ref_logp`` (``"k1"``, ``"k2"``, ``"k3"``: TRL's, unclamped;
-    ``"low_var_kl"``: verl's clamped k3; ``"k3+"``: verl's k3 value with k2's gradient), or with ``kl="full"`` the
+    ``"low_var_kl"``: verl's clamped k3; ``"k3+"``: verl's k3 value with k2's gradient; ``"k3_is"``: k3 times the
+    token's importance ratio ``exp(logp - old_logp)``, differentiable, TRL's default ``use_bias_correction_kl``,
+    DeepSeek-V3.2's unbiased KL gradient; token-level ratios only), or with ``kl="full"`` the
     exact ``KL(pi || pi_ref)`` over the whole vocabulary from ``ref_hidden``/``ref_weight`` (the reference model's
     last hidden states and LM head, at the policy's temperature: one more GEMM and ``[chunk, V]`` slab per block,
     exact gradient ``pi (log pi - log pi_ref - KL) / T`` for the policy's logits, none for the reference), and
@@ -399,6 +401,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
     if seq_ratio and op_loss not in _SEQUENCE_LOSSES:
         raise ValueError(f"importance_sampling_level='sequence' applies to {_SEQUENCE_LOSSES} (and 'gspo'), not "
                          f"{loss!r}")
+    if seq_ratio and kl == "k3_is" and beta != 0:
+        raise ValueError("kl='k3_is' weights each token's k3 by its own importance ratio; with a sequence-level "
+                         "ratio (importance_sampling_level='sequence' or 'gspo') use another kl")
     if (seq_ratio or loss == "vespo") and len(lead) != 2:
         what = f"loss={loss!r}" if loss in ("gspo", "vespo") else "importance_sampling_level='sequence'"
         raise ValueError(f"{what} needs [B, T] inputs (its ratio is per sequence), got index {lead}")

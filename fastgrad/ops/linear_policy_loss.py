@@ -116,10 +116,12 @@ LOSSES: Dict[str, TokenLoss] = {
 @dataclass(frozen=True)
 class KLEstimator:
     """Schulman's estimators of ``KL(pi || ref)`` per token as functions of ``d = logp - ref_logp``: ``value(d)``
-    and ``dvalue(d) = d value / d logp``."""
+    and ``dvalue(d) = d value / d logp``. ``times_ratio``: the estimate is multiplied by the token's importance
+    ratio ``r = exp(logp - old_logp)``, differentiable (value ``r v(d)``, derivative ``r (v'(d) + v(d))``)."""
 
     value: Callable[[torch.Tensor], torch.Tensor]
     dvalue: Callable[[torch.Tensor], torch.Tensor]
+    times_ratio: bool = False
 
 
 def _low_var_kl(d):
@@ -143,6 +145,10 @@ KLS: Dict[str, KLEstimator] = {
     # verl's "k3+": the value of its clamped k3 (low_var_kl), the gradient of k2 (unbiased for the KL's gradient
     # on-policy; TRL's default bias-corrected k3 has the same gradient on-policy, with the unclamped value)
     "k3+": KLEstimator(lambda d: _low_var_kl(d).detach() + (0.5 * d * d - (0.5 * d * d).detach()), lambda d: d),
+    # k3 times the importance ratio (DeepSeek-AI 2025, DeepSeek-V3.2, arXiv:2512.02556: the unbiased reverse-KL
+    # gradient off-policy; TRL 1.16's default use_bias_correction_kl=True). On-policy its value is k3's and its
+    # gradient k3' + k3 = d, k2's.
+    "k3_is": KLEstimator(lambda d: torch.exp(-d) + d - 1, lambda d: 1 - torch.exp(-d), times_ratio=True),
 }
 
 ROLLOUT_MODES = ("token_truncate", "token_mask")  # the op's; the sequence modes reduce to these in the functional
@@ -183,8 +189,9 @@ def token_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], advantages: 
     * ``rollout`` (a constant per token, :func:`rollout_weight`) multiplies the policy term above only.
     * KL to the reference policy, ``beta * kl``: ``"k1"`` ``logp - ref``, ``"k2"`` ``(logp - ref)^2 / 2``,
       ``"k3"`` ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's estimators, as in GRPO, Shao et al. 2024; TRL's),
-      ``"low_var_kl"`` (verl's k3: log-ratio clamped to [-20, 20], value to [-10, 10]) and ``"k3+"`` (verl: k3's
-      value, k2's gradient).
+      ``"low_var_kl"`` (verl's k3: log-ratio clamped to [-20, 20], value to [-10, 10]), ``"k3+"`` (verl: k3's
+      value, k2's gradient) and ``"k3_is"`` (k3 times the importance ratio ``exp(logp - old_logp)``, differentiable:
+      DeepSeek-V3.2's unbiased KL gradient off-policy, TRL's ``use_bias_correction_kl``).
     * entropy bonus: ``-entropy_coef * H``.
     """
     old = logp.detach() if old_logp is None else old_logp
@@ -194,6 +201,8 @@ def token_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], advantages: 
     kl_t = torch.zeros_like(logp)
     if ref_logp is not None:
         kl_t = KLS[kl].value(logp - ref_logp)
+        if KLS[kl].times_ratio:
+            kl_t = kl_t * torch.exp(logp - old)
         if beta != 0:
             l_t = l_t + beta * kl_t
     if entropy_coef != 0:
@@ -211,7 +220,9 @@ def token_loss_grad(logp: torch.Tensor, advantages: torch.Tensor, old_logp: Opti
     if rollout is not None:
         c = c * rollout
     if ref_logp is not None and beta != 0:
-        c = c + beta * KLS[kl].dvalue(logp - ref_logp)
+        est = KLS[kl]
+        dk = est.dvalue(logp - ref_logp)
+        c = c + beta * (torch.exp(logp - old) * (dk + est.value(logp - ref_logp)) if est.times_ratio else dk)
     return c, -entropy_coef
 
 
