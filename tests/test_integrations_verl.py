@@ -135,3 +135,23 @@ def test_install_routes_verl_model_forward(monkeypatch):
     torch.testing.assert_close(ours[1], theirs[1], atol=1e-5, rtol=0)
     _close_rel(ours[2], theirs[2], 1e-4)
     _close_rel(ours[3], theirs[3], 1e-4)
+
+
+@pytest.mark.slow  # starts a local Ray instance (~10 s)
+def test_install_as_ray_worker_process_setup_hook():
+    """The docs' configuration line: Ray runs install() in each worker process it starts, so verl's actors, which
+    import FusedLinearForPPO from verl's module at each forward, get fastgrad's."""
+    ray = require("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "fastgrad.integrations.verl.install"})
+    try:
+        @ray.remote
+        def which():
+            import verl.utils.experimental.torch_functional as tf
+
+            return tf.FusedLinearForPPO.__module__
+
+        assert ray.get(which.remote()) == "fastgrad.integrations.verl"
+    finally:
+        ray.shutdown()
+    assert verl_tf.FusedLinearForPPO.__module__ == "verl.utils.experimental.torch_functional"  # the driver's own
