@@ -29,6 +29,22 @@ def global_inputs(V=V_SMALL, dtype=torch.float32):
     return (hidden.to(dtype), weight.to(dtype), bias.to(dtype), index, mask, adv, old, ref, roll)
 
 
+def global_support(index, V, k=12):
+    """A top-k-like sampling support per token (CSR over global ids, sorted): k ids including the target; the
+    ignored token's row is empty."""
+    g = torch.Generator().manual_seed(5)
+    flat = index.reshape(-1)
+    rows = []
+    for t in flat.tolist():
+        if t < 0:
+            rows.append(torch.empty(0, dtype=torch.int64))
+            continue
+        others = torch.randperm(V, generator=g)[:k]
+        rows.append(torch.unique(torch.cat([others[others != t][:k - 1], torch.tensor([t])])))
+    crow = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    return crow, torch.cat(rows)
+
+
 def shard(V, rank, world):
     """Megatron's partition: ceil(V / world) rows per rank, the last rank the rest."""
     per = -(-V // world)
@@ -46,6 +62,9 @@ CASES = {
                           rollout_cap=1.2),
     "cispo_low_var_kl": dict(loss="cispo", old=True, ref=True, beta=0.2, kl="low_var_kl", temperature=0.7),
     "reinforce_T": dict(loss="reinforce", normalize="constant", temperature=1.3, entropy_coef=0.05),
+    "support_replay": dict(loss="ppo_clip", old=True, ref=True, beta=0.1, entropy_coef=0.02, support=True,
+                           return_sum_pi_squared=True, return_lse=True),
+    "full_kl": dict(loss="ppo_clip", old=True, beta=0.2, kl="full", entropy_coef=0.01, temperature=0.8),
 }
 
 
@@ -63,6 +82,14 @@ def run_policy(name, tp_kw, V=V_SMALL, dtype=torch.float32, rows=None, mesh=None
     use_old, use_ref = kw.pop("old", False), kw.pop("ref", False)
     if kw.get("rollout_correction"):
         kw["rollout_logp"] = roll
+    if kw.pop("support", False):
+        kw["support"] = global_support(index, V)
+    if kw.get("kl") == "full":  # a reference head: its own stream, sharded as the policy's
+        gr = torch.Generator().manual_seed(2)
+        ref_w = (torch.randn(V, hidden.shape[-1], generator=gr) / hidden.shape[-1]**0.5).to(dtype)
+        if rows is not None:
+            ref_w = ref_w[rows[0]:rows[1]]
+        kw.update(ref_hidden=hidden + 0.1, ref_weight=ref_w)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     b = bias.clone().requires_grad_(True)
@@ -76,7 +103,7 @@ def run_policy(name, tp_kw, V=V_SMALL, dtype=torch.float32, rows=None, mesh=None
             "dh": h.grad, "dw": w.grad, "db": b.grad}
 
 
-def run_log_prob(tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
+def run_log_prob(tp_kw, V=V_SMALL, dtype=torch.float32, rows=None, support=True):
     import fastgrad.functional as F
 
     hidden, weight, bias, index, *_ = global_inputs(V, dtype)
@@ -86,6 +113,11 @@ def run_log_prob(tp_kw, V=V_SMALL, dtype=torch.float32, rows=None):
     w = weight.clone().requires_grad_(True)
     out = F.linear_log_prob(h, w, index, bias=bias, temperature=0.9, return_entropy=True,
                             return_sum_pi_squared=True, return_lse=True, chunk_size=4, **tp_kw)
+    if support:  # the same statistics renormalized over a sampling support
+        out_s = F.linear_log_prob(h, w, index, bias=bias, temperature=0.9, return_entropy=True,
+                                  return_sum_pi_squared=True, return_lse=True, chunk_size=4,
+                                  support=global_support(index, V), **tp_kw)
+        out = type(out)(*(a + b for a, b in zip(out, out_s)))
     g = torch.Generator().manual_seed(1)
     c = [torch.randn(out.logp.shape, generator=g) for _ in range(3)]
     (c[0] * out.logp + c[1] * out.entropy + c[2] * out.lse).sum().backward()

@@ -51,13 +51,11 @@ def _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budg
 _LOG_PROB_FIELDS = ("logp", "entropy", "sum_pi_squared", "lse")
 
 
-def _tp_setup(tp_group, weight, vocab_start, reduce_hidden_grad, support=None, full_kl=False):
+def _tp_setup(tp_group, weight, vocab_start, reduce_hidden_grad):
     if tp_group is None:
         if vocab_start is not None:
             raise ValueError("vocab_start is for a vocabulary-parallel head: pass tp_group too")
         return None
-    if support is not None or full_kl:
-        raise ValueError("tp_group with support= or kl='full' is not supported yet")
     return _vp.setup(tp_group, weight.shape[0], vocab_start, reduce_hidden_grad, weight.device)
 
 
@@ -158,7 +156,7 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(hidden.shape[:-1])
     crow, col = _support_args(support)
-    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, support=support)
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad)
     with _vp.vocab_parallel(tp):
         logp, lse, ent, sq, _norm = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t,
                                                         int(ignore_index), bool(return_entropy), chunk,
@@ -345,7 +343,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             log-softmax is restricted to the support the tokens were drawn from); a loss token's target outside its
             support is a ValueError.
         tp_group / vocab_start / reduce_hidden_grad: a vocabulary split over a tensor-parallel group, as in
-            :func:`linear_log_prob`: every option works; the loss and stats are the same on every rank.
+            :func:`linear_log_prob`: every option works; the loss and stats are the same on every rank. ``support``
+            holds global ids; with ``kl="full"``, ``ref_weight`` (and ``ref_bias``) are this rank's rows of the
+            reference head (a plain tensor; one more all-reduce of the per-token KL's partial sums).
 
     Returns:
         ``(loss, stats)``: the fp32 scalar loss (differentiable w.r.t. hidden, weight, bias; its backward scales the
@@ -471,7 +471,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             z = (lead[0] if len(lead) == 2 else 1) * (max_length or lead[-1])
         tw = mf / z
 
-    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, support=support, full_kl=full_kl)
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad)
     with _vp.vocab_parallel(tp):
         return _policy_loss_call(h2, w, b, t, chunk, index, lead, m, mf, tw, adv, old, ref, roll, loss, op_loss,
                                  seq_ratio, ignore_index, support, rollout_correction,

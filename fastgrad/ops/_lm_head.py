@@ -411,12 +411,14 @@ class Driver:
         rows_buf = max(min(self.tb, M), _MIN_GEMM_ROWS if self.pad else 0)
         self.slab_buf = hidden.new_empty((rows_buf, V), dtype=self.acc) if M else None
         self.stats, self.grad_ = row_kernels(hidden.device)
+        self.tp = _vp.current()
+        if support is not None and self.tp is not None:  # this rank's columns of each token's support
+            support = _vp.local_support(self.tp, *support)
         self.support = support
         self._seg = self._flat = None
         if support is not None:
             self.stats = lambda *a: support_stats(*a, self._seg, self._flat)
             self.grad_ = lambda *a: support_grad_(*a, self._seg, self._flat)
-        self.tp = _vp.current()
         if self.tp is not None:  # a vocabulary shard: local row passes, merged over the group (O(1) per token)
             self.stats, self.grad_ = _tp_rows(self.tp, self.stats, self.grad_)
 

@@ -5,7 +5,9 @@ every rank holds the same hidden states and global token ids, and every rank get
 Per token block, each rank runs its row passes on its own ``[chunk, V_local]`` slab (relative to its own row max),
 then two collectives of O(1) floats per token merge them: a MAX all-reduce of the row maxima, and one SUM
 all-reduce of ``[sum exp, target logit (from the rank that owns it), entropy's and sum p^2's partial sums]``, each
-rescaled to the global maximum. The gradient pass needs nothing more (each rank writes ``dL/dz`` for its own
+rescaled to the global maximum. A sampling support (top-k / top-p replay) is split the same way, each rank keeping
+the support's ids in its columns; the exact KL to a reference head split alike adds one SUM of the per-token KL's
+partial sums. The gradient pass needs nothing more (each rank writes ``dL/dz`` for its own
 columns from the global normalizer); ``dX`` is summed over the group once at the end (or left partial for
 frameworks whose column-parallel layer reduces it). Logits never cross ranks.
 
@@ -90,6 +92,16 @@ def local_index(tp: VocabParallel, index: torch.Tensor):
     return torch.where(owned, loc, 0), owned
 
 
+def local_support(tp: VocabParallel, crow: torch.Tensor, col: torch.Tensor):
+    """A CSR sampling support over global ids -> its entries in this rank's columns, as local ids (rows kept, some
+    empty here)."""
+    keep = (col >= tp.vocab_start) & (col < tp.vocab_start + tp.v_local)
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+    counts = torch.zeros(crow.numel() - 1, dtype=torch.int64, device=crow.device).index_add_(0, rows, keep.long())
+    crow_l = torch.cat([crow.new_zeros(1), torch.cumsum(counts, 0)])
+    return crow_l, (col[keep] - tp.vocab_start).contiguous()
+
+
 def merge_stats(tp: VocabParallel, lp_l, norm_l, ent_l, sq_l, owned, want_entropy: bool, want_sum_sq: bool):
     """This rank's row statistics (relative to its own max) -> the whole vocabulary's, the same on every rank:
     ``(logp [M, S], norm [M, 2], entropy, sum p^2)`` as the row kernels return them."""
@@ -100,11 +112,13 @@ def merge_stats(tp: VocabParallel, lp_l, norm_l, ent_l, sq_l, owned, want_entrop
     tp.all_reduce(mx, dist.ReduceOp.MAX)
     f = torch.exp(mx_l - mx)  # rescales this rank's sums to the global max
     s_l = torch.exp(ls_l)
+    # a row with no column here (a sampling support that lies on other ranks) has mx_l = -inf and contributes 0
+    here = s_l > 0
     parts = [f * s_l]
     if want_entropy:  # sum_j e^(z_j - mx) (z_j - mx) = f (s_l (ls_l - H_l) + s_l (mx_l - mx))
-        parts.append(f * s_l * ((ls_l - ent_l) + (mx_l - mx)))
+        parts.append(torch.where(here, f * s_l * ((ls_l - ent_l) + (mx_l - mx)), 0))
     if want_sum_sq:  # sum_j e^(2 (z_j - mx)) = f^2 sum p_l^2 s_l^2
-        parts.append(f * f * sq_l * s_l * s_l)
+        parts.append(torch.where(here, f * f * sq_l * s_l * s_l, 0))
     # the target's z - mx from the rank that owns it: (z_y - mx_l) + (mx_l - mx), z_y - mx_l = logp_l + ls_l
     target = torch.where(owned, (lp_l + ls_l[:, None]) + (mx_l - mx)[:, None], 0)
     buf = torch.cat([torch.stack(parts, 0).reshape(-1), target.reshape(-1)])

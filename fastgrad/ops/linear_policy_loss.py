@@ -256,8 +256,8 @@ def _check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, V: int) -> N
     if ref_hidden.shape[0] != hidden.shape[0]:
         raise ValueError(f"ref_hidden must have {hidden.shape[0]} rows (hidden's), got {tuple(ref_hidden.shape)}")
     if ref_weight.shape != (V, ref_hidden.shape[1]):
-        raise ValueError(f"ref_weight must have shape [V, H_ref] = {(V, ref_hidden.shape[1])}, got "
-                         f"{tuple(ref_weight.shape)}")
+        raise ValueError(f"ref_weight must have shape [V, H_ref] = {(V, ref_hidden.shape[1])} (the policy head's rows), "
+                         f"got {tuple(ref_weight.shape)}")
     if ref_weight.dtype != ref_hidden.dtype:
         raise TypeError(f"ref_weight must have ref_hidden's dtype {ref_hidden.dtype}, got {ref_weight.dtype}")
     for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
@@ -287,6 +287,10 @@ def full_kl_rows_(slab, norm, ref_slab, drv, sel, ref_hidden, ref_weight, ref_bi
     ref_slab.neg_().add_(lp)  # log pi - log pi_ref
     p = lp.exp_()
     kl_t = torch.linalg.vecdot(p, ref_slab)
+    if drv.tp is not None:  # a vocabulary shard: the KL's partial sums over the group (O(1) per token)
+        import torch.distributed as dist
+
+        drv.tp.all_reduce(kl_t, dist.ReduceOp.SUM)
     ref_slab.sub_(kl_t[:, None]).mul_(p).mul_((coef * inv_t)[:, None])
     return kl_t
 
@@ -317,7 +321,7 @@ def _policy_impl(hidden, weight, bias, index, advantages, token_weight, old_logp
     if kl not in KLS and not full_kl:
         raise ValueError(f"kl must be one of {tuple(KLS) + ('full',)}, got {kl!r}")
     if full_kl:
-        _check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, V)
+        _check_reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight.shape[0])  # this rank's rows
         if support_crow is not None:
             raise ValueError("kl='full' with a sampling support is not supported")
     _check_rollout(rollout_logp, rollout_mode, rollout_cap, rollout_cap_min)
