@@ -95,6 +95,9 @@ print('CUDA kernels built')"
          tests/test_gumbel_topk.py tests/test_linear_loss.py tests/test_fuzz.py
          # the LM head's numerics (row max, lse parts, sum_pi_squared) and the policy losses / rollout corrections
          tests/test_lm_head_numerics.py tests/test_policy_losses.py
+         # the verl drop-in against verl's own head, on CUDA tensors (both run there)
+         tests/test_integrations_verl.py::test_matches_verl_fp32 tests/test_integrations_verl.py::test_bf16_no_worse_than_verl
+         tests/test_integrations_verl.py::test_sum_pi_squared
          # the functional estimators' checks on the fused ops (their families' files hold CPU statistics too)
          tests/estimators/test_score_function.py::test_score_function_surrogate_value_and_grad
          tests/estimators/test_score_function.py::test_score_function_unbiased_against_exact

@@ -249,3 +249,24 @@ def test_example_runs_and_matches_trl():
     result = trl_grpo.main(["--steps", "2", "--compare", "--beta", "0.02"])
     assert len(result["steps"]) == 2
     assert result["max_logged_rel_diff"] < 1e-4 and result["max_param_rel_diff"] < 1e-3
+
+
+@pytest.mark.slow  # two gloo processes per trainer
+def test_data_parallel_two_processes_equal_trl(tmp_path, model_path):
+    """accelerate + DDP over 2 gloo processes (each rank its own prompts, the gradients averaged): the logged steps
+    and the parameter updates equal TRL's own trainer run the same way."""
+    from ._launch import run_ranks
+
+    res = {}
+    for which in ("trl", "fastgrad"):
+        run_ranks("tests._trl_ddp_worker", 2, tmp_path, 600, FASTGRAD_TRL_TRAINER=which,
+                  FASTGRAD_TRL_MODEL=model_path)
+        res[which] = torch.load(tmp_path / f"{which}.pt")
+    assert res["fastgrad"]["path"] == "fused"
+    theirs, ours = res["trl"], res["fastgrad"]
+    assert len(theirs["steps"]) == len(ours["steps"]) == 2
+    for a, b in zip(theirs["steps"], ours["steps"]):
+        for k in ("loss", "entropy", "grad_norm", "clip_ratio/region_mean", "clip_ratio/high_max"):
+            _close(b[k], a[k])
+    assert theirs["steps"][1]["clip_ratio/region_mean"] > 0
+    _close_grads(theirs["updates"], ours["updates"], 1e-3)
