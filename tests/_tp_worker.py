@@ -226,6 +226,16 @@ def main(rank, world, port, out):
         r = shard(V, rank, world)
         run_policy("ppo_k3_entropy", dict(tp_group=group, vocab_start=r[0], reduce_hidden_grad=False), V=V, rows=r)
         res[f"bytes_V{V}"] = sum(sent)
+    # ranks that disagree on whether hidden needs a gradient: a ValueError on every rank, not a hang
+    import fastgrad.functional as F
+
+    hidden, weight, _, index, *_ = global_inputs()
+    try:
+        F.linear_log_prob(hidden.clone().requires_grad_(rank == 0), weight[rows[0]:rows[1]], index, tp_group=group,
+                          vocab_start=rows[0])
+        res["mixed_grad_error"] = ""
+    except ValueError as e:
+        res["mixed_grad_error"] = str(e)
     res["rows"] = rows
     torch.save(res, os.path.join(out, f"tp{rank}.pt"))
     dist.barrier()

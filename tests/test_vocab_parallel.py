@@ -77,6 +77,9 @@ def test_vocabulary_parallel_equals_the_whole_head(world, tmp_path):
         _close_grad([r["dtensor"]["dw"]], one["dw"], 1e-4)
         _close_grad([r["dtensor"]["db"]], one["db"], 1e-4)
 
+    for r in ranks:  # hidden requiring grad on some ranks only: every rank refuses, none waits
+        assert "require grad on every rank" in r["mixed_grad_error"]
+
     # O(1) floats per token in V: the statistics' collectives send the same bytes at V = 50 and V = 500
     for r in ranks:
         assert r[f"bytes_V{worker.V_SMALL}"] == r[f"bytes_V{worker.V_LARGE}"] > 0

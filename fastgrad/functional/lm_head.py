@@ -51,12 +51,13 @@ def _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budg
 _LOG_PROB_FIELDS = ("logp", "entropy", "sum_pi_squared", "lse")
 
 
-def _tp_setup(tp_group, weight, vocab_start, reduce_hidden_grad):
+def _tp_setup(tp_group, weight, vocab_start, reduce_hidden_grad, hidden):
     if tp_group is None:
         if vocab_start is not None:
             raise ValueError("vocab_start is for a vocabulary-parallel head: pass tp_group too")
         return None
-    return _vp.setup(tp_group, weight.shape[0], vocab_start, reduce_hidden_grad, weight.device)
+    grad_x = bool(torch.is_grad_enabled() and hidden.requires_grad)  # dX's all-reduce: every rank or none
+    return _vp.setup(tp_group, weight.shape[0], vocab_start, reduce_hidden_grad, weight.device, grad_x)
 
 
 def _unshard(weight, bias, tp_group, vocab_start):
@@ -156,7 +157,7 @@ def linear_log_prob(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Ten
     h2, w, b, t, chunk = _lm_inputs(hidden, weight, index, bias, temperature, chunk_size, memory_budget)
     lead = tuple(hidden.shape[:-1])
     crow, col = _support_args(support)
-    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad)
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, hidden)
     with _vp.vocab_parallel(tp):
         logp, lse, ent, sq, _norm = _llp.linear_log_prob(h2, w, b, index.reshape(-1, 1).contiguous(), t,
                                                         int(ignore_index), bool(return_entropy), chunk,
@@ -471,7 +472,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, index: torch.
             z = (lead[0] if len(lead) == 2 else 1) * (max_length or lead[-1])
         tw = mf / z
 
-    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad)
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, hidden)
     with _vp.vocab_parallel(tp):
         return _policy_loss_call(h2, w, b, t, chunk, index, lead, m, mf, tw, adv, old, ref, roll, loss, op_loss,
                                  seq_ratio, ignore_index, support, rollout_correction,
@@ -593,7 +594,7 @@ def linear_score_function_surrogate(hidden: torch.Tensor, weight: torch.Tensor, 
     cost = check_real(cost, "cost")
     acc = _checks.acc_dtype(h2.dtype)
     a = subtract_baseline(expand_to(cost.to(acc), tuple(samples.shape), "cost", "the samples' shape"), baseline)
-    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad)
+    tp = _tp_setup(tp_group, w, vocab_start, reduce_hidden_grad, hidden)
     with _vp.vocab_parallel(tp):
         logp = _llp.linear_log_prob(h2, w, b, samples.t().contiguous(), t, -100, False, chunk)[0]
     return a * logp.t()

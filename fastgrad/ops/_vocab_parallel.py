@@ -61,9 +61,12 @@ def vocab_parallel(tp: Optional[VocabParallel]):
         _STATE.tp = prev
 
 
-def setup(group, v_local: int, vocab_start: Optional[int], reduce_hidden_grad: bool, device) -> VocabParallel:
-    """Validate the partition (one all-gather of two ints per rank): contiguous, non-overlapping shards covering
-    ``[0, V)``; ``vocab_start`` defaults to ``rank * v_local`` (Megatron's equal partition)."""
+def setup(group, v_local: int, vocab_start: Optional[int], reduce_hidden_grad: bool, device,
+          grad_x: bool = False) -> VocabParallel:
+    """Validate the partition (one all-gather of three ints per rank): contiguous, non-overlapping shards covering
+    ``[0, V)``; ``vocab_start`` defaults to ``rank * v_local`` (Megatron's equal partition); ``grad_x`` (whether
+    this rank's hidden states need a gradient, so its backward all-reduces dX) the same on every rank, else the
+    ranks would wait on a collective some never start."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -72,10 +75,14 @@ def setup(group, v_local: int, vocab_start: Optional[int], reduce_hidden_grad: b
     start = rank * v_local if vocab_start is None else vocab_start
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
-    mine = torch.tensor([start, v_local], dtype=torch.int64, device=device)
+    mine = torch.tensor([start, v_local, int(grad_x)], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    spans = sorted((int(a), int(n)) for a, n in (t.tolist() for t in every))
+    flags = {int(t[2]) for t in every}
+    if reduce_hidden_grad and len(flags) > 1:
+        raise ValueError("under tp_group, hidden must require grad on every rank or on none (the backward "
+                         "all-reduces its gradient over the group)")
+    spans = sorted((int(a), int(n)) for a, n in (t[:2].tolist() for t in every))
     at = 0
     for a, n in spans:
         if a != at:
