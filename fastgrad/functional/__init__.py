@@ -21,7 +21,7 @@ Example::
 from .sampling import (sample_categorical, sample_categorical_one_hot, gumbel_topk, gumbel_softmax, uniform,
                        conditional_gumbel_bernoulli, conditional_gumbel_categorical)
 from .score_function import (categorical_log_prob, batch_average_baseline, score_function_surrogate,
-                             score_function_surrogate_from_log_prob)
+                             score_function_surrogate_from_log_prob, outcome_advantages, OUTCOME_ESTIMATORS)
 from .expect import (enumerate_configurations, enumerate_log_probs, expectation)
 from .arm import (arm_sample, arm_surrogate, disarm_surrogate, arms_sample, arms_surrogate, stick_breaking_logits,
                   categorical_disarm_sample, categorical_disarm_surrogate)
@@ -46,6 +46,8 @@ __all__ = [
     "batch_average_baseline",
     "score_function_surrogate",
     "score_function_surrogate_from_log_prob",
+    "outcome_advantages",
+    "OUTCOME_ESTIMATORS",
     "enumerate_configurations",
     "enumerate_log_probs",
     "expectation",

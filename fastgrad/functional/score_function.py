@@ -1,7 +1,9 @@
-"""The score function (REINFORCE) estimator: log-probabilities, baselines and the fused surrogate."""
+"""The score function (REINFORCE) estimator: log-probabilities, baselines (the leave-one-out mean; the group
+advantages of sampled sequences the RL trainers use) and the fused surrogate."""
 from __future__ import annotations
 
 import numbers
+from typing import Optional, Tuple
 
 import torch
 
@@ -90,3 +92,162 @@ def score_function_surrogate_from_log_prob(log_prob: torch.Tensor, cost: torch.T
                         f"{getattr(log_prob, 'dtype', type(log_prob).__name__)}")
     cost = check_real(cost, "cost")
     return subtract_baseline(expand_to(cost, tuple(log_prob.shape), "cost", "log_prob's shape"), baseline) * log_prob
+
+
+# -- group advantages of sequences (the trainers' outcome-reward baselines) ----------------------------------------
+OUTCOME_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "opo",
+                      "optimal_token_baseline")
+
+
+def _group_ids(index, B: int, device) -> torch.Tensor:
+    """The prompt id of each sequence -> int64 group ids ``0 .. G-1``: an int tensor, or any sequence / numpy array
+    of hashable ids (verl passes its ``uid`` strings)."""
+    if isinstance(index, torch.Tensor):
+        if index.dtype.is_floating_point or index.dtype == torch.bool or index.dim() != 1:
+            raise TypeError(f"index must be a 1-D integer tensor (one prompt id per sequence), got {index.dtype} "
+                            f"of shape {tuple(index.shape)}")
+        ids = index.to(device)
+    else:
+        try:
+            keys = list(index)
+        except TypeError:
+            raise TypeError(f"index must be a 1-D integer tensor or a sequence of prompt ids, got "
+                            f"{type(index).__name__}") from None
+        first = {}
+        ids = torch.tensor([first.setdefault(k, len(first)) for k in keys], dtype=torch.int64, device=device)
+    if ids.numel() != B:
+        raise ValueError(f"index must hold one prompt id per sequence ({B}), got {ids.numel()}")
+    return torch.unique(ids, return_inverse=True)[1]
+
+
+def _masked_whiten(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Whitening over the masked entries, with the unbiased variance (verl's ``masked_whiten``: 1e-8 in the mean's
+    denominator and under the square root)."""
+    n = m.sum()
+    if float(n) < 2:
+        raise ValueError(f"whitening the advantages needs at least 2 response tokens, got {int(n)}")
+    mean = (x * m).sum() / (n + 1e-8)
+    var = ((x - mean) ** 2 * m).sum() / (n + 1e-8) * (n / (n - 1))
+    return (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def outcome_advantages(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                       estimator: str = "grpo", *, norm_by_std: bool = True, epsilon: Optional[float] = None,
+                       gamma: float = 1.0, old_logp: Optional[torch.Tensor] = None,
+                       sum_pi_squared: Optional[torch.Tensor] = None, rollout_weights: Optional[torch.Tensor] = None,
+                       handle_zero_tail: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Advantages of groups of sampled sequences from their rewards, as RL trainers compute them (verl 0.9.1's
+    ``compute_*_outcome_advantage``, same names, semantics and edge cases), vectorized over the groups.
+
+    The score ``s_i`` of sequence ``i`` is the sum of its token rewards; ``index`` groups the sequences by prompt.
+
+    * ``"grpo"``: ``(s_i - mean_g) / (std_g + epsilon)`` (Shao et al. 2024, DeepSeekMath; ``std`` unbiased), or
+      ``s_i - mean_g`` with ``norm_by_std=False`` (Dr. GRPO, Liu et al. 2025). A group of one: mean 0, std 1.
+      Biased (the mean includes ``s_i``; the std is a random scale).
+    * ``"rloo"``: ``n/(n-1) (s_i - mean_g)`` = ``s_i`` minus the mean of the others (Ahmadian et al. 2024, after
+      Kool et al. 2019): **unbiased** for REINFORCE. A group of one keeps ``s_i``.
+    * ``"opo"``: ``s_i - sum_j len_j s_j / sum_j len_j`` (length-weighted mean, Hao et al. 2025, On-Policy RL with
+      Optimal reward baseline). Biased (includes ``s_i``). A group of one: baseline 0.
+    * ``"reinforce_plus_plus_baseline"``: ``s_i - mean_g`` on every response token, then whitened over all response
+      tokens of the batch (Hu 2025, REINFORCE++).
+    * ``"reinforce_plus_plus"``: the ``gamma``-discounted return of each token, observation tokens (mask 0 inside a
+      response) passing the running return through, whitened over the batch's response tokens; no groups.
+    * ``"optimal_token_baseline"``: per group and timestep, ``B_t = sum_i G_i,t W_i,t / sum_i W_i,t`` with
+      ``G`` the reward-to-go and ``W_t = sum_{j<=t} (1 - 2 pi_j + sum_pi_squared_j) rho_j^2`` (verl's optimal token
+      baseline; ``pi_j = exp(old_logp)``, ``sum_pi_squared`` from :func:`linear_log_prob`'s
+      ``return_sum_pi_squared``, ``rho`` the ``rollout_weights`` if given); ``handle_zero_tail`` zeroes the
+      baseline of a group's single longest response past the second longest. A group of one: baseline 0. Biased
+      in general (the group statistics include the sequence's own return; measured in the docs).
+
+    Args:
+        token_level_rewards: ``[B, T]`` float (an outcome reward usually sits on each response's last token).
+        response_mask: ``[B, T]`` (bool or 0/1): the response tokens that receive an advantage.
+        index: ``[B]`` prompt ids: an integer tensor, or a sequence / numpy array of hashable ids.
+        estimator: one of :data:`OUTCOME_ESTIMATORS`.
+        epsilon: the std's guard for ``"grpo"`` (default 1e-6) or the denominator's for
+            ``"optimal_token_baseline"`` (default 1e-8).
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]``, detached, 0 outside the mask (the returns are the advantages,
+        except for ``"reinforce_plus_plus"`` and ``"optimal_token_baseline"``: the discounted returns / the
+        reward-to-go). Cost O(B T), no GEMM.
+    """
+    if estimator not in OUTCOME_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {OUTCOME_ESTIMATORS}, got {estimator!r}")
+    r = check_real(token_level_rewards, "token_level_rewards")
+    if r.dim() != 2:
+        raise ValueError(f"token_level_rewards must be [B, T], got shape {tuple(r.shape)}")
+    if not isinstance(response_mask, torch.Tensor) or tuple(response_mask.shape) != tuple(r.shape):
+        raise ValueError(f"response_mask must be a tensor of token_level_rewards' shape {tuple(r.shape)}, got "
+                         f"{getattr(response_mask, 'shape', type(response_mask).__name__)}")
+    B, T = r.shape
+    with torch.no_grad():
+        r = r.detach()
+        m = response_mask.detach().to(r.dtype)
+        if estimator == "reinforce_plus_plus":
+            returns = torch.zeros_like(r)
+            run = r.new_zeros(B)
+            for t in range(T - 1, -1, -1):  # observation tokens carry the running return through
+                new = r[:, t] + gamma * run
+                returns[:, t] = new * m[:, t]
+                run = new * m[:, t] + run * (1 - m[:, t])
+            return _masked_whiten(returns, m) * m, returns
+        g = _group_ids(index, B, r.device)
+        G = int(g.max()) + 1 if B else 0
+        n = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, g, torch.ones_like(r[:, 0]))
+        single = n[g] == 1
+        if estimator == "optimal_token_baseline":
+            return _optimal_token_baseline(r, m, g, G, n, old_logp, sum_pi_squared, rollout_weights,
+                                           handle_zero_tail, 1e-8 if epsilon is None else epsilon)
+        s = r.sum(-1)
+        mean = torch.zeros_like(n).index_add_(0, g, s) / n
+        if estimator == "opo":
+            lens = m.sum(-1)
+            bsl = torch.zeros_like(n).index_add_(0, g, lens * s) / torch.zeros_like(n).index_add_(0, g, lens)
+            adv = s - torch.where(single, 0, bsl[g])
+        elif estimator == "rloo":
+            k = n[g]
+            adv = torch.where(single, s, (s - mean[g]) * k / (k - 1).clamp(min=1))
+        else:
+            centered = s - torch.where(single, 0, mean[g])
+            if estimator == "reinforce_plus_plus_baseline":
+                a = centered[:, None].expand(B, T) * m
+                a = _masked_whiten(a, m) * m
+                return a, a
+            if norm_by_std:
+                var = torch.zeros_like(n).index_add_(0, g, (s - mean[g]) ** 2) / (n - 1).clamp(min=1)
+                std = torch.where(single, 1.0, var.sqrt()[g])
+                adv = centered / (std + (1e-6 if epsilon is None else epsilon))
+            else:
+                adv = centered
+        a = adv[:, None] * m
+        return a, a
+
+
+def _optimal_token_baseline(r, m, g, G, n, old_logp, sum_pi_squared, rho, handle_zero_tail, eps):
+    for name, t in (("old_logp", old_logp), ("sum_pi_squared", sum_pi_squared)):
+        if t is None:
+            raise ValueError(f"estimator='optimal_token_baseline' needs {name} ([B, T])")
+    for name, t in (("old_logp", old_logp), ("sum_pi_squared", sum_pi_squared), ("rollout_weights", rho)):
+        if t is not None and tuple(t.shape) != tuple(r.shape):
+            raise ValueError(f"{name} must be [B, T] = {tuple(r.shape)}, got {tuple(t.shape)}")
+    B, T = r.shape
+    returns = (r * m).flip(-1).cumsum(-1).flip(-1)
+    w = 1 - 2 * torch.exp(old_logp.detach().to(r.dtype)) + sum_pi_squared.detach().to(r.dtype)
+    if rho is not None:
+        w = w * rho.detach().to(r.dtype) ** 2
+    wc = (w * m).cumsum(-1)
+    num = torch.zeros(G, T, dtype=r.dtype, device=r.device).index_add_(0, g, returns * wc * m)
+    den = torch.zeros(G, T, dtype=r.dtype, device=r.device).index_add_(0, g, wc * m) + eps
+    base = torch.where((n[g] == 1)[:, None], 0, (num / den)[g])
+    if handle_zero_tail:
+        lens = m.sum(-1)
+        for grp in range(G):  # the single longest response past the second longest: no baseline there
+            members = (g == grp).nonzero().squeeze(1)
+            if members.numel() < 2:
+                continue
+            ls, _ = torch.sort(lens[members])
+            longest = members[lens[members] == ls[-1]]
+            if longest.numel() == 1 and ls[-1] > ls[-2]:
+                base[longest[0], int(ls[-2]):] = 0
+    return (returns - base) * m, returns
