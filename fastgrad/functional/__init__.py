@@ -31,7 +31,8 @@ from .double_cv import (double_cv_parts, double_cv_surrogate, rodeo_surrogate)
 from .relaxed import (entmax, sparsemax, gumbel_entmax, reinmax, gumbel_rao, indecater_samples, indecater_weights,
                       indecater_surrogate)
 from .without_replacement import (sample_set, top_set, joint_log_prob, unordered_set_log_ratios,
-                                  unordered_set_weights, unordered_set_surrogate, priority_weights, sf_wor_surrogate)
+                                  unordered_set_weights, unordered_set_surrogate, priority_weights, sf_wor_surrogate,
+                                  stochastic_beam_search, BeamSearchResult)
 from .lm_head import (linear_log_prob, linear_policy_loss, linear_score_function_surrogate, vespo_weights)
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "score_function_surrogate",
     "score_function_surrogate_from_log_prob",
     "outcome_advantages",
+    "stochastic_beam_search",
+    "BeamSearchResult",
     "OUTCOME_ESTIMATORS",
     "enumerate_configurations",
     "enumerate_log_probs",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -77,6 +77,130 @@ def _beam(logp: torch.Tensor, k: int, seed: Optional[int], offset: int) -> Tuple
                               (flat % K).unsqueeze(-1)], -1)
         beam_lp = child_lp.reshape(R, b * K).gather(-1, flat)
     return beam_idx, beam_val
+
+
+class BeamSearchResult(NamedTuple):
+    """:func:`stochastic_beam_search`'s output: ``tokens`` int64 ``[B, k, t0 + L]`` (the prefix, then each sequence,
+    padded with ``pad`` after it ends), ``log_p`` ``[B, k]`` (each sequence's log-probability under ``step``, float64,
+    detached: recompute it with your model for gradients), ``perturbed`` ``[B, k]`` (its Gumbel key, decreasing:
+    the order of successive draws without replacement; :func:`unordered_set_log_ratios` and priority sampling read
+    ``log_p`` and the k-th key), ``lengths`` int64 ``[B, k]`` (generated tokens, the ``eos`` included)."""
+
+    tokens: torch.Tensor
+    log_p: torch.Tensor
+    perturbed: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _children(logp: torch.Tensor, kk: int, seed: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``kk`` children of largest perturbed conditional log-probability ``logp + Gumbel`` (the fused
+    Gumbel-top-k op when every row has ``kk`` possible tokens; else the same Philox noise in torch, where impossible
+    tokens stay -inf)."""
+    finite = torch.isfinite(logp).sum(-1)
+    if bool((finite >= kk).all()):
+        idx, val = gumbel_topk(logp, kk, seed=seed, offset=offset)
+        return idx, val.to(logp.dtype)
+    g = logp + _gumbel(seed, offset, tuple(logp.shape), logp.device, logp.dtype)  # the op's stream: r * V + i
+    val, idx = torch.topk(g, kk, dim=-1)
+    return idx, val
+
+
+def stochastic_beam_search(step, prefix: torch.Tensor, k: int, max_len: int, eos: Optional[int] = None, *,
+                           pad: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                           seed: Optional[int] = None, offset: Optional[int] = None) -> BeamSearchResult:
+    """``k`` distinct sequences per row of an autoregressive model, sampled without replacement by stochastic beam
+    search (Kool, van Hoof & Welling, ICML 2019, "Stochastic Beams and Where to Find Them"): exactly the Gumbel-top-k
+    of the model's distribution over sequences, in the order of successive draws, never enumerated.
+
+    Each step calls ``step(tokens)`` once on every unfinished beam (``tokens`` int64 ``[rows, t]``, the prefix and the
+    tokens so far) for next-token logits ``[rows, V]`` (``-inf``: impossible), draws each beam's best ``k``
+    children with one fused :func:`gumbel_topk` over the beams' rows, shifts the children's Gumbels so that their
+    maximum is their parent's key (the truncated Gumbel of the paper), and keeps the ``k`` best keys of each row.
+    A beam that emitted ``eos`` is finished: it keeps its key and competes with the others' children until the end.
+    The noise comes from the Philox stream ``(seed, offset)``: the same seed gives the same sets on every backend.
+
+    Args:
+        step: the model, ``tokens [rows, t] -> logits [rows, V]`` (rows are a subset of ``B * k`` beams; keep it
+            free of state that depends on the row order, or key it on the tokens).
+        prefix: int64 ``[B, t0]`` (``t0 >= 1``), the rows' prompts.
+        k: sequences per row, >= 1 (``k = 1`` is ancestral sampling); at most the row's number of sequences of
+            nonzero probability within ``max_len``.
+        max_len: generated tokens at most, >= 1. eos: the end-of-sequence id, or None (every sequence has
+            ``max_len`` tokens). pad: the id written after a finished sequence (default ``eos``, else 0).
+
+    Returns :class:`BeamSearchResult`. Cost: ``max_len`` calls of ``step`` on at most ``B k`` rows and ``max_len``
+    Gumbel-top-k draws of ``[B k, V]``; no sequence is enumerated. Sampling only: no gradient flows.
+    """
+    if not isinstance(prefix, torch.Tensor) or prefix.dtype != torch.int64 or prefix.dim() != 2 \
+            or prefix.shape[1] < 1:
+        raise ValueError(f"prefix must be an int64 tensor [B, t0] with t0 >= 1, got "
+                         f"{getattr(prefix, 'dtype', type(prefix).__name__)} {tuple(getattr(prefix, 'shape', ()))}")
+    k = check_n(k, "k")
+    max_len = check_n(max_len, "max_len")
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+        raise ValueError(f"eos must be a non-negative int or None, got {eos!r}")
+    pad = (eos if eos is not None else 0) if pad is None else pad
+    seed, offset = _philox.draw_seed_offset(0, generator, seed, offset)
+    B, t0 = prefix.shape
+    dev = prefix.device
+    tokens = prefix.unsqueeze(1)                                            # [B, b, t]
+    lp = torch.zeros(B, 1, dtype=torch.float64, device=dev)
+    key = torch.zeros(B, 1, dtype=torch.float64, device=dev)                # the root's key (its children: untruncated)
+    done = torch.zeros(B, 1, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+    for t in range(max_len):
+        b = tokens.shape[1]
+        alive = ~done
+        rows = alive.reshape(-1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        logits = step(tokens.reshape(B * b, -1).index_select(0, rows))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows.numel():
+            raise ValueError(f"step must return logits [rows, V] = [{rows.numel()}, V], got "
+                             f"{tuple(getattr(logits, 'shape', ()))}")
+        V = logits.shape[1]
+        logp = torch.log_softmax(logits.detach().double(), -1)
+        if bool(torch.isnan(logp).any()) or not bool(torch.isfinite(logp).any(-1).all()):
+            raise ValueError("step's logits must be finite or -inf, with a possible token in every row")
+        kk = min(k, V)
+        c_idx, c_val = _children(logp, kk, seed, offset)
+        offset += _philox.counters_used(rows.numel() * V)
+        c_lp = lp.reshape(-1)[rows, None] + logp.gather(-1, c_idx)          # [rows, kk] joint log-probs
+        c_key = lp.reshape(-1)[rows, None] + c_val                          # Gumbel(c_lp) keys
+        if t > 0:  # children conditioned on their parent's key: their maximum becomes it
+            parent = key.reshape(-1)[rows, None]
+            z = c_key[:, :1]
+            v = parent - c_key + _log1mexp(c_key - z)
+            c_key = torch.where(torch.isfinite(c_key), parent - torch.relu(v) - torch.log1p(torch.exp(-v.abs())),
+                                c_key)
+        # candidates per row: every alive beam's kk children, and every finished beam as itself
+        n_cand = b * kk + b
+        cand_key = torch.full((B * b, kk + 1), -math.inf, dtype=torch.float64, device=dev)
+        cand_lp = torch.zeros_like(cand_key)
+        cand_tok = torch.full((B * b, kk + 1), pad, dtype=torch.int64, device=dev)
+        cand_key[rows, :kk] = c_key
+        cand_lp[rows, :kk] = c_lp
+        cand_tok[rows, :kk] = c_idx
+        fin = done.reshape(-1).nonzero().squeeze(1)
+        cand_key[fin, kk] = key.reshape(-1)[fin]
+        cand_lp[fin, kk] = lp.reshape(-1)[fin]
+        m = min(k, int(torch.isfinite(cand_key.view(B, n_cand)).sum(-1).min()))
+        if m < 1:
+            raise ValueError("a row has no sequence of nonzero probability left")
+        new_key, pick = torch.topk(cand_key.view(B, n_cand), m, dim=-1)
+        par = torch.div(pick, kk + 1, rounding_mode="floor")                # the parent beam of each survivor
+        slot = pick % (kk + 1)
+        was_done = done.gather(1, par)
+        tok = cand_tok.view(B, n_cand).gather(1, pick)
+        tokens = torch.cat([tokens.gather(1, par[..., None].expand(-1, -1, tokens.shape[2])), tok[..., None]], -1)
+        lp = cand_lp.view(B, n_cand).gather(1, pick)
+        key = new_key
+        lengths = lengths.gather(1, par) + (~was_done).long()
+        done = was_done | (slot == kk) | ((tok == eos) if eos is not None else torch.zeros_like(was_done))
+    if tokens.shape[1] < k:
+        raise ValueError(f"k = {k} exceeds the number of sequences of nonzero probability of a row "
+                         f"({tokens.shape[1]})")
+    return BeamSearchResult(tokens, lp, key, lengths)
 
 
 def _check_set_logits(logits: object, k: object) -> Tuple[torch.Tensor, int]:
