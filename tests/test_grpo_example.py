@@ -29,6 +29,34 @@ def test_fused_and_unfused_steps_agree():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_without_replacement_group_and_set_advantages():
+    """--sampler wor: each prompt's group is distinct; the set advantages are the unordered-set surrogate's
+    derivative w.r.t. log p, so the REINFORCE loss with them has that surrogate's gradient (fused = unfused)."""
+    torch.manual_seed(0)
+    policy = grpo.Policy(vocab=40, dim=16, layers=1, heads=2, max_len=5)
+    prompt = torch.tensor([1, 7, 3])
+    completion, log_p = grpo.generate_set(policy, prompt, 4, 4, seed=2)
+    assert completion.shape == (12, 4) and log_p.shape == (3, 4)
+    for c in completion.view(3, 4, 4):
+        assert len({tuple(x) for x in c.tolist()}) == 4
+    seq = torch.cat([prompt.repeat_interleave(4)[:, None], completion], 1)
+    # log p recomputed from the policy equals the beam search's
+    logp = torch.log_softmax(policy.lm_head(policy.hidden(seq[:, :-1])).double(), -1)
+    torch.testing.assert_close(logp.gather(-1, seq[:, 1:, None]).sum((1, 2)).view(3, 4), log_p, atol=1e-5, rtol=0)
+    r = grpo.reward(prompt.repeat_interleave(4), completion).view(3, 4)
+    adv = grpo.set_advantages(log_p, r)
+    lp = log_p.t().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(grpo.F.unordered_set_surrogate(lp, r.t().double()).sum(), lp)
+    torch.testing.assert_close(adv.double(), want.t().reshape(-1), atol=1e-6, rtol=0)
+    grads = []
+    for fused in (True, False):
+        policy.zero_grad(set_to_none=True)
+        grpo.loss_step(policy, seq, adv, fused, 0.2, prompts=3).backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_reward_counts_up_from_the_prompt():
     prompt = torch.tensor([3, 8])
     completion = torch.tensor([[4, 5, 6, 0], [9, 0, 2, 2]])
@@ -55,6 +83,7 @@ def test_program_runs_and_writes_its_files(tmp_path, capsys):
 
 def test_default_out_dir_names_the_configuration():
     assert str(grpo.parse_args(["--seed", "3", "--loss", "fused"]).out_dir).endswith("seed3-fused")
+    assert str(grpo.parse_args(["--sampler", "wor"]).out_dir).endswith("seed0-both-wor")
 
 
 @pytest.mark.parametrize("argv,message", [(["--group", "1"], "--group must be >= 2"),

@@ -13,6 +13,11 @@ both`` (default) computes both losses' gradients on the same rollouts from the s
 their relative difference, memory and time, and steps with the fused one: one trajectory, so what differs is the
 loss, not two RL runs that part as soon as one sampled token differs.
 
+``--sampler wor`` draws each prompt's group without replacement (:func:`fastgrad.functional.stochastic_beam_search`:
+no duplicate completion) and weights each sequence by the unordered-set estimator (Kool, van Hoof & Welling 2020,
+with its built-in baseline), the weights entering ``linear_policy_loss`` as REINFORCE advantages; the log records
+the fraction of duplicate completions per step either way.
+
 Writes ``log.csv`` (as it goes), ``summary.json`` and ``curves.png`` (reward, gradient agreement, peak memory growth
 and time of loss + backward) into ``--out-dir`` (default ``runs/grpo/seed<S>-<loss>/``). A few minutes on 2 cores.
 """
@@ -27,7 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -82,10 +87,37 @@ def generate(policy: Policy, prompt: torch.Tensor, length: int, seed: int) -> to
     return seq[:, 1:]
 
 
-def loss_step(policy: Policy, seq: torch.Tensor, adv: torch.Tensor, fused: bool, eps: float):
-    """One on-policy PPO-clip loss with GRPO's normalization over the completion tokens of ``seq`` [B, 1 + L]."""
+@torch.no_grad()
+def generate_set(policy: Policy, prompt: torch.Tensor, group: int, length: int, seed: int):
+    """``group`` distinct completions of each prompt digit, without replacement (stochastic beam search):
+    [P] -> (completions [P * group, length], their log-probabilities [P, group] float64)."""
+    step = lambda tok: policy.lm_head(policy.hidden(tok)[:, -1])  # noqa: E731
+    out = F.stochastic_beam_search(step, prompt[:, None], group, length, seed=seed)
+    return out.tokens[:, :, 1:].reshape(-1, length), out.log_p
+
+
+def set_advantages(log_p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The unordered-set estimator's weight of each sequence, ``p(s) R(S, s) (r(s) - b(S, s))`` (Kool, van Hoof &
+    Welling 2020, with its built-in baseline): the derivative of its surrogate w.r.t. ``log p(s)``. [P, k] -> [P*k]."""
+    lp = log_p.t().detach().clone().requires_grad_(True)
+    (adv,) = torch.autograd.grad(F.unordered_set_surrogate(lp, r.t().double()).sum(), lp)
+    return adv.t().reshape(-1).float()
+
+
+def loss_step(policy: Policy, seq: torch.Tensor, adv: torch.Tensor, fused: bool, eps: float,
+              prompts: Optional[int] = None):
+    """One on-policy PPO-clip loss with GRPO's normalization over the completion tokens of ``seq`` [B, 1 + L]; with
+    ``prompts`` (the without-replacement sampler), REINFORCE of the whole sequences' log-probabilities weighted by
+    the set advantages, summed, divided by the number of prompts (the set estimator's gradient)."""
     h = policy.hidden(seq[:, :-1])  # position t predicts token t + 1
     target = seq[:, 1:]
+    if prompts is not None:
+        if fused:
+            loss, _ = F.linear_policy_loss(h, policy.lm_head.weight, target, adv, bias=policy.lm_head.bias,
+                                           loss="reinforce", normalize="constant", num_items=prompts)
+            return loss
+        logp = torch.log_softmax(policy.lm_head(h).float(), -1).gather(-1, target[..., None]).squeeze(-1)
+        return -(adv[:, None] * logp).sum() / prompts
     if fused:
         loss, _ = F.linear_policy_loss(h, policy.lm_head.weight, target, adv, bias=policy.lm_head.bias,
                                        loss="ppo_clip", eps_low=eps, eps_high=eps, normalize="sequence")
@@ -128,7 +160,7 @@ class PeakRSS:
         return False
 
 
-COLUMNS = ("step", "reward", "objective", "peak_mb_fused", "peak_mb_unfused", "loss_s_fused", "loss_s_unfused",
+COLUMNS = ("step", "reward", "duplicates", "objective", "peak_mb_fused", "peak_mb_unfused", "loss_s_fused", "loss_s_unfused",
            "grad_rel_diff")
 
 
@@ -145,12 +177,20 @@ def train(args, log: csv.writer, fh) -> List[Dict[str, float]]:
     g = torch.Generator().manual_seed(args.seed)
     for step in range(1, args.steps + 1):
         prompt = torch.randint(0, DIGITS, (args.prompts,), generator=g).repeat_interleave(args.group)
-        completion = generate(policy, prompt, args.length, seed=args.seed * 1_000_003 + step)
-        r = reward(prompt, completion).view(args.prompts, args.group)
-        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).reshape(-1)
+        if args.sampler == "wor":  # the group drawn without replacement, weighted by the unordered-set estimator
+            completion, log_p = generate_set(policy, prompt[::args.group], args.group, args.length,
+                                             seed=args.seed * 1_000_003 + step)
+            r = reward(prompt, completion).view(args.prompts, args.group)
+            adv = set_advantages(log_p, r)
+        else:
+            completion = generate(policy, prompt, args.length, seed=args.seed * 1_000_003 + step)
+            r = reward(prompt, completion).view(args.prompts, args.group)
+            adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).reshape(-1)
         seq = torch.cat([prompt[:, None], completion], 1)
+        row_dup = 1 - sum(len(set(map(tuple, c.tolist()))) for c in completion.view(args.prompts, args.group, -1)) \
+            / (args.prompts * args.group)
         row = dict.fromkeys(COLUMNS, float("nan"))
-        row.update(step=step, reward=r.mean().item())
+        row.update(step=step, reward=r.mean().item(), duplicates=row_dup)
         order = {"fused": (True,), "unfused": (False,), "both": (True, False) if step % 2 else (False, True)}
         grads = {}
         for fused in order[args.loss]:
@@ -158,7 +198,8 @@ def train(args, log: csv.writer, fh) -> List[Dict[str, float]]:
             opt.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             with PeakRSS() as mem:
-                loss = loss_step(policy, seq, adv, fused, args.eps)
+                loss = loss_step(policy, seq, adv, fused, args.eps,
+                                 args.prompts if args.sampler == "wor" else None)
                 loss.backward()
             row[f"loss_s_{name}"] = time.perf_counter() - t0
             row[f"peak_mb_{name}"] = mem.delta
@@ -227,8 +268,9 @@ def summarize(rows: List[Dict[str, float]]) -> Dict[str, float]:
     tail = rows[-min(10, len(rows)):]
     out = {"steps": len(rows), "first_reward": sum(r["reward"] for r in rows[:10]) / len(rows[:10]),
            "final_reward": sum(r["reward"] for r in tail) / len(tail)}
-    for key in COLUMNS[3:7]:
+    for key in ("peak_mb_fused", "peak_mb_unfused", "loss_s_fused", "loss_s_unfused"):
         out[f"median_{key}"] = median(key)
+    out["mean_duplicates"] = sum(r["duplicates"] for r in rows) / len(rows)
     diffs = [r["grad_rel_diff"] for r in rows if r["grad_rel_diff"] == r["grad_rel_diff"]]
     out["max_grad_rel_diff"] = max(diffs) if diffs else float("nan")
     return out
@@ -251,6 +293,9 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=0.2, help="PPO clip range")
     p.add_argument("--loss", choices=("fused", "unfused", "both"), default="both",
                    help="both: the two losses on the same rollouts each step, the fused one steps")
+    p.add_argument("--sampler", choices=("iid", "wor"), default="iid",
+                   help="iid: GRPO (i.i.d. group, group-normalized advantages, PPO clip); wor: the group sampled "
+                        "without replacement (stochastic beam search), the unordered-set estimator's weights")
     p.add_argument("--seed", type=int, default=0, help="initialization, prompts and sampling")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out-dir", type=Path, default=argparse.SUPPRESS,
@@ -270,7 +315,7 @@ def parse_args(argv=None):
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
     if "out_dir" not in vars(args):  # one folder per configuration: a run never overwrites another's
-        args.out_dir = Path("runs/grpo") / f"seed{args.seed}-{args.loss}"
+        args.out_dir = Path("runs/grpo") / (f"seed{args.seed}-{args.loss}" + ("-wor" if args.sampler == "wor" else ""))
     return args
 
 
