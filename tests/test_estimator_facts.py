@@ -56,7 +56,8 @@ def f_normal(z):
 
 
 RSAMPLE = tuple(c for c in ESTIMATORS if "rsample" in c.facts.takes)  # a continuous toy for these
-EXTRA = {M.RELAX: dict(in_dim=3), M.LAX: dict(in_dim=3)}  # a control variate network (no default)
+EXTRA = {M.RELAX: dict(in_dim=3), M.LAX: dict(in_dim=3),  # a control variate network (no default)
+         M.SIMPLE: dict(k=2)}  # 2 ones among the 3 Bernoulli latents
 
 
 def toy(cls):
@@ -104,6 +105,16 @@ def vimco_exact(param):
     return g
 
 
+def k_subset_exact(param, k=2):
+    """grad E[f_bern(z)] under the k-subset distribution p(z) ∝ exp(<param, z>), sum z = k, by enumeration."""
+    p = param.double().requires_grad_()
+    z = torch.tensor([c for c in itertools.product([0.0, 1.0], repeat=p.numel()) if sum(c) == k],
+                     dtype=torch.float64)
+    w = torch.softmax(z @ p, 0)
+    (g,) = torch.autograd.grad((w * f_bern(z)).sum(), p)
+    return g
+
+
 def test_every_public_estimator_declares_its_facts():
     missing = [n for n in M.__all__ if isinstance(getattr(M, n), type) and issubclass(getattr(M, n), M.Method)
                and getattr(M, n) not in (M.Method, M.Infer) and getattr(M, n).facts is None]
@@ -116,7 +127,10 @@ def test_every_public_estimator_declares_its_facts():
 def test_declared_unbiasedness_holds(cls):
     facts = cls.facts
     param, _, cost, exact, _, _ = toy(cls)
-    if facts.objective != "E[f]":
+    if facts.objective == "E_k[f]":  # SIMPLE: the k-subset distribution's expectation
+        assert cls is M.SIMPLE
+        exact = k_subset_exact(param)
+    elif facts.objective != "E[f]":
         assert cls is M.VIMCO and facts.objective == "E[log mean_k exp(-f_k)]"
         exact = vimco_exact(param)
     g = estimates(cls, cost, blackbox=not facts.differentiable_cost)
@@ -129,7 +143,9 @@ def test_declared_unbiasedness_holds(cls):
 
 @pytest.mark.parametrize("cls", [c for c in ESTIMATORS if c.facts.differentiable_cost], ids=lambda c: c.__name__)
 def test_declared_need_for_a_differentiable_cost_holds(cls):
-    _, _, cost, exact, _, _ = toy(cls)
+    param, _, cost, exact, _, _ = toy(cls)
+    if cls.facts.objective == "E_k[f]":
+        exact = k_subset_exact(param)
     try:
         g = estimates(cls, cost, blackbox=True)
     except ValueError:

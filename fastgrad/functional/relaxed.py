@@ -1,5 +1,6 @@
 """Sparse relaxations (sparsemax, alpha-entmax and their Gumbel versions) and the straight-through family beyond
-Gumbel-softmax (ReinMax, Gumbel-Rao), and IndeCateR's per-variable weights. :mod:`fastgrad.functional` re-exports
+Gumbel-softmax (ReinMax, Gumbel-Rao), IndeCateR's per-variable weights, and SIMPLE's exact k-subset sampling and
+marginals. :mod:`fastgrad.functional` re-exports
 these; the graph API's methods call them."""
 from __future__ import annotations
 
@@ -223,3 +224,85 @@ def indecater_surrogate(logits: torch.Tensor, cost: torch.Tensor) -> torch.Tenso
     if tuple(cost.shape) != tuple(w.shape):
         raise ValueError(f"cost must be of shape {tuple(w.shape)} ([S, D, K, ...]), got {tuple(cost.shape)}")
     return (w * cost.detach().to(w.dtype)).sum((0, 1, 2))
+
+
+# -- k-subsets: SIMPLE ---------------------------------------------------------------------------------------------
+def _check_k_subset(logits: object, k: object) -> "tuple[torch.Tensor, int]":
+    logits = check_logits(logits, values=True)
+    k = check_n(k, "k")
+    if k > logits.shape[-1]:
+        raise ValueError(f"k must lie in [1, n] = [1, {logits.shape[-1]}] (ones among the last dimension's n "
+                         f"Bernoullis), got {k}")
+    return logits, k
+
+
+_LOG_ZERO = -1e30
+
+
+def _log_esp(theta: torch.Tensor, k: int, prefix: bool = False) -> torch.Tensor:
+    """``log e_j(exp(theta[..., i:]))`` for every suffix ``i`` (``0 .. n``) and ``j = 0 .. k``: ``[n + 1, ..., k + 1]``
+    (the elementary symmetric polynomials of the weights, in log space; O(n k)); with ``prefix``, of
+    ``theta[..., :i]`` instead."""
+    n = theta.shape[-1]
+    # e_j = 0 (j > the items so far) as a finite floor: logaddexp(-inf, -inf) has a NaN gradient
+    E = torch.full(theta.shape[:-1] + (k + 1,), _LOG_ZERO, dtype=theta.dtype, device=theta.device)
+    E[..., 0] = 0.0
+    out = [E]
+    for i in (range(n) if prefix else range(n - 1, -1, -1)):
+        t = theta[..., i:i + 1]
+        E = torch.cat([E[..., :1], torch.logaddexp(E[..., 1:], E[..., :-1] + t)], -1)
+        out.append(E)
+    return torch.stack(out if prefix else out[::-1])
+
+
+def k_subset_marginals(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact marginals ``P(z_i = 1)`` of the k-subset distribution ``p(z) ∝ exp(<logits, z>)`` over ``z in
+    {0,1}^n`` with exactly ``k`` ones (independent Bernoullis conditioned on their sum; Ahmed et al., ICLR 2023):
+    ``w_i e_{k-1}(w without i) / e_k(w)``, ``w = exp(logits)``, from prefix and suffix recursions (O(n k)),
+    differentiable. ``logits`` ``[..., n]`` -> ``[..., n]`` summing to ``k``."""
+    logits, k = _check_k_subset(logits, k)
+    theta = logits.to(_checks.acc_dtype(logits.dtype))
+    P = _log_esp(theta, k, prefix=True)                               # [n + 1, ..., k + 1]
+    S = _log_esp(theta, k)
+    log_z = S[0, ..., k]
+    # e_{k-1}(w without i) = sum_j e_j(w_{:i}) e_{k-1-j}(w_{i+1:})
+    excl = torch.logsumexp(P[:-1, ..., :k] + S[1:, ..., :k].flip(-1), -1)  # [n, ...]
+    excl = excl.permute(tuple(range(1, excl.dim())) + (0,))             # [..., n]
+    return torch.exp(theta + excl - log_z[..., None]).to(logits.dtype)
+
+
+def k_subset_sample(logits: torch.Tensor, k: int, n: int = 1, *, generator: Optional[torch.Generator] = None,
+                    seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` exact samples of the k-subset distribution ``p(z) ∝ exp(<logits, z>)``, ``sum z = k`` (see
+    :func:`k_subset_marginals`): element ``i`` is included with probability ``w_i e_{r-1}(w_{i+1:}) / e_r(w_{i:})``
+    given the ``r`` ones still to place (O(n k); one Philox uniform per element). ``logits`` ``[..., n_items]`` ->
+    ``[n, ..., n_items]`` 0/1 in the logits' dtype, no gradient."""
+    logits, k = _check_k_subset(logits, k)
+    n = check_n(n, "n")
+    theta = logits.detach().to(_checks.acc_dtype(logits.dtype))
+    S = _log_esp(theta, k)                                            # [N + 1, ..., k + 1]
+    N = theta.shape[-1]
+    seed, offset = _philox.draw_seed_offset(n * theta.numel(), generator, seed, offset)
+    u = _philox.uniform(seed, offset, n * theta.numel(), theta.device).view((n,) + tuple(theta.shape))
+    r = torch.full((n,) + tuple(theta.shape[:-1]), k, dtype=torch.int64, device=theta.device)
+    z = torch.zeros((n,) + tuple(theta.shape), dtype=theta.dtype, device=theta.device)
+    for i in range(N):
+        here = S[i].expand((n,) + tuple(S[i].shape)).gather(-1, r[..., None])[..., 0]
+        rest = S[i + 1].expand((n,) + tuple(S[i + 1].shape)).gather(-1, (r - 1).clamp(min=0)[..., None])[..., 0]
+        p = torch.where(r > 0, torch.exp(theta[..., i] + rest - here), torch.zeros_like(here))
+        take = u[..., i].to(theta.dtype) < p
+        z[..., i] = take.to(theta.dtype)
+        r = r - take.long()
+    return z.to(logits.dtype)
+
+
+def simple(logits: torch.Tensor, k: int, n: int = 1, *, generator: Optional[torch.Generator] = None,
+           seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
+    """SIMPLE (Ahmed, Zeng, Niepert & Van den Broeck, ICLR 2023, "SIMPLE: A Gradient Estimator for k-Subset
+    Sampling"): ``n`` exact samples ``z`` of the k-subset distribution forward, the Jacobian of the exact marginals
+    :func:`k_subset_marginals` backward (``z + mu - sg(mu)``). Biased (exact for costs linear in ``z``), one cost
+    evaluation per sample, O(n k) per row for the sample and the marginals. ``logits`` ``[..., n_items]`` ->
+    ``[n, ..., n_items]``."""
+    z = k_subset_sample(logits, k, n, generator=generator, seed=seed, offset=offset)
+    mu = k_subset_marginals(logits, k)
+    return z + (mu - mu.detach())

@@ -1,6 +1,7 @@
 """Pathwise estimators beyond Gumbel-softmax: Gumbel-entmax and Gumbel-sparsemax (sparse relaxations), ReinMax and
-Gumbel-Rao (straight-through with better backward passes), and IndeCateR (per-variable exact sums). The math is in
-:mod:`fastgrad.functional` (``gumbel_entmax``, ``reinmax``, ``gumbel_rao``, ``indecater_weights``)."""
+Gumbel-Rao (straight-through with better backward passes), IndeCateR (per-variable exact sums) and SIMPLE (k-subsets).
+The math is in :mod:`fastgrad.functional` (``gumbel_entmax``, ``reinmax``, ``gumbel_rao``, ``indecater_weights``,
+``simple``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -150,3 +151,29 @@ class IndeCateR(Method):
         idx = nb.reshape((n,) + tuple(nb.shape[3:]))                            # [S D K, R, D]
         w = F.indecater_weights(logits, S).reshape((n,) + rows.pshape)          # [S D K, plates...]
         return Draw(rows.value(idx, logits.dtype), n, w.to(logits.dtype))
+
+
+class SIMPLE(Method):
+    """SIMPLE (Ahmed, Zeng, Niepert & Van den Broeck, ICLR 2023, "SIMPLE: A Gradient Estimator for k-Subset
+    Sampling"): a ``Bernoulli(logits=...)`` over the last dimension's ``n`` items read as independent Bernoullis
+    conditioned on exactly ``k`` ones (the k-subset distribution); exact samples forward
+    (:func:`fastgrad.functional.k_subset_sample`), the Jacobian of the exact marginals backward
+    (:func:`fastgrad.functional.k_subset_marginals`). Biased (exact for costs linear in the sample); one cost
+    evaluation per sample; O(n k) per row. The objective is ``E[f]`` under the k-subset distribution, not under
+    the unconditioned Bernoullis."""
+    facts = Facts("Ahmed, Zeng, Niepert & Van den Broeck, ICLR 2023", unbiased=False, evaluations="n",
+                  differentiable_cost=True, objective="E_k[f]",
+                  takes="Bernoulli(logits) read as the k-subset distribution (exactly k ones in the last dimension)")
+
+    accepts = (D.Bernoulli,)
+
+    def __init__(self, plate_name: str, k: int, sampling_method: Any = None, n_samples: int = 1):
+        super().__init__(plate_name, n_samples)
+        refuse_sampling_method(sampling_method)
+        self.k = check_n(k, "k")
+
+    def _sample(self, params: Params) -> Draw:
+        return Draw(F.simple(params.bernoulli_logits(), self.k, self.n_samples), self.n_samples)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", k={self.k}"
