@@ -93,9 +93,10 @@ def _patch_forward(model) -> None:
 class GRPOTrainer(trl.GRPOTrainer):
     """TRL's ``GRPOTrainer`` with its loss on :func:`fastgrad.functional.linear_policy_loss` (module docstring: what
     runs where). Same constructor and ``GRPOConfig`` as ``trl.GRPOTrainer``; exact, not an estimator of TRL's loss:
-    the losses, gradients and logged metrics are TRL's (tested to 1e-5 in fp32). Cost: 3 GEMMs over the completion
-    tokens' ``[tokens, V]`` logits for the loss step (4 on the ``"log_prob"`` path), one ``[chunk, V]`` fp32 slab
-    of memory; TRL's shipped head keeps up to 32768 rows of logits per chunk.
+    the losses, gradients and logged metrics are TRL's (tested to 1e-5 in fp32). Cost: 3 GEMMs of the completion
+    tokens' hidden states with the LM head for the loss step (4 on the ``"log_prob"`` path), one ``[chunk, V]``
+    fp32 slab of memory, the ``[tokens, V]`` logits never stored; TRL's shipped head takes up to 32768 rows of
+    logits per chunk.
 
     The mapping of each TRL option to fastgrad's arguments is in the docs ("TRL") and in
     :meth:`_fastgrad_loss_kwargs`."""
