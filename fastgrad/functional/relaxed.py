@@ -1,6 +1,6 @@
 """Sparse relaxations (sparsemax, alpha-entmax and their Gumbel versions) and the straight-through family beyond
-Gumbel-softmax (ReinMax, Gumbel-Rao), IndeCateR's per-variable weights, and SIMPLE's exact k-subset sampling and
-marginals. :mod:`fastgrad.functional` re-exports
+Gumbel-softmax (ReinMax, Gumbel-Rao, Gapped and Decoupled Straight-Through), IndeCateR's per-variable weights, and
+SIMPLE's exact k-subset sampling and marginals. :mod:`fastgrad.functional` re-exports
 these; the graph API's methods call them."""
 from __future__ import annotations
 
@@ -224,6 +224,70 @@ def indecater_surrogate(logits: torch.Tensor, cost: torch.Tensor) -> torch.Tenso
     if tuple(cost.shape) != tuple(w.shape):
         raise ValueError(f"cost must be of shape {tuple(w.shape)} ([S, D, K, ...]), got {tuple(cost.shape)}")
     return (w * cost.detach().to(w.dtype)).sum((0, 1, 2))
+
+
+def gapped_straight_through(logits: torch.Tensor, n: int = 1, tau: float = 1.0, gap="1", *,
+                            generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                            offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` one-hot categorical samples with the Gapped Straight-Through gradient (Fan, Chi, Rudnicky & Ramadge,
+    ICML 2022, "Training Discrete Deep Generative Models via Gapped Straight-Through Estimator"): the forward value
+    is an exact sample ``D`` of ``softmax(logits)`` (no Gumbel noise); the backward is that of ``softmax(theta~ /
+    tau)``, ``theta~ = logits + m`` with a constant shift ``m`` (of the detached logits) that raises the sampled
+    logit to the row's maximum and pushes every other logit at least ``gap`` below it, so ``argmax theta~ = D``
+    (the official code's ``gst_mover``). ``gap``: a float (the paper's GST-1.0 is 1), or ``"p"`` for the
+    per-sample gap ``-log(1 - pi_D) / pi_D`` (GST-p). Biased; one cost evaluation per sample, the cost of
+    straight-through. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype."""
+    logits = check_logits(logits, values=True)
+    tau = check_tau(tau, logits.dtype)
+    if not (gap == "p" or (isinstance(gap, (int, float, str)) and not isinstance(gap, bool)
+                           and _positive_float(gap) is not None)):
+        raise ValueError(f"gap must be a positive float or 'p', got {gap!r}")
+    _, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
+    acc = _checks.acc_dtype(logits.dtype)
+    la = logits.to(acc)
+    one = one.to(acc)
+    th = la.detach()
+    top = th.amax(-1, keepdim=True)
+    if gap == "p":
+        pi_d = (torch.softmax(th, -1) * one).sum(-1, keepdim=True) * (1 - 1e-5)
+        kappa = -torch.log1p(-pi_d) / pi_d
+    else:
+        kappa = _positive_float(gap)
+    shift = (top - th) * one - torch.relu(th - top + kappa) * (1 - one)
+    s = torch.softmax((la + shift) / tau, -1)
+    return (one + (s - s.detach())).to(logits.dtype)
+
+
+def _positive_float(v) -> Optional[float]:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f > 0 and f != float("inf") else None
+
+
+def decoupled_straight_through(logits: torch.Tensor, n: int = 1, forward_tau: float = 1.0, backward_tau: float = 1.0,
+                               *, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                               offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` one-hot samples with Decoupled Straight-Through Gumbel-softmax (Shah, Yan, Mozer & Liu 2024, arXiv
+    2410.13331, "Improving Discrete Optimisation Via Decoupled Straight-Through Gumbel-Softmax"): separate
+    temperatures for the two passes. Forward: ``onehot(argmax(logits / forward_tau + G))``, an exact sample of
+    ``softmax(logits / forward_tau)`` (the exploration temperature); backward: the Jacobian of the relaxed sample
+    ``softmax(logits / backward_tau + G)`` at the same Gumbels ``G``. At ``forward_tau = backward_tau = 1`` it is
+    straight-through Gumbel-softmax at temperature 1. Biased (the forward samples a tempered distribution unless
+    ``forward_tau = 1``); one cost evaluation per sample. Written from the paper's description: its algorithm box
+    was not available to us, and whether the backward reuses the forward's noise is our reading.
+    ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype."""
+    logits = check_logits(logits, values=True)
+    n = check_n(n)
+    tf = check_tau(forward_tau, logits.dtype)
+    tb = check_tau(backward_tau, logits.dtype)
+    acc = _checks.acc_dtype(logits.dtype)
+    la = logits.to(acc)
+    g = _gumbel_like((n,) + tuple(logits.shape), logits.device, generator, seed, offset).to(acc)
+    one = torch.nn.functional.one_hot((la.detach() / tf + g).argmax(-1), logits.shape[-1]).to(acc)
+    y = torch.softmax(la / tb + g, -1)
+    return (one + (y - y.detach())).to(logits.dtype)
 
 
 # -- k-subsets: SIMPLE ---------------------------------------------------------------------------------------------

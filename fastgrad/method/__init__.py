@@ -5,7 +5,8 @@ from .double_cv import RODEO, DoubleCV, SteinControl
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .relax import LAX, REBAR, RELAX
-from .relaxed import SIMPLE, GumbelEntmax, GumbelRao, GumbelSparseMax, IndeCateR, ReinMax
+from .relaxed import (SIMPLE, DecoupledStraightThrough, GappedStraightThrough, GumbelEntmax, GumbelRao, GumbelSparseMax,
+                      IndeCateR, ReinMax)
 from .infer import Infer
 from .reparameterization import Reparameterization
 from .score_function import ScoreFunction
@@ -16,4 +17,4 @@ from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctio
 __all__ = ["Method", "Draw", "Facts", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
            "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
            "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax",
-           "ReinMax", "GumbelRao", "IndeCateR", "SIMPLE", "DoubleCV", "RODEO", "SteinControl"]
+           "ReinMax", "GumbelRao", "IndeCateR", "SIMPLE", "GappedStraightThrough", "DecoupledStraightThrough", "DoubleCV", "RODEO", "SteinControl"]

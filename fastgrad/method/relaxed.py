@@ -177,3 +177,57 @@ class SIMPLE(Method):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", k={self.k}"
+
+
+class GappedStraightThrough(Method):
+    """Gapped Straight-Through (Fan, Chi, Rudnicky & Ramadge, ICML 2022, "Training Discrete Deep Generative Models
+    via Gapped Straight-Through Estimator"): exact one-hot samples forward, the softmax Jacobian of logits shifted by
+    a constant so that the sample leads every other class by at least ``gap`` backward; math in
+    :func:`fastgrad.functional.gapped_straight_through`. Biased; one cost evaluation per sample; OneHotCategorical.
+    ``gap``: 1.0 (GST-1.0) or ``"p"`` (GST-p)."""
+    facts = Facts("Fan, Chi, Rudnicky & Ramadge, ICML 2022", unbiased=False, evaluations="n",
+                  differentiable_cost=True, benchmark=("estimator_variance_st_cpu", "gapped-st"))
+
+    accepts = (D.OneHotCategorical,)
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
+                 gap: Any = 1.0):
+        super().__init__(plate_name, n_samples)
+        refuse_sampling_method(sampling_method)
+        self.temperature = check_temperature("temperature", temperature)
+        self.gap = gap
+        F.gapped_straight_through(torch.zeros(2), 1, self.temperature, gap, seed=0)  # validate gap now
+
+    def _sample(self, params: Params) -> Draw:
+        y = F.gapped_straight_through(params.logits(), self.n_samples, self.temperature, self.gap)
+        return Draw(y, self.n_samples)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", temperature={self.temperature}, gap={self.gap!r}"
+
+
+class DecoupledStraightThrough(Method):
+    """Decoupled Straight-Through Gumbel-softmax (Shah, Yan, Mozer & Liu 2024, arXiv 2410.13331): a forward
+    temperature for the sample (exploration: an exact sample of ``softmax(logits / forward_temperature)``) and a
+    backward one for the relaxed Jacobian; math in :func:`fastgrad.functional.decoupled_straight_through`. With
+    both at 1 it is straight-through Gumbel-softmax. Biased; one cost evaluation per sample; OneHotCategorical."""
+    facts = Facts("Shah, Yan, Mozer & Liu, 2024 (arXiv 2410.13331)", unbiased=False, evaluations="n",
+                  differentiable_cost=True, benchmark=("estimator_variance_st_cpu", "decoupled-st"))
+
+    accepts = (D.OneHotCategorical,)
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
+                 forward_temperature: float = 1.0, backward_temperature: float = 1.0):
+        super().__init__(plate_name, n_samples)
+        refuse_sampling_method(sampling_method)
+        self.forward_temperature = check_temperature("forward_temperature", forward_temperature)
+        self.backward_temperature = check_temperature("backward_temperature", backward_temperature)
+
+    def _sample(self, params: Params) -> Draw:
+        y = F.decoupled_straight_through(params.logits(), self.n_samples, self.forward_temperature,
+                                         self.backward_temperature)
+        return Draw(y, self.n_samples)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", forward_temperature={self.forward_temperature}, " \
+                                      f"backward_temperature={self.backward_temperature}"
