@@ -38,6 +38,7 @@ ESTIMATORS = {
     "rao-blackwell (sampled + baseline)": lambda E: M.RaoBlackwellSF("z", E, summed="sampled", use_baseline=True),
     "disarm (stick breaking)": lambda E: M.DisARM("z", n_samples=E // 2) if E % 2 == 0 else None,  # E / 2 pairs
     "disarm-iw": lambda E: M.DisARM("z", n_samples=E // 2, importance_weighting=True) if E % 2 == 0 else None,
+    "carms": lambda E: M.CARMS("z", n_samples=E),
     "indecater": lambda E: M.IndeCateR("z", n_samples=E // 20) if E % 20 == 0 else None,
     "gumbel-softmax": lambda E: M.GumbelSoftmax("z", n_samples=E),
     "straight-through": lambda E: M.GumbelSoftmax("z", n_samples=E, straight_through=True),

@@ -7,4 +7,4 @@ from .functional import (BeamSearchResult, enumerate_configurations, gumbel_soft
                          sample_categorical_one_hot, sample_set, stochastic_beam_search, top_set)
 
 __all__ = ["sample_categorical", "sample_categorical_one_hot", "gumbel_softmax", "enumerate_configurations",
-           "gumbel_topk", "sample_set", "top_set", "stochastic_beam_search", "BeamSearchResult"]
+           "gumbel_topk", "sample_set", "top_set", "stochastic_beam_search"]

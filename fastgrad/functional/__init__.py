@@ -24,7 +24,8 @@ from .score_function import (categorical_log_prob, batch_average_baseline, score
                              score_function_surrogate_from_log_prob, outcome_advantages, OUTCOME_ESTIMATORS)
 from .expect import (enumerate_configurations, enumerate_log_probs, expectation)
 from .arm import (arm_sample, arm_surrogate, disarm_surrogate, arms_sample, arms_surrogate, stick_breaking_logits,
-                  categorical_disarm_sample, categorical_disarm_surrogate)
+                  categorical_disarm_sample, categorical_disarm_surrogate, carms_sample, carms_pair_pmf,
+                  carms_surrogate)
 from .relax import (relax_bernoulli_sample, bernoulli_log_prob, relax_surrogate_from_values, relax_surrogate)
 from .vimco import vimco_surrogate
 from .double_cv import (double_cv_parts, double_cv_surrogate, rodeo_surrogate)
@@ -54,6 +55,9 @@ __all__ = [
     "k_subset_sample",
     "simple",
     "gapped_straight_through",
+    "carms_sample",
+    "carms_pair_pmf",
+    "carms_surrogate",
     "decoupled_straight_through",
     "BeamSearchResult",
     "OUTCOME_ESTIMATORS",

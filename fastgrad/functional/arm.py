@@ -1,4 +1,4 @@
-"""The antithetic binary estimators: ARM, DisARM and ARMS for Bernoulli variables, and DisARM for categoricals.
+"""The antithetic estimators: ARM, DisARM and ARMS for Bernoulli variables, and DisARM and CARMS for categoricals.
 
 Categorical DisARM: Dong, Mnih & Tucker, NeurIPS 2021, "Coupled Gradient Estimators for Discrete Latent Variables".
 A categorical of ``K`` classes is written as ``K - 1`` binary decisions taken in turn on the classes in a fixed
@@ -13,12 +13,14 @@ Conventions of the categorical functions: ``logits`` ``[..., K]`` (any batch sha
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
-from ..ops import _checks
-from ._validate import check_bernoulli_logits, check_logits, check_n, check_order, check_samples_and_cost, pair_costs
+from ..ops import _checks, _philox
+from ._validate import (check_bernoulli_logits, check_logits, check_n, check_order, check_real, check_samples_and_cost,
+                        pair_costs)
 from .sampling import uniform
 
 
@@ -257,3 +259,108 @@ def categorical_disarm_surrogate(logits: torch.Tensor, u: torch.Tensor, cost: to
 
 
 __all__ = ["stick_breaking_logits", "categorical_disarm_sample", "categorical_disarm_surrogate"]
+
+
+# -- CARMS: categorical antithetic samples from a Dirichlet copula --------------------------------------------------
+def _dirichlet_copula_uniforms(shape, n: int, generator, seed, offset, device, dtype) -> torch.Tensor:
+    """``n`` jointly antithetic uniforms per element of ``shape``: ``d ~ Dirichlet(1, ..., 1)`` over the n (normalized
+    exponentials of the Philox stream), ``u_k = (1 - d_k)**(n - 1)`` (each U(0, 1)); ``[n, *shape]``."""
+    v = uniform((n,) + tuple(shape), generator=generator, seed=seed, offset=offset, device=device).to(dtype)
+    e = -torch.log(v)
+    return (1 - e / e.sum(0, keepdim=True)) ** (n - 1)
+
+
+def _carms_orderings(K: int, device) -> torch.Tensor:
+    """The class orderings CARMS draws from: for every pair ``a < b``, ``a`` first, ``b`` last, the others in index
+    order between (``K (K - 1) / 2`` orderings; one, the identity, at ``K = 2``). A pair's classes at the two ends of
+    the CDF make every pair of distinct classes reachable by two antithetic samples, which the estimator's
+    reweighting needs. ``[M, K]`` int64."""
+    rows = []
+    for a in range(K):
+        for b in range(a + 1, K):
+            rows.append([a] + [c for c in range(K) if c not in (a, b)] + [b])
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def carms_sample(logits: torch.Tensor, n: int = 2, *, generator: Optional[torch.Generator] = None,
+                 seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
+    """``n >= 2`` mutually antithetic samples of each categorical (Dimitriev & Zhou, NeurIPS 2021, "CARMS:
+    Categorical-Antithetic-REINFORCE Multi-Sample Gradient Estimator", CARMS-I): the Dirichlet copula's uniforms
+    (:func:`arms_sample`'s, one set per categorical) through the inverse CDF of ``softmax(logits)``, with the classes
+    in an ordering drawn per categorical from :func:`_carms_orderings` (shared by its n samples). Each sample is an
+    exact draw; two of them are negatively dependent. ``logits`` ``[..., K]`` -> int64 labels ``[n, ...]``."""
+    logits = check_logits(logits, values=True)
+    n = check_n(n)
+    if n < 2:
+        raise ValueError(f"CARMS needs n >= 2 mutually antithetic samples, got {n}")
+    batch = tuple(logits.shape[:-1])
+    K = logits.shape[-1]
+    seed, offset = _philox.draw_seed_offset((n + 1) * math.prod(batch), generator, seed, offset)
+    u = _dirichlet_copula_uniforms(batch, n, None, seed, offset, logits.device, torch.float64)
+    orders = _carms_orderings(K, logits.device)
+    pick = uniform(batch, seed=seed, offset=offset + _philox.counters_used(n * math.prod(batch)),
+                   device=logits.device)
+    sigma = orders[(pick * orders.shape[0]).long().clamp(max=orders.shape[0] - 1)]      # [..., K]
+    p = torch.softmax(logits.detach().double(), -1).gather(-1, sigma)                 # in the drawn order
+    cdf = torch.cumsum(p, -1)
+    cdf = torch.cat([cdf[..., :-1], torch.ones_like(cdf[..., -1:])], -1)             # the last bound exactly 1
+    pos = (u.unsqueeze(-1) > cdf.unsqueeze(0)).sum(-1).clamp(max=K - 1)               # [n, ...]
+    return sigma.unsqueeze(0).expand((n,) + tuple(sigma.shape)).gather(-1, pos.unsqueeze(-1))[..., 0]
+
+
+def carms_pair_pmf(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """The exact joint pmf ``q(a, b)`` of two of :func:`carms_sample`'s ``n`` samples: the mean over the orderings of
+    the copula mass of the rectangle ``(L_a, R_a] x (L_b, R_b]`` of the classes' CDF intervals, with the Dirichlet
+    copula's pairwise CDF ``C(u, v) = max(u**(1/(n-1)) + v**(1/(n-1)) - 1, 0)**(n-1)``; symmetric, positive for
+    every pair of distinct classes of nonzero probability; ``[..., K, K]`` float64, O(K**4) per categorical."""
+    p = torch.softmax(logits.detach().double(), -1)
+    K = p.shape[-1]
+    orders = _carms_orderings(K, p.device)                                             # [M, K]
+
+    def C(u, v):
+        return (u ** (1.0 / (n - 1)) + v ** (1.0 / (n - 1)) - 1).clamp_min(0) ** (n - 1)
+
+    q = torch.zeros(tuple(p.shape) + (K,), dtype=p.dtype, device=p.device)
+    for sigma in orders:
+        ps = p[..., sigma]                                                             # in this order
+        R = torch.cumsum(ps, -1)
+        L = R - ps
+        a, b = (lambda t: t.unsqueeze(-1)), (lambda t: t.unsqueeze(-2))
+        qs = (C(a(R), b(R)) + C(a(L), b(L)) - C(a(L), b(R)) - C(a(R), b(L))).clamp_min(0)
+        inv = torch.argsort(sigma)
+        q = q + qs[..., inv, :][..., :, inv]                                           # back to class indices
+    return q / orders.shape[0]
+
+
+def carms_surrogate(logits: torch.Tensor, idx: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """CARMS: the per-sample surrogate whose mean over the samples (``.mean(0)``) has, per categorical, the gradient
+    ``1/(n(n-1)) sum_i sum_{j != i} w(z_i, z_j) (f_i - f_j) grad log p(z_i)`` with ``w(a, b) = p_a p_b / q(a, b)``
+    (:func:`carms_pair_pmf`): unbiased, since each ordered pair is reweighted from its antithetic joint law ``q`` to
+    the independent one. n cost evaluations; LOORF when the samples are independent (``w = 1``); ARMS at two classes
+    (for ``p_1 > 1/2``, where ARMS's copula is not inverted). Args: ``logits`` ``[..., K]``, ``idx`` int64
+    ``[n, ...]`` from :func:`carms_sample`, ``cost`` ``[n, *batch]`` (broadcast over the trailing latent dims).
+    Returns ``[n, ...]``."""
+    logits = check_logits(logits, values=True)
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() < 1 or idx.shape[0] < 2 \
+            or tuple(idx.shape[1:]) != tuple(logits.shape[:-1]):
+        raise ValueError(f"idx must be int64 [n >= 2, {', '.join(map(str, logits.shape[:-1]))}], got "
+                         f"{getattr(idx, 'dtype', None)} {tuple(getattr(idx, 'shape', ()))}")
+    n = idx.shape[0]
+    cost = check_real(cost, "cost")
+    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > idx.dim():
+        raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
+    acc = _checks.acc_dtype(logits.dtype)
+    f = cost.detach().double().reshape(tuple(cost.shape) + (1,) * (idx.dim() - cost.dim()))  # [n, ...]
+    p = torch.softmax(logits.detach().double(), -1)
+    q = carms_pair_pmf(logits, n)                                                            # [..., K, K]
+    pa = p.unsqueeze(0).expand((n,) + tuple(p.shape)).gather(-1, idx.unsqueeze(-1))[..., 0]  # [n, ...]
+    K = q.shape[-1]
+    pair = idx.unsqueeze(1) * K + idx.unsqueeze(0)                                           # [n(i), n(j), ...]
+    qf = q.reshape(tuple(q.shape[:-2]) + (K * K,))
+    qij = qf.unsqueeze(0).unsqueeze(0).expand((n, n) + tuple(qf.shape)).gather(-1, pair.unsqueeze(-1))[..., 0]
+    w = pa.unsqueeze(1) * pa.unsqueeze(0) / qij.clamp_min(1e-300)                            # [n(i), n(j), ...]
+    diff = f.unsqueeze(1) - f.unsqueeze(0)                                                   # f_i - f_j
+    off = ~torch.eye(n, dtype=torch.bool, device=idx.device).view((n, n) + (1,) * (idx.dim() - 1))
+    coef = (w * diff * off).sum(1) / (n - 1)                                                 # [n, ...]
+    logp = torch.log_softmax(logits.to(acc), -1).unsqueeze(0).expand((n,) + tuple(logits.shape))
+    return coef.to(acc) * logp.gather(-1, idx.unsqueeze(-1))[..., 0]

@@ -1,6 +1,6 @@
 """Gradient estimation methods (Storchastic's ``storch.method``): call one on a torch distribution."""
 from ._base import Draw, Facts, Method
-from .arm import ARM, ARMS, DisARM
+from .arm import ARM, ARMS, CARMS, DisARM
 from .double_cv import RODEO, DoubleCV, SteinControl
 from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
@@ -15,6 +15,6 @@ from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctio
                                   UnorderedSetGumbelSoftmax)
 
 __all__ = ["Method", "Draw", "Facts", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
-           "DisARM", "ARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
+           "DisARM", "ARMS", "CARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
            "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax",
            "ReinMax", "GumbelRao", "IndeCateR", "SIMPLE", "GappedStraightThrough", "DecoupledStraightThrough", "DoubleCV", "RODEO", "SteinControl"]

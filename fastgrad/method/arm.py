@@ -1,4 +1,4 @@
-"""ARM, DisARM and ARMS: antithetic samples. The math is :func:`fastgrad.functional.arm_surrogate`,
+"""ARM, DisARM, ARMS and CARMS: antithetic samples. The math is :func:`fastgrad.functional.arm_surrogate`,
 :func:`fastgrad.functional.disarm_surrogate` and, for categoricals, :func:`fastgrad.functional.categorical_disarm_surrogate`."""
 from __future__ import annotations
 
@@ -119,4 +119,34 @@ class ARMS(Method):
         return sum_latents(term, len(sample.plates))
 
 
-__all__ = ["ARM", "DisARM", "ARMS"]
+class CARMS(Method):
+    """CARMS (Dimitriev & Zhou, NeurIPS 2021, "CARMS: Categorical-Antithetic-REINFORCE Multi-Sample Gradient
+    Estimator", CARMS-I): ``n_samples >= 2`` mutually antithetic samples of each categorical from a Dirichlet
+    copula through the inverse CDF, and every ordered pair's cost difference reweighted from the pair's antithetic
+    law to the independent one (:func:`fastgrad.functional.carms_surrogate`); unbiased, n cost evaluations;
+    Categorical and OneHotCategorical; ARMS at two classes. The plate has ``n_samples`` equally weighted
+    entries (every sample is a real draw)."""
+    facts = Facts("Dimitriev & Zhou, NeurIPS 2021", unbiased=True, evaluations="n",
+                  benchmark=("estimator_variance_carms_cpu", "carms"))
+
+    accepts = (D.Categorical, D.OneHotCategorical)
+    min_samples, min_samples_reason = 2, "mutually antithetic samples"
+    uses_score = True
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 2):
+        super().__init__(plate_name, n_samples)
+        refuse_sampling_method(sampling_method, "a Dirichlet copula over the samples")
+
+    def _sample(self, params: Params) -> Draw:
+        logits = params.logits()
+        idx = F.carms_sample(logits.detach(), self.n_samples)
+        z = torch.nn.functional.one_hot(idx, logits.shape[-1]).to(logits.dtype) \
+            if isinstance(params.distr, D.OneHotCategorical) else idx
+        return Draw(z, self.n_samples, state=idx)
+
+    def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
+        term = F.carms_surrogate(sample.params.logits(), sample.draw.state, cost)  # cost [n, plates...]
+        return sum_latents(term, len(sample.plates))
+
+
+__all__ = ["ARM", "DisARM", "ARMS", "CARMS"]
