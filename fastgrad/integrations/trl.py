@@ -118,7 +118,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _fastgrad_temperature(self, model) -> float:
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
         target = getattr(target, "module", target)  # DDP / accelerate wrappers
-        scale = self._fastgrad_scale.get(id(target), self._fastgrad_scale.get(id(self.model)))
+        scale = self._fastgrad_scale.get(id(target))
+        if scale is None:  # a model seen through another wrapper: the policy's (the reference shares its config)
+            scale = next(iter(self._fastgrad_scale.values()))
         return self.temperature / scale
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -166,7 +168,6 @@ class GRPOTrainer(trl.GRPOTrainer):
                 or self.use_adaptive_entropy
                 or (self._entropy_bonus_enabled and not token_norm)
                 or (self.loss_type in _PPO and a.delta is not None and not a.delta >= 1 + self.epsilon_high)
-                or (self.loss_type in _PPO and a.delta is not None and not a.delta > 1)
                 or (self.loss_type == "cispo" and self.epsilon_high < 1)
                 or (self.loss_type == "vespo" and vllm_is)):
             return "log_prob"
