@@ -226,7 +226,7 @@ def indecater_surrogate(logits: torch.Tensor, cost: torch.Tensor) -> torch.Tenso
     return (w * cost.detach().to(w.dtype)).sum((0, 1, 2))
 
 
-def gapped_straight_through(logits: torch.Tensor, n: int = 1, tau: float = 1.0, gap="1", *,
+def gapped_straight_through(logits: torch.Tensor, n: int = 1, tau: float = 1.0, gap=1.0, *,
                             generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                             offset: Optional[int] = None) -> torch.Tensor:
     """``n`` one-hot categorical samples with the Gapped Straight-Through gradient (Fan, Chi, Rudnicky & Ramadge,
@@ -239,7 +239,7 @@ def gapped_straight_through(logits: torch.Tensor, n: int = 1, tau: float = 1.0, 
     straight-through. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype."""
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
-    if not (gap == "p" or (isinstance(gap, (int, float, str)) and not isinstance(gap, bool)
+    if not (gap == "p" or (isinstance(gap, (int, float)) and not isinstance(gap, bool)
                            and _positive_float(gap) is not None)):
         raise ValueError(f"gap must be a positive float or 'p', got {gap!r}")
     _, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
