@@ -183,3 +183,23 @@ def test_bad_input():
         F.stochastic_beam_search(lambda t: table[t[:, -1]][:1], torch.full((2, 1), V), 2, 2)
     with pytest.raises(ValueError, match="finite or -inf"):
         F.stochastic_beam_search(lambda t: table[t[:, -1]] * math.nan, torch.full((2, 1), V), 2, 2)
+
+
+def test_a_row_with_few_sequences_does_not_narrow_the_others():
+    """Row 0 has one possible first token; row 1 is uniform over 9 sequences. Each row keeps its own beam: row 1's
+    3 sequences share their first token only as often as 3 draws without replacement from 9 do (1/28)."""
+    def step(tok):
+        out = torch.zeros(tok.shape[0], 3, dtype=torch.float64)
+        if tok.shape[1] == 1:
+            out[tok[:, 0] == 0, 1:] = -math.inf
+        return out
+
+    B = 2000
+    prefix = torch.tensor([[0], [1]]).repeat(B, 1)
+    with pytest.raises(ValueError, match="exceeds the number of sequences"):  # row 0 has only 3 sequences ...
+        F.stochastic_beam_search(step, prefix, 4, 2, seed=0)
+    res = F.stochastic_beam_search(step, prefix, 3, 2, seed=0)  # ... and k = 3 fits both
+    first = res.tokens[1::2, :, 1]
+    same = (first == first[:, :1]).all(-1).double().mean()
+    assert float(same) < 0.1, float(same)
+    assert bool((res.tokens[0::2, :, 1] == 0).all())

@@ -141,6 +141,7 @@ LOG_PROB = {
     "grpo_entropy": dict(loss_type="grpo", entropy_coef=0.05),
     "tight_delta": dict(loss_type="dapo", delta=1.1, epsilon_high=0.2),
     "cispo_below_one": dict(loss_type="cispo", epsilon_high=0.9),
+    "delta_one_no_high_clip": dict(loss_type="dapo", delta=1.0, epsilon_high=0.0),
 }
 
 
@@ -175,6 +176,12 @@ def test_vllm_importance_sampling_fused(name, tmp_path, model_path):
 @pytest.mark.parametrize("name", sorted(LOG_PROB))
 def test_options_the_fused_loss_cannot_express_run_on_fastgrad_log_probs(name, tmp_path, model_path):
     _compare(tmp_path, model_path, LOG_PROB[name], "log_prob")
+
+
+def test_token_vllm_ratio_under_sequence_level_runs_on_log_probs(tmp_path, model_path):
+    # TRL averages the token ratios over the sequence in the gradient: not a per-token advantage weight
+    _compare(tmp_path, model_path, dict(loss_type="grpo", importance_sampling_level="sequence"), "log_prob",
+             vllm="token_truncate")
 
 
 def test_vespo_with_vllm_runs_on_log_probs(tmp_path, model_path):

@@ -153,3 +153,12 @@ def test_bad_input():
         F.outcome_advantages(r, m, [0, 1], "optimal_token_baseline")
     with pytest.raises(ValueError, match="at least 2 response tokens"):
         F.outcome_advantages(r, torch.zeros(2, 3), [0, 1], "reinforce_plus_plus")
+
+
+def test_half_precision_rewards_count_large_groups():
+    r = torch.zeros(300, 2, dtype=torch.bfloat16)
+    r[:, -1] = torch.linspace(0, 1, 300).to(torch.bfloat16)
+    a, _ = F.outcome_advantages(r, torch.ones(300, 2), torch.zeros(300, dtype=torch.int64), "rloo")
+    want, _ = F.outcome_advantages(r.double(), torch.ones(300, 2), torch.zeros(300, dtype=torch.int64), "rloo")
+    assert a.dtype == torch.bfloat16
+    torch.testing.assert_close(a.double(), want, atol=1e-2, rtol=0)

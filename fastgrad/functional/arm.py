@@ -296,6 +296,8 @@ def carms_sample(logits: torch.Tensor, n: int = 2, *, generator: Optional[torch.
     batch = tuple(logits.shape[:-1])
     K = logits.shape[-1]
     seed, offset = _philox.draw_seed_offset((n + 1) * math.prod(batch), generator, seed, offset)
+    if K == 1:  # one class: every sample is it
+        return torch.zeros((n,) + batch, dtype=torch.int64, device=logits.device)
     u = _dirichlet_copula_uniforms(batch, n, None, seed, offset, logits.device, torch.float64)
     orders = _carms_orderings(K, logits.device)
     pick = uniform(batch, seed=seed, offset=offset + _philox.counters_used(n * math.prod(batch)),
@@ -313,8 +315,14 @@ def carms_pair_pmf(logits: torch.Tensor, n: int) -> torch.Tensor:
     the copula mass of the rectangle ``(L_a, R_a] x (L_b, R_b]`` of the classes' CDF intervals, with the Dirichlet
     copula's pairwise CDF ``C(u, v) = max(u**(1/(n-1)) + v**(1/(n-1)) - 1, 0)**(n-1)``; symmetric, positive for
     every pair of distinct classes of nonzero probability; ``[..., K, K]`` float64, O(K**4) per categorical."""
+    logits = check_logits(logits, values=True)
+    n = check_n(n)
+    if n < 2:
+        raise ValueError(f"CARMS needs n >= 2 mutually antithetic samples, got {n}")
     p = torch.softmax(logits.detach().double(), -1)
     K = p.shape[-1]
+    if K == 1:
+        return torch.ones(tuple(p.shape) + (1,), dtype=p.dtype, device=p.device)
     orders = _carms_orderings(K, p.device)                                             # [M, K]
 
     def C(u, v):

@@ -248,12 +248,14 @@ def gapped_straight_through(logits: torch.Tensor, n: int = 1, tau: float = 1.0, 
     one = one.to(acc)
     th = la.detach()
     top = th.amax(-1, keepdim=True)
+    live = torch.isfinite(th)
+    th = torch.where(live, th, top)  # an impossible class keeps its -inf logit: no shift there
     if gap == "p":
         pi_d = (torch.softmax(th, -1) * one).sum(-1, keepdim=True) * (1 - 1e-5)
         kappa = -torch.log1p(-pi_d) / pi_d
     else:
         kappa = _positive_float(gap)
-    shift = (top - th) * one - torch.relu(th - top + kappa) * (1 - one)
+    shift = ((top - th) * one - torch.relu(th - top + kappa) * (1 - one)) * live
     s = torch.softmax((la + shift) / tau, -1)
     return (one + (s - s.detach())).to(logits.dtype)
 
@@ -297,6 +299,8 @@ def _check_k_subset(logits: object, k: object) -> "tuple[torch.Tensor, int]":
     if k > logits.shape[-1]:
         raise ValueError(f"k must lie in [1, n] = [1, {logits.shape[-1]}] (ones among the last dimension's n "
                          f"Bernoullis), got {k}")
+    if logits.numel() and int(torch.isfinite(logits).sum(-1).min()) < k:
+        raise ValueError(f"every row needs at least k = {k} items of nonzero probability (finite logits)")
     return logits, k
 
 

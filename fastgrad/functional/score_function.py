@@ -181,8 +181,9 @@ def outcome_advantages(token_level_rewards: torch.Tensor, response_mask: torch.T
         raise ValueError(f"response_mask must be a tensor of token_level_rewards' shape {tuple(r.shape)}, got "
                          f"{getattr(response_mask, 'shape', type(response_mask).__name__)}")
     B, T = r.shape
+    out_dtype = r.dtype
     with torch.no_grad():
-        r = r.detach()
+        r = r.detach().to(torch.promote_types(r.dtype, torch.float32))  # bf16 would miscount a group of 300
         m = response_mask.detach().to(r.dtype)
         if estimator == "reinforce_plus_plus":
             returns = torch.zeros_like(r)
@@ -191,14 +192,15 @@ def outcome_advantages(token_level_rewards: torch.Tensor, response_mask: torch.T
                 new = r[:, t] + gamma * run
                 returns[:, t] = new * m[:, t]
                 run = new * m[:, t] + run * (1 - m[:, t])
-            return _masked_whiten(returns, m) * m, returns
+            return (_masked_whiten(returns, m) * m).to(out_dtype), returns.to(out_dtype)
         g = _group_ids(index, B, r.device)
         G = int(g.max()) + 1 if B else 0
         n = torch.zeros(G, dtype=r.dtype, device=r.device).index_add_(0, g, torch.ones_like(r[:, 0]))
         single = n[g] == 1
         if estimator == "optimal_token_baseline":
-            return _optimal_token_baseline(r, m, g, G, n, old_logp, sum_pi_squared, rollout_weights,
-                                           handle_zero_tail, 1e-8 if epsilon is None else epsilon)
+            a, ret = _optimal_token_baseline(r, m, g, G, n, old_logp, sum_pi_squared, rollout_weights,
+                                             handle_zero_tail, 1e-8 if epsilon is None else epsilon)
+            return a.to(out_dtype), ret.to(out_dtype)
         s = r.sum(-1)
         mean = torch.zeros_like(n).index_add_(0, g, s) / n
         if estimator == "opo":
@@ -212,7 +214,7 @@ def outcome_advantages(token_level_rewards: torch.Tensor, response_mask: torch.T
             centered = s - torch.where(single, 0, mean[g])
             if estimator == "reinforce_plus_plus_baseline":
                 a = centered[:, None].expand(B, T) * m
-                a = _masked_whiten(a, m) * m
+                a = (_masked_whiten(a, m) * m).to(out_dtype)
                 return a, a
             if norm_by_std:
                 var = torch.zeros_like(n).index_add_(0, g, (s - mean[g]) ** 2) / (n - 1).clamp(min=1)
@@ -220,7 +222,7 @@ def outcome_advantages(token_level_rewards: torch.Tensor, response_mask: torch.T
                 adv = centered / (std + (1e-6 if epsilon is None else epsilon))
             else:
                 adv = centered
-        a = adv[:, None] * m
+        a = (adv[:, None] * m).to(out_dtype)
         return a, a
 
 

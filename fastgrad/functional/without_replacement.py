@@ -184,7 +184,9 @@ def stochastic_beam_search(step, prefix: torch.Tensor, k: int, max_len: int, eos
         fin = done.reshape(-1).nonzero().squeeze(1)
         cand_key[fin, kk] = key.reshape(-1)[fin]
         cand_lp[fin, kk] = lp.reshape(-1)[fin]
-        m = min(k, int(torch.isfinite(cand_key.view(B, n_cand)).sum(-1).min()))
+        # each row keeps its own k best (a row with fewer possible sequences gets -inf keys: dead beams, never
+        # extended, never chosen over a live one)
+        m = min(k, int(torch.isfinite(cand_key.view(B, n_cand)).sum(-1).max()))
         if m < 1:
             raise ValueError("a row has no sequence of nonzero probability left")
         new_key, pick = torch.topk(cand_key.view(B, n_cand), m, dim=-1)
@@ -197,9 +199,10 @@ def stochastic_beam_search(step, prefix: torch.Tensor, k: int, max_len: int, eos
         key = new_key
         lengths = lengths.gather(1, par) + (~was_done).long()
         done = was_done | (slot == kk) | ((tok == eos) if eos is not None else torch.zeros_like(was_done))
-    if tokens.shape[1] < k:
+        done = done | ~torch.isfinite(key)
+    if tokens.shape[1] < k or not bool(torch.isfinite(key).all()):
         raise ValueError(f"k = {k} exceeds the number of sequences of nonzero probability of a row "
-                         f"({tokens.shape[1]})")
+                         f"({int(torch.isfinite(key).sum(-1).min())})")
     return BeamSearchResult(tokens, lp, key, lengths)
 
 

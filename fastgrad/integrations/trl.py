@@ -19,7 +19,7 @@ Which path a loss step takes (``trainer.fastgrad_path`` records the last one):
 * ``"log_prob"``: options whose loss needs every log-prob before it (``top_entropy_quantile < 1``,
   ``off_policy_mask_threshold``, ``use_bias_correction_kl`` at sequence level, ``use_adaptive_entropy``, an entropy bonus under
   grpo's/sapo's per-sequence normalization, ``delta < 1 + epsilon_high``, cispo with ``epsilon_high < 1``, vespo
-  with vLLM importance sampling): fastgrad's log-probs and entropies (differentiable, 4 GEMMs) under TRL's own loss
+  with vLLM importance sampling, a token-level vLLM mode under sequence-level ratios): fastgrad's log-probs and entropies (differentiable, 4 GEMMs) under TRL's own loss
   arithmetic. Same results, one GEMM more.
 * ``"trl"``: what fastgrad's head cannot compute (``final_logit_softcapping``, a non-positive logit scale,
   multimodal inputs, MoE auxiliary losses): TRL's own head and loss, unchanged.
@@ -167,7 +167,13 @@ class GRPOTrainer(trl.GRPOTrainer):
                 or (self.beta != 0.0 and a.use_bias_correction_kl and self.importance_sampling_level == "sequence")
                 or self.use_adaptive_entropy
                 or (self._entropy_bonus_enabled and not token_norm)
-                or (self.loss_type in _PPO and a.delta is not None and not a.delta >= 1 + self.epsilon_high)
+                or (self.loss_type in _PPO and a.delta is not None
+                    and not (a.delta >= 1 + self.epsilon_high and a.delta > 1))
+                # a per-token vLLM ratio under a sequence-level ratio: TRL's gradient averages the token ratios over
+                # the sequence, which a per-token advantage weight cannot express
+                or (vllm_is and self.importance_sampling_level == "sequence" and self.loss_type != "vespo"
+                    and inputs.get("importance_sampling_ratio") is not None
+                    and inputs["importance_sampling_ratio"].shape[-1] > 1)
                 or (self.loss_type == "cispo" and self.epsilon_high < 1)
                 or (self.loss_type == "vespo" and vllm_is)):
             return "log_prob"

@@ -91,3 +91,11 @@ def test_bad_input():
         F.carms_surrogate(LOGITS, torch.tensor([1, 2]), torch.zeros(3))
     with pytest.raises(ValueError):
         M.CARMS("z", n_samples=1)
+
+
+def test_one_class():
+    idx = F.carms_sample(torch.zeros(3, 1), 2, seed=0)
+    assert idx.shape == (2, 3) and bool((idx == 0).all())
+    torch.testing.assert_close(F.carms_pair_pmf(torch.zeros(3, 1), 2), torch.ones(3, 1, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n >= 2"):
+        F.carms_pair_pmf(torch.zeros(3), 1)

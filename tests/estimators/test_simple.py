@@ -102,3 +102,10 @@ def test_bad_input():
         M.SIMPLE("z", k=0)
     with pytest.raises(ValueError):
         F.simple(torch.tensor([0.0, float("nan")]), 1)
+
+
+def test_k_above_the_possible_items_is_an_error():
+    with pytest.raises(ValueError, match="at least k = 3 items"):
+        F.k_subset_marginals(torch.tensor([0.0, -float("inf"), 1.0]), 3)
+    with pytest.raises(ValueError, match="at least k = 3 items"):
+        F.k_subset_sample(torch.tensor([0.0, -float("inf"), 1.0]), 3)

@@ -112,3 +112,12 @@ def test_bad_input():
         M.DecoupledStraightThrough("z", forward_temperature=0.0)
     with pytest.raises(ValueError, match="backward_temperature"):
         M.DecoupledStraightThrough("z", backward_temperature=-1.0)
+
+
+def test_gst_with_an_impossible_class():
+    logits = torch.tensor([[0.0, -float("inf"), 1.0], [0.5, 0.2, -float("inf")]], requires_grad=True)
+    for gap in (1.0, "p"):
+        y = F.gapped_straight_through(logits, 50, 0.5, gap, seed=1)
+        assert bool(torch.isfinite(y).all()) and not bool(y[..., 1][:, 0].any()) and not bool(y[..., 2][:, 1].any())
+        (g,) = torch.autograd.grad((y * torch.randn(y.shape)).sum(), logits)
+        assert bool(torch.isfinite(g).all())
