@@ -151,11 +151,16 @@ def check_samples_and_cost(logits: object, b: object, cost: object, min_b_dim: i
             or tuple(b.shape[1:]) != tuple(logits.shape):
         raise ValueError(f"b must have shape [n >= 2, {', '.join(map(str, logits.shape))}], got "
                          f"{tuple(getattr(b, 'shape', ()))}")
-    n = b.shape[0]
+    return logits, check_sample_costs(cost, b)
+
+
+def check_sample_costs(cost: object, samples: torch.Tensor) -> torch.Tensor:
+    """A real ``cost`` ``[n, *batch]`` of the ``n`` samples ``[n, ...]`` (broadcast over their trailing dims)."""
+    n = samples.shape[0]
     cost = check_real(cost, "cost")
-    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > b.dim():
+    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > samples.dim():
         raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
-    return logits, cost
+    return cost
 
 
 def check_cost_grad(cost_grad: object, b: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops import _checks, _philox
-from ._validate import (check_bernoulli_logits, check_logits, check_n, check_order, check_real, check_samples_and_cost,
-                        pair_costs)
+from ._validate import (check_bernoulli_logits, check_logits, check_n, check_order, check_sample_costs,
+                        check_samples_and_cost, pair_costs)
 from .sampling import uniform
 
 
@@ -81,6 +81,14 @@ def disarm_surrogate(logits: torch.Tensor, b: torch.Tensor, cost: torch.Tensor) 
     return coef * t
 
 
+def _dirichlet_copula_uniforms(shape, n: int, generator, seed, offset, device, dtype) -> torch.Tensor:
+    """``n`` jointly antithetic uniforms per element of ``shape``: ``d ~ Dirichlet(1, ..., 1)`` over the n (normalized
+    exponentials of the Philox stream), ``u_k = (1 - d_k)**(n - 1)`` (each U(0, 1)); ``[n, *shape]``."""
+    v = uniform((n,) + tuple(shape), generator=generator, seed=seed, offset=offset, device=device).to(dtype)
+    e = -torch.log(v)
+    return (1 - e / e.sum(0, keepdim=True)) ** (n - 1)
+
+
 def arms_sample(logits: torch.Tensor, n: int = 2, *, generator: Optional[torch.Generator] = None,
                 seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
     """``n >= 2`` mutually antithetic ``Bernoulli(sigmoid(logits))`` samples (Dimitriev & Zhou 2021, "ARMS:
@@ -93,11 +101,7 @@ def arms_sample(logits: torch.Tensor, n: int = 2, *, generator: Optional[torch.G
     if n < 2:
         raise ValueError(f"ARMS needs n >= 2 mutually antithetic samples, got {n}")
     acc = _checks.acc_dtype(logits.dtype)
-    v = uniform((n,) + tuple(logits.shape), generator=generator, seed=seed, offset=offset,
-                device=logits.device).to(acc)
-    e = -torch.log(v)
-    d = e / e.sum(0, keepdim=True)
-    u = (1 - d) ** (n - 1)
+    u = _dirichlet_copula_uniforms(logits.shape, n, generator, seed, offset, logits.device, acc)
     p = torch.sigmoid(logits.detach().to(acc))
     b = torch.where(p <= 0.5, u < p, u > 1 - p)
     return b.to(logits.dtype)
@@ -262,14 +266,6 @@ __all__ = ["stick_breaking_logits", "categorical_disarm_sample", "categorical_di
 
 
 # -- CARMS: categorical antithetic samples from a Dirichlet copula --------------------------------------------------
-def _dirichlet_copula_uniforms(shape, n: int, generator, seed, offset, device, dtype) -> torch.Tensor:
-    """``n`` jointly antithetic uniforms per element of ``shape``: ``d ~ Dirichlet(1, ..., 1)`` over the n (normalized
-    exponentials of the Philox stream), ``u_k = (1 - d_k)**(n - 1)`` (each U(0, 1)); ``[n, *shape]``."""
-    v = uniform((n,) + tuple(shape), generator=generator, seed=seed, offset=offset, device=device).to(dtype)
-    e = -torch.log(v)
-    return (1 - e / e.sum(0, keepdim=True)) ** (n - 1)
-
-
 def _carms_orderings(K: int, device) -> torch.Tensor:
     """The class orderings CARMS draws from: for every pair ``a < b``, ``a`` first, ``b`` last, the others in index
     order between (``K (K - 1) / 2`` orderings; one, the identity, at ``K = 2``). A pair's classes at the two ends of
@@ -354,9 +350,7 @@ def carms_surrogate(logits: torch.Tensor, idx: torch.Tensor, cost: torch.Tensor)
         raise ValueError(f"idx must be int64 [n >= 2, {', '.join(map(str, logits.shape[:-1]))}], got "
                          f"{getattr(idx, 'dtype', None)} {tuple(getattr(idx, 'shape', ()))}")
     n = idx.shape[0]
-    cost = check_real(cost, "cost")
-    if cost.dim() < 1 or cost.shape[0] != n or cost.dim() > idx.dim():
-        raise ValueError(f"cost must have shape [n = {n}, *batch], got {tuple(cost.shape)}")
+    cost = check_sample_costs(cost, idx)
     acc = _checks.acc_dtype(logits.dtype)
     f = cost.detach().double().reshape(tuple(cost.shape) + (1,) * (idx.dim() - cost.dim()))  # [n, ...]
     p = torch.softmax(logits.detach().double(), -1)

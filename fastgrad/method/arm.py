@@ -119,7 +119,7 @@ class ARMS(Method):
         return sum_latents(term, len(sample.plates))
 
 
-class CARMS(Method):
+class CARMS(ARMS):
     """CARMS (Dimitriev & Zhou, NeurIPS 2021, "CARMS: Categorical-Antithetic-REINFORCE Multi-Sample Gradient
     Estimator", CARMS-I): ``n_samples >= 2`` mutually antithetic samples of each categorical from a Dirichlet
     copula through the inverse CDF, and every ordered pair's cost difference reweighted from the pair's antithetic
@@ -129,13 +129,7 @@ class CARMS(Method):
     facts = Facts("Dimitriev & Zhou, NeurIPS 2021", unbiased=True, evaluations="n",
                   benchmark=("estimator_variance_carms_cpu", "carms"))
 
-    accepts = (D.Categorical, D.OneHotCategorical)
-    min_samples, min_samples_reason = 2, "mutually antithetic samples"
-    uses_score = True
-
-    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 2):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method, "a Dirichlet copula over the samples")
+    accepts = (D.Categorical, D.OneHotCategorical)  # ARMS's constructor and plate (the same copula)
 
     def _sample(self, params: Params) -> Draw:
         logits = params.logits()
