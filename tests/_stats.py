@@ -104,3 +104,18 @@ def grad_estimates(make, dist, cost, param: torch.Tensor, reps: int, *, plate: b
         out.append(leaf.grad.detach().clone())
     g = torch.stack(out).double()
     return (g, torch.stack(vals)) if values else g
+
+
+def grads_at_scales(sample, cost, theta: torch.Tensor, scales=(1.0, 2.0)):
+    """``theta``'s gradient through the graph API once per scale of the cost, from the same seed: ``sample()`` draws
+    (a method called on a distribution of ``theta``), ``cost(z)`` is the scalar cost registered, times the scale.
+    The homogeneity check: cost x 2 must give gradient x 2."""
+    grads = []
+    for scale in scales:
+        torch.manual_seed(0)
+        theta.grad = None
+        z = sample()
+        storch.add_cost(scale * cost(z), "c")
+        storch.backward()
+        grads.append(theta.grad.clone())
+    return grads
