@@ -60,11 +60,12 @@ def reduce(fn: Callable, plates: Union[str, Sequence[str]]) -> Callable:
         found = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
         if not found:
             return fn(*args, **kwargs)
-        from ._tensor import align, union_plates
+        from ._tensor import align, resolve_ancestral, union_plates
 
-        plates = union_plates(t.plates for t in found)
-        ev = max(t.event_dims for t in found)
-        raw = {id(t): align(t, plates, ev) for t in found}
+        resolved = resolve_ancestral(found)
+        plates = union_plates(t.plates for t in resolved)
+        ev = max(t.event_dims for t in resolved)
+        raw = {id(t): align(r, plates, ev) for t, r in zip(found, resolved)}
         out = fn(*[raw.get(id(a), a) if isinstance(a, Tensor) else a for a in args],
                  **{k: raw.get(id(v), v) if isinstance(v, Tensor) else v for k, v in kwargs.items()})
         keep = tuple(p for p in plates if p.name not in names)

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _state
-from ._tensor import CostTensor, IndependentTensor, Plate, Tensor, align, apply
+from ._tensor import CostTensor, IndependentTensor, Plate, Tensor, align, apply, to_heads
 
 __all__ = ["denote_independent", "add_cost", "backward", "surrogate_loss", "reset", "costs", "gather_samples",
            "variance", "reduce_plates", "NoCostError"]
@@ -172,10 +172,13 @@ def surrogate_loss(debug: bool = False) -> Tensor:
     carries."""
     if not _state.costs:
         raise NoCostError("No cost nodes registered for backward call: register costs with add_cost(cost, name).")
-    # a sample's own plate is the first of its plates; every descendant of the sample carries that plate
-    scored = {id(s.plates[0]): s for s in _state.samples if s.method is not None and s.method.uses_score}
+    # every descendant of a sample carries the sample's own plate (s.plate)
+    scored = {id(s.plate): s for s in _state.samples if s.method is not None and s.method.uses_score}
     loss = None
-    for c in _state.costs:
+    for cost in _state.costs:
+        # a cost on an earlier draw of a sampling sequence is estimated on the sequence's final set (its newest
+        # plate), whose sample holds the joint log-probability of every draw
+        c = to_heads(cost)
         red = reduce_plates(c, detach_weights=False)._tensor
         loss = red if loss is None else loss + red
         if scored:
@@ -184,7 +187,7 @@ def surrogate_loss(debug: bool = False) -> Tensor:
                 if s is not None:
                     loss = loss + s.method.surrogate(s, c)
         if debug:
-            print(f"cost {c.name}: {float(red.detach()):.6g}")
+            print(f"cost {cost.name}: {float(red.detach()):.6g}")
     return Tensor(loss, ())
 
 

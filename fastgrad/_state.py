@@ -11,11 +11,14 @@ from typing import Any, Callable, List, TypeVar
 costs: List[Any] = []  # CostTensor, in registration order
 samples: List[Any] = []  # StochasticTensor, in sampling order
 hooks: List[Any] = []  # autograd hook handles that fill StochasticTensor.param_grads
+generation = 0  # counts resets: a method's per-step state (a set method's beam) is live while this is unchanged
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def reset() -> None:
+    global generation
+    generation += 1
     for h in hooks:
         h.remove()
     hooks.clear()

@@ -18,7 +18,7 @@ import torch
 
 from . import _state
 
-__all__ = ["Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor", "IllegalStorchExposeError",
+__all__ = ["Plate", "AncestralPlate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor", "IllegalStorchExposeError",
            "is_tensor"]
 
 _resets = _state.resets_on_error
@@ -97,6 +97,107 @@ class Plate:
     __str__ = __repr__
 
 
+class AncestralPlate(Plate):
+    """The plate of a set sampled without replacement over a *sequence* of draws (Storchastic's ``AncestralPlate``).
+
+    When a set method (:class:`~fastgrad.method.ScoreFunctionWOR`, ...) samples again on its plate in the same step,
+    its beam grows over the joint configuration of all its draws: the new plate (one more ``version`` of the same
+    ``name``) holds ``n`` sequences, and ``selected`` (a :class:`Tensor` of int64 over ``(self, others...)``) says
+    which element of the ``parent`` plate each one extends. A tensor on an older version meeting one on a newer
+    version is re-indexed along the chain (:func:`reindex`): its values follow the sequences they belong to.
+    ``lineage`` is shared by all versions; ``lineage.head`` is the newest, the one costs are estimated on."""
+
+    __slots__ = ("parent", "selected", "lineage", "version")
+
+    def __init__(self, name: str, n: int, parent: Optional["AncestralPlate"] = None):
+        super().__init__(name, n)
+        self.parent = parent
+        self.selected: Optional["Tensor"] = None
+        self.version = 0 if parent is None else parent.version + 1
+        self.lineage = _Lineage() if parent is None else parent.lineage
+        self.lineage.head = self
+
+    def __eq__(self, other: object) -> bool:
+        return self is other  # two versions of one name are different plates, even at equal sizes
+
+    __hash__ = Plate.__hash__
+
+    def __repr__(self) -> str:
+        return f"({self.name!r}, {self.n}, version {self.version})"
+
+    __str__ = __repr__
+
+
+class _Lineage:
+    __slots__ = ("head",)
+
+    def __init__(self) -> None:
+        self.head: Optional[AncestralPlate] = None
+
+
+def _gather_step(t: "Tensor", step: AncestralPlate) -> "Tensor":
+    """``t`` (on ``step.parent``) as seen by the sequences of ``step``: each element picks its parent's value."""
+    sel = step.selected
+    i = _index_of(t.plates, step.parent)
+    extra = tuple(p for p in sel.plates[1:] if _index_of(t.plates, p) < 0)
+    src = t.plates + extra
+    dst = src[:i] + (step,) + src[i + 1:]
+    ev = t.event_dims
+    x = align(t, src, ev)
+    if x.shape[i] == 1:  # t does not vary along the parent plate: nothing to pick
+        return Tensor(x, dst)
+    idx = align(sel, dst, 0)
+    npl = len(dst)
+    sizes = [max(a, b) for a, b in zip(x.shape[:npl], idx.shape[:npl])]
+    x = x.expand(*sizes[:i], x.shape[i], *sizes[i + 1:], *x.shape[npl:])
+    idx = idx.reshape(idx.shape + (1,) * ev).expand(*sizes[:i], step.n, *sizes[i + 1:], *x.shape[npl:])
+    return Tensor(x.gather(i, idx), dst)
+
+
+def reindex(t: "Tensor", new: AncestralPlate) -> "Tensor":
+    """``t``, which carries an older version of ``new``'s plate, re-indexed to ``new`` (Storchastic's
+    ``on_unwrap_tensor``): each of ``new``'s sequences takes the value of the prefix it extends."""
+    old = next(p for p in t.plates if p.name == new.name)
+    chain = []
+    p: Optional[AncestralPlate] = new
+    while p is not None and p is not old:
+        chain.append(p)
+        p = p.parent
+    if p is None:
+        raise ValueError(f"plate {new.name!r}: a tensor of another sampling sequence with the same plate name")
+    for step in reversed(chain):
+        t = _gather_step(t, step)
+    return t
+
+
+def resolve_ancestral(tensors: Sequence["Tensor"]) -> List["Tensor"]:
+    """The tensors with every ancestral plate at the newest version among them (older versions re-indexed)."""
+    newest: Dict[int, AncestralPlate] = {}
+    for t in tensors:
+        for p in t.plates:
+            if isinstance(p, AncestralPlate):
+                q = newest.get(id(p.lineage))
+                if q is None or p.version > q.version:
+                    newest[id(p.lineage)] = p
+    if not newest:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        for p in t.plates:
+            if isinstance(p, AncestralPlate) and newest[id(p.lineage)] is not p:
+                t = reindex(t, newest[id(p.lineage)])
+        out.append(t)
+    return out
+
+
+def to_heads(t: "Tensor") -> "Tensor":
+    """``t`` with each ancestral plate re-indexed to its lineage's newest version (what costs are estimated on)."""
+    for p in t.plates:
+        if isinstance(p, AncestralPlate) and p.lineage.head is not p:
+            t = reindex(t, p.lineage.head)
+    return t
+
+
 def check_plates(t: torch.Tensor, plates: Tuple[Plate, ...]) -> None:
     """Raise the fail-quick ValueError when ``t`` does not carry one dimension per plate."""
     nd = t.dim()
@@ -126,6 +227,9 @@ def union_plates(plate_lists: Iterable[Tuple[Plate, ...]]) -> Tuple[Plate, ...]:
                 if q is p:
                     break
                 if q.name == p.name:
+                    if isinstance(q, AncestralPlate) and isinstance(p, AncestralPlate):
+                        raise ValueError(f"plate {p.name!r}: versions {q.version} and {p.version} of a sampling "
+                                         "sequence met unresolved (fastgrad._tensor.resolve_ancestral first)")
                     if q.n != p.n:
                         raise ValueError(
                             f"plate_name {p.name!r} is used with two sizes ({q.n} and {p.n}); "
@@ -139,7 +243,8 @@ def union_plates(plate_lists: Iterable[Tuple[Plate, ...]]) -> Tuple[Plate, ...]:
 
 def _index_of(plates: Sequence[Plate], p: Plate) -> int:
     for i, q in enumerate(plates):
-        if q is p or (q.name == p.name and q.n == p.n):
+        if q is p or (q.name == p.name and q.n == p.n and not isinstance(q, AncestralPlate)
+                      and not isinstance(p, AncestralPlate)):
             return i
     return -1
 
@@ -291,9 +396,10 @@ def _apply_general(func: Callable, args: tuple, kwargs: Dict[str, Any], kind: in
             found.append(a)
         elif isinstance(a, (list, tuple)):
             found.extend(x for x in a if isinstance(x, Tensor))
-    plates = union_plates(t.plates for t in found)
-    ev = max(t._tensor.dim() - len(t.plates) for t in found)
-    aligned = {id(t): align(t, plates, ev) for t in found}
+    resolved = resolve_ancestral(found)  # tensors on older versions of a sampling sequence follow its sequences
+    plates = union_plates(t.plates for t in resolved)
+    ev = max(t._tensor.dim() - len(t.plates) for t in resolved)
+    aligned = {id(t): align(r, plates, ev) for t, r in zip(found, resolved)}
     if kind == _EXPAND and len(aligned) > 1:
         # functions such as binary_cross_entropy want equal shapes: expand plate dims (views, no copies)
         npl = len(plates)
@@ -563,18 +669,21 @@ class CostTensor(Tensor):
 
 
 class StochasticTensor(Tensor):
-    """A sample drawn by a :class:`fastgrad.method.Method`; its first plate is the sample plate.
+    """A sample drawn by a :class:`fastgrad.method.Method`; its first plate is the sample plate (a set method's
+    later draws in a sequence put it after the plates they are batched over, as Storchastic does; :attr:`plate`).
 
     ``param_grads[name]`` holds, after :func:`fastgrad.backward`, the estimated gradient of the total cost
     with respect to the distribution parameter ``name`` (e.g. ``"probs"``), as a :class:`Tensor`.
     """
 
-    __slots__ = ("distribution", "method", "n", "param_grads", "draw", "params")
+    __slots__ = ("distribution", "method", "n", "param_grads", "draw", "params", "draw_plates")
     _kind = "Stochastic"
 
     def __init__(self, tensor: torch.Tensor, plates: Sequence[Plate], name: str, n: int, distribution, method,
-                 draw: Any = None, params: Any = None):
+                 draw: Any = None, params: Any = None, draw_plates: Optional[Sequence[Plate]] = None):
         super().__init__(tensor, plates, name)
+        # the layout of the method's Draw: the sample's own plate first (``plates`` may order them otherwise)
+        self.draw_plates = self.plates if draw_plates is None else tuple(draw_plates)
         self.distribution = distribution
         self.method = method
         self.n = n
@@ -593,4 +702,5 @@ class StochasticTensor(Tensor):
 
     @property
     def plate(self) -> Plate:
-        return self.plates[0]
+        """The sample's own plate."""
+        return self.draw_plates[0]

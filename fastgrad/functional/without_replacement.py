@@ -245,6 +245,110 @@ def sample_set(logits: torch.Tensor, k: int, *, generator: Optional[torch.Genera
     return idx, joint_log_prob(logp, idx), val.t()
 
 
+class SetExtension(NamedTuple):
+    """:func:`extend_set`'s output, ``n = min(k, b * K**D)`` members per row (fewer where every row has fewer
+    sequences of nonzero probability): ``parent`` int64 ``[n, R]`` (the member of the previous set each one extends),
+    ``indices`` int64 ``[n, R, D]`` (the new draw), ``log_p`` ``[n, R]`` (joint log-probabilities of the whole
+    sequences, differentiable w.r.t. the previous ``log_p`` and ``logits``), ``perturbed`` ``[n, R]`` (their Gumbel
+    keys, decreasing), ``finished`` bool ``[n, R]`` (``None`` without ``eos``)."""
+
+    parent: torch.Tensor
+    indices: torch.Tensor
+    log_p: torch.Tensor
+    perturbed: torch.Tensor
+    finished: Optional[torch.Tensor]
+
+
+def extend_set(log_p: torch.Tensor, perturbed: torch.Tensor, logits: torch.Tensor, k: int, *,
+               finished: Optional[torch.Tensor] = None, eos: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+               offset: Optional[int] = None) -> SetExtension:
+    """Extend sets of sequences sampled without replacement by one more draw of ``D`` categoricals that may depend
+    on the sequence so far: one step of stochastic beam search (Kool, van Hoof & Welling, ICML 2019), so that
+    :func:`sample_set` followed by any number of ``extend_set`` calls is exactly a Gumbel-top-k sample of the joint
+    distribution over the whole sequences, never enumerated. The children's Gumbels are truncated to their
+    parent's key (:func:`_truncated_gumbel`); the set keeps the ``k`` largest keys.
+
+    Args:
+        log_p: ``[b, R]`` joint log-probabilities of the ``b`` current members of ``R`` rows (from
+            :func:`sample_set` or a previous call).
+        perturbed: ``[b, R]`` their keys (``-inf``: an impossible member, never extended).
+        logits: ``[b, R, D, K]`` (the next draw given each member) or ``[1, R, D, K]`` (the same for all).
+        k: the set size to keep, >= 1.
+        finished: bool ``[b, R]``: members whose sequence ended; they extend by ``eos`` with probability 1 (their
+            log-probability and key unchanged). eos: the class that ends a sequence (needs ``D = 1``).
+
+    Returns :class:`SetExtension`. Cost: ``O(D b K)`` per row; unbiased estimators over the sequences read its
+    ``log_p`` and ``perturbed`` as they read :func:`sample_set`'s.
+    """
+    if not isinstance(log_p, torch.Tensor) or not isinstance(perturbed, torch.Tensor) or log_p.dim() != 2 \
+            or perturbed.shape != log_p.shape:
+        raise ValueError(f"log_p and perturbed must be tensors [b, R] of one shape, got "
+                         f"{tuple(getattr(log_p, 'shape', ()))} and {tuple(getattr(perturbed, 'shape', ()))}")
+    logits = check_logits(logits, min_dim=4, values=False)
+    b, R = log_p.shape
+    if logits.dim() != 4 or logits.shape[0] not in (1, b) or logits.shape[1] != R:
+        raise ValueError(f"logits must be [{b} or 1, {R}, D, K], got {tuple(logits.shape)}")
+    k = check_n(k, "k")
+    D, K = logits.shape[2], logits.shape[3]
+    if eos is not None:
+        if isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < K:
+            raise ValueError(f"eos must be a class index in [0, {K}), got {eos!r}")
+        if D != 1:
+            raise ValueError(f"eos ends a sequence of single categoricals: the draw must have D = 1, got D = {D}")
+    if finished is not None and (not isinstance(finished, torch.Tensor) or finished.dtype != torch.bool
+                                 or finished.shape != log_p.shape):
+        raise ValueError(f"finished must be a bool tensor [{b}, {R}]")
+    if finished is not None and eos is None:
+        raise ValueError("finished needs eos (the class a finished sequence repeats)")
+    seed, offset = _philox.draw_seed_offset(0, generator, seed, offset)
+    acc = _checks.acc_dtype(logits.dtype)
+    logp = torch.log_softmax(logits.to(acc), -1)                      # [b|1, R, D, K]
+    if finished is not None:
+        forced = torch.full((K,), -math.inf, dtype=acc, device=logp.device)
+        forced[eos] = 0.0
+        logp = torch.where(finished[..., None, None], forced, logp)  # [b, R, D, K]
+    with torch.no_grad():
+        lpd = logp.detach().transpose(0, 1)                            # [R, b|1, D, K]
+        origin = torch.arange(b, device=logp.device).expand(R, b)
+        beam_lp = log_p.detach().to(acc).t()
+        beam_val = perturbed.detach().to(acc).t()
+        beam_idx = torch.empty(R, b, 0, dtype=torch.int64, device=logp.device)
+        for d in range(D):
+            cur = lpd[:, :, d]
+            cur = cur.gather(1, origin[..., None].expand(-1, -1, K)) if cur.shape[1] != 1 \
+                else cur.expand(R, origin.shape[1], K)
+            child_lp = beam_lp.unsqueeze(-1) + cur                       # [R, w, K]
+            w = child_lp.shape[1]
+            g = child_lp + _gumbel(seed, offset, (R, w, K), logp.device, acc)
+            offset += _philox.counters_used(R * w * K)
+            child_val = _truncated_gumbel(child_lp, g, beam_val.unsqueeze(-1))
+            beam_val, flat = torch.topk(child_val.reshape(R, w * K), min(k, w * K), dim=-1)
+            par = torch.div(flat, K, rounding_mode="floor")
+            beam_idx = torch.cat([beam_idx.gather(1, par.unsqueeze(-1).expand(-1, -1, d)),
+                                  (flat % K).unsqueeze(-1)], -1)
+            origin = origin.gather(1, par)
+            beam_lp = child_lp.reshape(R, w * K).gather(-1, flat)
+        possible = torch.isfinite(beam_val).sum(-1)                     # [R]
+        n = int(possible.min()) if R else beam_val.shape[1]
+        if R and n != int(possible.max()):
+            raise ValueError(f"k = {k} exceeds the number of sequences of nonzero probability of some rows "
+                             f"({n}) but not of others ({int(possible.max())})")
+        if n < 1:
+            raise ValueError("a row has no sequence of nonzero probability")
+    parent, idx, key = origin[:, :n].t(), beam_idx[:, :n].permute(1, 0, 2), beam_val[:, :n].t()
+    # the joint log-probability, differentiable: the parent's plus the draw's (0 for a finished sequence)
+    chosen = logp.expand(b, R, D, K).gather(0, parent[..., None, None].expand(n, R, D, K))
+    step = chosen.gather(-1, idx.unsqueeze(-1)).squeeze(-1).sum(-1)
+    new_lp = log_p.to(acc).gather(0, parent) + step
+    fin = None
+    if eos is not None:
+        fin = idx[..., 0] == eos
+        if finished is not None:
+            fin = fin | finished.gather(0, parent)
+    return SetExtension(parent, idx, new_lp, key, fin)
+
+
 def top_set(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most probable joint configurations of every row (beam search, exact for independent
     categoricals): ``(indices [k, R, D], log_p [k, R])`` in decreasing probability, log-probabilities

@@ -16,9 +16,14 @@ from .. import _state
 from .. import functional as F
 from .._graph import reduce_plates
 from ..functional._validate import check_n as check_count
-from .._tensor import Plate, StochasticTensor, Tensor, align, union_plates
+from .._tensor import AncestralPlate, Plate, StochasticTensor, Tensor, align, reindex, resolve_ancestral, union_plates
 
 ENUMERABLE = (D.Categorical, D.OneHotCategorical, D.Bernoulli)
+
+
+def step_generation() -> int:
+    """The current step's number (it changes at every reset): per-step state of a method is live while it holds."""
+    return _state.generation
 
 
 def check_n_samples(n_samples: object) -> int:
@@ -70,6 +75,9 @@ class Params:
         else:
             tensors = {k: v for k, v in ((k, distr.__dict__.get(k)) for k in distr.arg_constraints)
                        if isinstance(v, (torch.Tensor, Tensor))}
+        wrapped = [k for k, v in tensors.items() if isinstance(v, Tensor)]
+        for k, v in zip(wrapped, resolve_ancestral([tensors[k] for k in wrapped])):
+            tensors[k] = v  # parameters computed from several draws of a sampling sequence: its newest version
         self.plates: Tuple[Plate, ...] = union_plates(
             v.plates for v in tensors.values() if isinstance(v, Tensor))
         self.given: Dict[str, Tuple[Any, torch.Tensor]] = {}
@@ -152,12 +160,18 @@ class Draw:
     ``value``: ``[n, plates..., batch..., event...]``, the sample the user gets; ``n``: the size of the method's
     plate (``2n`` for antithetic pairs, ``K**k`` for an enumeration); ``weight``: the per-element plate weight
     (``None`` for uniform ``1/n``; e.g. ``q(c)`` for Expect, ``(1/n, 0)`` for antithetic halves) over
-    ``[n, plates...]``; ``state``: what the method's ``_surrogate`` needs later (sample indices, noise)."""
+    ``[n, plates...]``; ``state``: what the method's ``_surrogate`` needs later (sample indices, noise). A set
+    method's draw in a sampling sequence also gives its ``plate`` (an :class:`~fastgrad._tensor.AncestralPlate`),
+    the ``others`` plates it is batched over (default: the parameters' plates), and ``plate_last`` (the user's
+    sample shows its plate after the others, as Storchastic's)."""
 
     value: torch.Tensor
     n: int
     weight: Optional[torch.Tensor] = None
     state: Any = None
+    plate: Optional[Plate] = None
+    others: Optional[Tuple[Plate, ...]] = None
+    plate_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,9 +216,9 @@ def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[T
     estimator's ``_surrogate`` writes only its per-sample term."""
     others = [p for p in cost.plates if not any(p is q for q in sample.plates)]
     c = reduce_plates(cost, others, detach_weights=detach) if others else cost
-    npl = len(sample.plates)
-    w = align(c, sample.plates, 0)
-    w = (w.detach() if detach else w).expand(sample._tensor.shape[:npl])
+    npl = len(sample.draw_plates)
+    w = align(c, sample.draw_plates, 0)
+    w = (w.detach() if detach else w).expand(tuple(p.n for p in sample.draw_plates))
     return c, w
 
 
@@ -212,7 +226,7 @@ def reduce_term(sample: StochasticTensor, term: torch.Tensor) -> torch.Tensor:
     """A per-element surrogate term ``[n, plates...]`` with value zero (``term - term.detach()``), reduced over
     the sample's plates with their weights: the number ``backward()`` adds to the loss."""
     term = term - term.detach()  # zero value: backward() reports the cost, not the surrogate
-    return reduce_plates(Tensor(term, sample.plates), detach_weights=False)._tensor
+    return reduce_plates(Tensor(term, sample.draw_plates), detach_weights=False)._tensor
 
 
 class Method(torch.nn.Module):
@@ -287,7 +301,7 @@ class Method(torch.nn.Module):
             raise ValueError(f"{type(self).__name__} needs a{'n' if what[0] in 'aeiou' else ''} {what}, got "
                              f"{type(params.distr).__name__}")
         for p in params.plates:
-            if p.name == self.plate_name:
+            if p.name == self.plate_name and not self._continues(p):
                 raise ValueError(
                     f"plate_name {self.plate_name!r} is already a plate of the distribution's parameters; "
                     "give each sampled variable its own plate name")
@@ -295,11 +309,16 @@ class Method(torch.nn.Module):
         if not isinstance(d, Draw):
             raise TypeError(f"{type(self).__name__}._sample must return a fastgrad.method.Draw, got "
                             f"{type(d).__name__}")
-        plate = Plate(self.plate_name, d.n)
-        plates = (plate,) + params.plates
+        plate = Plate(self.plate_name, d.n) if d.plate is None else d.plate
+        others = params.plates if d.others is None else d.others
+        plates = (plate,) + others
         if d.weight is not None:
             plate._weight = Tensor(d.weight, plates)
-        s = StochasticTensor(d.value, plates, self.plate_name, d.n, distr, self, draw=d, params=params)
+        value, shown = d.value, plates
+        if d.plate_last and others:
+            value, shown = value.movedim(0, len(others)), others + (plate,)
+        s = StochasticTensor(value, shown, self.plate_name, d.n, distr, self, draw=d, params=params,
+                             draw_plates=plates)
         params.hook_param_grads(s)
         _state.samples.append(s)
         return s
@@ -307,6 +326,11 @@ class Method(torch.nn.Module):
     def sample(self, distr: D.Distribution) -> StochasticTensor:
         """Storchastic's name for calling the method: samples ``distr`` with this method's scheme."""
         return self(distr)
+
+    def _continues(self, plate: Plate) -> bool:
+        """Whether a distribution whose parameters carry ``plate`` (named as this method's plate) continues this
+        method's sampling sequence (the set methods' ancestral sampling); otherwise sampling it is an error."""
+        return False
 
     # subclasses implement:
     def _sample(self, params: Params) -> Draw:
@@ -377,18 +401,29 @@ class Rows:
     shape, and how to turn configuration indices back into samples. The view of the set estimators and IndeCateR."""
 
     def __init__(self, params: Params):
-        d = params.distr
+        logits = self.class_logits(params)
         npl = len(params.plates)
-        if isinstance(d, D.Bernoulli):
-            bl = params.bernoulli_logits()
-            logits = torch.stack([torch.zeros_like(bl), bl], -1)
-        else:
-            logits = params.logits()
-        self.kind = type(d)
+        self.kind = type(params.distr)
         self.pshape = tuple(logits.shape[:npl])
         self.extra = tuple(logits.shape[npl:-1])
         self.K = logits.shape[-1]
         self.logits = logits.reshape(math.prod(self.pshape), math.prod(self.extra), self.K)
+
+    @classmethod
+    def of(cls, kind: type, logits: torch.Tensor, pshape: Tuple[int, ...], extra: Tuple[int, ...]) -> "Rows":
+        """Rows of ``logits`` ``[R, D, K]`` given directly, over plates of shape ``pshape`` and latents ``extra``."""
+        rows = cls.__new__(cls)
+        rows.kind, rows.pshape, rows.extra, rows.K = kind, tuple(pshape), tuple(extra), logits.shape[-1]
+        rows.logits = logits
+        return rows
+
+    @staticmethod
+    def class_logits(params: Params) -> torch.Tensor:
+        """``[plates..., latents..., K]`` logits of the parameters (a Bernoulli as ``K = 2``, logits ``[0, l]``)."""
+        if isinstance(params.distr, D.Bernoulli):
+            bl = params.bernoulli_logits()
+            return torch.stack([torch.zeros_like(bl), bl], -1)
+        return params.logits()
 
     def value(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``idx`` ``[n, R, D]`` -> samples ``[n, plates..., latents...(, K)]`` as the distribution writes them."""

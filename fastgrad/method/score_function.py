@@ -9,7 +9,8 @@ import torch
 
 from .. import functional as F
 from ._base import (Facts, Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term,
-                    refuse_sampling_method, sample_plain, sum_latents)
+                    sample_plain, sum_latents)
+from .sampling_method import MonteCarlo, SamplingMethod, Weighted
 
 _BASELINES = ("none", "batch_average", "moving_average")
 
@@ -19,7 +20,12 @@ class ScoreFunction(Method):
 
     Args:
         plate_name: name of the sample plate.
-        sampling_method: accepted for Storchastic compatibility; only ``None`` (Monte Carlo) is supported.
+        sampling_method: ``None`` (``n_samples`` Monte Carlo samples) or one of Storchastic's sampling methods
+            (:mod:`fastgrad.sampling`: ``MonteCarlo``, ``Enumerate``, ``ImportanceSampling``,
+            ``SampleWithoutReplacement``, ``UnorderedSet``, ``RaoBlackwellizedSample``, ``MAPOSample``) on the same
+            plate: the estimate is then the weighted score function ``sum_i w_i (f(z_i) - b) grad log p(z_i)``
+            over its weighted draw (unbiased for each of them except ``SampleWithoutReplacement(biased_iw=True)``);
+            the set samplers continue a sequence when sampling again on the plate.
         n_samples: samples per draw (int >= 1).
         baseline_factory: ``None``/``"None"``, ``"batch_average"`` (leave-one-out mean of the other samples,
             needs n_samples > 1) or ``"moving_average"`` (EMA, decay 0.95, of earlier steps' plate-reduced costs), or a
@@ -34,14 +40,24 @@ class ScoreFunction(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  baseline_factory: Union[None, str, Callable] = None, exponential_decay: float = 0.95):
+        if sampling_method is not None and not isinstance(sampling_method, SamplingMethod):
+            raise TypeError(f"sampling_method must be None or a fastgrad.sampling sampling method, got "
+                            f"{type(sampling_method).__name__}")
+        if sampling_method is not None and sampling_method.plate_name != plate_name:
+            raise ValueError("The plate name of the sampling method and the storch method should match.")
+        if isinstance(sampling_method, MonteCarlo):
+            n_samples, sampling_method = sampling_method.n_samples, None
         super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        self.sampling_method = sampling_method
         self._baseline_fn: Optional[Callable] = None
         self.baseline = "none"
         if isinstance(baseline_factory, str):
             key = baseline_factory.lower()
             if key not in _BASELINES:
                 raise ValueError(f"baseline_factory must be one of {_BASELINES} (or None), got {baseline_factory!r}")
+            if key == "batch_average" and self.sampling_method is not None:
+                raise ValueError("baseline_factory 'batch_average' averages i.i.d. samples; with a weighted "
+                                 "sampling_method use None, 'moving_average' or a callable")
             if key == "batch_average" and self.n_samples <= 1:
                 raise ValueError("baseline_factory 'batch_average' can only be used for n_samples > 1.")
             self.baseline = key
@@ -55,7 +71,12 @@ class ScoreFunction(Method):
         self.register_buffer("moving_average", torch.tensor(0.0))
 
     def _sample(self, params: Params):
+        if self.sampling_method is not None:
+            return self.sampling_method._draw(params, type(self).__name__)
         return sample_plain(params, self.n_samples)
+
+    def _continues(self, plate) -> bool:
+        return self.sampling_method is not None and self.sampling_method._continues(plate)
 
     def _baseline(self, sample, cost: Tensor, weight: torch.Tensor):
         if self.baseline == "batch_average":
@@ -81,11 +102,14 @@ class ScoreFunction(Method):
         return reduce_term(sample, self._term(sample, w, self._baseline(sample, c, w)))
 
     def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
-        return self._term(sample, cost, self._baseline(sample, Tensor(cost, sample.plates), cost))
+        return self._term(sample, cost, self._baseline(sample, Tensor(cost, sample.draw_plates), cost))
 
     def _term(self, sample, w: torch.Tensor, baseline) -> torch.Tensor:
         params, idx = sample.params, sample.draw.state  # w: [n, plate dims...]
         npl = len(sample.plates)
+        if isinstance(idx, Weighted):  # a sampling method's weighted draw: its log-probabilities, its weights
+            term = F.score_function_surrogate_from_log_prob(idx.log_p, w, baseline)
+            return term if idx.scored is None else term * idx.scored.view((-1,) + (1,) * (term.dim() - 1))
         if idx is not None:
             logits = params.logits()
             extra = extra_dims(params, logits, 1)
@@ -98,4 +122,5 @@ class ScoreFunction(Method):
         return F.score_function_surrogate_from_log_prob(lp, w, baseline)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", baseline_factory={self.baseline!r}"
+        sm = "" if self.sampling_method is None else f", sampling_method={self.sampling_method!r}"
+        return super().extra_repr() + f", baseline_factory={self.baseline!r}" + sm

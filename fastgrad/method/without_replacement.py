@@ -1,37 +1,190 @@
 """Estimators on sets sampled without replacement: ScoreFunctionWOR, UnorderedSetEstimator, RaoBlackwellSF and
-UnorderedSetGumbelSoftmax. The math is in :mod:`fastgrad.functional` (``sample_set``, ``unordered_set_surrogate``,
-``sf_wor_surrogate``; implemented in :mod:`fastgrad.functional.without_replacement`).
+UnorderedSetGumbelSoftmax. The math is in :mod:`fastgrad.functional` (``sample_set``, ``extend_set``,
+``unordered_set_surrogate``, ``sf_wor_surrogate``; implemented in :mod:`fastgrad.functional.without_replacement`).
 
 The sets are of *joint* configurations: every non-plate batch dimension of the distribution is one more
 independent latent, and a set holds ``k`` distinct joint values of all of them (Storchastic's
 ``SampleWithoutReplacement``), drawn by stochastic beam search without enumerating the ``K**D`` configurations.
+
+**Sequences** (Storchastic's ancestral sampling): a set method that samples again on its plate within one step
+extends its beam over the joint configuration of all its draws, whether the new distribution depends on the
+earlier draws (its parameters carry the method's plate: one conditional per set member) or not. Each draw gets a
+new version of the plate (:class:`~fastgrad._tensor.AncestralPlate`); tensors of earlier draws follow the
+sequences they belong to when they meet later ones, and every cost is estimated on the final set with the joint
+log-probability of the whole sequences. With ``eos``, a sequence that drew the class ``eos`` is finished: its
+later draws are ``eos`` with probability 1.
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_n
-from ._base import ENUMERABLE, Draw, Facts, Method, Params, Rows, StochasticTensor, TemperatureSchedule
+from ._base import (ENUMERABLE, AncestralPlate, Draw, Facts, Method, Params, Rows, StochasticTensor, Tensor,
+                    TemperatureSchedule, align, reindex, step_generation)
 
 
 def _check_k(k: object, name: str = "k") -> int:
     return check_n(k, name)
 
 
-def _no_eos(eos: object) -> None:
-    if eos is not None:
-        raise ValueError("eos: variable-length sequences are not supported; pass eos=None")
+def _check_eos(eos: object) -> Optional[int]:
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+        raise ValueError(f"eos must be None or a class index (a non-negative int), got {eos!r}")
+    return eos
 
 
-def _draw_set(rows: Rows, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return F.sample_set(rows.logits.detach(), k)
+class _Beam(NamedTuple):
+    """A set method's sampling sequence in the current step: the newest plate, the plates the sets are batched over
+    (``others``), and per member ``[n, others...]`` the joint log-probability (differentiable), the Gumbel key and
+    whether its sequence has ended."""
+    generation: int
+    plate: AncestralPlate
+    others: Tuple[Any, ...]
+    log_p: torch.Tensor
+    key: torch.Tensor
+    finished: Optional[torch.Tensor]
 
 
-class ScoreFunctionWOR(Method):
+class SetDraw(NamedTuple):
+    """One draw of a set method (first or continuing a sequence): ``idx`` ``[n, R, D]``, joint ``log_p`` ``[n, R]``
+    (differentiable), ``key`` ``[n, R]``, the ``rows`` view (for values), each member's ``logits`` ``[n or 1, R, D,
+    K]`` (differentiable), and where the sample goes: ``plate``, ``others``, ``continued``."""
+    idx: torch.Tensor
+    log_p: torch.Tensor
+    key: torch.Tensor
+    rows: Rows
+    logits: torch.Tensor
+    plate: AncestralPlate
+    others: Tuple[Any, ...]
+    continued: bool
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        return self.rows.plate_view(t)
+
+    def draw(self, value: torch.Tensor, weight: Optional[torch.Tensor], state: Any = None) -> Draw:
+        return Draw(value, self.idx.shape[0], weight, state, plate=self.plate, others=self.others,
+                    plate_last=self.continued)
+
+
+class SetSampler:
+    """Draws sets without replacement on one plate: the first draw of a step (:func:`fastgrad.functional.
+    sample_set`) or one more in the plate's sampling sequence (:func:`~fastgrad.functional.extend_set`), ``eos``
+    ending sequences. Used by the set estimators and by ``ScoreFunction(sampling_method=...)``."""
+
+    def __init__(self, plate_name: str):
+        self.plate_name = plate_name
+        self.eos: Optional[int] = None
+        self._beam: Optional[_Beam] = None
+
+    def live(self) -> Optional[_Beam]:
+        beam = self._beam
+        return beam if beam is not None and beam.generation == step_generation() else None
+
+    def continues(self, plate: Any) -> bool:
+        beam = self.live()
+        return beam is not None and isinstance(plate, AncestralPlate) and plate.lineage is beam.plate.lineage
+
+    def draw(self, params: Params, k: int, owner: str) -> SetDraw:
+        beam = self.live()
+        if beam is None:
+            rows = Rows(params)
+            if self.eos is not None and rows.logits.shape[1] != 1:
+                raise ValueError(f"eos ends sequences of single categoricals: {owner} got "
+                                 f"{rows.logits.shape[1]} latents per draw")
+            idx, log_p, key = F.sample_set(rows.logits.detach(), k)
+            lp = rows.log_prob(idx).reshape(log_p.shape)                      # differentiable
+            plate = AncestralPlate(self.plate_name, k)
+            others, continued, logits = params.plates, False, rows.logits.unsqueeze(0)
+            fin = (idx[..., 0] == self.eos) if self.eos is not None else None
+        else:
+            rows, lp, key, fin, logits, plate, others, idx = self._extend(params, beam, k, owner)
+            continued = True
+        fin_view = None if fin is None else fin.reshape((fin.shape[0],) + rows.pshape)
+        self._beam = _Beam(step_generation(), plate, others, rows.plate_view(lp),
+                                       rows.plate_view(key), fin_view)
+        return SetDraw(idx, lp, key, rows, logits, plate, others, continued)
+
+    def _extend(self, params: Params, beam: _Beam, k: int, owner: str):
+        head = beam.plate
+        cl = Rows.class_logits(params)                                        # [plates..., latents..., K]
+        t = Tensor(cl, params.plates)
+        if any(p.name == self.plate_name and p is not head for p in t.plates):
+            t = reindex(t, head)                                              # parameters of an earlier draw
+        conditional = any(p is head for p in t.plates)
+        new = tuple(p for p in t.plates if p is not head and all(q.name != p.name for q in beam.others))
+        others = beam.others + new
+        sizes = tuple(p.n for p in others)
+        ev = t.event_dims
+        raw = align(t, (head,) + others, ev)
+        raw = raw.expand((raw.shape[0],) + sizes + raw.shape[1 + len(others):])
+        extra = tuple(raw.shape[1 + len(others):-1])
+        R, Dn, K = int(torch.Size(sizes).numel()), int(torch.Size(extra).numel()), raw.shape[-1]
+        logits = raw.reshape(raw.shape[0], R, Dn, K)                          # [n|1, R, D, K]
+        if self.eos is not None and Dn != 1:
+            raise ValueError(f"eos ends sequences of single categoricals: {owner} got {Dn} latents "
+                             "per draw")
+
+        def prev(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if x is None:
+                return None
+            y = align(Tensor(x, (head,) + beam.others), (head,) + others, 0)
+            return y.expand((head.n,) + sizes).reshape(head.n, R)
+
+        ext = F.extend_set(prev(beam.log_p), prev(beam.key), logits, k, finished=prev(beam.finished),
+                           eos=self.eos)
+        n = ext.indices.shape[0]
+        plate = AncestralPlate(self.plate_name, n, parent=head)
+        plate.selected = Tensor(ext.parent.reshape((n,) + sizes), (plate,) + others)
+        rows = Rows.of(params.distr.__class__, logits[0], sizes, extra)
+        member = logits if not conditional else logits.gather(
+            0, ext.parent[..., None, None].expand(n, R, Dn, K))
+        return rows, ext.log_p, ext.perturbed, ext.finished, member, plate, others, ext.indices
+
+
+class SetMethod(Method):
+    """What the set estimators share: a :class:`SetSampler` on the method's plate (its sampling sequence, ``eos``).
+    Subclasses turn a :class:`SetDraw` into plate weights."""
+
+    accepts, accepts_name = ENUMERABLE, "enumerable"
+    count_name = "k"
+    uses_score = True
+
+    def __init__(self, plate_name: str, n_samples: int):
+        super().__init__(plate_name, n_samples)
+        self._sampler = SetSampler(self.plate_name)
+
+    @property
+    def eos(self) -> Optional[int]:
+        return self._sampler.eos
+
+    @eos.setter
+    def eos(self, value: Optional[int]) -> None:
+        self._sampler.eos = _check_eos(value)
+
+    def _live_beam(self) -> Optional[_Beam]:
+        return self._sampler.live()
+
+    def _continues(self, plate: Any) -> bool:
+        return self._sampler.continues(plate)
+
+    def _draw_set(self, params: Params, k: int) -> SetDraw:
+        return self._sampler.draw(params, k, type(self).__name__)
+
+    @property
+    def sampling_method(self) -> Any:
+        """Storchastic's ``method.sampling_method``: the :mod:`fastgrad.sampling` sampler this method draws with."""
+        from . import sampling_method as S
+        return self._sampling_method(S)
+
+    def _sampling_method(self, S: Any) -> Any:
+        raise NotImplementedError
+
+
+class ScoreFunctionWOR(SetMethod):
     """The score function on ``k`` samples without replacement with the built-in baseline (Kool, van Hoof & Welling,
     ICLR 2019 DeepRL workshop, "Buy 4 REINFORCE samples, get a baseline for free!"); math in
     :func:`fastgrad.functional.sf_wor_surrogate`.
@@ -40,44 +193,50 @@ class ScoreFunctionWOR(Method):
     weights ``p / q(kappa)`` (divided by their sum when ``biased``), the k-th weighs 0 and only supplies the
     threshold ``kappa`` (its cost is still evaluated). Unbiased when ``biased=False``; ``biased=True`` (the
     normalized estimator, the default) is consistent and exactly invariant to a shift of the cost. ``k`` cost
-    evaluations per draw. Categorical, OneHotCategorical and Bernoulli distributions, several latents jointly.
-    Unlike Storchastic 0.3.7, the cost enters once (doubling the cost doubles the gradient).
+    evaluations per draw. Categorical, OneHotCategorical and Bernoulli distributions, several latents jointly, and
+    sequences of draws (sampling again on the plate; ``eos`` ends a sequence: see the module). Unlike Storchastic
+    0.3.7, the cost enters once (doubling the cost doubles the gradient).
     """
     facts = Facts("Kool, van Hoof & Welling, ICLR 2019 workshop", unbiased=False, evaluations="n",
                   storchastic="ScoreFunctionWOR", storchastic_correct=False,
                   storchastic_bug="the cost enters twice: doubling it quadruples the gradient",
                   benchmark=("estimator_variance_cpu", "sf-wor (normalized)"))
 
-    accepts, accepts_name = ENUMERABLE, "enumerable"
-    min_samples, min_samples_reason, count_name = 2, "the k-th sample is the threshold", "k"
-    uses_score = True
+    min_samples, min_samples_reason = 2, "the k-th sample is the threshold"
 
-    def __init__(self, plate_name: str, k: int, biased: bool = True, use_baseline: bool = True):
+    def __init__(self, plate_name: str, k: int, biased: bool = True, use_baseline: bool = True, *,
+                 eos: Optional[int] = None):
         super().__init__(plate_name, _check_k(k))
         self.k = self.n_samples
         self.biased = bool(biased)
         self.use_baseline = bool(use_baseline)
+        self.eos = _check_eos(eos)
 
     def _sample(self, params: Params) -> Draw:
-        rows = Rows(params)
-        idx, log_p, pert = _draw_set(rows, self.k)
-        iw = F.priority_weights(log_p[:-1], pert[-1])
+        sd = self._draw_set(params, self.k)
+        if sd.idx.shape[0] < 2:
+            raise ValueError(f"ScoreFunctionWOR needs 2 sequences or more for its threshold, got {sd.idx.shape[0]}")
+        log_p = sd.log_p.detach()
+        iw = F.priority_weights(log_p[:-1], sd.key[-1])
         if self.biased:
             iw = iw / iw.sum(0)
-        weight = torch.cat([iw, torch.zeros_like(iw[:1])], 0).to(rows.logits.dtype)
-        return Draw(rows.value(idx, rows.logits.dtype), self.k, rows.plate_view(weight),
-                    state=(rows, idx, rows.plate_view(pert)))
+        dtype = sd.rows.logits.dtype
+        weight = torch.cat([iw, torch.zeros_like(iw[:1])], 0).to(dtype)
+        return sd.draw(sd.rows.value(sd.idx, dtype), sd.view(weight), state=(sd.view(sd.log_p), sd.view(sd.key)))
+
+    def _sampling_method(self, S: Any) -> Any:
+        return S.SampleWithoutReplacement(self.plate_name, self.k, self.biased, eos=self.eos)
 
     def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
-        rows, idx, pert = sample.draw.state
-        surrogate = F.sf_wor_surrogate(rows.log_prob(idx), pert, cost, self.use_baseline, self.biased)
+        log_p, pert = sample.draw.state
+        surrogate = F.sf_wor_surrogate(log_p, pert, cost, self.use_baseline, self.biased)
         return _on_first(surrogate, sample)
 
     def extra_repr(self) -> str:
         return f"plate_name={self.plate_name!r}, k={self.k}, biased={self.biased}, use_baseline={self.use_baseline}"
 
 
-class UnorderedSetEstimator(Method):
+class UnorderedSetEstimator(SetMethod):
     """The unordered-set policy gradient estimator (Kool, van Hoof & Welling, ICLR 2020, "Estimating gradients for
     discrete random variables by sampling without replacement"); math in
     :func:`fastgrad.functional.unordered_set_surrogate`.
@@ -89,20 +248,17 @@ class UnorderedSetEstimator(Method):
     ``exact_integration=True`` computes ``R`` by the sum over the ``k!`` orderings (k <= 7) instead of the float64
     integral on ``num_int_points`` points (Storchastic's default is 1000; here 200 already put ``log R`` within 1e-10
     of the exact sum, at a fifth of the cost); ``a`` (the integration shift of Storchastic's integral) is accepted for
-    compatibility and not needed (the window of the integral is fitted per set); ``eos`` must be None.
+    compatibility and not needed (the window of the integral is fitted per set). Sequences of draws and ``eos``:
+    see the module.
     """
     facts = Facts("Kool, van Hoof & Welling, ICLR 2020", unbiased=True, evaluations="n",
                   storchastic="UnorderedSetEstimator", storchastic_correct=True,
                   benchmark=("estimator_variance_cpu", "unordered-set"))
 
-    accepts, accepts_name = ENUMERABLE, "enumerable"
-    count_name = "k"
-    uses_score = True
-
     def __init__(self, plate_name: str, k: int, use_baseline: bool = True, exact_integration: bool = False,
-                 num_int_points: int = 200, a: float = 5.0, eos: Any = None):
+                 num_int_points: int = 200, a: float = 5.0, eos: Optional[int] = None):
         super().__init__(plate_name, _check_k(k))
-        _no_eos(eos)
+        self.eos = _check_eos(eos)
         self.k = self.n_samples
         self.use_baseline = bool(use_baseline)
         if self.use_baseline and self.k < 2:
@@ -116,16 +272,21 @@ class UnorderedSetEstimator(Method):
         self.a = float(a)
 
     def _sample(self, params: Params) -> Draw:
-        rows = Rows(params)
-        idx, log_p, _ = _draw_set(rows, self.k)
-        ratios = F.unordered_set_log_ratios(log_p.detach(), self.num_int_points, self.exact_integration)
-        w = (log_p.detach().double() + ratios[0]).exp()  # p(s) R(S, s): unordered_set_weights, ratios kept
-        return Draw(rows.value(idx, rows.logits.dtype), self.k, rows.plate_view(w.to(rows.logits.dtype)),
-                    state=(rows, idx, ratios))
+        sd = self._draw_set(params, self.k)
+        if self.use_baseline and sd.idx.shape[0] < 2:
+            raise ValueError(f"UnorderedSetEstimator's baseline needs 2 sequences or more, got {sd.idx.shape[0]}")
+        log_p = sd.log_p.detach()
+        ratios = F.unordered_set_log_ratios(log_p, self.num_int_points, self.exact_integration)
+        w = (log_p.double() + ratios[0]).exp()  # p(s) R(S, s): unordered_set_weights, ratios kept
+        dtype = sd.rows.logits.dtype
+        return sd.draw(sd.rows.value(sd.idx, dtype), sd.view(w.to(dtype)), state=(sd.view(sd.log_p), ratios))
+
+    def _sampling_method(self, S: Any) -> Any:
+        return S.UnorderedSet(self.plate_name, self.k, exact_integration=self.exact_integration,
+                              num_int_points=self.num_int_points, a=self.a, eos=self.eos)
 
     def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
-        (rows, idx, ratios), w = sample.draw.state, cost
-        lp = rows.log_prob(idx)
+        (lp, ratios), w = sample.draw.state, cost
         ratios = tuple(r.view(r.shape[: r.dim() - 1] + w.shape[1:]) for r in ratios)
         surrogate = F.unordered_set_surrogate(lp, w, self.use_baseline, self.num_int_points, self.exact_integration,
                                               log_ratios=ratios)
@@ -139,8 +300,8 @@ def _on_first(per_set: torch.Tensor, sample: StochasticTensor) -> torch.Tensor:
     """A per-set surrogate ``[plates...]`` as a per-element term ``[n, plates...]`` that the framework (which
     reduces the sample's plates with their weights) turns back into ``per_set``: all of it on an entry of nonzero
     weight, divided by that weight."""
-    plate = sample.plates[0]
-    n = sample._tensor.shape[0]
+    plate = sample.plate
+    n = plate.n
     if plate._weight is None:
         return per_set.unsqueeze(0).expand((n,) + per_set.shape) * 1.0
     w = plate._weight._tensor.detach().to(per_set.dtype).expand((n,) + per_set.shape)
@@ -149,7 +310,7 @@ def _on_first(per_set: torch.Tensor, sample: StochasticTensor) -> torch.Tensor:
     return out.scatter(0, j, (per_set.unsqueeze(0) / w.gather(0, j)))
 
 
-class RaoBlackwellSF(Method):
+class RaoBlackwellSF(SetMethod):
     """Sum-and-sample (Liu, Regier, Tripuraneni, Jordan & McAuliffe, ICML 2019, "Rao-Blackwellized stochastic
     gradients for discrete distributions"): the ``n_samples - 1`` most probable configurations are summed exactly
     (plate weights ``p(c)``, differentiable) and one more is sampled from the distribution restricted to the rest
@@ -162,43 +323,58 @@ class RaoBlackwellSF(Method):
     Gumbel-top-k set; Kool et al. 2020's ``sasbl``), and ``use_baseline=True`` subtracts from the sampled term the
     probability-weighted mean cost of the summed set ``b`` (and ``b`` from the summed terms, which keeps it
     unbiased: ``E[grad log p | not summed] (1 - P) = -grad P``).
+
+    Over a sequence of draws (sampling again on the plate; see the module) the summed sequences are sampled:
+    ``summed="sampled"`` is needed there, since the most probable sequences are not known without evaluating the
+    conditionals of sequences that were not drawn.
     """
     facts = Facts("Liu, Regier, Tripuraneni, Jordan & McAuliffe, ICML 2019", unbiased=True, evaluations="n",
                   storchastic="RaoBlackwellSF", storchastic_correct=True,
                   benchmark=("estimator_variance_cpu", "rao-blackwell"))
 
-    accepts, accepts_name = ENUMERABLE, "enumerable"
     min_samples, min_samples_reason = 2, "n_samples - 1 summed, one sampled"
-    uses_score = True
+    count_name = "n_samples"
 
-    def __init__(self, plate_name: str, n_samples: int, *, summed: str = "top", use_baseline: bool = False):
+    def __init__(self, plate_name: str, n_samples: int, *, summed: str = "top", use_baseline: bool = False,
+                 eos: Optional[int] = None):
         super().__init__(plate_name, n_samples)
         if summed not in ("top", "sampled"):
             raise ValueError(f"summed must be 'top' or 'sampled', got {summed!r}")
         self.summed = summed
         self.use_baseline = bool(use_baseline)
+        self.eos = _check_eos(eos)
 
     def _sample(self, params: Params) -> Draw:
-        rows = Rows(params)
         k = self.n_samples
-        sidx, _, _ = _draw_set(rows, k)                                  # [k, R, D]
+        if self.summed == "top" and self._live_beam() is not None:
+            raise ValueError(f"RaoBlackwellSF(summed='top') sums the most probable configurations of one draw; "
+                             f"sampling again on plate {self.plate_name!r} continues a sequence, which needs "
+                             "summed='sampled'")
+        sd = self._draw_set(params, k)
+        rows, sidx = sd.rows, sd.idx                                      # [k, R, D]
+        if sd.idx.shape[0] < 2:
+            raise ValueError(f"RaoBlackwellSF needs 2 sequences or more, got {sd.idx.shape[0]}")
+        k = sd.idx.shape[0]
         if self.summed == "sampled":
-            idx = sidx
+            idx, lp = sidx, sd.view(sd.log_p)
         else:
             top, _ = F.top_set(rows.logits.detach(), k - 1)                # [k-1, R, D]
             inside = (sidx.unsqueeze(1) == top.unsqueeze(0)).all(-1).any(1)  # [k, R]: drawn config in the top set
             first_out = (~inside).to(torch.int8).argmax(0)                 # [R]: k-1 top configs leave one outside
             rest = sidx.gather(0, first_out.view(1, -1, 1).expand(1, *sidx.shape[1:]))
             idx = torch.cat([top, rest], 0)
-        lp = rows.log_prob(idx)                                             # [k, plates...], differentiable
+            lp = rows.log_prob(idx)                                         # [k, plates...], differentiable
         p = lp[:-1].exp()
         weight = torch.cat([p, (1 - p.sum(0, keepdim=True)).detach().clamp(min=0)], 0)
-        return Draw(rows.value(idx, rows.logits.dtype), k, weight.to(rows.logits.dtype), state=(rows, idx))
+        dtype = rows.logits.dtype
+        return sd.draw(rows.value(idx, dtype), weight.to(dtype), state=lp)
+
+    def _sampling_method(self, S: Any) -> Any:
+        return S.RaoBlackwellizedSample(self.plate_name, self.n_samples, eos=self.eos)
 
     def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
-        (rows, idx), w = sample.draw.state, cost  # w: [k, plates...]
-        lp = rows.log_prob(idx)
-        pw = sample.plates[0]._weight._tensor.detach()  # [p_1..p_{k-1}, 1 - P]
+        lp, w = sample.draw.state, cost  # w: [k, plates...]
+        pw = sample.plate._weight._tensor.detach()  # [p_1..p_{k-1}, 1 - P]
         score = torch.zeros_like(w)
         adv = w[-1]
         if self.use_baseline:
@@ -215,7 +391,7 @@ class RaoBlackwellSF(Method):
         return super().extra_repr() + f", summed={self.summed!r}, use_baseline={self.use_baseline}"
 
 
-class UnorderedSetGumbelSoftmax(TemperatureSchedule, Method):
+class UnorderedSetGumbelSoftmax(TemperatureSchedule, SetMethod):
     """Storchastic's ``UnorderedSetGumbelSoftmax`` (no paper defines it): a set of ``k`` configurations without
     replacement, each replaced by a relaxed sample ``softmax(z~ / temperature)`` with ``z~`` the Gumbel-perturbed
     log-probabilities conditioned on their argmax being that configuration (per latent; REBAR's conditional Gumbel,
@@ -232,26 +408,34 @@ class UnorderedSetGumbelSoftmax(TemperatureSchedule, Method):
                   storchastic="UnorderedSetGumbelSoftmax", storchastic_correct=None,
                   benchmark=("estimator_variance_cpu", "gumbel-softmax-wor"))
 
-    accepts = (D.OneHotCategorical, D.Bernoulli)
-    count_name = "k"
+    accepts, accepts_name = (D.OneHotCategorical, D.Bernoulli), None
+    uses_score = False
 
     def __init__(self, plate_name: str, k: int, initial_temperature: float = 1.0, min_temperature: float = 1.0e-4,
-                 annealing_rate: float = 1.0e-5, eos: Any = None):
+                 annealing_rate: float = 1.0e-5, eos: Optional[int] = None):
         super().__init__(plate_name, _check_k(k))
-        _no_eos(eos)
+        self.eos = _check_eos(eos)
         self.k = self.n_samples
         self.init_schedule(initial_temperature, min_temperature, annealing_rate)
 
     def _sample(self, params: Params) -> Draw:
-        rows = Rows(params)
-        idx, log_p, _ = _draw_set(rows, self.k)
-        w = F.unordered_set_weights(log_p.detach())
-        z = F.conditional_gumbel_categorical(rows.logits, idx)            # [k, R, D, K], differentiable
+        sd = self._draw_set(params, self.k)
+        rows, idx = sd.rows, sd.idx
+        n = idx.shape[0]
+        w = F.unordered_set_weights(sd.log_p.detach())
+        if sd.logits.shape[0] == 1:                                          # one conditional for every member
+            z = F.conditional_gumbel_categorical(sd.logits[0], idx)         # [n, R, D, K], differentiable
+        else:                                                                # each member's own conditional
+            z = F.conditional_gumbel_categorical(sd.logits.reshape(-1, rows.K), idx.reshape(1, -1))
         y = torch.softmax(z / self.temperature.to(z.dtype), -1).to(rows.logits.dtype)
-        y = y.reshape((self.k,) + rows.pshape + rows.extra + (rows.K,))
+        y = y.reshape((n,) + rows.pshape + rows.extra + (rows.K,))
         if issubclass(rows.kind, D.Bernoulli):
             y = y[..., 1]
-        return Draw(y, self.k, rows.plate_view(w.to(rows.logits.dtype)))
+        return sd.draw(y, sd.view(w.to(rows.logits.dtype)))
+
+    def _sampling_method(self, S: Any) -> Any:
+        return S.GumbelSoftmaxWOR(self.plate_name, self.k, float(self.temperature), float(self.min_temperature),
+                                  float(self.annealing_rate), eos=self.eos)
 
     def extra_repr(self) -> str:
         return f"plate_name={self.plate_name!r}, k={self.k}"

@@ -336,8 +336,8 @@ def test_constructor_bad_input():
     with pytest.raises(ValueError, match="k >= 2"):
         storch.method.UnorderedSetEstimator("z", k=1)
     storch.method.UnorderedSetEstimator("z", k=1, use_baseline=False)
-    with pytest.raises(ValueError, match="eos"):
-        storch.method.UnorderedSetEstimator("z", k=3, eos=0)
+    with pytest.raises(ValueError, match="eos must be None or a class index"):
+        storch.method.UnorderedSetEstimator("z", k=3, eos=-1)
     with pytest.raises(ValueError, match="k <= 7"):
         storch.method.UnorderedSetEstimator("z", k=8, exact_integration=True)
     with pytest.raises(ValueError, match="n_samples >= 2"):
