@@ -9,7 +9,8 @@ from ._api import (cat, deterministic, gather, grad, ignore_wrapping, logsumexp,
                    print_graph, reduce, sum)
 from ._graph import (NoCostError, add_cost, backward, costs, denote_independent, gather_samples, reduce_plates,
                      reset, surrogate_loss, variance)
-from ._tensor import CostTensor, IllegalStorchExposeError, IndependentTensor, Plate, StochasticTensor, Tensor, is_tensor
+from ._tensor import (AncestralPlate, CostTensor, IllegalStorchExposeError, IndependentTensor, Plate, StochasticTensor,
+                      Tensor, is_tensor)
 from .ops._backend import backend, cpu_cache_bytes, empty_cache, get_backend, set_backend
 from . import nn, sampling  # noqa: E402  (after the names they use)
 from ._env import collect_env  # noqa: E402
@@ -17,7 +18,7 @@ from ._env import collect_env  # noqa: E402
 from ._version import __version__  # noqa: E402,F401
 
 __all__ = [
-    "Plate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
+    "Plate", "AncestralPlate", "Tensor", "StochasticTensor", "CostTensor", "IndependentTensor",
     "denote_independent", "add_cost", "backward", "reset", "costs", "gather_samples", "variance",
     "reduce_plates", "NoCostError", "functional", "method", "ops", "set_backend", "get_backend", "backend",
     "collect_env", "empty_cache", "cpu_cache_bytes", "IllegalStorchExposeError", "is_tensor", "exceptions",

@@ -87,16 +87,21 @@ class ImportanceSampling(SamplingMethod):
 
     def _draw(self, params: Params, owner: str) -> Draw:
         npl = len(params.plates)
-        with torch.no_grad():
-            value = self.proposal.sample((self.n,))
-            log_q = self.proposal.log_prob(value)
         p = params.raw_distribution()
+        qb, pb = tuple(self.proposal.batch_shape), tuple(p.batch_shape)
+        if len(qb) > len(pb) or tuple(self.proposal.event_shape) != tuple(p.event_shape):
+            raise ValueError(f"ImportanceSampling: the proposal's samples {qb + tuple(self.proposal.event_shape)} do "
+                             f"not fit the distribution's shape {pb + tuple(p.event_shape)}")
+        lead = pb[:len(pb) - len(qb)]  # independent draws per element of the dims the proposal does not have
+        with torch.no_grad():
+            value = self.proposal.sample((self.n,) + lead)
+            log_q = self.proposal.log_prob(value)
         try:
-            value = value.expand((self.n,) + tuple(p.batch_shape) + tuple(p.event_shape))
-            log_q = log_q.expand((self.n,) + tuple(p.batch_shape))
+            value = value.expand((self.n,) + pb + tuple(p.event_shape))
+            log_q = log_q.expand((self.n,) + pb)
         except RuntimeError:
-            raise ValueError(f"ImportanceSampling: the proposal's samples {tuple(value.shape[1:])} do not fit the "
-                             f"distribution's shape {tuple(p.batch_shape + p.event_shape)}") from None
+            raise ValueError(f"ImportanceSampling: the proposal's samples {qb + tuple(self.proposal.event_shape)} do "
+                             f"not fit the distribution's shape {pb + tuple(p.event_shape)}") from None
         lp = sum_latents(p.log_prob(value), npl + 1)
         log_w = (lp.detach() - sum_latents(log_q, npl + 1)) - math.log(self.n)
         return Draw(value, self.n, log_w.exp().to(lp.dtype), state=Weighted(lp))

@@ -16,6 +16,7 @@ later draws are ``eos`` with probability 1.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
@@ -35,6 +36,19 @@ def _check_eos(eos: object) -> Optional[int]:
     if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
         raise ValueError(f"eos must be None or a class index (a non-negative int), got {eos!r}")
     return eos
+
+
+def _set_size(logits: torch.Tensor, k: int) -> int:
+    """``min(k, configurations)`` when every row has the same number of configurations of nonzero probability (as
+    Storchastic's ``min(k, |D|**D)``: a first draw smaller than the beam a sequence grows to); otherwise ``k`` (and
+    :func:`~fastgrad.functional.sample_set` names the rows that have too few)."""
+    if not logits.numel():
+        return k
+    logc = torch.isfinite(logits).sum(-1).clamp(min=1).double().log().sum(-1)   # [R]
+    if float(logc.min()) >= math.log(k) - 1e-9:
+        return k
+    c = logc.exp().round()
+    return int(c.min()) if float(c.min()) == float(c.max()) else k
 
 
 class _Beam(NamedTuple):
@@ -95,6 +109,7 @@ class SetSampler:
             if self.eos is not None and rows.logits.shape[1] != 1:
                 raise ValueError(f"eos ends sequences of single categoricals: {owner} got "
                                  f"{rows.logits.shape[1]} latents per draw")
+            k = _set_size(rows.logits, k)
             idx, log_p, key = F.sample_set(rows.logits.detach(), k)
             lp = rows.log_prob(idx).reshape(log_p.shape)                      # differentiable
             plate = AncestralPlate(self.plate_name, k)
