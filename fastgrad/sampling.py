@@ -3,11 +3,11 @@ same Philox seed/offset; see :mod:`fastgrad.functional`): Monte Carlo, Gumbel-so
 without replacement (Gumbel-top-k per row; stochastic beam search over the joint configurations of several latents,
 which Storchastic's ``SampleWithoutReplacement`` does; the methods of :mod:`fastgrad.method.without_replacement` call
 it; stochastic beam search over an autoregressive model's sequences), and Storchastic's sampling-method classes
-that ``ScoreFunction(sampling_method=...)`` takes (:mod:`fastgrad.method.sampling_method`)."""
+that ``ScoreFunction(sampling_method=...)`` takes (implemented in ``fastgrad._samplers``)."""
 from .functional import (BeamSearchResult, enumerate_configurations, gumbel_softmax, gumbel_topk, sample_categorical,
                          sample_categorical_one_hot, sample_set, stochastic_beam_search, top_set)
 
-from .method.sampling_method import (Enumerate, GumbelSoftmaxWOR, ImportanceSampling, MAPOSample, MonteCarlo,
+from ._samplers import (Enumerate, GumbelSoftmaxWOR, ImportanceSampling, MAPOSample, MonteCarlo,
                                      RaoBlackwellizedSample, SampleWithoutReplacement, SamplingMethod, UnorderedSet)
 
 __all__ = ["SamplingMethod", "MonteCarlo", "Enumerate", "ImportanceSampling", "SampleWithoutReplacement",

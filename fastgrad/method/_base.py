@@ -16,7 +16,7 @@ from .. import _state
 from .. import functional as F
 from .._graph import reduce_plates
 from ..functional._validate import check_n as check_count
-from .._tensor import AncestralPlate, Plate, StochasticTensor, Tensor, align, reindex, resolve_ancestral, union_plates
+from .._tensor import Plate, StochasticTensor, Tensor, align, resolve_ancestral, union_plates
 
 ENUMERABLE = (D.Categorical, D.OneHotCategorical, D.Bernoulli)
 
@@ -216,7 +216,6 @@ def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[T
     estimator's ``_surrogate`` writes only its per-sample term."""
     others = [p for p in cost.plates if not any(p is q for q in sample.plates)]
     c = reduce_plates(cost, others, detach_weights=detach) if others else cost
-    npl = len(sample.draw_plates)
     w = align(c, sample.draw_plates, 0)
     w = (w.detach() if detach else w).expand(tuple(p.n for p in sample.draw_plates))
     return c, w

@@ -10,7 +10,7 @@ import torch
 from .. import functional as F
 from ._base import (Facts, Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term,
                     sample_plain, sum_latents)
-from .sampling_method import MonteCarlo, SamplingMethod, Weighted
+from .._samplers import MonteCarlo, SamplingMethod, Weighted
 
 _BASELINES = ("none", "batch_average", "moving_average")
 

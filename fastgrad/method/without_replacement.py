@@ -16,148 +16,15 @@ later draws are ``eos`` with probability 1.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ..functional._validate import check_n
-from ._base import (ENUMERABLE, AncestralPlate, Draw, Facts, Method, Params, Rows, StochasticTensor, Tensor,
-                    TemperatureSchedule, align, reindex, step_generation)
-
-
-def _check_k(k: object, name: str = "k") -> int:
-    return check_n(k, name)
-
-
-def _check_eos(eos: object) -> Optional[int]:
-    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
-        raise ValueError(f"eos must be None or a class index (a non-negative int), got {eos!r}")
-    return eos
-
-
-def _set_size(logits: torch.Tensor, k: int) -> int:
-    """``min(k, configurations)`` when every row has the same number of configurations of nonzero probability (as
-    Storchastic's ``min(k, |D|**D)``: a first draw smaller than the beam a sequence grows to); otherwise ``k`` (and
-    :func:`~fastgrad.functional.sample_set` names the rows that have too few)."""
-    if not logits.numel():
-        return k
-    logc = torch.isfinite(logits).sum(-1).clamp(min=1).double().log().sum(-1)   # [R]
-    if float(logc.min()) >= math.log(k) - 1e-9:
-        return k
-    c = logc.exp().round()
-    return int(c.min()) if float(c.min()) == float(c.max()) else k
-
-
-class _Beam(NamedTuple):
-    """A set method's sampling sequence in the current step: the newest plate, the plates the sets are batched over
-    (``others``), and per member ``[n, others...]`` the joint log-probability (differentiable), the Gumbel key and
-    whether its sequence has ended."""
-    generation: int
-    plate: AncestralPlate
-    others: Tuple[Any, ...]
-    log_p: torch.Tensor
-    key: torch.Tensor
-    finished: Optional[torch.Tensor]
-
-
-class SetDraw(NamedTuple):
-    """One draw of a set method (first or continuing a sequence): ``idx`` ``[n, R, D]``, joint ``log_p`` ``[n, R]``
-    (differentiable), ``key`` ``[n, R]``, the ``rows`` view (for values), each member's ``logits`` ``[n or 1, R, D,
-    K]`` (differentiable), and where the sample goes: ``plate``, ``others``, ``continued``."""
-    idx: torch.Tensor
-    log_p: torch.Tensor
-    key: torch.Tensor
-    rows: Rows
-    logits: torch.Tensor
-    plate: AncestralPlate
-    others: Tuple[Any, ...]
-    continued: bool
-
-    def view(self, t: torch.Tensor) -> torch.Tensor:
-        return self.rows.plate_view(t)
-
-    def draw(self, value: torch.Tensor, weight: Optional[torch.Tensor], state: Any = None) -> Draw:
-        return Draw(value, self.idx.shape[0], weight, state, plate=self.plate, others=self.others,
-                    plate_last=self.continued)
-
-
-class SetSampler:
-    """Draws sets without replacement on one plate: the first draw of a step (:func:`fastgrad.functional.
-    sample_set`) or one more in the plate's sampling sequence (:func:`~fastgrad.functional.extend_set`), ``eos``
-    ending sequences. Used by the set estimators and by ``ScoreFunction(sampling_method=...)``."""
-
-    def __init__(self, plate_name: str):
-        self.plate_name = plate_name
-        self.eos: Optional[int] = None
-        self._beam: Optional[_Beam] = None
-
-    def live(self) -> Optional[_Beam]:
-        beam = self._beam
-        return beam if beam is not None and beam.generation == step_generation() else None
-
-    def continues(self, plate: Any) -> bool:
-        beam = self.live()
-        return beam is not None and isinstance(plate, AncestralPlate) and plate.lineage is beam.plate.lineage
-
-    def draw(self, params: Params, k: int, owner: str) -> SetDraw:
-        beam = self.live()
-        if beam is None:
-            rows = Rows(params)
-            if self.eos is not None and rows.logits.shape[1] != 1:
-                raise ValueError(f"eos ends sequences of single categoricals: {owner} got "
-                                 f"{rows.logits.shape[1]} latents per draw")
-            k = _set_size(rows.logits, k)
-            idx, log_p, key = F.sample_set(rows.logits.detach(), k)
-            lp = rows.log_prob(idx).reshape(log_p.shape)                      # differentiable
-            plate = AncestralPlate(self.plate_name, k)
-            others, continued, logits = params.plates, False, rows.logits.unsqueeze(0)
-            fin = (idx[..., 0] == self.eos) if self.eos is not None else None
-        else:
-            rows, lp, key, fin, logits, plate, others, idx = self._extend(params, beam, k, owner)
-            continued = True
-        fin_view = None if fin is None else fin.reshape((fin.shape[0],) + rows.pshape)
-        self._beam = _Beam(step_generation(), plate, others, rows.plate_view(lp),
-                                       rows.plate_view(key), fin_view)
-        return SetDraw(idx, lp, key, rows, logits, plate, others, continued)
-
-    def _extend(self, params: Params, beam: _Beam, k: int, owner: str):
-        head = beam.plate
-        cl = Rows.class_logits(params)                                        # [plates..., latents..., K]
-        t = Tensor(cl, params.plates)
-        if any(p.name == self.plate_name and p is not head for p in t.plates):
-            t = reindex(t, head)                                              # parameters of an earlier draw
-        conditional = any(p is head for p in t.plates)
-        new = tuple(p for p in t.plates if p is not head and all(q.name != p.name for q in beam.others))
-        others = beam.others + new
-        sizes = tuple(p.n for p in others)
-        ev = t.event_dims
-        raw = align(t, (head,) + others, ev)
-        raw = raw.expand((raw.shape[0],) + sizes + raw.shape[1 + len(others):])
-        extra = tuple(raw.shape[1 + len(others):-1])
-        R, Dn, K = int(torch.Size(sizes).numel()), int(torch.Size(extra).numel()), raw.shape[-1]
-        logits = raw.reshape(raw.shape[0], R, Dn, K)                          # [n|1, R, D, K]
-        if self.eos is not None and Dn != 1:
-            raise ValueError(f"eos ends sequences of single categoricals: {owner} got {Dn} latents "
-                             "per draw")
-
-        def prev(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if x is None:
-                return None
-            y = align(Tensor(x, (head,) + beam.others), (head,) + others, 0)
-            return y.expand((head.n,) + sizes).reshape(head.n, R)
-
-        ext = F.extend_set(prev(beam.log_p), prev(beam.key), logits, k, finished=prev(beam.finished),
-                           eos=self.eos)
-        n = ext.indices.shape[0]
-        plate = AncestralPlate(self.plate_name, n, parent=head)
-        plate.selected = Tensor(ext.parent.reshape((n,) + sizes), (plate,) + others)
-        rows = Rows.of(params.distr.__class__, logits[0], sizes, extra)
-        member = logits if not conditional else logits.gather(
-            0, ext.parent[..., None, None].expand(n, R, Dn, K))
-        return rows, ext.log_p, ext.perturbed, ext.finished, member, plate, others, ext.indices
+from .. import _samplers as S
+from .._samplers import SetDraw, SetSampler, _Beam, _check_eos, _check_k
+from ._base import ENUMERABLE, Draw, Facts, Method, Params, StochasticTensor, TemperatureSchedule
 
 
 class SetMethod(Method):
@@ -192,7 +59,6 @@ class SetMethod(Method):
     @property
     def sampling_method(self) -> Any:
         """Storchastic's ``method.sampling_method``: the :mod:`fastgrad.sampling` sampler this method draws with."""
-        from . import sampling_method as S
         return self._sampling_method(S)
 
     def _sampling_method(self, S: Any) -> Any:
