@@ -4,12 +4,14 @@ without replacement (Gumbel-top-k per row; stochastic beam search over the joint
 which Storchastic's ``SampleWithoutReplacement`` does; the methods of :mod:`fastgrad.method.without_replacement` call
 it; stochastic beam search over an autoregressive model's sequences), and Storchastic's sampling-method classes
 that ``ScoreFunction(sampling_method=...)`` takes (implemented in ``fastgrad._samplers``)."""
-from .functional import (BeamSearchResult, enumerate_configurations, gumbel_softmax, gumbel_topk, sample_categorical,
-                         sample_categorical_one_hot, sample_set, stochastic_beam_search, top_set)
-
 from ._samplers import (Enumerate, GumbelSoftmaxWOR, ImportanceSampling, MAPOSample, MonteCarlo,
-                                     RaoBlackwellizedSample, SampleWithoutReplacement, SamplingMethod, UnorderedSet)
+                        RaoBlackwellizedSample, SampleWithoutReplacement, SamplingMethod, UnorderedSet)
+from .functional import (BeamSearchResult, SetExtension, enumerate_configurations, extend_set, gumbel_softmax,
+                         gumbel_topk, sample_categorical, sample_categorical_one_hot, sample_set,
+                         stochastic_beam_search, top_set)
 
 __all__ = ["SamplingMethod", "MonteCarlo", "Enumerate", "ImportanceSampling", "SampleWithoutReplacement",
-           "UnorderedSet", "GumbelSoftmaxWOR", "RaoBlackwellizedSample", "MAPOSample", "sample_categorical", "sample_categorical_one_hot", "gumbel_softmax", "enumerate_configurations",
-           "gumbel_topk", "sample_set", "top_set", "stochastic_beam_search"]
+           "UnorderedSet", "GumbelSoftmaxWOR", "RaoBlackwellizedSample", "MAPOSample", "sample_categorical",
+           "sample_categorical_one_hot", "gumbel_softmax", "enumerate_configurations",
+           "gumbel_topk", "sample_set", "extend_set", "SetExtension", "top_set", "stochastic_beam_search",
+           "BeamSearchResult"]

@@ -32,7 +32,8 @@ from .double_cv import (double_cv_parts, double_cv_surrogate, rodeo_surrogate)
 from .relaxed import (entmax, sparsemax, gumbel_entmax, reinmax, gumbel_rao, indecater_samples, indecater_weights,
                       indecater_surrogate, k_subset_marginals, k_subset_sample, simple, gapped_straight_through,
                       decoupled_straight_through)
-from .without_replacement import (sample_set, extend_set, SetExtension, top_set, joint_log_prob, unordered_set_log_ratios,
+from .without_replacement import (sample_set, extend_set, SetExtension, top_set, joint_log_prob,
+                                  unordered_set_log_ratios,
                                   unordered_set_weights, unordered_set_surrogate, priority_weights, sf_wor_surrogate,
                                   stochastic_beam_search, BeamSearchResult)
 from .lm_head import (linear_log_prob, linear_policy_loss, linear_score_function_surrogate, vespo_weights)

@@ -30,10 +30,19 @@ def check_n_samples(n_samples: object) -> int:
     return check_count(n_samples, "n_samples")
 
 
-def refuse_sampling_method(sampling_method: object, what: str = "Monte Carlo sampling") -> None:
-    """Storchastic's ``sampling_method`` argument, where Storchastic's constructor has it: only ``None`` supported."""
-    if sampling_method is not None:
-        raise ValueError(f"sampling_method: only None ({what}) is supported")
+def monte_carlo_samples(sampling_method: object, plate_name: str, n_samples: object,
+                        what: str = "Monte Carlo sampling") -> object:
+    """Storchastic's ``sampling_method`` argument, where Storchastic's constructor has it, for a method that draws
+    i.i.d. (or antithetic) samples: ``None`` (``n_samples``) or ``fastgrad.sampling.MonteCarlo(plate_name, n)`` (its
+    ``n``), anything else a ValueError. Returns the number of samples."""
+    if sampling_method is None:
+        return n_samples
+    if type(sampling_method).__name__ == "MonteCarlo" and hasattr(sampling_method, "n_samples"):
+        if getattr(sampling_method, "plate_name", None) != plate_name:
+            raise ValueError("The plate name of the sampling method and the storch method should match.")
+        return sampling_method.n_samples
+    raise ValueError(f"sampling_method: only None or fastgrad.sampling.MonteCarlo ({what}) is supported; "
+                     "ScoreFunction takes the other sampling methods")
 
 
 def check_plate_name(plate_name: object) -> str:

@@ -9,7 +9,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_order
-from ._base import Draw, Facts, Method, Params, refuse_sampling_method, sum_latents
+from ._base import Draw, Facts, Method, Params, monte_carlo_samples, sum_latents
 
 
 class ARM(Method):
@@ -26,8 +26,8 @@ class ARM(Method):
     uses_score = True
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method, "antithetic Monte Carlo pairs")
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples,
+                                                         "antithetic Monte Carlo pairs"))
 
     def _sample(self, params: Params) -> Draw:
         logits = params.bernoulli_logits()
@@ -108,8 +108,8 @@ class ARMS(Method):
     uses_score = True
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 2):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method, "a Dirichlet copula over the samples")
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples,
+                                                         "a Dirichlet copula over the samples"))
 
     def _sample(self, params: Params) -> Draw:
         return Draw(F.arms_sample(params.bernoulli_logits().detach(), self.n_samples), self.n_samples)

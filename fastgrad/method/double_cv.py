@@ -8,7 +8,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Facts, Method, Params, refuse_sampling_method, train_on_second_moment
+from ._base import Draw, Facts, Method, Params, monte_carlo_samples, train_on_second_moment
 
 
 def sample_relaxable(method: Method, params: Params) -> Draw:
@@ -58,8 +58,7 @@ class DoubleCV(Method):
 
     def __init__(self, plate_name: str, n_samples: int = 2, alpha: Optional[float] = None, decay: float = 0.99,
                  sampling_method: Any = None):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
             raise TypeError(f"alpha must be None (set online) or a float, got {type(alpha).__name__}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
@@ -139,8 +138,7 @@ class RODEO(Method):
 
     def __init__(self, plate_name: str, n_samples: int = 2, control: Optional[torch.nn.Module] = None,
                  sampling_method: Any = None):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         if control is not None and not isinstance(control, torch.nn.Module):
             raise TypeError(f"control must be a torch.nn.Module, got {type(control).__name__}")
         self.control = control if control is not None else SteinControl()

@@ -9,7 +9,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import Draw, Facts, Method, Params, TemperatureSchedule, refuse_sampling_method
+from ._base import Draw, Facts, Method, Params, TemperatureSchedule, monte_carlo_samples
 
 
 class GumbelSoftmax(TemperatureSchedule, Method):
@@ -29,8 +29,7 @@ class GumbelSoftmax(TemperatureSchedule, Method):
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  straight_through: bool = False, initial_temperature: float = 1.0,
                  min_temperature: float = 1.0e-4, annealing_rate: float = 1.0e-5):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         self.init_schedule(initial_temperature, min_temperature, annealing_rate)
         self.straight_through = bool(straight_through)
 

@@ -6,7 +6,7 @@ from typing import Any, Optional, Type
 
 from torch import distributions as D
 
-from ._base import Method, refuse_sampling_method
+from ._base import Method, monte_carlo_samples
 from .gumbel_softmax import GumbelSoftmax
 from .reparameterization import Reparameterization
 from .score_function import ScoreFunction
@@ -19,8 +19,7 @@ class Infer(Method):
 
     def __init__(self, plate_name: str, distribution_type: Optional[Type[D.Distribution]] = None,
                  sampling_method: Any = None, n_samples: int = 1):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         self.distribution_type = distribution_type
         self._choices = {}
 

@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 from torch import distributions as D
 
 from .. import functional as F
-from ._base import (Draw, Facts, Method, Params, default_control, refuse_sampling_method, sum_latents,
+from ._base import (Draw, Facts, Method, Params, default_control, monte_carlo_samples, sum_latents,
                     train_on_second_moment)
 
 
@@ -52,8 +52,7 @@ class RELAX(Method):
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  c_phi: Optional[torch.nn.Module] = None, in_dim: Union[None, int, Sequence[int]] = None,
                  rebar: bool = False, train_eta: bool = True):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
             raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
         if c_phi is None and in_dim is not None:
@@ -167,8 +166,7 @@ class LAX(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  c_phi: Optional[torch.nn.Module] = None, in_dim: Union[None, int, Sequence[int]] = None):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         if c_phi is not None and not isinstance(c_phi, torch.nn.Module):
             raise TypeError(f"c_phi must be a torch.nn.Module, got {type(c_phi).__name__}")
         if c_phi is None:

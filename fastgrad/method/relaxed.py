@@ -11,7 +11,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from ..functional._validate import check_alpha, check_n
-from ._base import Draw, Facts, Method, Params, Rows, TemperatureSchedule, check_temperature, refuse_sampling_method
+from ._base import Draw, Facts, Method, Params, Rows, TemperatureSchedule, check_temperature, monte_carlo_samples
 
 
 class GumbelEntmax(TemperatureSchedule, Method):
@@ -34,8 +34,7 @@ class GumbelEntmax(TemperatureSchedule, Method):
     def __init__(self, plate_name: str, sampling_method: Any = None, alpha: float = 1.5, adaptive: bool = False,
                  n_samples: int = 1, straight_through: bool = False, initial_temperature: float = 1.0,
                  min_temperature: float = 1.0e-4, annealing_rate: float = 0.0):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         if adaptive:
             raise ValueError("adaptive=True (a learned alpha) is not supported; pass a fixed alpha")
         self.alpha = check_alpha(alpha)
@@ -85,8 +84,7 @@ class ReinMax(Method):
     accepts = (D.OneHotCategorical, D.Bernoulli)
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         self.temperature = check_temperature("temperature", temperature)
 
     def _sample(self, params: Params) -> Draw:
@@ -110,8 +108,7 @@ class GumbelRao(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
                  conditional_samples: int = 10):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         self.temperature = check_temperature("temperature", temperature)
         self.conditional_samples = check_n(conditional_samples, "conditional_samples")
 
@@ -168,8 +165,7 @@ class SIMPLE(Method):
     accepts = (D.Bernoulli,)
 
     def __init__(self, plate_name: str, k: int, sampling_method: Any = None, n_samples: int = 1):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         self.k = check_n(k, "k")
 
     def _sample(self, params: Params) -> Draw:
@@ -192,8 +188,7 @@ class GappedStraightThrough(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
                  gap: Any = 1.0):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         self.temperature = check_temperature("temperature", temperature)
         self.gap = gap
         F.gapped_straight_through(torch.zeros(2), 1, self.temperature, gap, seed=0)  # validate gap now
@@ -218,8 +213,7 @@ class DecoupledStraightThrough(Method):
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1,
                  forward_temperature: float = 1.0, backward_temperature: float = 1.0):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
         self.forward_temperature = check_temperature("forward_temperature", forward_temperature)
         self.backward_temperature = check_temperature("backward_temperature", backward_temperature)
 

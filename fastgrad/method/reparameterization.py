@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import Draw, Facts, Method, Params, refuse_sampling_method
+from ._base import Draw, Facts, Method, Params, monte_carlo_samples
 
 
 class Reparameterization(Method):
@@ -13,8 +13,7 @@ class Reparameterization(Method):
                   takes="reparameterizable (rsample)")
 
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
 
     def _sample(self, params: Params):
         d = params.raw_distribution()

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import functional as F
-from ._base import Draw, Facts, Method, Params, refuse_sampling_method, sample_log_prob, sample_plain
+from ._base import Draw, Facts, Method, Params, monte_carlo_samples, sample_log_prob, sample_plain
 
 
 class VIMCO(Method):
@@ -31,8 +31,7 @@ class VIMCO(Method):
     detach_cost = False  # -log w_k keeps its pathwise graph
 
     def __init__(self, plate_name: str, n_samples: int = 2, sampling_method: Any = None):
-        super().__init__(plate_name, n_samples)
-        refuse_sampling_method(sampling_method)
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
 
     def _sample(self, params: Params) -> Draw:
         return sample_plain(params, self.n_samples)

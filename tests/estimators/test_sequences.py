@@ -226,3 +226,16 @@ def test_monte_carlo_sampling_method_is_the_default():
     z = m(OneHotCategorical(logits=torch.zeros(K)))
     assert z.shape == (5, K)
     storch.reset()
+
+
+@pytest.mark.parametrize("cls", ["GumbelSoftmax", "Reparameterization", "ARM", "DisARM", "RELAX", "LAX", "ARMS",
+                                 "VIMCO", "ReinMax", "GumbelRao", "GumbelEntmax", "GappedStraightThrough"])
+def test_other_methods_take_monte_carlo_only(cls):
+    kw = {"in_dim": 3} if cls in ("RELAX", "LAX") else {}
+    make = lambda *a, **k: getattr(storch.method, cls)(*a, **k, **kw)  # noqa: E731
+    m = make("z", sampling_method=storch.sampling.MonteCarlo("z", 4))
+    assert m.n_samples == 4
+    with pytest.raises(ValueError, match="only None or fastgrad.sampling.MonteCarlo"):
+        make("z", sampling_method=storch.sampling.UnorderedSet("z", 2))
+    with pytest.raises(ValueError, match="should match"):
+        make("z", sampling_method=storch.sampling.MonteCarlo("y", 4))
