@@ -34,6 +34,7 @@ TOYS = {  # short names; docs/estimators/index.md says what each toy is
     "estimator_variance_carms_cpu": "seed VAE",
     "relax_toy_cpu": "RELAX toy",
     "double_cv_toy_cpu": "200-bit toy",
+    "simple_k_subset_cpu": "k-subset toy",
 }
 
 
@@ -76,6 +77,9 @@ def measured(bench: Optional[tuple]) -> str:
         rows = [r for r in data["checkpoints"][0]["rows"] if r["estimator"] == label]
         row = min(rows, key=lambda r: abs(r["evaluations"] - 8))
         return f"{row['grad_variance']:.3g} ({TOYS[stem]}, {row['evaluations']} evaluations)"
+    if stem == "simple_k_subset_cpu":  # relative to the exact gradient's squared norm, at k = 3
+        row = next(r for r in data["rows"] if r["estimator"] == label and r["k"] == 3)
+        return f"{row['relative_variance']:.3g} relative ({TOYS[stem]}, k = 3)"
     run = next(r for r in data["runs"] if r["method"] == label)
     lv = [r["log_variance"] for r in run["rows"]]
     value = sum(lv) / len(lv) if stem == "relax_toy_cpu" else lv[-1]

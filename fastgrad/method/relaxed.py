@@ -159,7 +159,7 @@ class SIMPLE(Method):
     evaluation per sample; O(n k) per row. The objective is ``E[f]`` under the k-subset distribution, not under
     the unconditioned Bernoullis."""
     facts = Facts("Ahmed, Zeng, Niepert & Van den Broeck, ICLR 2023", unbiased=False, evaluations="n",
-                  differentiable_cost=True, objective="E_k[f]",
+                  differentiable_cost=True, objective="E_k[f]", benchmark=("simple_k_subset_cpu", "simple"),
                   takes="Bernoulli(logits) read as the k-subset distribution (exactly k ones in the last dimension)")
 
     accepts = (D.Bernoulli,)
