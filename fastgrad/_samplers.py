@@ -24,7 +24,7 @@ from torch import distributions as D
 
 from . import functional as F
 from .functional._validate import check_n
-from ._tensor import AncestralPlate, Tensor, align, reindex
+from ._tensor import AncestralPlate, Tensor, align, reindex, union_plates
 from .method._base import Draw, Params, Rows, check_n_samples, check_plate_name, step_generation, sum_latents
 from .method.expect import enumerate_draw
 
@@ -134,8 +134,8 @@ class SetSampler:
         if any(p.name == self.plate_name and p is not head for p in t.plates):
             t = reindex(t, head)                                              # parameters of an earlier draw
         conditional = any(p is head for p in t.plates)
-        new = tuple(p for p in t.plates if p is not head and all(q.name != p.name for q in beam.others))
-        others = beam.others + new
+        # the sets split over plates the new parameters bring (a plate name reused with another size: an error)
+        others = union_plates((beam.others, tuple(p for p in t.plates if p is not head)))
         sizes = tuple(p.n for p in others)
         ev = t.event_dims
         raw = align(t, (head,) + others, ev)

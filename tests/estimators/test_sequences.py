@@ -199,6 +199,10 @@ def test_errors_leave_no_state():
     u = storch.method.UnorderedSetEstimator("z", 2, eos=0)
     with pytest.raises(ValueError, match="single categoricals"):
         u(OneHotCategorical(logits=torch.zeros(2, K)))
+    seq = storch.method.UnorderedSetEstimator("z", 2)
+    z = seq(OneHotCategorical(logits=storch.denote_independent(torch.zeros(5, K), 0, "b")))
+    with pytest.raises(ValueError, match="two sizes"):                   # another plate "b", of 3 elements
+        seq(OneHotCategorical(logits=storch.denote_independent(torch.zeros(3, K), 0, "b")))
     other = storch.method.UnorderedSetEstimator("z", 2)
     z = other(OneHotCategorical(logits=torch.zeros(K)))
     with pytest.raises(ValueError, match="already a plate"):
