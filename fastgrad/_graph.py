@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _state
-from ._tensor import CostTensor, IndependentTensor, Plate, Tensor, align, apply, to_heads
+from ._tensor import AncestralPlate, CostTensor, IndependentTensor, Plate, Tensor, align, apply, to_heads
 
 __all__ = ["denote_independent", "add_cost", "backward", "surrogate_loss", "reset", "costs", "gather_samples",
            "variance", "reduce_plates", "NoCostError"]
@@ -107,12 +107,29 @@ def reduce_plates(tensor: Union[Tensor, torch.Tensor], plates: PlatesArg = None,
             tensor = Tensor(tensor, ())
         else:
             raise TypeError(f"tensor must be a fastgrad.Tensor, got {type(tensor).__name__}")
-    todo = _as_plates(tensor, plates)
-    todo.sort(key=lambda p: -p.order)
     t = tensor
-    for p in todo:
+    for p in _reduction_order(_as_plates(tensor, plates)):
         t = _reduce_one(t, p, detach_weights)
     return t
+
+
+def _reduction_order(todo: List[Plate]) -> List[Plate]:
+    """A plate is reduced before every plate its weight varies along (an enumerated plate's weights ``q(c | x)`` vary
+    along the data plate ``x``); among the plates free to go, the newest first. The versions of a sampling sequence
+    count as one plate (a weight on an earlier version varies along the newest once aligned)."""
+    def key(q: Plate) -> object:
+        return ("sequence", id(q.lineage)) if isinstance(q, AncestralPlate) else id(q)
+
+    deps = {id(p): {key(q) for q in (p._weight.plates if p._weight is not None else ()) if key(q) != key(p)}
+            for p in todo}
+    left = sorted(todo, key=lambda p: -p.order)
+    out: List[Plate] = []
+    while left:
+        waiting = set().union(*(deps[id(p)] for p in left))
+        ready = [p for p in left if key(p) not in waiting] or left[:1]  # a cycle cannot come from the graph API
+        out.append(ready[0])
+        left.remove(ready[0])
+    return out
 
 
 def _reduce_one(t: Tensor, p: Plate, detach_weights: bool) -> Tensor:

@@ -139,6 +139,9 @@ def union_plates(plate_lists: Iterable[Tuple[Plate, ...]]) -> Tuple[Plate, ...]:
                     break
                 if q.name == p.name:
                     if isinstance(q, AncestralPlate) and isinstance(p, AncestralPlate):
+                        if q.lineage is not p.lineage:
+                            raise ValueError(f"plate_name {p.name!r} is used by two sampling sequences (two set "
+                                             "methods, or the draws of an earlier step): give each its own plate name")
                         raise ValueError(f"plate {p.name!r}: versions {q.version} and {p.version} of a sampling "
                                          "sequence met unresolved (fastgrad._tensor.resolve_ancestral first)")
                     if q.n != p.n:

@@ -24,7 +24,7 @@ from torch import distributions as D
 
 from . import functional as F
 from .functional._validate import check_n
-from ._tensor import AncestralPlate, Tensor, align, reindex, union_plates
+from ._tensor import AncestralPlate, Tensor, align, reindex, resolve_ancestral, union_plates
 from .method._base import Draw, Params, Rows, check_n_samples, check_plate_name, step_generation, sum_latents
 from .method.expect import enumerate_draw
 
@@ -133,12 +133,15 @@ class SetSampler:
         t = Tensor(cl, params.plates)
         if any(p.name == self.plate_name and p is not head for p in t.plates):
             t = reindex(t, head)                                              # parameters of an earlier draw
-        conditional = any(p is head for p in t.plates)
+        state = [Tensor(x, (head,) + beam.others) for x in (beam.log_p, beam.key, beam.finished) if x is not None]
+        # another sequence that continued since the last draw: the sets follow its sequences (each its own beam)
+        t, *state = resolve_ancestral([t] + state)
         # the sets split over plates the new parameters bring (a plate name reused with another size: an error)
-        others = union_plates((beam.others, tuple(p for p in t.plates if p is not head)))
+        others = union_plates((state[0].plates[1:], tuple(p for p in t.plates if p is not head)))
         sizes = tuple(p.n for p in others)
         ev = t.event_dims
         raw = align(t, (head,) + others, ev)
+        conditional = raw.shape[0] != 1                                       # one conditional per set member
         raw = raw.expand((raw.shape[0],) + sizes + raw.shape[1 + len(others):])
         extra = tuple(raw.shape[1 + len(others):-1])
         R, Dn, K = int(torch.Size(sizes).numel()), int(torch.Size(extra).numel()), raw.shape[-1]
@@ -147,18 +150,18 @@ class SetSampler:
             raise ValueError(f"eos ends sequences of single categoricals: {owner} got {Dn} latents "
                              "per draw")
 
-        def prev(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        def prev(x: Optional[Tensor]) -> Optional[torch.Tensor]:
             if x is None:
                 return None
-            y = align(Tensor(x, (head,) + beam.others), (head,) + others, 0)
-            return y.expand((head.n,) + sizes).reshape(head.n, R)
+            return align(x, (head,) + others, 0).expand((head.n,) + sizes).reshape(head.n, R)
 
-        ext = F.extend_set(prev(beam.log_p), prev(beam.key), logits, k, finished=prev(beam.finished),
-                           eos=self.eos)
+        lp, key = state[0], state[1]
+        fin = state[2] if len(state) > 2 else None
+        ext = F.extend_set(prev(lp), prev(key), logits, k, finished=prev(fin), eos=self.eos)
         n = ext.indices.shape[0]
         plate = AncestralPlate(self.plate_name, n, parent=head)
         plate.selected = Tensor(ext.parent.reshape((n,) + sizes), (plate,) + others)
-        rows = Rows.of(params.distr.__class__, logits[0], sizes, extra)
+        rows = Rows.of(params.distr.__class__, logits[0], sizes, extra, per_member=True)
         member = logits if not conditional else logits.gather(
             0, ext.parent[..., None, None].expand(n, R, Dn, K))
         return rows, ext.log_p, ext.perturbed, ext.finished, member, plate, others, ext.indices

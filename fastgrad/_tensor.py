@@ -43,7 +43,8 @@ def is_tensor(obj: Any) -> bool:
 
 def _gather_step(t: "Tensor", step: AncestralPlate) -> "Tensor":
     """``t`` (on ``step.parent``) as seen by the sequences of ``step``: each element picks its parent's value."""
-    sel = step.selected
+    # other sequences that continued in between: the tensor and the selection at their newest versions
+    t, sel = resolve_ancestral([t, step.selected], skip=step.lineage)
     i = _index_of(t.plates, step.parent)
     extra = tuple(p for p in sel.plates[1:] if _index_of(t.plates, p) < 0)
     src = t.plates + extra
@@ -76,12 +77,13 @@ def reindex(t: "Tensor", new: AncestralPlate) -> "Tensor":
     return t
 
 
-def resolve_ancestral(tensors: Sequence["Tensor"]) -> List["Tensor"]:
-    """The tensors with every ancestral plate at the newest version among them (older versions re-indexed)."""
+def resolve_ancestral(tensors: Sequence["Tensor"], skip: Any = None) -> List["Tensor"]:
+    """The tensors with every ancestral plate at the newest version among them (older versions re-indexed), except
+    the plates of the lineage ``skip``."""
     newest: Dict[int, AncestralPlate] = {}
     for t in tensors:
         for p in t.plates:
-            if isinstance(p, AncestralPlate):
+            if isinstance(p, AncestralPlate) and p.lineage is not skip:
                 q = newest.get(id(p.lineage))
                 if q is None or p.version > q.version:
                     newest[id(p.lineage)] = p
@@ -90,7 +92,7 @@ def resolve_ancestral(tensors: Sequence["Tensor"]) -> List["Tensor"]:
     out = []
     for t in tensors:
         for p in t.plates:
-            if isinstance(p, AncestralPlate) and newest[id(p.lineage)] is not p:
+            if isinstance(p, AncestralPlate) and p.lineage is not skip and newest[id(p.lineage)] is not p:
                 t = reindex(t, newest[id(p.lineage)])
         out.append(t)
     return out

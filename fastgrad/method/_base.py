@@ -16,7 +16,7 @@ from .. import _state
 from .. import functional as F
 from .._graph import reduce_plates
 from ..functional._validate import check_n as check_count
-from .._tensor import Plate, StochasticTensor, Tensor, align, resolve_ancestral, union_plates
+from .._tensor import AncestralPlate, Plate, StochasticTensor, Tensor, align, resolve_ancestral, union_plates
 
 ENUMERABLE = (D.Categorical, D.OneHotCategorical, D.Bernoulli)
 
@@ -218,6 +218,28 @@ class Facts:
     takes: str = ""
 
 
+def stale_versions(sample: StochasticTensor, cost: Tensor) -> Dict[Plate, Plate]:
+    """The sampling-sequence plates the sample was drawn on (given an earlier draw of a sequence) that the cost
+    carries a newer version of: ``{the sample's version: the cost's}``."""
+    out = {}
+    for p in sample.draw_plates[1:]:
+        if isinstance(p, AncestralPlate):
+            newer = next((q for q in cost.plates if isinstance(q, AncestralPlate) and q.lineage is p.lineage
+                          and q.version > p.version), None)
+            if newer is not None:
+                out[p] = newer
+    return out
+
+
+def refuse_stale(method: "Method", stale: Dict[Plate, Plate]) -> None:
+    p = next(iter(stale))
+    raise ValueError(
+        f"{type(method).__name__}({method.plate_name!r}) sampled given draw {p.version} of the sampling sequence on "
+        f"plate {p.name!r}, which continued after it: its estimate per final sequence is supported for ScoreFunction "
+        f"and the pathwise methods. Sample it given the sequence's last draw (its parameters from tensors on the "
+        f"newest plate {p.name!r}), or before the sequence continues and register a cost without the later draws")
+
+
 def aligned_cost(sample: StochasticTensor, cost, detach: bool = True) -> Tuple[Tensor, torch.Tensor]:
     """The cost as the sample sees it: ``cost`` reduced over the plates the sample does not have, then aligned and
     expanded to the sample's plates: ``(reduced cost Tensor, [n, plates...] tensor)``, detached unless asked
@@ -354,6 +376,9 @@ class Method(torch.nn.Module):
         """The term ``backward()`` adds for ``cost`` (a registered cost carrying ``sample``'s plate): 0-dim, value
         zero, its gradient the estimator's. Aligns the cost (:func:`aligned_cost`), calls :meth:`_surrogate` and
         reduces its term (:func:`reduce_term`)."""
+        stale = stale_versions(sample, cost)
+        if stale:
+            refuse_stale(self, stale)
         _, w = aligned_cost(sample, cost, detach=self.detach_cost)
         return reduce_term(sample, self._surrogate(sample, w))
 
@@ -417,12 +442,15 @@ class Rows:
         self.K = logits.shape[-1]
         self.logits = logits.reshape(math.prod(self.pshape), math.prod(self.extra), self.K)
 
+    per_member = False  # the logits are one set member's of per-member conditionals: no log_prob from them
+
     @classmethod
-    def of(cls, kind: type, logits: torch.Tensor, pshape: Tuple[int, ...], extra: Tuple[int, ...]) -> "Rows":
+    def of(cls, kind: type, logits: torch.Tensor, pshape: Tuple[int, ...], extra: Tuple[int, ...],
+           per_member: bool = False) -> "Rows":
         """Rows of ``logits`` ``[R, D, K]`` given directly, over plates of shape ``pshape`` and latents ``extra``."""
         rows = cls.__new__(cls)
         rows.kind, rows.pshape, rows.extra, rows.K = kind, tuple(pshape), tuple(extra), logits.shape[-1]
-        rows.logits = logits
+        rows.logits, rows.per_member = logits, per_member
         return rows
 
     @staticmethod
@@ -444,6 +472,8 @@ class Rows:
 
     def log_prob(self, idx: torch.Tensor) -> torch.Tensor:
         """Joint log-probabilities ``[n, plates...]`` of configurations ``idx`` ``[n, R, D]``, differentiable."""
+        if self.per_member:
+            raise RuntimeError("these rows hold one member's conditional of a sequence: use the draw's log_p")
         lp = F.joint_log_prob(torch.log_softmax(self.logits, -1), idx)
         return lp.view((idx.shape[0],) + self.pshape)
 

@@ -8,8 +8,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from .. import functional as F
-from ._base import (Facts, Method, Params, Tensor, aligned_cost, extra_dims, reduce_plates, reduce_term,
-                    sample_plain, sum_latents)
+from .._tensor import reindex
+from ._base import (Facts, Method, Params, Tensor, align, aligned_cost, extra_dims, reduce_plates, reduce_term,
+                    sample_log_prob, sample_plain, stale_versions, sum_latents)
 from .._samplers import MonteCarlo, SamplingMethod, Weighted
 
 _BASELINES = ("none", "batch_average", "moving_average")
@@ -98,8 +99,29 @@ class ScoreFunction(Method):
         # the baselines see the registered cost (reduced only over the plates the sample lacks, Storchastic's
         # baseline-factory argument; reducing the aligned cost instead would weigh a plate the cost was already
         # reduced over, whose weights need not sum to 1); the term sees it aligned
+        stale = stale_versions(sample, cost)
+        if stale:
+            return self._per_sequence(sample, cost, stale)
         c, w = aligned_cost(sample, cost)
         return reduce_term(sample, self._term(sample, w, self._baseline(sample, c, w)))
+
+    def _per_sequence(self, sample, cost: Tensor, stale) -> torch.Tensor:
+        """A sample drawn given an earlier draw of a sampling sequence, and a cost on a later draw: each final
+        sequence's cost with the score of the sample of its own prefix (``sum_j w_j (c_j - b) grad log p(a_anc(j))``,
+        unbiased: the sample is drawn independently given each prefix)."""
+        lp = Tensor(self._log_prob(sample), sample.draw_plates)
+        for old, new in stale.items():
+            lp = reindex(lp, new)                                        # each final sequence: its prefix's sample
+        others = [p for p in cost.plates if not any(p is q for q in lp.plates)]
+        c = reduce_plates(cost, others) if others else cost
+        w = align(c, lp.plates, 0).detach().expand(lp._tensor.shape)
+        term = F.score_function_surrogate_from_log_prob(lp._tensor, w, self._baseline(sample, c, w))
+        return reduce_plates(Tensor(term - term.detach(), lp.plates), detach_weights=False)._tensor
+
+    def _log_prob(self, sample) -> torch.Tensor:
+        """``log p(z)`` of each element ``[n, plates...]`` (summed over the latents inside one draw)."""
+        state = sample.draw.state
+        return state.log_p if isinstance(state, Weighted) else sample_log_prob(sample)
 
     def _surrogate(self, sample, cost: torch.Tensor) -> torch.Tensor:
         return self._term(sample, cost, self._baseline(sample, Tensor(cost, sample.draw_plates), cost))

@@ -243,3 +243,75 @@ def test_other_methods_take_monte_carlo_only(cls):
         make("z", sampling_method=storch.sampling.UnorderedSet("z", 2))
     with pytest.raises(ValueError, match="should match"):
         make("z", sampling_method=storch.sampling.MonteCarlo("y", 4))
+
+
+def test_a_score_function_sample_given_an_earlier_draw_is_scored_per_final_sequence():
+    """a ~ Normal(mu * z1[0], 1) given the first draw, then the sequence continues: each final sequence's cost pairs
+    with the score of its own prefix's a (unbiased; averaging the cost over the set instead halves the gradient)."""
+    torch.manual_seed(0)
+    reps = 6000
+    mu = torch.zeros(reps, dtype=torch.float64, requires_grad=True)
+    m = storch.method.UnorderedSetEstimator("z", 2, use_baseline=False)
+    x = storch.denote_independent(torch.zeros(reps, 2, dtype=torch.float64), 0, "reps")
+    z1 = m(OneHotCategorical(logits=x))
+    a = storch.method.ScoreFunction("n", n_samples=2, baseline_factory="batch_average")(
+        Normal(storch.Tensor(mu, x.plates) * z1[..., 0], 1.0))
+    z2 = m(OneHotCategorical(logits=torch.zeros(2, dtype=torch.float64)))
+    storch.add_cost(a + z2[..., 0], "f")                                 # E[a] = mu P(z1 = 0) = mu / 2
+    storch.backward()
+    assert_unbiased((mu.grad * reps).view(-1, 1), torch.tensor([0.5], dtype=torch.float64))
+    # a score-based method other than ScoreFunction drawn the same way: a clear error
+    z1 = m(OneHotCategorical(logits=torch.zeros(2)))
+    y = storch.method.UnorderedSetEstimator("y", 2)(OneHotCategorical(logits=z1 * 2))
+    z2 = m(OneHotCategorical(logits=torch.zeros(2)))
+    storch.add_cost(y[..., 0] + 0 * z2[..., 0], "f")
+    with pytest.raises(ValueError, match="continued after it"):
+        storch.backward()
+
+
+def test_an_enumerated_plate_between_two_draws_is_reduced_first_and_exact():
+    """Expect over e given z1, then z2: e's weights vary along the sequence, so e is reduced before it. With k
+    equal to the number of sequences the set estimate is exact: the value and the gradient are the exact ones."""
+    l1 = torch.tensor([0.3, -0.4], dtype=torch.float64, requires_grad=True)
+    m = storch.method.UnorderedSetEstimator("z", 4)
+    z1 = m(OneHotCategorical(logits=l1))                                # both first classes
+    e = storch.method.Expect("e")(torch.distributions.Bernoulli(logits=z1[..., 0] * 2 - 1))
+    z2 = m(OneHotCategorical(logits=torch.tensor([0.5, 0.0], dtype=torch.float64)))  # all 4 sequences
+    storch.add_cost(e * 3.0 + z2[..., 1] + z1[..., 0], "f")
+    value = storch.backward()
+    l = l1.detach().clone().requires_grad_()
+    p1 = torch.softmax(l, -1)
+    exact = 3 * (p1[0] * torch.sigmoid(torch.tensor(1.0)) + p1[1] * torch.sigmoid(torch.tensor(-1.0))) \
+        + torch.softmax(torch.tensor([0.5, 0.0]), -1)[1] + p1[0]
+    exact.backward()
+    assert abs(float(value.detach()) - float(exact.detach())) < 1e-6 and torch.allclose(l1.grad, l.grad, atol=1e-6)
+
+
+def test_conditional_parameters_of_size_one_along_the_plate():
+    m = storch.method.UnorderedSetEstimator("z", 3)
+    z1 = m(OneHotCategorical(logits=torch.zeros(K)))
+    z2 = m(OneHotCategorical(logits=storch.Tensor(torch.zeros(1, K), [z1.plate])))  # the plate, not varying
+    assert z2.shape == (3, K) and z2.plate.version == 1
+    storch.reset()
+
+
+def test_interleaved_sequences_follow_each_other():
+    """b's sets are drawn per member of a; a continues; b continues given both: b's beams follow a's sequences."""
+    torch.manual_seed(0)
+    mA, mB = storch.method.UnorderedSetEstimator("a", 2), storch.method.UnorderedSetEstimator("b", 2)
+    a1 = mA(OneHotCategorical(logits=torch.zeros(K)))
+    b1 = mB(OneHotCategorical(logits=a1 * 1.0))
+    a2 = mA(OneHotCategorical(logits=torch.zeros(K)))
+    b2 = mB(OneHotCategorical(logits=b1 + a2))
+    assert b2.shape == (2, 2, K) and b2.plates[0] is a2.plate and b2.plate.version == 1
+    seq = storch.cat([b1, b2], -1)                                        # on b's and a's newest versions
+    assert {p.version for p in seq.plates} == {1}
+    storch.add_cost((seq * torch.arange(2 * K)).sum(-1), "f")
+    storch.backward()
+
+
+def test_two_set_methods_cannot_share_a_plate_name():
+    z = storch.method.UnorderedSetEstimator("z", 2)(OneHotCategorical(logits=torch.zeros(K)))
+    w = storch.method.UnorderedSetEstimator("z", 2)(OneHotCategorical(logits=torch.zeros(K)))
+    with pytest.raises(ValueError, match="used by two sampling sequences"):
+        z + w
