@@ -6,9 +6,9 @@ it; stochastic beam search over an autoregressive model's sequences), and Storch
 that ``ScoreFunction(sampling_method=...)`` takes (implemented in ``fastgrad._samplers``)."""
 from ._samplers import (Enumerate, GumbelSoftmaxWOR, ImportanceSampling, MAPOSample, MonteCarlo,
                         RaoBlackwellizedSample, SampleWithoutReplacement, SamplingMethod, UnorderedSet)
-from .functional import (BeamSearchResult, SetExtension, enumerate_configurations,  # noqa: F401 (documented there) extend_set, gumbel_softmax,
-                         gumbel_topk, sample_categorical, sample_categorical_one_hot, sample_set,
-                         stochastic_beam_search, top_set)
+from .functional import (BeamSearchResult, SetExtension,  # noqa: F401 (importable here, documented there)
+                         enumerate_configurations, extend_set, gumbel_softmax, gumbel_topk, sample_categorical,
+                         sample_categorical_one_hot, sample_set, stochastic_beam_search, top_set)
 
 __all__ = ["SamplingMethod", "MonteCarlo", "Enumerate", "ImportanceSampling", "SampleWithoutReplacement",
            "UnorderedSet", "GumbelSoftmaxWOR", "RaoBlackwellizedSample", "MAPOSample", "sample_categorical",
