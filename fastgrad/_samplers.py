@@ -11,7 +11,7 @@ draws a weighted sample: values, plate weights ``w_i`` (detached) and the log-pr
 function differentiates, so that ``sum_i w_i (f(z_i) - b) grad log p(z_i)`` is the gradient estimate. The
 estimators named after the set samplers (:class:`~fastgrad.method.ScoreFunctionWOR`,
 :class:`~fastgrad.method.UnorderedSetEstimator`, :class:`~fastgrad.method.RaoBlackwellSF`) add their built-in
-baselines; these give the plain weighted score function.
+baselines; passed to ``ScoreFunction``, these samplers give the weighted score function without those baselines.
 """
 from __future__ import annotations
 
@@ -343,6 +343,9 @@ class RaoBlackwellizedSample(SampleWithoutReplacement):
     ``1 - P``. Over one draw Storchastic sums the ``k - 1`` most probable configurations; here the summed ones are
     sampled (:class:`~fastgrad.method.RaoBlackwellSF` ``summed="sampled"``), which stays unbiased over sequences.
     Unbiased; ``k`` evaluations."""
+
+    def __init__(self, plate_name: str, k: int, eos: Optional[int] = None):
+        super().__init__(plate_name, k, eos=eos)  # Storchastic's constructor: no importance-weight option
 
     def _weights(self, sd) -> torch.Tensor:
         p = sd.log_p.detach()[:-1].exp()

@@ -266,20 +266,27 @@ def extend_set(log_p: torch.Tensor, perturbed: torch.Tensor, logits: torch.Tenso
     """Extend sets of sequences sampled without replacement by one more draw of ``D`` categoricals that may depend
     on the sequence so far: one step of stochastic beam search (Kool, van Hoof & Welling, ICML 2019), so that
     :func:`sample_set` followed by any number of ``extend_set`` calls is exactly a Gumbel-top-k sample of the joint
-    distribution over the whole sequences, never enumerated. The children's Gumbels are truncated to their
-    parent's key (:func:`_truncated_gumbel`); the set keeps the ``k`` largest keys.
+    distribution over the whole sequences, never enumerated. Each child's Gumbel is truncated so that the maximum
+    over a member's children is the member's key; the set keeps the ``k`` largest keys.
+
+    Start from :func:`sample_set`'s ``(indices, log_p, perturbed)`` (with ``eos``: ``finished = indices[..., 0] ==
+    eos``), then pass each call's ``log_p``, ``perturbed`` and ``finished`` to the next. ``indices`` holds the new
+    draw only: the earlier draws of each member are the previous ones gathered along ``parent``
+    (``prev_indices.gather(0, parent[..., None].expand(...))``).
 
     Args:
-        log_p: ``[b, R]`` joint log-probabilities of the ``b`` current members of ``R`` rows (from
-            :func:`sample_set` or a previous call).
+        log_p: ``[b, R]`` joint log-probabilities of the ``b`` current members of ``R`` rows.
         perturbed: ``[b, R]`` their keys (``-inf``: an impossible member, never extended).
         logits: ``[b, R, D, K]`` (the next draw given each member) or ``[1, R, D, K]`` (the same for all).
         k: the set size to keep, >= 1.
-        finished: bool ``[b, R]``: members whose sequence ended; they extend by ``eos`` with probability 1 (their
-            log-probability and key unchanged). eos: the class that ends a sequence (needs ``D = 1``).
+        finished: bool ``[b, R]``, members whose sequence has ended (needs ``eos``).
+        eos: the class that ends a sequence (needs ``D = 1``): a finished member extends by ``eos`` with
+            probability 1, its log-probability and key unchanged.
+        generator, seed, offset: the Philox stream of the Gumbel noise (as every sampler of this module).
 
-    Returns :class:`SetExtension`. Cost: ``O(D b K)`` per row; unbiased estimators over the sequences read its
-    ``log_p`` and ``perturbed`` as they read :func:`sample_set`'s.
+    Returns :class:`SetExtension`. Cost: ``O(D b K)`` per row. The estimators read it as they read
+    :func:`sample_set`'s: pass ``log_p`` and ``perturbed`` to :func:`unordered_set_weights`,
+    :func:`priority_weights`, :func:`unordered_set_surrogate` or :func:`sf_wor_surrogate`.
     """
     if not isinstance(log_p, torch.Tensor) or not isinstance(perturbed, torch.Tensor) or log_p.dim() != 2 \
             or perturbed.shape != log_p.shape:

@@ -251,6 +251,8 @@ class RaoBlackwellSF(SetMethod):
         return sd.draw(rows.value(idx, dtype), weight.to(dtype), state=lp)
 
     def _sampling_method(self, S: Any) -> Any:
+        # the sampler of summed="sampled" (fastgrad's RaoBlackwellizedSample sums sampled members; the top set of
+        # summed="top" has no sampler object)
         return S.RaoBlackwellizedSample(self.plate_name, self.n_samples, eos=self.eos)
 
     def _surrogate(self, sample: StochasticTensor, cost: torch.Tensor) -> torch.Tensor:
