@@ -318,8 +318,9 @@ def test_unordered_set_gumbel_softmax_is_relaxed_and_pathwise():
 def test_methods_refuse_what_they_cannot_enumerate(make):
     with pytest.raises(ValueError, match="enumerable distribution"):
         make()(Normal(torch.zeros(3), torch.ones(3)))
-    with pytest.raises(ValueError, match="exceeds"):                # 3 and 2 configurations, k = 4
-        make()(Categorical(logits=torch.tensor([[0.0, 0.0, 0.0], [0.0, -math.inf, 0.0]])))
+    uneven = storch.denote_independent(torch.tensor([[0.0, 0.0, 0.0], [0.0, -math.inf, 0.0]]), 0, "rows")
+    with pytest.raises(ValueError, match="exceeds"):                # rows of 3 and 2 configurations, k = 4
+        make()(Categorical(logits=uneven))
     assert make()(Categorical(logits=torch.zeros(3))).shape == (3,)  # every row has 3: the set holds them all
     storch.reset()
     # nothing left behind: the next step is a fresh one
