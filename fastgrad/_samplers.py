@@ -123,8 +123,7 @@ class SetSampler:
             rows, lp, key, fin, logits, plate, others, idx = self._extend(params, beam, k, owner)
             continued = True
         fin_view = None if fin is None else fin.reshape((fin.shape[0],) + rows.pshape)
-        self._beam = _Beam(step_generation(), plate, others, rows.plate_view(lp),
-                                       rows.plate_view(key), fin_view)
+        self._beam = _Beam(step_generation(), plate, others, rows.plate_view(lp), rows.plate_view(key), fin_view)
         return SetDraw(idx, lp, key, rows, logits, plate, others, continued)
 
     def _extend(self, params: Params, beam: _Beam, k: int, owner: str):
@@ -169,10 +168,9 @@ class SetSampler:
 
 @dataclass
 class Weighted:
-    """The state of a weighted draw: ``log_p`` ``[n, plates...]`` (differentiable) and which elements carry a score
-    term (``scored`` bool ``[n]``, ``None``: all)."""
+    """The state of a weighted draw: ``log_p`` ``[n, plates...]``, each element's log-probability (differentiable;
+    the joint one over a sequence)."""
     log_p: torch.Tensor
-    scored: Optional[torch.Tensor] = None
 
 
 class SamplingMethod:
@@ -288,10 +286,7 @@ class SampleWithoutReplacement(SamplingMethod):
         sd = self._set(params, owner)
         dtype = sd.rows.logits.dtype
         w = sd.view(self._weights(sd).to(dtype))
-        return sd.draw(sd.rows.value(sd.idx, dtype), w, state=Weighted(sd.view(sd.log_p), self._scored(sd)))
-
-    def _scored(self, sd) -> Optional[torch.Tensor]:
-        return None
+        return sd.draw(sd.rows.value(sd.idx, dtype), w, state=Weighted(sd.view(sd.log_p)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(plate_name={self.plate_name!r}, k={self.k})"

@@ -130,8 +130,7 @@ class ScoreFunction(Method):
         params, idx = sample.params, sample.draw.state  # w: [n, plate dims...]
         npl = len(sample.plates)
         if isinstance(idx, Weighted):  # a sampling method's weighted draw: its log-probabilities, its weights
-            term = F.score_function_surrogate_from_log_prob(idx.log_p, w, baseline)
-            return term if idx.scored is None else term * idx.scored.view((-1,) + (1,) * (term.dim() - 1))
+            return F.score_function_surrogate_from_log_prob(idx.log_p, w, baseline)
         if idx is not None:
             logits = params.logits()
             extra = extra_dims(params, logits, 1)
