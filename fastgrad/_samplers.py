@@ -55,6 +55,30 @@ def _set_size(logits: torch.Tensor, k: int) -> int:
     return int(c.min()) if float(c.min()) == float(c.max()) else k
 
 
+def priority_set_weights(sd: "SetDraw", biased: bool, owner: str) -> torch.Tensor:
+    """A set's priority-sampling weights ``[n, R]`` (Kool, van Hoof & Welling 2019): ``p / q(kappa)`` on the first
+    ``n - 1`` members (divided by their sum when ``biased``), 0 on the n-th, whose key is the threshold ``kappa``."""
+    log_p = sd.log_p.detach()
+    if log_p.shape[0] < 2:
+        raise ValueError(f"{owner} needs 2 sequences or more for its threshold, got {log_p.shape[0]}")
+    iw = F.priority_weights(log_p[:-1], sd.key[-1])
+    if biased:
+        iw = iw / iw.sum(0)
+    return torch.cat([iw, torch.zeros_like(iw[:1])], 0)
+
+
+def check_integration(exact_integration: object, num_int_points: object, k: int) -> Tuple[bool, int]:
+    """The unordered-set ratio's options: ``exact_integration`` (the k! orderings, k <= 7) and ``num_int_points``
+    (>= 2) of the numerical integral."""
+    exact = bool(exact_integration)
+    if exact and k > 7:
+        raise ValueError(f"exact_integration sums over k! orderings: k <= 7, got {k}")
+    points = _check_k(num_int_points, "num_int_points")
+    if points < 2:
+        raise ValueError(f"num_int_points must be >= 2, got {num_int_points}")
+    return exact, points
+
+
 class _Beam(NamedTuple):
     """A set method's sampling sequence in the current step: the newest plate, the plates the sets are batched over
     (``others``), and per member ``[n, others...]`` the joint log-probability (differentiable), the Gumbel key and
@@ -274,13 +298,7 @@ class SampleWithoutReplacement(SamplingMethod):
         return self._sampler.draw(params, self.k, owner)
 
     def _weights(self, sd) -> torch.Tensor:
-        log_p = sd.log_p.detach()
-        if log_p.shape[0] < 2:
-            raise ValueError(f"{type(self).__name__} needs 2 sequences or more, got {log_p.shape[0]}")
-        iw = F.priority_weights(log_p[:-1], sd.key[-1])
-        if self.biased_iw:
-            iw = iw / iw.sum(0)
-        return torch.cat([iw, torch.zeros_like(iw[:1])], 0)
+        return priority_set_weights(sd, self.biased_iw, type(self).__name__)
 
     def _draw(self, params: Params, owner: str) -> Draw:
         sd = self._set(params, owner)
@@ -304,12 +322,7 @@ class UnorderedSet(SampleWithoutReplacement):
                  num_int_points: int = 1000, a: float = 5.0, eos: Optional[int] = None):
         super().__init__(plate_name, k, eos=eos)
         self.comp_leave_two_out = bool(comp_leave_two_out)
-        self.exact_integration = bool(exact_integration)
-        if self.exact_integration and self.k > 7:
-            raise ValueError(f"exact_integration sums over k! orderings: k <= 7, got {self.k}")
-        self.num_int_points = _check_k(num_int_points, "num_int_points")
-        if self.num_int_points < 2:
-            raise ValueError(f"num_int_points must be >= 2, got {num_int_points}")
+        self.exact_integration, self.num_int_points = check_integration(exact_integration, num_int_points, self.k)
         self.a = float(a)
 
     def _weights(self, sd) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import distributions as D
 
 from .. import functional as F
 from .. import _samplers as S
-from .._samplers import SetDraw, SetSampler, _Beam, _check_eos, _check_k
+from .._samplers import SetDraw, SetSampler, _Beam, _check_eos, _check_k, check_integration, priority_set_weights
 from ._base import ENUMERABLE, Draw, Facts, Method, Params, StochasticTensor, TemperatureSchedule
 
 
@@ -95,14 +95,8 @@ class ScoreFunctionWOR(SetMethod):
 
     def _sample(self, params: Params) -> Draw:
         sd = self._draw_set(params, self.k)
-        if sd.idx.shape[0] < 2:
-            raise ValueError(f"ScoreFunctionWOR needs 2 sequences or more for its threshold, got {sd.idx.shape[0]}")
-        log_p = sd.log_p.detach()
-        iw = F.priority_weights(log_p[:-1], sd.key[-1])
-        if self.biased:
-            iw = iw / iw.sum(0)
         dtype = sd.rows.logits.dtype
-        weight = torch.cat([iw, torch.zeros_like(iw[:1])], 0).to(dtype)
+        weight = priority_set_weights(sd, self.biased, "ScoreFunctionWOR").to(dtype)
         return sd.draw(sd.rows.value(sd.idx, dtype), sd.view(weight), state=(sd.view(sd.log_p), sd.view(sd.key)))
 
     def _sampling_method(self, S: Any) -> Any:
@@ -144,12 +138,7 @@ class UnorderedSetEstimator(SetMethod):
         self.use_baseline = bool(use_baseline)
         if self.use_baseline and self.k < 2:
             raise ValueError("UnorderedSetEstimator's baseline leaves one sample out: use_baseline=True needs k >= 2")
-        self.exact_integration = bool(exact_integration)
-        if self.exact_integration and self.k > 7:
-            raise ValueError(f"exact_integration sums over k! orderings: k <= 7, got {self.k}")
-        self.num_int_points = _check_k(num_int_points, "num_int_points")
-        if self.num_int_points < 2:
-            raise ValueError(f"num_int_points must be >= 2, got {num_int_points}")
+        self.exact_integration, self.num_int_points = check_integration(exact_integration, num_int_points, self.k)
         self.a = float(a)
 
     def _sample(self, params: Params) -> Draw:
