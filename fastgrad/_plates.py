@@ -45,7 +45,7 @@ class Plate:
         self.name = name
         self.n = n
         self._weight = weight
-        # creation order: newer plates are reduced first (their weights may vary along older plates)
+        # creation order: among plates free to be reduced, newer ones first (fastgrad._graph._reduction_order)
         self.order = next(Plate._counter)
 
     @property
