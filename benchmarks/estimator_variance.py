@@ -47,6 +47,8 @@ ESTIMATORS = {
     "gumbel-sparsemax": lambda E: M.GumbelSparseMax("z", n_samples=E),
     "reinmax": lambda E: M.ReinMax("z", n_samples=E),
     "gumbel-rao": lambda E: M.GumbelRao("z", n_samples=E),
+    "reinmax-rao": lambda E: M.ReinMaxRao("z", n_samples=E),
+    "reinmax-cv": lambda E: M.ReinMaxCV("z", n_samples=E),
     "gapped-st": lambda E: M.GappedStraightThrough("z", n_samples=E),
     "decoupled-st": lambda E: M.DecoupledStraightThrough("z", n_samples=E, forward_temperature=1.0,
                                                          backward_temperature=0.5),

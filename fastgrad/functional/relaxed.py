@@ -1,9 +1,10 @@
 """Sparse relaxations (sparsemax, alpha-entmax and their Gumbel versions) and the straight-through family beyond
-Gumbel-softmax (ReinMax, Gumbel-Rao, Gapped and Decoupled Straight-Through), IndeCateR's per-variable weights, and
-SIMPLE's exact k-subset sampling and marginals. :mod:`fastgrad.functional` re-exports
-these; the graph API's methods call them."""
+Gumbel-softmax (ReinMax and its Rao-Blackwellized and control-variate variants, Gumbel-Rao, Gapped and Decoupled
+Straight-Through), IndeCateR's per-variable weights, and SIMPLE's exact k-subset sampling and marginals.
+:mod:`fastgrad.functional` re-exports these; the graph API's methods call them."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -178,6 +179,82 @@ def gumbel_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 10, 
     safe = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)).to(acc)
     y = torch.softmax((z + (safe - safe.detach())) / tau, -1).view((m, n) + tuple(logits.shape)).mean(0)
     return (one.to(y.dtype) + (y - y.detach())).to(logits.dtype)
+
+
+def _conditional_softmax_jvp_surrogate(center: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor, tau: float,
+                                       m: int, generator, seed, offset) -> torch.Tensor:
+    """A zero-valued tensor ``[n, ..., K]`` whose Jacobian w.r.t. ``logits`` is the Gumbel-Rao Jacobian
+    ``mean_r J(softmax(z~_r / tau)) / tau`` over ``m`` perturbations ``z~_r = center + G_r`` conditioned on
+    ``argmax z~_r = idx`` (``center`` ``[n, ..., K]`` normalized log-probabilities, one row per sample)."""
+    b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape))
+    with torch.no_grad():
+        z = conditional_gumbel_categorical(center, b, generator=generator, seed=seed, offset=offset)  # [m, n, ..., K]
+        p = torch.softmax(z / tau, -1)
+    safe = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)).to(p.dtype)
+    d = safe - safe.detach()
+    return (p * (d - (p * d).sum(-1, keepdim=True))).mean(0) / tau
+
+
+def reinmax_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 100, *,
+                generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` one-hot categorical samples with the ReinMax-Rao gradient (Wang & Bui 2026, arXiv 2603.08257, "Beyond
+    ReinMax"; formula from the authors' code, ``reinmax_v3``): ReinMax's backward ``2 J(pi_1) - J(pi) / 2``
+    (:func:`reinmax`) with its first Jacobian replaced by a Gumbel-Rao one at the ReinMax midpoint: ``2 J_GR -
+    J(pi) / 2``, ``J_GR = mean_r J(softmax(z~_r / tau)) / tau`` over ``m`` perturbations ``z~_r = log pi_1 + G_r``
+    conditioned on ``argmax z~_r = D`` (:func:`fastgrad.functional.conditional_gumbel_categorical`), ``pi_1 = (pi +
+    D) / 2``, ``pi = softmax(logits)``. The forward value is the exact sample ``D``. Biased (as ReinMax); one cost
+    evaluation per sample, plus ``m`` softmaxes of ``K`` per sample in the backward. The authors use ``tau = 1``.
+    ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; the sample and the conditional noise from the
+    Philox stream (same ``seed``, same samples as :func:`reinmax`)."""
+    logits = check_logits(logits, values=True)
+    tau = check_tau(tau, logits.dtype)
+    n, m = check_n(n), check_n(m, "m")
+    idx, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
+    if seed is not None:  # the conditional noise follows the sampler's on the same stream
+        offset = (offset or 0) + _philox.counters_used(idx.numel())
+    acc = _checks.acc_dtype(logits.dtype)
+    la = logits.to(acc)
+    one = one.to(acc)
+    pi = torch.softmax(la, -1).detach().expand_as(one)
+    gr = _conditional_softmax_jvp_surrogate(torch.log((pi + one) / 2), idx, la, tau, m, generator, seed, offset)
+    grad = 2 * gr - 0.5 * _softmax_jvp_surrogate(pi, la)
+    return (one + grad).to(logits.dtype)
+
+
+def reinmax_cv(logits: torch.Tensor, n: int = 1, tau: float = 1.0, eta: float = 0.7, m: int = 100, *,
+               generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+               offset: Optional[int] = None) -> torch.Tensor:
+    """``n`` one-hot categorical samples with the ReinMax-CV gradient (Wang & Bui 2026, arXiv 2603.08257, "Beyond
+    ReinMax"; formula from the authors' code, ``reinmax_cv``): the sample is Gumbel-max, ``D = onehot(argmax(logits
+    + G))``, and the backward is ReinMax's (at temperature 1) plus ``eta`` times a control variate, the Gumbel-Rao
+    Jacobian minus the Gumbel-softmax one at the same midpoint ``log pi_1``, ``pi_1 = (pi + D) / 2``:
+    ``2 J(pi_1) - J(pi) / 2 + eta (J_GR - J(softmax((log pi_1 + G) / tau)) / tau)``, ``J_GR`` as in
+    :func:`reinmax_rao` over ``m`` conditional perturbations. The authors' code passes the relaxed sample where the
+    Gumbel noise ``G`` is meant; this uses ``G``. Biased (the two Jacobians' difference is not zero-mean: the forward's
+    noise is conditioned at ``logits``, ``J_GR`` at ``log pi_1``); one cost evaluation per sample. ``eta = 0`` is
+    ReinMax at ``tau = 1`` with Gumbel-max samples; the authors' default is ``eta = 0.7``, ``tau = 1``.
+    ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; all noise from the Philox stream."""
+    logits = check_logits(logits, values=True)
+    tau = check_tau(tau, logits.dtype)
+    n, m = check_n(n), check_n(m, "m")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
+        raise ValueError(f"eta must be a finite float, got {eta!r}")
+    acc = _checks.acc_dtype(logits.dtype)
+    la = logits.to(acc)
+    g = _gumbel_like((n,) + tuple(logits.shape), logits.device, generator, seed, offset).to(acc)
+    if seed is not None:
+        offset = (offset or 0) + _philox.counters_used(g.numel())
+    idx = (la.detach() + g).argmax(-1)
+    one = torch.nn.functional.one_hot(idx, logits.shape[-1]).to(acc)
+    pi = torch.softmax(la, -1).detach().expand_as(one)
+    center = torch.log((pi + one) / 2)
+    grad = 2 * _softmax_jvp_surrogate((pi + one) / 2, la) - 0.5 * _softmax_jvp_surrogate(pi, la)
+    if eta:
+        gr = _conditional_softmax_jvp_surrogate(center, idx, la, tau, m, generator, seed, offset)
+        gs = _softmax_jvp_surrogate(torch.softmax((center + g) / tau, -1), la) / tau
+        grad = grad + eta * (gr - gs)
+    return (one + grad).to(logits.dtype)
 
 
 # -- IndeCateR --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from .expect import Expect
 from .gumbel_softmax import GumbelSoftmax
 from .relax import LAX, REBAR, RELAX
 from .relaxed import (SIMPLE, DecoupledStraightThrough, GappedStraightThrough, GumbelEntmax, GumbelRao, GumbelSparseMax,
-                      IndeCateR, ReinMax)
+                      IndeCateR, ReinMax, ReinMaxCV, ReinMaxRao)
 from .infer import Infer
 from .reparameterization import Reparameterization
 from .score_function import ScoreFunction
@@ -17,4 +17,5 @@ from .without_replacement import (GumbelSoftmaxWOR, RaoBlackwellSF, ScoreFunctio
 __all__ = ["Method", "Draw", "Facts", "ScoreFunction", "GumbelSoftmax", "Expect", "Reparameterization", "Infer", "ARM",
            "DisARM", "ARMS", "CARMS", "RELAX", "REBAR", "LAX", "VIMCO", "ScoreFunctionWOR", "UnorderedSetEstimator",
            "RaoBlackwellSF", "UnorderedSetGumbelSoftmax", "GumbelSoftmaxWOR", "GumbelEntmax", "GumbelSparseMax",
-           "ReinMax", "GumbelRao", "IndeCateR", "SIMPLE", "GappedStraightThrough", "DecoupledStraightThrough", "DoubleCV", "RODEO", "SteinControl"]
+           "ReinMax", "ReinMaxRao", "ReinMaxCV", "GumbelRao", "IndeCateR", "SIMPLE", "GappedStraightThrough",
+           "DecoupledStraightThrough", "DoubleCV", "RODEO", "SteinControl"]

@@ -1,7 +1,8 @@
-"""Pathwise estimators beyond Gumbel-softmax: Gumbel-entmax and Gumbel-sparsemax (sparse relaxations), ReinMax and
-Gumbel-Rao (straight-through with better backward passes), IndeCateR (per-variable exact sums) and SIMPLE (k-subsets).
-The math is in :mod:`fastgrad.functional` (``gumbel_entmax``, ``reinmax``, ``gumbel_rao``, ``indecater_weights``,
-``simple``)."""
+"""Pathwise estimators beyond Gumbel-softmax: Gumbel-entmax and Gumbel-sparsemax (sparse relaxations), ReinMax (with
+its Rao-Blackwellized and control-variate variants), Gumbel-Rao, Gapped and Decoupled Straight-Through
+(straight-through with better backward passes), IndeCateR (per-variable exact sums) and SIMPLE (k-subsets). The math
+is in :mod:`fastgrad.functional` (``gumbel_entmax``, ``reinmax``, ``reinmax_rao``, ``reinmax_cv``, ``gumbel_rao``,
+``gapped_straight_through``, ``decoupled_straight_through``, ``indecater_weights``, ``simple``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -93,6 +94,56 @@ class ReinMax(Method):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", temperature={self.temperature}"
+
+
+class ReinMaxRao(Method):
+    """ReinMax-Rao (Wang & Bui 2026, arXiv 2603.08257, "Beyond ReinMax"): ReinMax with its first Jacobian
+    Rao-Blackwellized over ``conditional_samples`` Gumbels conditioned on the sample at ReinMax's midpoint
+    ``(pi + D) / 2``; math in :func:`fastgrad.functional.reinmax_rao`. Biased; one cost evaluation per sample;
+    OneHotCategorical and Bernoulli. ``temperature``: the conditional Gumbel-softmax's (the authors use 1)."""
+    facts = Facts("Wang & Bui, 2026 (arXiv 2603.08257)", unbiased=False, evaluations="n", differentiable_cost=True,
+                  benchmark=("estimator_variance_reinmax_cpu", "reinmax-rao"))
+
+    accepts = (D.OneHotCategorical, D.Bernoulli)
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
+                 conditional_samples: int = 100):
+        super().__init__(plate_name, monte_carlo_samples(sampling_method, plate_name, n_samples))
+        self.temperature = check_temperature("temperature", temperature)
+        self.conditional_samples = check_n(conditional_samples, "conditional_samples")
+
+    def _sample(self, params: Params) -> Draw:
+        logits, back = _one_hot_logits(params)
+        y = F.reinmax_rao(logits, self.n_samples, self.temperature, self.conditional_samples)
+        return Draw(back(y), self.n_samples)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", temperature={self.temperature}, " \
+                                      f"conditional_samples={self.conditional_samples}"
+
+
+class ReinMaxCV(ReinMaxRao):
+    """ReinMax-CV (Wang & Bui 2026, arXiv 2603.08257, "Beyond ReinMax"): Gumbel-max samples, ReinMax's backward plus
+    ``eta`` times the difference of the Gumbel-Rao and the Gumbel-softmax Jacobians at ReinMax's midpoint; math in
+    :func:`fastgrad.functional.reinmax_cv`. Biased; one cost evaluation per sample; OneHotCategorical and
+    Bernoulli. ``temperature``: the control variate's (the ReinMax part runs at 1, as the authors'); ``eta = 0`` is
+    ReinMax."""
+    facts = Facts("Wang & Bui, 2026 (arXiv 2603.08257)", unbiased=False, evaluations="n", differentiable_cost=True,
+                  benchmark=("estimator_variance_reinmax_cpu", "reinmax-cv"))
+
+    def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
+                 eta: float = 0.7, conditional_samples: int = 100):
+        super().__init__(plate_name, sampling_method, n_samples, temperature, conditional_samples)
+        self.eta = eta
+        F.reinmax_cv(torch.zeros(2), 1, self.temperature, eta, 1, seed=0)  # validate eta now
+
+    def _sample(self, params: Params) -> Draw:
+        logits, back = _one_hot_logits(params)
+        y = F.reinmax_cv(logits, self.n_samples, self.temperature, self.eta, self.conditional_samples)
+        return Draw(back(y), self.n_samples)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eta={self.eta}"
 
 
 class GumbelRao(Method):
