@@ -31,6 +31,7 @@ FAMILY_TITLES = {
 TOYS = {  # short names; docs/estimators/index.md says what each toy is
     "estimator_variance_cpu": "seed VAE",
     "estimator_variance_st_cpu": "seed VAE",
+    "estimator_variance_reinmax_cpu": "seed VAE",
     "estimator_variance_carms_cpu": "seed VAE",
     "relax_toy_cpu": "RELAX toy",
     "double_cv_toy_cpu": "200-bit toy",
