@@ -57,7 +57,9 @@ def f_normal(z):
 
 RSAMPLE = tuple(c for c in ESTIMATORS if "rsample" in c.facts.takes)  # a continuous toy for these
 EXTRA = {M.RELAX: dict(in_dim=3), M.LAX: dict(in_dim=3),  # a control variate network (no default)
-         M.SIMPLE: dict(k=2)}  # 2 ones among the 3 Bernoulli latents
+         M.SIMPLE: dict(k=2),  # 2 ones among the 3 Bernoulli latents
+         # fewer conditional Gumbels than the default 100: the facts do not depend on it, the run time does
+         M.ReinMaxRao: dict(conditional_samples=10), M.ReinMaxCV: dict(conditional_samples=10)}
 
 
 def toy(cls):
