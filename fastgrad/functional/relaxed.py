@@ -170,22 +170,20 @@ def gumbel_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 10, 
     idx, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
     if seed is not None:  # the conditional noise follows the sampler's on the same stream
         offset = (offset or 0) + _philox.counters_used(idx.numel())
-    b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape)).reshape((m * n,) + tuple(idx.shape[1:]))
-    with torch.no_grad():
-        z = conditional_gumbel_categorical(logits, b, generator=generator, seed=seed, offset=offset)  # [m n, ..., K]
-    # the straight-through Jacobian is that of softmax((logits + G) / tau) with the noise G held fixed, at the
-    # conditional draws (not the derivative of the conditional sampler, which is REBAR's)
-    acc = z.dtype
-    safe = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)).to(acc)
-    y = torch.softmax((z + (safe - safe.detach())) / tau, -1).view((m, n) + tuple(logits.shape)).mean(0)
-    return (one.to(y.dtype) + (y - y.detach())).to(logits.dtype)
+    acc = _checks.acc_dtype(logits.dtype)
+    la = logits.to(acc)
+    center = torch.log_softmax(la.detach(), -1).expand(one.shape)
+    grad = _conditional_softmax_jvp_surrogate(center, idx, la, tau, m, generator, seed, offset)
+    return (one.to(acc) + grad).to(logits.dtype)
 
 
 def _conditional_softmax_jvp_surrogate(center: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor, tau: float,
                                        m: int, generator, seed, offset) -> torch.Tensor:
     """A zero-valued tensor ``[n, ..., K]`` whose Jacobian w.r.t. ``logits`` is the Gumbel-Rao Jacobian
     ``mean_r J(softmax(z~_r / tau)) / tau`` over ``m`` perturbations ``z~_r = center + G_r`` conditioned on
-    ``argmax z~_r = idx`` (``center`` ``[n, ..., K]`` normalized log-probabilities, one row per sample)."""
+    ``argmax z~_r = idx`` (``center`` ``[n, ..., K]`` normalized log-probabilities, one row per sample). The
+    straight-through Jacobian of ``softmax((logits + G) / tau)`` with the noise held fixed at the conditional draws,
+    not the derivative of the conditional sampler (which is REBAR's)."""
     b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape))
     with torch.no_grad():
         z = conditional_gumbel_categorical(center, b, generator=generator, seed=seed, offset=offset)  # [m, n, ..., K]
