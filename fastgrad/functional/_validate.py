@@ -80,6 +80,15 @@ def logits_from(logits: Optional[torch.Tensor], probs: Optional[torch.Tensor]) -
     return logits
 
 
+def check_finite_float(v: object, name: str) -> float:
+    """A finite real number (a Python or numpy scalar, or a one-element real tensor), as a float."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite float, got {v!r}")
+    return float(v)
+
+
 def check_tau(tau: object, dtype: torch.dtype) -> Union[float, torch.Tensor]:
     """A positive float; or a one-element tensor (returned as a 0-dim tensor when it requires grad: a learned
     temperature, as RELAX trains)."""

@@ -4,13 +4,12 @@ Straight-Through), IndeCateR's per-variable weights, and SIMPLE's exact k-subset
 :mod:`fastgrad.functional` re-exports these; the graph API's methods call them."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from ..ops import _checks, _philox
-from ._validate import check_alpha, check_logits, check_n, check_real, check_tau
+from ._validate import check_alpha, check_finite_float, check_logits, check_n, check_real, check_tau
 from .sampling import conditional_gumbel_categorical, sample_categorical_one_hot, uniform
 
 
@@ -201,8 +200,10 @@ def reinmax_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 100
     (:func:`reinmax`) with its first Jacobian replaced by a Gumbel-Rao one at the ReinMax midpoint: ``2 J_GR -
     J(pi) / 2``, ``J_GR = mean_r J(softmax(z~_r / tau)) / tau`` over ``m`` perturbations ``z~_r = log pi_1 + G_r``
     conditioned on ``argmax z~_r = D`` (:func:`fastgrad.functional.conditional_gumbel_categorical`), ``pi_1 = (pi +
-    D) / 2``, ``pi = softmax(logits)``. The forward value is the exact sample ``D``. Biased (as ReinMax); one cost
-    evaluation per sample, plus ``m`` softmaxes of ``K`` per sample in the backward. The authors use ``tau = 1``.
+    D) / 2``, ``pi = softmax(logits)``. The forward value is the exact sample ``D``. Biased (as ReinMax, and the
+    averaging moves its mean: it is not ReinMax's); one cost evaluation per sample, plus ``m`` softmaxes of ``K`` per
+    sample, computed in the forward and kept for the backward (``m`` times a sample's memory). The authors use
+    ``tau = 1``.
     ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; the sample and the conditional noise from the
     Philox stream (same ``seed``, same samples as :func:`reinmax`)."""
     logits = check_logits(logits, values=True)
@@ -228,16 +229,18 @@ def reinmax_cv(logits: torch.Tensor, n: int = 1, tau: float = 1.0, eta: float = 
     + G))``, and the backward is ReinMax's (at temperature 1) plus ``eta`` times a control variate, the Gumbel-Rao
     Jacobian minus the Gumbel-softmax one at the same midpoint ``log pi_1``, ``pi_1 = (pi + D) / 2``:
     ``2 J(pi_1) - J(pi) / 2 + eta (J_GR - J(softmax((log pi_1 + G) / tau)) / tau)``, ``J_GR`` as in
-    :func:`reinmax_rao` over ``m`` conditional perturbations. The authors' code passes the relaxed sample where the
-    Gumbel noise ``G`` is meant; this uses ``G``. Biased (the two Jacobians' difference is not zero-mean: the forward's
-    noise is conditioned at ``logits``, ``J_GR`` at ``log pi_1``); one cost evaluation per sample. ``eta = 0`` is
-    ReinMax at ``tau = 1`` with Gumbel-max samples; the authors' default is ``eta = 0.7``, ``tau = 1``.
-    ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; all noise from the Philox stream."""
+    :func:`reinmax_rao` over ``m`` conditional perturbations. Two departures from the authors' code: it passes the
+    relaxed sample where the Gumbel noise ``G`` is meant (this uses ``G``), and it divides by ``tau`` only outside
+    the Gumbel-softmax term's softmax (this takes that term's true Jacobian, built as ``J_GR`` is; the same at the
+    authors' ``tau = 1``). Biased: the control variate is not zero-mean (the forward's noise is conditioned at
+    ``logits``, ``J_GR`` at ``log pi_1``), and ReinMax is biased. One cost evaluation per sample; memory as
+    :func:`reinmax_rao`'s. ``eta = 0`` is ReinMax at ``tau = 1`` with Gumbel-max samples; the authors' default is
+    ``eta = 0.7``, ``tau = 1``. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; all noise from the
+    Philox stream."""
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
     n, m = check_n(n), check_n(m, "m")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-        raise ValueError(f"eta must be a finite float, got {eta!r}")
+    eta = check_finite_float(eta, "eta")
     acc = _checks.acc_dtype(logits.dtype)
     la = logits.to(acc)
     g = _gumbel_like((n,) + tuple(logits.shape), logits.device, generator, seed, offset).to(acc)

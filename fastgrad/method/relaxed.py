@@ -11,7 +11,7 @@ import torch
 from torch import distributions as D
 
 from .. import functional as F
-from ..functional._validate import check_alpha, check_n
+from ..functional._validate import check_alpha, check_finite_float, check_n
 from ._base import Draw, Facts, Method, Params, Rows, TemperatureSchedule, check_temperature, monte_carlo_samples
 
 
@@ -134,8 +134,7 @@ class ReinMaxCV(ReinMaxRao):
     def __init__(self, plate_name: str, sampling_method: Any = None, n_samples: int = 1, temperature: float = 1.0,
                  eta: float = 0.7, conditional_samples: int = 100):
         super().__init__(plate_name, sampling_method, n_samples, temperature, conditional_samples)
-        self.eta = eta
-        F.reinmax_cv(torch.zeros(2), 1, self.temperature, eta, 1, seed=0)  # validate eta now
+        self.eta = check_finite_float(eta, "eta")
 
     def _sample(self, params: Params) -> Draw:
         logits, back = _one_hot_logits(params)

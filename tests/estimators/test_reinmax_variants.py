@@ -167,3 +167,60 @@ def test_bad_input():
         M.ReinMaxCV("z", conditional_samples=0)
     with pytest.raises(ValueError, match="OneHotCategorical or Bernoulli"):
         M.ReinMaxRao("z")(D.Categorical(logits=torch.zeros(3)))
+
+
+@pytest.mark.parametrize("which", ["rao", "cv"])
+@pytest.mark.parametrize("family", ["onehot", "bernoulli"])
+def test_methods_compute_the_functional_forms(which, family):
+    # the graph API's gradient equals the functional form's with the method's arguments, from the same seed (a
+    # swapped eta and temperature, or a dropped conditional_samples, changes it)
+    import fastgrad as storch
+    kw = dict(n_samples=2, temperature=0.8, conditional_samples=5, **({"eta": 1.5} if which == "cv" else {}))
+    cls, fn = (M.ReinMaxRao, lambda l: F.reinmax_rao(l, 2, 0.8, 5)) if which == "rao" else \
+        (M.ReinMaxCV, lambda l: F.reinmax_cv(l, 2, 0.8, 1.5, 5))
+    if family == "onehot":
+        init = torch.tensor([[0.3, -0.2, 0.5], [0.0, 0.4, -0.3]])
+        dist, to_logits, from_one_hot = D.OneHotCategorical, (lambda t: t), (lambda y: y)
+        target = torch.tensor([0.2, -0.1, 0.7])
+    else:
+        init = torch.tensor([0.3, -0.6, 0.1])
+        dist, from_one_hot = D.Bernoulli, (lambda y: y[..., 1])
+        to_logits = lambda t: torch.stack([torch.zeros_like(t), t], -1)  # noqa: E731
+        target = torch.tensor(0.3)
+
+    def cost(z):  # [n, ...latents] -> [n]
+        c = (((z - target) ** 2) * (1 + torch.arange(z.shape[-1]))).sum(-1)
+        return c.sum(-1) if family == "onehot" else c
+
+    theta = init.clone().requires_grad_()
+    torch.manual_seed(0)
+    z = cls("z", **kw)(dist(logits=theta))
+    storch.add_cost(cost(z), "c")
+    storch.backward()
+    theta2 = init.clone().requires_grad_()
+    torch.manual_seed(0)
+    cost(from_one_hot(fn(to_logits(theta2)))).mean(0).backward()
+    torch.testing.assert_close(theta.grad, theta2.grad)
+    assert float(theta.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", [F.reinmax_rao, F.reinmax_cv], ids=["rao", "cv"])
+def test_half_precision_logits(fn, dtype):
+    # the math runs in float32: the same samples as float32 logits of the same values, the input's dtype out
+    base = torch.randn(6, 5).to(dtype)
+    lo = base.clone().requires_grad_()
+    y = fn(lo, 3, seed=2, m=4)
+    y32 = fn(base.float(), 3, seed=2, m=4)
+    assert y.dtype == dtype and torch.equal(y.detach().float(), y32)
+    (g,) = torch.autograd.grad((y.float() * torch.randn(3, 6, 5)).sum(), lo)
+    assert g.dtype == dtype and bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
+
+
+def test_eta_takes_any_real_scalar():
+    import numpy as np
+    assert M.ReinMaxCV("z", eta=torch.tensor(0.5)).eta == 0.5 and M.ReinMaxCV("z", eta=np.float32(2)).eta == 2.0
+    with pytest.raises(ValueError, match="eta must"):
+        M.ReinMaxCV("z", eta=torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="eta must"):
+        M.ReinMaxCV("z", eta=True)
