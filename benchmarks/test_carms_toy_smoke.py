@@ -13,4 +13,5 @@ def test_carms_toy_smoke(tmp_path):
         assert set(row["estimators"]) == {"CARMS", "LOORF", "UNORD"}
         for e in row["estimators"].values():
             assert len(e["log_variance"]) == 9 and e["max_z_vs_exact"] < 4.5  # 9 logits each, unbiased
-        assert row["estimators"]["CARMS"]["median"] < row["estimators"]["LOORF"]["median"]
+        e = row["estimators"]
+        assert e["CARMS"]["median"] < min(e["LOORF"]["median"], e["UNORD"]["median"])
