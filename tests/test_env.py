@@ -36,13 +36,25 @@ def test_python_m_fastgrad_says_what_runs():
     default = [line for line in lines if line.startswith("default: ")]
     assert len(default) == 1 and default[0][len("default: "):] in {b for b, s in status.items() if s == "available"}
     assert "default: reference" in _main(FASTGRAD_BACKEND="reference")
-    # the LM head's measured choices on this CPU (cpu_bf16_plan, cpu_gemm_rows_independent)
-    from fastgrad.ops._lm_head import cpu_bf16_plan, cpu_gemm_rows_independent
+    # the LM head's choices on this CPU, measured in that process (cpu_bf16_plan): they follow the rule from the
+    # speeds it prints (this process's own measurement may fall on the other side of a threshold: CI saw 1.08x
+    # there against more than 1.11x here)
+    from fastgrad.ops._lm_head import BF16_MIN_SPEEDUP, BF32_MIN_SPEEDUP, cpu_gemm_rows_independent
 
-    plan = cpu_bf16_plan()
     bf16 = [line for line in lines if line.startswith("bf16 LM head on this cpu: ")]
-    assert len(bf16) == 1 and f"logits GEMM {plan['logits']}" in bf16[0]
-    assert ("bf16 GEMMs for the gradients" in bf16[0]) == (plan["grads"] == "bf16")
+    assert len(bf16) == 1, lines
+    m = re.search(r"logits GEMM (bf32|fp32) with fp32 output \(measured bf16/fp32 GEMM speed ([0-9.]+|inf)x, oneDNN "
+                  r"bf16 arithmetic on fp32 ([0-9.]+|inf)x", bf16[0])
+    assert m, bf16[0]
+    logits, speed, bf32 = m.group(1), float(m.group(2)), float(m.group(3))
+    grads = "bf16 GEMMs for the gradients" in bf16[0]
+    force = os.environ.get("FASTGRAD_CPU_BF16", "auto")
+    if force != "auto":
+        assert grads == (force == "bf16"), bf16[0]
+    elif abs(speed - BF16_MIN_SPEEDUP) > 0.005:  # printed to 2 decimals: at the threshold either way is right
+        assert grads == (speed >= BF16_MIN_SPEEDUP), bf16[0]
+    if abs(bf32 - BF32_MIN_SPEEDUP) > 0.005:
+        assert (logits == "bf32") == (grads and bf32 > BF32_MIN_SPEEDUP), bf16[0]
     rows = [line for line in lines if line.startswith("LM-head log-probs on this cpu: ")]
     assert len(rows) == 1 and ("bit for bit" in rows[0]) == cpu_gemm_rows_independent()
 

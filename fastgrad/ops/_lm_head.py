@@ -108,6 +108,8 @@ def _vocab_blocks(weight: torch.Tensor) -> List[Tuple[int, int]]:
 
 
 _CPU_BF16_PLAN: dict = {}
+BF16_MIN_SPEEDUP = 1.3  # bf16 gradient GEMMs where a bf16 mm is at least this much faster than fp32
+BF32_MIN_SPEEDUP = 1 / 0.9  # oneDNN's bf16 arithmetic for the logits GEMM where it is at least this much faster
 
 
 def cpu_bf16_plan() -> dict:
@@ -156,8 +158,8 @@ def cpu_bf16_plan() -> dict:
         finally:
             mk.fp32_precision = prev
     speedup = t32 / t16
-    grads = force if force != "auto" else ("bf16" if speedup >= 1.3 else "fp32")
-    logits = "bf32" if (grads == "bf16" and tb32 < 0.9 * t32) else "fp32"
+    grads = force if force != "auto" else ("bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32")
+    logits = "bf32" if (grads == "bf16" and t32 / tb32 > BF32_MIN_SPEEDUP) else "fp32"
     _CPU_BF16_PLAN.update(grads=grads, logits=logits, speedup=round(speedup, 2), bf32_speedup=round(t32 / tb32, 2))
     return _CPU_BF16_PLAN
 
