@@ -1,5 +1,5 @@
 """Sparse relaxations (sparsemax, alpha-entmax and their Gumbel versions) and the straight-through family beyond
-Gumbel-softmax (ReinMax and its Rao-Blackwellized and control-variate variants, Gumbel-Rao, Gapped and Decoupled
+Gumbel-softmax (ReinMax and its Gumbel-Rao-averaged and control-variate variants, Gumbel-Rao, Gapped and Decoupled
 Straight-Through), IndeCateR's per-variable weights, and SIMPLE's exact k-subset sampling and marginals.
 :mod:`fastgrad.functional` re-exports these; the graph API's methods call them."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Pathwise estimators beyond Gumbel-softmax: Gumbel-entmax and Gumbel-sparsemax (sparse relaxations), ReinMax (with
-its Rao-Blackwellized and control-variate variants), Gumbel-Rao, Gapped and Decoupled Straight-Through
+its Gumbel-Rao-averaged and control-variate variants), Gumbel-Rao, Gapped and Decoupled Straight-Through
 (straight-through with better backward passes), IndeCateR (per-variable exact sums) and SIMPLE (k-subsets). The math
 is in :mod:`fastgrad.functional` (``gumbel_entmax``, ``reinmax``, ``reinmax_rao``, ``reinmax_cv``, ``gumbel_rao``,
 ``gapped_straight_through``, ``decoupled_straight_through``, ``indecater_weights``, ``simple``)."""
@@ -97,10 +97,12 @@ class ReinMax(Method):
 
 
 class ReinMaxRao(Method):
-    """ReinMax-Rao (Wang & Bui 2026, arXiv 2603.08257, "Beyond ReinMax"): ReinMax with its first Jacobian
-    Rao-Blackwellized over ``conditional_samples`` Gumbels conditioned on the sample at ReinMax's midpoint
-    ``(pi + D) / 2``; math in :func:`fastgrad.functional.reinmax_rao`. Biased; one cost evaluation per sample;
-    OneHotCategorical and Bernoulli. ``temperature``: the conditional Gumbel-softmax's (the authors use 1)."""
+    """ReinMax-Rao (Wang & Bui 2026, arXiv 2603.08257, "Beyond ReinMax"): ReinMax with its first Jacobian replaced
+    by a Gumbel-Rao average over ``conditional_samples`` Gumbels conditioned on the sample, at the midpoint
+    ``(pi + D) / 2`` (which changes its expected gradient: not a Rao-Blackwellization of ReinMax); math in
+    :func:`fastgrad.functional.reinmax_rao`. Biased; one cost evaluation per sample; OneHotCategorical and
+    Bernoulli. ``temperature``: the conditional Gumbel-softmax's (the authors use 1); unlike :class:`ReinMax`'s, it
+    does not enter the midpoint."""
     facts = Facts("Wang & Bui, 2026 (arXiv 2603.08257)", unbiased=False, evaluations="n", differentiable_cost=True,
                   benchmark=("estimator_variance_reinmax_cpu", "reinmax-rao"))
 
@@ -127,7 +129,7 @@ class ReinMaxCV(ReinMaxRao):
     ``eta`` times the difference of the Gumbel-Rao and the Gumbel-softmax Jacobians at ReinMax's midpoint; math in
     :func:`fastgrad.functional.reinmax_cv`. Biased; one cost evaluation per sample; OneHotCategorical and
     Bernoulli. ``temperature``: the control variate's (the ReinMax part runs at 1, as the authors'); ``eta = 0`` is
-    ReinMax."""
+    ``ReinMax(temperature=1)`` with Gumbel-max samples (other samples than ReinMax's for the same seed)."""
     facts = Facts("Wang & Bui, 2026 (arXiv 2603.08257)", unbiased=False, evaluations="n", differentiable_cost=True,
                   benchmark=("estimator_variance_reinmax_cpu", "reinmax-cv"))
 
