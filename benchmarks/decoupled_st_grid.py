@@ -5,9 +5,9 @@ gradient on the seed VAE (Shah et al. 2024, arXiv 2410.13331, whose first versio
 
 The protocol of ``estimator_variance.py`` (its checkpoints, batch, 100 estimates per configuration, the gradient
 carried to the encoder's logits), with one row per ``(forward_temperature, backward_temperature)`` named
-``decoupled-st tf=.. tb=..`` and straight-through Gumbel-softmax at temperature 1 for scale. The paper's figures were not
-available to us; a third-party summary of its first version states that raising the backward temperature lowers both
-bias and variance and raising the forward one raises both: the JSON is what fastgrad measures of that.
+``decoupled-st tf=.. tb=..`` and straight-through Gumbel-softmax at temperature 1 for scale. The paper's figures
+were not available to us; a third-party summary of its first version states that raising the backward temperature
+lowers both bias and variance and raising the forward one raises both: the JSON is what fastgrad measures of that.
 """
 from __future__ import annotations
 

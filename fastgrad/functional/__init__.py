@@ -30,8 +30,8 @@ from .relax import (relax_bernoulli_sample, bernoulli_log_prob, relax_surrogate_
 from .vimco import vimco_surrogate
 from .double_cv import (double_cv_parts, double_cv_surrogate, rodeo_surrogate)
 from .relaxed import (entmax, sparsemax, gumbel_entmax, reinmax, reinmax_rao, reinmax_cv, gumbel_rao,
-                      indecater_samples, indecater_weights, indecater_surrogate, k_subset_marginals, k_subset_sample, simple, gapped_straight_through,
-                      decoupled_straight_through)
+                      indecater_samples, indecater_weights, indecater_surrogate, k_subset_marginals, k_subset_sample,
+                      simple, gapped_straight_through, decoupled_straight_through)
 from .without_replacement import (sample_set, extend_set, SetExtension, top_set, joint_log_prob,
                                   unordered_set_log_ratios,
                                   unordered_set_weights, unordered_set_surrogate, priority_weights, sf_wor_surrogate,

@@ -197,15 +197,15 @@ def reinmax_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 100
                 offset: Optional[int] = None) -> torch.Tensor:
     """``n`` one-hot categorical samples with the ReinMax-Rao gradient (Wang & Bui 2026, arXiv 2603.08257, "Beyond
     ReinMax"; formula from the authors' code, ``reinmax_v3``): ReinMax's backward ``2 J(pi_1) - J(pi) / 2``
-    (:func:`reinmax`) with its first Jacobian replaced by a Gumbel-Rao one at the ReinMax midpoint: ``2 J_GR -
-    J(pi) / 2``, ``J_GR = mean_r J(softmax(z~_r / tau)) / tau`` over ``m`` perturbations ``z~_r = log pi_1 + G_r``
-    conditioned on ``argmax z~_r = D`` (:func:`fastgrad.functional.conditional_gumbel_categorical`), ``pi_1 = (pi +
-    D) / 2``, ``pi = softmax(logits)``. The forward value is the exact sample ``D``. Biased (as ReinMax, and the
-    averaging moves its mean: it is not ReinMax's); one cost evaluation per sample, plus ``m`` softmaxes of ``K`` per
-    sample, computed in the forward and kept for the backward (``m`` times a sample's memory). The authors use
-    ``tau = 1``.
-    ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; the sample and the conditional noise from the
-    Philox stream (same ``seed``, same samples as :func:`reinmax`)."""
+    (:func:`reinmax` at temperature 1) with its first Jacobian replaced by a Gumbel-Rao one at its midpoint:
+    ``2 J_GR - J(pi) / 2``, ``J_GR = mean_r J(softmax(z~_r / tau)) / tau`` over ``m`` perturbations
+    ``z~_r = log pi_1 + G_r`` conditioned on ``argmax z~_r = D``
+    (:func:`fastgrad.functional.conditional_gumbel_categorical`), ``pi_1 = (pi + D) / 2``, ``pi = softmax(logits)``
+    (``tau`` does not enter ``pi_1``, unlike in :func:`reinmax`). The forward value is the exact sample ``D``.
+    Biased (as ReinMax, and the averaging moves its mean: it is not ReinMax's); one cost evaluation per sample, plus
+    ``m`` softmaxes of ``K`` per sample, computed in the forward and kept for the backward (``m`` times a sample's
+    memory). The authors use ``tau = 1``. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; the
+    sample and the conditional noise from the Philox stream (same ``seed``, same samples as :func:`reinmax`)."""
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
     n, m = check_n(n), check_n(m, "m")
