@@ -134,6 +134,22 @@ def _softmax_jvp_surrogate(pi: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     return pi * (d - (pi * d).sum(-1, keepdim=True))
 
 
+def _heun_surrogate(first: torch.Tensor, pi0: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """ReinMax's combination ``2 J_1 - J(pi_0) / 2`` as a zero-valued surrogate: ``first`` the surrogate of the
+    first Jacobian (``J(pi_1)`` for ReinMax, the Gumbel-Rao one for ReinMax-Rao), ``pi0`` ``softmax(logits)``
+    broadcast to its shape."""
+    return 2 * first - 0.5 * _softmax_jvp_surrogate(pi0, logits)
+
+
+def _sample_then_offset(logits: torch.Tensor, n: int, generator, seed, offset):
+    """An exact one-hot sample ``(idx, one)`` and the offset at which noise drawn after it on the same Philox
+    stream starts (the conditional Gumbels of Gumbel-Rao and ReinMax-Rao; unchanged without a seed)."""
+    idx, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
+    if seed is not None:
+        offset = (offset or 0) + _philox.counters_used(idx.numel())
+    return idx, one, offset
+
+
 def reinmax(logits: torch.Tensor, n: int = 1, tau: float = 1.0, *, generator: Optional[torch.Generator] = None,
             seed: Optional[int] = None, offset: Optional[int] = None) -> torch.Tensor:
     """``n`` one-hot categorical samples with the ReinMax gradient (Liu, Dong, Liu, Yu & Gao, NeurIPS 2023,
@@ -150,7 +166,7 @@ def reinmax(logits: torch.Tensor, n: int = 1, tau: float = 1.0, *, generator: Op
     one = one.to(acc)
     pi0 = torch.softmax(la, -1).detach()
     pi1 = (one + torch.softmax(la / tau, -1).detach()) / 2
-    grad = 2 * _softmax_jvp_surrogate(pi1, la) - 0.5 * _softmax_jvp_surrogate(pi0.expand_as(pi1), la)
+    grad = _heun_surrogate(_softmax_jvp_surrogate(pi1, la), pi0.expand_as(pi1), la)
     return (one + grad).to(logits.dtype)
 
 
@@ -166,9 +182,7 @@ def gumbel_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 10, 
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
     n, m = check_n(n), check_n(m, "m")
-    idx, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
-    if seed is not None:  # the conditional noise follows the sampler's on the same stream
-        offset = (offset or 0) + _philox.counters_used(idx.numel())
+    idx, one, offset = _sample_then_offset(logits, n, generator, seed, offset)
     acc = _checks.acc_dtype(logits.dtype)
     la = logits.to(acc)
     center = torch.log_softmax(la.detach(), -1).expand(one.shape)
@@ -209,15 +223,13 @@ def reinmax_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 100
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
     n, m = check_n(n), check_n(m, "m")
-    idx, one = sample_categorical_one_hot(logits, n, generator=generator, seed=seed, offset=offset)
-    if seed is not None:  # the conditional noise follows the sampler's on the same stream
-        offset = (offset or 0) + _philox.counters_used(idx.numel())
+    idx, one, offset = _sample_then_offset(logits, n, generator, seed, offset)
     acc = _checks.acc_dtype(logits.dtype)
     la = logits.to(acc)
     one = one.to(acc)
     pi = torch.softmax(la, -1).detach().expand_as(one)
     gr = _conditional_softmax_jvp_surrogate(torch.log((pi + one) / 2), idx, la, tau, m, generator, seed, offset)
-    grad = 2 * gr - 0.5 * _softmax_jvp_surrogate(pi, la)
+    grad = _heun_surrogate(gr, pi, la)
     return (one + grad).to(logits.dtype)
 
 
@@ -250,7 +262,7 @@ def reinmax_cv(logits: torch.Tensor, n: int = 1, tau: float = 1.0, eta: float = 
     one = torch.nn.functional.one_hot(idx, logits.shape[-1]).to(acc)
     pi = torch.softmax(la, -1).detach().expand_as(one)
     center = torch.log((pi + one) / 2)
-    grad = 2 * _softmax_jvp_surrogate((pi + one) / 2, la) - 0.5 * _softmax_jvp_surrogate(pi, la)
+    grad = _heun_surrogate(_softmax_jvp_surrogate((pi + one) / 2, la), pi, la)
     if eta:
         gr = _conditional_softmax_jvp_surrogate(center, idx, la, tau, m, generator, seed, offset)
         gs = _softmax_jvp_surrogate(torch.softmax((center + g) / tau, -1), la) / tau
