@@ -51,6 +51,7 @@ def _steps(hidden, weight, index, adv, reps, **tp):
 
 
 def rank_main(rank, world, port, out, N, H, V, reps):
+    import torch._dynamo  # noqa: F401  before init_process_group, see docs/distributed.md
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -62,6 +63,7 @@ def rank_main(rank, world, port, out, N, H, V, reps):
     t = _steps(hidden, weight[lo:hi], index, adv, reps, tp_group=dist.group.WORLD, vocab_start=lo)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"median_s": t}, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 

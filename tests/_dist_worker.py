@@ -7,6 +7,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+# before init_process_group: torch imports torch._dynamo on a custom op's first call, and with it
+# torch.distributed.nn.functional, whose default arguments then keep the default group alive past
+# destroy_process_group; its gloo threads can then abort the exiting process (docs/distributed.md)
+import torch._dynamo  # noqa: F401,E402
+
+from tests._launch import assert_gloo_stopped  # noqa: E402
 
 
 def global_inputs():
@@ -68,6 +74,7 @@ def main(rank, world, port, out):
     torch.save(saved, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    assert_gloo_stopped()
 
 
 if __name__ == "__main__":

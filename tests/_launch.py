@@ -14,6 +14,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_gloo_stopped() -> None:
+    """In a rank after ``destroy_process_group``: gloo's threads are gone (Linux, where they are named), i.e. nothing
+    still holds the group; else they can abort the process as the interpreter shuts down (docs/distributed.md)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return
+    names = []
+    for t in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, t, "comm")) as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    left = [n for n in names if "gloo" in n]
+    assert not left, f"gloo threads outlive destroy_process_group: {left}"
+
+
 def run_ranks(module: str, world: int, out, timeout: float, **extra_env) -> None:
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -7,6 +7,12 @@ import sys
 
 import torch
 import torch.distributed as dist
+# before init_process_group: torch imports torch._dynamo on a custom op's first call, and with it
+# torch.distributed.nn.functional, whose default arguments then keep the default group alive past
+# destroy_process_group; its gloo threads can then abort the exiting process (docs/distributed.md)
+import torch._dynamo  # noqa: F401,E402
+
+from tests._launch import assert_gloo_stopped  # noqa: E402
 
 V_SMALL, V_LARGE = 50, 500  # the bytes sent per token must not grow with V
 
@@ -139,11 +145,10 @@ def run_verl_head(tp_kw, rows=None):
     return {"out": (logp.detach(), ent.detach(), sq), "dh": h.grad, "dw": w.grad}
 
 
-def grid(rank, out):
+def grid(rank, world, out):
     """A 2 x 2 grid: data parallel over {0, 2} and {1, 3} (two sequences each), tensor parallel over {0, 1} and
     {2, 3} (half the vocabulary each). The global token count before the loss, as DDP users do; the loss's
     collectives on the tensor-parallel group only; dW all-reduced over the data-parallel group."""
-    import fastgrad.functional as F
     from fastgrad.ops import _vocab_parallel as vp
 
     tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -158,6 +163,15 @@ def grid(rank, out):
         return orig(self, t, op)
 
     vp.VocabParallel.all_reduce = recording
+    try:
+        grid_step(rank, out, dp, tp, tp_g, dp_g, groups)
+    finally:  # the patch holds tp_g: left in place, the group would outlive destroy_process_group
+        vp.VocabParallel.all_reduce = orig
+
+
+def grid_step(rank, out, dp, tp, tp_g, dp_g, groups):
+    import fastgrad.functional as F
+
     hidden, weight, bias, index, mask, adv, old, ref, roll = global_inputs(V_SMALL)
     B = hidden.shape[0] + 1  # 4 sequences: the 3 of global_inputs and a copy of the first
     hidden, index, mask, adv, old = (torch.cat([t, t[:1]]) for t in (hidden, index, mask, adv, old))
@@ -189,14 +203,8 @@ def grid_reference():
     return loss.detach(), h.grad, w.grad
 
 
-def main(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    if os.environ.get("FASTGRAD_TP_GRID") == "1":
-        grid(rank, out)
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+def checks(rank, world, out):
+    """The whole-group checks; their groups and patches end with this function (see main)."""
     from fastgrad.ops import _vocab_parallel as vp
 
     sent = []
@@ -207,6 +215,13 @@ def main(rank, world, port, out):
         return orig(self, t, op)
 
     vp.VocabParallel.all_reduce = counting
+    try:
+        checks_counted(rank, world, out, sent)
+    finally:
+        vp.VocabParallel.all_reduce = orig
+
+
+def checks_counted(rank, world, out, sent):
     group = dist.new_group(list(range(world)))
     res = {}
     rows = shard(V_SMALL, rank, world)
@@ -238,8 +253,23 @@ def main(rank, world, port, out):
         res["mixed_grad_error"] = str(e)
     res["rows"] = rows
     torch.save(res, os.path.join(out, f"tp{rank}.pt"))
+
+
+def main(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # every group is created and used inside these functions, so fastgrad and this file hold none once they return
+    on_grid = os.environ.get("FASTGRAD_TP_GRID") == "1"
+    (grid if on_grid else checks)(rank, world, out)
     dist.barrier()
     dist.destroy_process_group()
+    if on_grid:
+        assert_gloo_stopped()
+    else:  # torch's DTensor ops (the mesh case) keep the default group past destroy_process_group (torch 2.14.1):
+        # leave without the interpreter's shutdown, which its gloo threads could abort (docs/distributed.md)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

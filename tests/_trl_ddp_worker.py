@@ -31,11 +31,15 @@ def main(rank, world, port, out):
         steps = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
         torch.save({"steps": steps, "updates": {k: p.detach() - before[k] for k, p in model.named_parameters()},
                     "path": getattr(trainer, "fastgrad_path", None)}, os.path.join(out, f"{which}.pt"))
-    # accelerate never destroys the gloo group it created; left to interpreter teardown, its threads race the
-    # destructors and the rank can die with "terminate called without an active exception" after the run
-    # (1 run in 20 on this machine).
+    # accelerate never destroys the gloo group it created, and the DDP-wrapped model still holds it after
+    # destroy_process_group: its gloo threads would meet the interpreter's shutdown and can abort the rank with
+    # "terminate called without an active exception" after the run (1 in 20 runs here; docs/distributed.md).
+    # Leave without that shutdown once every rank is done and the results are written.
     trainer.accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
