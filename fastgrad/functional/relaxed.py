@@ -198,11 +198,17 @@ def _conditional_softmax_jvp_surrogate(center: torch.Tensor, idx: torch.Tensor, 
     straight-through Jacobian of ``softmax((logits + G) / tau)`` with the noise held fixed at the conditional draws,
     not the derivative of the conditional sampler (which is REBAR's)."""
     b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape))
+    K = center.shape[-1]
     with torch.no_grad():
         z = conditional_gumbel_categorical(center, b, generator=generator, seed=seed, offset=offset)  # [m, n, ..., K]
         p = torch.softmax(z / tau, -1)
+        if K <= m:  # the mean Jacobian is diag(mean p) - mean p p^T: keep K + K^2 numbers per sample, not m K
+            p_mean = p.mean(0)
+            pp_mean = torch.einsum("m...i,m...j->...ij", p, p) / m
     safe = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)).to(p.dtype)
     d = safe - safe.detach()
+    if K <= m:
+        return (p_mean * d - (pp_mean @ d.unsqueeze(-1)).squeeze(-1)) / tau
     return (p * (d - (p * d).sum(-1, keepdim=True))).mean(0) / tau
 
 
@@ -217,9 +223,10 @@ def reinmax_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 100
     (:func:`fastgrad.functional.conditional_gumbel_categorical`), ``pi_1 = (pi + D) / 2``, ``pi = softmax(logits)``
     (``tau`` does not enter ``pi_1``, unlike in :func:`reinmax`). The forward value is the exact sample ``D``.
     Biased (as ReinMax, and the averaging moves its mean: it is not ReinMax's); one cost evaluation per sample, plus
-    ``m`` softmaxes of ``K`` per sample, computed in the forward and kept for the backward (``m`` times a sample's
-    memory). The authors use ``tau = 1``. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; the
-    sample and the conditional noise from the Philox stream (same ``seed``, same samples as :func:`reinmax`)."""
+    ``m`` softmaxes of ``K`` per sample in the forward; the backward keeps ``min(m, K + 1)`` times a sample's memory
+    (the softmaxes' mean and mean outer product when ``K <= m``, else the ``m`` softmaxes). The authors use
+    ``tau = 1``. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; the sample and the conditional
+    noise from the Philox stream (same ``seed``, same samples as :func:`reinmax`)."""
     logits = check_logits(logits, values=True)
     tau = check_tau(tau, logits.dtype)
     n, m = check_n(n), check_n(m, "m")

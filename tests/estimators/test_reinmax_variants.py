@@ -32,10 +32,11 @@ def _conditional_perturbed(center, b, u):
     return z.scatter(-1, b.unsqueeze(-1), -torch.log(-lvb))
 
 
+@pytest.mark.parametrize("K,m", [(4, 7), (6, 3)], ids=["K<=m", "K>m"])  # the two ways the backward keeps J_GR
 @pytest.mark.parametrize("tau", [1.0, 0.5])
-def test_reinmax_rao_backward_is_its_formula(tau):
+def test_reinmax_rao_backward_is_its_formula(tau, K, m):
     torch.manual_seed(0)
-    n, R, K, m = 2, 5, 4, 7
+    n, R = 2, 5
     logits = torch.randn(R, K, dtype=torch.float64, requires_grad=True)
     up = torch.randn(n, R, K, dtype=torch.float64)
     y = F.reinmax_rao(logits, n, tau, m, seed=11, offset=3)
@@ -51,6 +52,23 @@ def test_reinmax_rao_backward_is_its_formula(tau):
         j_gr = _jac(p).mean(0) / tau                                                 # [n, R, K, K]
         want = ((2 * j_gr - 0.5 * _jac(pi)) @ up.unsqueeze(-1)).squeeze(-1).sum(0)
     torch.testing.assert_close(g, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("fn", [F.reinmax_rao, F.gumbel_rao], ids=["reinmax_rao", "gumbel_rao"])
+def test_backward_keeps_the_mean_jacobian_not_the_m_softmaxes(fn):
+    """At K <= m the graph keeps mean p and mean p p^T (K + 1 samples' worth), not the m softmaxes."""
+    n, R, K, m = 2, 8, 10, 100
+    logits = torch.randn(R, K, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(logits, n, m=m, seed=0)
+    assert max(saved) <= n * R * K * K
+    assert sum(saved) <= 3 * (K + 1) * n * R * K < m * n * R * K
 
 
 def _logistic_cond_mean(mu: float, tau: float) -> float:
