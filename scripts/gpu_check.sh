@@ -79,7 +79,7 @@ EOF
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
-  wanted build && step build 5 "$PY" -c "import fastgrad.ops._backend as b; print('extension', b.has_cpp())"
+  wanted build && step build 60 "$PY" -c "import fastgrad.ops._backend as b; print('extension', b.has_cpp())"
   TESTS=(tests/test_contract.py -k "not float64_logits")
 else
   DEVICE=cuda

@@ -64,12 +64,14 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _clean_graph():
-    """Each test starts with an empty graph and the default backend."""
+    """Each test starts with an empty graph, the default backend and the same torch thread count."""
+    threads = torch.get_num_threads()
     fastgrad.reset()
     fastgrad.set_backend(None)
     yield
     fastgrad.reset()
     fastgrad.set_backend(None)
+    torch.set_num_threads(threads)
 
 
 def available_backends(device=DEVICE):
