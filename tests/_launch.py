@@ -1,6 +1,7 @@
 """Start the ranks of a gloo test as processes (``python -m <module> RANK WORLD PORT OUT``) and wait for them: each
 must exit 0 (its log's tail, from ``OUT/rank{r}.log``, is the assertion message), or all are killed at the
 timeout."""
+import gc
 import os
 import socket
 import subprocess
@@ -34,8 +35,12 @@ def assert_gloo_stopped() -> None:
     if not os.path.isdir("/proc/self/task"):
         return
     deadline = time.monotonic() + 2.0
-    while (left := _gloo_threads()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    gc.disable()  # a group held only by a cycle would die in a collection here, and at exit only in the shutdown
+    try:
+        while (left := _gloo_threads()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gc.enable()
     assert not left, f"gloo threads outlive destroy_process_group: {left}"
 
 
@@ -51,13 +56,23 @@ def run_ranks(module: str, world: int, out, timeout: float, **extra_env) -> None
             procs.append(subprocess.Popen([sys.executable, "-m", module, str(r), str(world), str(port), str(out)],
                                           cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for q in procs:
-            q.kill()
-        raise
-    for p, log in zip(procs, logs):
-        with open(log, errors="replace") as f:
-            assert p.returncode == 0, f.read()[-3000:]
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+        time.sleep(0.05)
+    failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), failed)
+    timed_out = failed is None and any(p.poll() is None for p in procs)
+    for p in procs:  # a failed rank's peers wait in a collective that never completes: stop them
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+    def tail(r):
+        with open(logs[r], errors="replace") as f:
+            return f"rank {r} (exit {procs[r].returncode}):\n" + f.read()[-3000:]
+
+    if failed is not None:
+        raise AssertionError(tail(failed))
+    if timed_out:
+        raise AssertionError(f"the {world} ranks of {module} did not finish in {timeout} s\n"
+                             + "\n".join(tail(r) for r in range(world)))

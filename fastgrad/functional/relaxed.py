@@ -198,17 +198,19 @@ def _conditional_softmax_jvp_surrogate(center: torch.Tensor, idx: torch.Tensor, 
     straight-through Jacobian of ``softmax((logits + G) / tau)`` with the noise held fixed at the conditional draws,
     not the derivative of the conditional sampler (which is REBAR's)."""
     b = idx.unsqueeze(0).expand((m,) + tuple(idx.shape))
-    K = center.shape[-1]
+    # the mean Jacobian is diag(mean p) - mean p p^T: where that is at most half the m softmaxes' size, the backward
+    # keeps it instead of them. Elementwise, not a matmul (no TF32/bf32 rounding of a difference of near-equal terms)
+    moments = 2 * (center.shape[-1] + 1) <= m
     with torch.no_grad():
         z = conditional_gumbel_categorical(center, b, generator=generator, seed=seed, offset=offset)  # [m, n, ..., K]
         p = torch.softmax(z / tau, -1)
-        if K <= m:  # the mean Jacobian is diag(mean p) - mean p p^T: keep K + K^2 numbers per sample, not m K
+        if moments:
             p_mean = p.mean(0)
-            pp_mean = torch.einsum("m...i,m...j->...ij", p, p) / m
+            pp_mean = sum((c.unsqueeze(-1) * c.unsqueeze(-2)).sum(0) for c in p.split(8)) / m  # [n, ..., K, K]
     safe = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits)).to(p.dtype)
     d = safe - safe.detach()
-    if K <= m:
-        return (p_mean * d - (pp_mean @ d.unsqueeze(-1)).squeeze(-1)) / tau
+    if moments:
+        return (p_mean * d - (pp_mean * d.unsqueeze(-2)).sum(-1)) / tau
     return (p * (d - (p * d).sum(-1, keepdim=True))).mean(0) / tau
 
 
@@ -223,8 +225,8 @@ def reinmax_rao(logits: torch.Tensor, n: int = 1, tau: float = 1.0, m: int = 100
     (:func:`fastgrad.functional.conditional_gumbel_categorical`), ``pi_1 = (pi + D) / 2``, ``pi = softmax(logits)``
     (``tau`` does not enter ``pi_1``, unlike in :func:`reinmax`). The forward value is the exact sample ``D``.
     Biased (as ReinMax, and the averaging moves its mean: it is not ReinMax's); one cost evaluation per sample, plus
-    ``m`` softmaxes of ``K`` per sample in the forward; the backward keeps ``min(m, K + 1)`` times a sample's memory
-    (the softmaxes' mean and mean outer product when ``K <= m``, else the ``m`` softmaxes). The authors use
+    ``m`` softmaxes of ``K`` per sample in the forward; the backward keeps the softmaxes' mean and mean outer
+    product (``K + 1`` times a sample's memory) when ``2 (K + 1) <= m``, else the ``m`` softmaxes. The authors use
     ``tau = 1``. ``logits`` ``[..., K]`` -> ``[n, ..., K]`` in the logits' dtype; the sample and the conditional
     noise from the Philox stream (same ``seed``, same samples as :func:`reinmax`)."""
     logits = check_logits(logits, values=True)

@@ -32,7 +32,8 @@ def _conditional_perturbed(center, b, u):
     return z.scatter(-1, b.unsqueeze(-1), -torch.log(-lvb))
 
 
-@pytest.mark.parametrize("K,m", [(4, 7), (6, 3)], ids=["K<=m", "K>m"])  # the two ways the backward keeps J_GR
+# the two ways the backward keeps J_GR: the softmaxes' moments (2 (K + 1) <= m) or the m softmaxes
+@pytest.mark.parametrize("K,m", [(4, 10), (4, 9), (6, 3)], ids=["moments", "softmaxes-at-boundary", "softmaxes"])
 @pytest.mark.parametrize("tau", [1.0, 0.5])
 def test_reinmax_rao_backward_is_its_formula(tau, K, m):
     torch.manual_seed(0)
@@ -56,7 +57,7 @@ def test_reinmax_rao_backward_is_its_formula(tau, K, m):
 
 @pytest.mark.parametrize("fn", [F.reinmax_rao, F.gumbel_rao], ids=["reinmax_rao", "gumbel_rao"])
 def test_backward_keeps_the_mean_jacobian_not_the_m_softmaxes(fn):
-    """At K <= m the graph keeps mean p and mean p p^T (K + 1 samples' worth), not the m softmaxes."""
+    """At 2 (K + 1) <= m the graph keeps mean p and mean p p^T (K + 1 samples' worth), not the m softmaxes."""
     n, R, K, m = 2, 8, 10, 100
     logits = torch.randn(R, K, generator=torch.Generator().manual_seed(0), requires_grad=True)
     saved = []
@@ -109,7 +110,7 @@ def test_reinmax_rao_jacobian_is_conditioned_at_the_midpoint():
 @pytest.mark.parametrize("tau,eta", [(1.0, 0.7), (0.5, 1.5)])
 def test_reinmax_cv_backward_is_its_formula(tau, eta):
     torch.manual_seed(1)
-    n, R, K, m = 3, 4, 5, 6
+    n, R, K, m = 3, 4, 5, 12  # the moments branch (the softmaxes' is covered by the ReinMax-Rao test)
     logits = torch.randn(R, K, dtype=torch.float64, requires_grad=True)
     up = torch.randn(n, R, K, dtype=torch.float64)
     y = F.reinmax_cv(logits, n, tau, eta, m, seed=7)
@@ -141,17 +142,18 @@ def test_reinmax_cv_at_eta_zero_is_reinmax_at_unit_temperature():
     torch.testing.assert_close(g, want, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("fn", [lambda l, n, s: F.reinmax_rao(l, n, seed=s, m=3),
-                                lambda l, n, s: F.reinmax_cv(l, n, seed=s, m=3)], ids=["rao", "cv"])
-def test_forward_is_an_exact_sample_and_masked_classes_stay_out(fn):
+@pytest.mark.parametrize("m", [3, 12], ids=["softmaxes", "moments"])
+@pytest.mark.parametrize("fn", [lambda l, n, s, m: F.reinmax_rao(l, n, seed=s, m=m),
+                                lambda l, n, s, m: F.reinmax_cv(l, n, seed=s, m=m)], ids=["rao", "cv"])
+def test_forward_is_an_exact_sample_and_masked_classes_stay_out(fn, m):
     logits = torch.tensor([0.5, -math.inf, 1.5, 0.0])
-    y = fn(logits, 20000, 4)
+    y = fn(logits, 20000, 4, m)
     assert bool((y.sum(-1) == 1).all()) and not bool(y[:, 1].any())
     counts = y.sum(0)
     live = torch.tensor([0, 2, 3])
     assert chi2_pvalue(counts[live], torch.softmax(logits, -1)[live]) > 1e-3
     lg = logits.clone().requires_grad_()
-    (g,) = torch.autograd.grad((fn(lg, 50, 1) * torch.randn(50, 4)).sum(), lg)
+    (g,) = torch.autograd.grad((fn(lg, 50, 1, m) * torch.randn(50, 4)).sum(), lg)
     assert bool(torch.isfinite(g).all()) and float(g[1]) == 0
 
 
@@ -222,14 +224,15 @@ def test_methods_compute_the_functional_forms(which, family):
     assert float(theta.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("m", [4, 12], ids=["softmaxes", "moments"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fn", [F.reinmax_rao, F.reinmax_cv], ids=["rao", "cv"])
-def test_half_precision_logits(fn, dtype):
+def test_half_precision_logits(fn, dtype, m):
     # the math runs in float32: the same samples as float32 logits of the same values, the input's dtype out
     base = torch.randn(6, 5).to(dtype)
     lo = base.clone().requires_grad_()
-    y = fn(lo, 3, seed=2, m=4)
-    y32 = fn(base.float(), 3, seed=2, m=4)
+    y = fn(lo, 3, seed=2, m=m)
+    y32 = fn(base.float(), 3, seed=2, m=m)
     assert y.dtype == dtype and torch.equal(y.detach().float(), y32)
     (g,) = torch.autograd.grad((y.float() * torch.randn(3, 6, 5)).sum(), lo)
     assert g.dtype == dtype and bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
