@@ -7,12 +7,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-# before init_process_group: torch imports torch._dynamo on a custom op's first call, and with it
-# torch.distributed.nn.functional, whose default arguments then keep the default group alive past
-# destroy_process_group; its gloo threads can then abort the exiting process (docs/distributed.md)
-import torch._dynamo  # noqa: F401,E402
 
-from tests._launch import assert_gloo_stopped  # noqa: E402
+# before init_process_group: this imports torch._dynamo (see tests/_launch.py)
+from tests._launch import assert_gloo_stopped
 
 
 def global_inputs():

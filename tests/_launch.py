@@ -1,12 +1,17 @@
 """Start the ranks of a gloo test as processes (``python -m <module> RANK WORLD PORT OUT``) and wait for them: each
 must exit 0 (its log's tail, from ``OUT/rank{r}.log``, is the assertion message), or all are killed at the
-timeout."""
+timeout. The ranks import this module before ``init_process_group``, and with it ``torch._dynamo``: torch imports
+that on a custom op's first call, and with it ``torch.distributed.nn.functional``, whose default arguments then keep
+the default group alive past ``destroy_process_group``; its gloo threads can then abort the exiting process
+(docs/distributed.md)."""
 import gc
 import os
 import socket
 import subprocess
 import sys
 import time
+
+import torch._dynamo  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +49,14 @@ def assert_gloo_stopped() -> None:
     assert not left, f"gloo threads outlive destroy_process_group: {left}"
 
 
+def exit_skipping_shutdown() -> None:
+    """End a rank whose group something else still holds (a DTensor, a DDP model) once its results are written and
+    ``destroy_process_group`` has run: without the interpreter's shutdown, which gloo's threads could abort."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_ranks(module: str, world: int, out, timeout: float, **extra_env) -> None:
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -56,11 +69,13 @@ def run_ranks(module: str, world: int, out, timeout: float, **extra_env) -> None
             procs.append(subprocess.Popen([sys.executable, "-m", module, str(r), str(world), str(port), str(out)],
                                           cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
-    failed = None
-    while failed is None and any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+
+    def first_failed():
+        return next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+
+    while (failed := first_failed()) is None and any(p.poll() is None for p in procs) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
-    failed = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), failed)
     timed_out = failed is None and any(p.poll() is None for p in procs)
     for p in procs:  # a failed rank's peers wait in a collective that never completes: stop them
         if p.poll() is None:

@@ -7,12 +7,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-# before init_process_group: torch imports torch._dynamo on a custom op's first call, and with it
-# torch.distributed.nn.functional, whose default arguments then keep the default group alive past
-# destroy_process_group; its gloo threads can then abort the exiting process (docs/distributed.md)
-import torch._dynamo  # noqa: F401,E402
 
-from tests._launch import assert_gloo_stopped  # noqa: E402
+# before init_process_group: this imports torch._dynamo (see tests/_launch.py)
+from tests._launch import assert_gloo_stopped, exit_skipping_shutdown
 
 V_SMALL, V_LARGE = 50, 500  # the bytes sent per token must not grow with V
 
@@ -265,11 +262,8 @@ def main(rank, world, port, out):
     dist.destroy_process_group()
     if on_grid:
         assert_gloo_stopped()
-    else:  # torch's DTensor ops (the mesh case) keep the default group past destroy_process_group (torch 2.14.1):
-        # leave without the interpreter's shutdown, which its gloo threads could abort (docs/distributed.md)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    else:  # torch's DTensor ops (the mesh case) keep the default group past destroy_process_group (torch 2.14.1)
+        exit_skipping_shutdown()
 
 
 if __name__ == "__main__":

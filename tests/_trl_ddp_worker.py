@@ -16,6 +16,7 @@ def main(rank, world, port, out):
     from fastgrad.integrations.trl import GRPOTrainer
 
     from . import _trl_tiny as tiny
+    from ._launch import exit_skipping_shutdown
 
     which = os.environ["FASTGRAD_TRL_TRAINER"]
     cls = GRPOTrainer if which == "fastgrad" else trl.GRPOTrainer
@@ -37,9 +38,7 @@ def main(rank, world, port, out):
     # Leave without that shutdown once every rank is done and the results are written.
     trainer.accelerator.wait_for_everyone()
     torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_shutdown()
 
 
 if __name__ == "__main__":
